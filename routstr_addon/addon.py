@@ -1,0 +1,257 @@
+"""mitmproxy entry point: ``mitmdump --mode reverse:<upstream> -s routstr_addon/addon.py``.
+
+The hooks are thin: they route local endpoints, hand the request to ``Meter`` (authenticate,
+price, reserve), rewrite it for the upstream, tap streams, and settle from the answer. Any
+failure of our own fails closed: the client gets an error and nothing unpaid is forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import ctx, exceptions, http
+
+try:
+    import routstr_addon  # noqa: F401
+except ImportError:  # loaded by path (mitmdump -s) from a checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from routstr_addon import routes, settings
+from routstr_addon.errors import ApiError, error_response, install_error_pages
+from routstr_addon.ledger import Ledger
+from routstr_addon.metering import Meter, Paid
+from routstr_addon.pricing import Pricing, RateKeeper, load_models
+from routstr_addon.settings import Config, SettingError
+
+__all__ = ["Routstr", "addons"]
+
+logger = logging.getLogger("routstr")
+
+STATE = "routstr"  # key of a forwarded flow's ``Paid`` in flow.metadata
+_OUR_OPTIONS = frozenset(s.option for s in settings.SETTINGS)
+
+
+class Routstr:
+    """The paying proxy: one instance per mitmproxy process."""
+
+    def __init__(self) -> None:
+        self.config: Config | None = None
+        self.ledger: Ledger | None = None
+        self.pricing: Pricing | None = None
+        self.meter: Meter | None = None
+        self.services: routes.Services | None = None
+        self._env_errors: list[str] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._rates: RateKeeper | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def load(self, loader: Any) -> None:
+        self._env_errors = settings.register(loader)
+        install_error_pages()
+
+    def configure(self, updated: set[str]) -> None:
+        if not (updated & _OUR_OPTIONS) and self.config is not None:
+            return
+        if self._env_errors:
+            raise exceptions.OptionsError(self._env_errors[0])
+        try:
+            config = Config.from_options(ctx.options)
+            pricing = Pricing(_models(config), config.exchange_fee, config.upstream_provider_fee)
+            if config.btc_usd_price is not None:
+                pricing.set_rate(config.btc_usd_price)
+            ledger = Ledger(config.database_url)
+        except SettingError as e:
+            raise exceptions.OptionsError(str(e)) from None
+        except Exception as e:
+            raise exceptions.OptionsError(f"cannot start: {e}") from None
+        if self.ledger is not None:
+            self.ledger.close()
+        self.config, self.pricing, self.ledger = config, pricing, ledger
+        self.meter = Meter(config, ledger, pricing)
+        self.services = routes.Services(config, ledger, pricing)
+        # Requests we answer ourselves must not open an upstream connection first.
+        ctx.options.update(connection_strategy="lazy", body_size_limit=str(config.max_request_size))
+        if config.model_based_pricing and config.btc_usd_price is None:
+            self._rates = RateKeeper(pricing, config.btc_usd_sources, config.price_refresh_interval)
+            if self._tasks:  # reconfigured while running: refresh now with the new settings
+                self._start(self._rates.run())
+        else:
+            self._rates = None
+        logger.info("routstr: %s pricing, ledger %s, upstream %s",
+                    "model-based" if config.model_based_pricing else "fixed",
+                    config.database_url.split("://")[0],
+                    config.upstream.origin + config.upstream.base_path if config.upstream
+                    else "from the reverse mode")
+
+    def running(self) -> None:
+        if self._rates is not None:
+            self._start(self._rates.run())
+        else:
+            self._start(asyncio.sleep(0))  # marks the addon as running
+
+    def _start(self, coro: Any) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = {asyncio.get_running_loop().create_task(coro)}
+
+    def done(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.ledger is not None:
+            self.ledger.close()
+
+    # -- the request -----------------------------------------------------------------------
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return
+        handled = False
+        try:
+            self._request(flow)
+            handled = True
+        finally:
+            # Fail closed: mitmproxy forwards a request whose hook raised, so if anything went
+            # wrong here (even building the error answer), kill the flow instead.
+            if not handled and flow.response is None:
+                flow.kill()
+
+    def _request(self, flow: http.HTTPFlow) -> None:
+        if self.meter is None or self.services is None:
+            flow.response = error_response(503, "The proxy is not configured.", "server_error",
+                                           "not_configured")
+            return
+        req = flow.request
+        path = req.path.split("?", 1)[0]
+        handlers = routes.lookup(path)
+        try:
+            if handlers is not None:
+                handler = handlers.get(req.method)
+                if handler is None:
+                    raise ApiError(405, f"{req.method} is not allowed on {path}.",
+                                   code="method_not_allowed")
+                flow.response = handler(self.services, req)
+                return
+            self._forward(flow, path)
+        except ApiError as e:
+            flow.response = e.response()
+        except Exception:
+            logger.exception("request %s failed inside the proxy", flow.id)
+            paid = flow.metadata.pop(STATE, None)
+            if isinstance(paid, Paid) and not paid.settled:
+                self.meter.release(paid, "proxy error")
+            flow.response = error_response(500, "The proxy failed to handle this request.",
+                                           "server_error", "proxy_error")
+
+    def _forward(self, flow: http.HTTPFlow, path: str) -> None:
+        assert self.meter is not None and self.config is not None
+        req = flow.request
+        api_path = path[3:] if path.startswith("/v1/") else path
+        paid = self.meter.admit(flow.id, req.headers.get("authorization"), api_path,
+                                req.raw_content or b"")
+        flow.metadata[STATE] = paid
+        new_body = self.meter.upstream_body(paid)
+        if new_body is not None:
+            req.content = new_body
+        headers = req.headers
+        if self.config.upstream_api_key:
+            headers["authorization"] = f"Bearer {self.config.upstream_api_key}"
+        else:
+            del headers["authorization"]
+        upstream = self.config.upstream
+        if upstream is not None:
+            if req.host != upstream.host or req.port != upstream.port:
+                req.scheme, req.host, req.port = upstream.scheme, upstream.host, upstream.port
+            query = req.path[len(path):]
+            req.path = upstream.base_path + api_path + query
+
+    # -- the answer ------------------------------------------------------------------------
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        paid = flow.metadata.get(STATE)
+        if not isinstance(paid, Paid) or flow.response is None:
+            return
+        resp = flow.response
+        resp.headers["x-routstr-request-id"] = paid.request_id
+        if resp.status_code >= 400 or "text/event-stream" not in resp.headers.get("content-type", ""):
+            return  # buffered: settled in `response`
+        assert self.meter is not None
+        tap = self.meter.open_stream(paid)
+        resp.headers["x-routstr-reserved-msats"] = str(paid.reserved_msat)
+        resp.headers.pop("content-length", None)  # we may drop the usage chunk
+        meter = self.meter
+
+        def stream(chunk: bytes) -> bytes | tuple[bytes, ...]:
+            # An empty bytes object would go out as chunked encoding's end marker: hand back
+            # nothing instead while an event is incomplete or dropped.
+            if chunk:
+                out = tap.feed(chunk)
+                return out if out else ()
+            # End of stream: settle now, while the client still reads, and tell it the cost.
+            rest = tap.flush()
+            try:
+                done = meter.settle_stream(paid)
+            except Exception:
+                logger.exception("request %s: settling the stream failed", paid.request_id)
+                return rest or ()
+            if done is None or rest:
+                return rest or ()
+            return (b": x-routstr-cost-msats %d x-routstr-balance-msats %d\n\n"
+                    % (done.charged_msat, done.available_msat))
+
+        resp.stream = stream
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        paid = flow.metadata.get(STATE)
+        if not isinstance(paid, Paid) or flow.response is None or paid.settled:
+            return
+        assert self.meter is not None
+        resp = flow.response
+        try:
+            if paid.tap is not None:  # a stream that ended without our end-of-stream call
+                done = self.meter.settle_stream(paid)
+            else:
+                body = resp.get_content(strict=False) or b""
+                done = self.meter.settle_body(paid, resp.status_code, body)
+        except Exception:
+            logger.exception("request %s: settlement failed", paid.request_id)
+            return
+        if done is not None and paid.tap is None:
+            resp.headers["x-routstr-cost-msats"] = str(done.charged_msat)
+            resp.headers["x-routstr-balance-msats"] = str(done.available_msat)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        paid = flow.metadata.get(STATE)
+        if not isinstance(paid, Paid) or paid.settled:
+            return
+        assert self.meter is not None
+        reason = flow.error.msg if flow.error else "flow failed"
+        try:
+            self.meter.abort(paid, reason)
+        except Exception:
+            logger.exception("request %s: closing its reservation failed", paid.request_id)
+
+
+def _models(config: Config) -> dict[str, Any]:
+    path = config.models_path
+    if not path.is_file():
+        fallback = Path("models.example.json")
+        if not fallback.is_file():
+            fallback = Path(__file__).resolve().parent.parent / "models.example.json"
+        if config.model_based_pricing and not fallback.is_file():
+            raise SettingError(f"MODELS_PATH: {path} does not exist and there is no "
+                               "models.example.json to fall back to")
+        if not fallback.is_file():
+            return {}
+        path = fallback
+    try:
+        return load_models(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SettingError(f"MODELS_PATH: cannot read {path}: {e}") from None
+
+
+addons = [Routstr()]

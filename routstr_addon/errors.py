@@ -1,0 +1,111 @@
+"""OpenAI-shaped error responses: ``{"error": {"message", "type", "param", "code"}}``.
+
+OpenAI clients turn these into typed exceptions (401 → AuthenticationError, 402/429 →
+RateLimitError-like quota errors, …), so the shape and the status both matter.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from mitmproxy import http
+
+__all__ = ["ApiError", "error_body", "error_response", "json_response"]
+
+_JSON_HEADERS = ((b"content-type", b"application/json"),)
+
+
+class ApiError(Exception):
+    """Raised by request handling to answer the client with an OpenAI-shaped error."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = dict(headers or {})
+
+    def response(self) -> http.Response:
+        return error_response(self.status, self.message, self.type, self.code, self.param,
+                              self.headers)
+
+
+def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> bytes:
+    return json.dumps(
+        {"error": {"message": message, "type": type, "param": param, "code": code}}
+    ).encode()
+
+
+def error_response(
+    status: int,
+    message: str,
+    type: str = "invalid_request_error",
+    code: str | None = None,
+    param: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> http.Response:
+    resp = http.Response.make(status, error_body(message, type, code, param), _JSON_HEADERS)
+    if headers:
+        resp.headers.update(headers)
+    return resp
+
+
+def json_response(status: int, data: object, headers: Mapping[str, str] | None = None) -> http.Response:
+    resp = http.Response.make(status, json.dumps(data).encode(), _JSON_HEADERS)
+    if headers:
+        resp.headers.update(headers)
+    return resp
+
+
+# --- mitmproxy's own error answers ----------------------------------------------------------
+
+_PROXY_ERRORS = {
+    400: ("The request could not be read as HTTP.", "invalid_request_error", "bad_request"),
+    413: ("The request body is larger than this proxy accepts.", "invalid_request_error",
+          "request_too_large"),
+    502: ("The upstream provider could not be reached or failed; nothing was charged.",
+          "upstream_error", "upstream_unreachable"),
+    504: ("The upstream provider did not answer in time; nothing was charged.",
+          "upstream_error", "upstream_timeout"),
+}
+
+
+def proxy_error_body(status: int) -> bytes:
+    message, type_, code = _PROXY_ERRORS.get(
+        status, ("The proxy could not complete the request.", "server_error", "proxy_error"))
+    return error_body(message, type_, code)
+
+
+def install_error_pages() -> None:
+    """Make the errors mitmproxy answers by itself (upstream unreachable, body too large…)
+    OpenAI-shaped JSON instead of an HTML page, so clients get a typed error they can read.
+
+    mitmproxy builds these in ``make_error_response`` (HTTP/1) and ``format_error`` (HTTP/2
+    and 3) before any hook could set a response; replacing those functions is the one place
+    to change them. The detail mitmproxy had (an address, an OS error) stays in its log.
+    """
+    from mitmproxy.net.http import http1
+    from mitmproxy.proxy.layers.http import _http1, _http2, _http3
+
+    def make_error_response(status_code: int, message: str = "") -> bytes:
+        resp = http.Response.make(status_code, proxy_error_body(status_code),
+                                  {"content-type": "application/json", "connection": "close"})
+        return http1.assemble_response(resp)
+
+    def format_error(status_code: int, message: str) -> bytes:
+        return proxy_error_body(status_code)
+
+    _http1.make_error_response = make_error_response
+    _http2.format_error = format_error  # type: ignore[attr-defined]
+    _http3.format_error = format_error  # type: ignore[attr-defined]

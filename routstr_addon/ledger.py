@@ -1,0 +1,563 @@
+"""The ledger: keys, balances, reservations and an append-only journal, on SQLite or PostgreSQL.
+
+Every amount is an integer number of msat. A key's ``balance_msat`` is everything it holds;
+``reserved_msat`` is the part held by requests in flight; what it may still spend is the
+difference. Each change to either is one journal row (``ledger_entries``) carrying the two
+deltas, so at every moment and per key::
+
+    sum(entries.amount_msat)   == balance_msat
+    sum(entries.reserved_msat) == reserved_msat == sum(open reservations)
+
+The schema is declared with peewee (tables, indexes, admin queries). The statements on every
+request's path (reserve, settle, release) are fixed SQL strings prepared once and run on the
+connection directly: building peewee query objects per request costs more than the proxy itself
+(see notes/performance.md). A reservation is one conditional ``UPDATE … WHERE balance - reserved
+>= cost``, so concurrent requests on one key can never overdraw it, whatever the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import peewee
+from playhouse.db_url import connect as db_connect
+
+__all__ = [
+    "ApiKey",
+    "KeyState",
+    "Ledger",
+    "LedgerEntry",
+    "ReserveError",
+    "Reservation",
+    "Settlement",
+    "hash_key",
+    "new_api_key",
+]
+
+logger = logging.getLogger(__name__)
+
+KEY_PREFIX = "sk-"
+
+
+def new_api_key() -> str:
+    return KEY_PREFIX + secrets.token_hex(32)
+
+
+def hash_key(key: str) -> str:
+    """The only form in which a key is stored: hex SHA-256 of the whole key string."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+# --- schema ---------------------------------------------------------------------------------
+
+
+class _Base(peewee.Model):
+    class Meta:
+        legacy_table_names = False
+
+
+class ApiKey(_Base):
+    key_hash = peewee.CharField(max_length=64, primary_key=True)
+    balance_msat = peewee.BigIntegerField(default=0)
+    reserved_msat = peewee.BigIntegerField(default=0)
+    total_spent_msat = peewee.BigIntegerField(default=0)
+    total_requests = peewee.BigIntegerField(default=0)
+    created_at = peewee.DoubleField()
+    expires_at = peewee.DoubleField(null=True)
+    refund_address = peewee.TextField(null=True)
+    label = peewee.TextField(null=True)
+    disabled = peewee.BooleanField(default=False)
+
+    class Meta:
+        table_name = "api_keys"
+        constraints = [
+            peewee.Check("balance_msat >= 0"),
+            peewee.Check("reserved_msat >= 0"),
+            peewee.Check("reserved_msat <= balance_msat"),
+        ]
+
+
+class LedgerEntry(_Base):
+    """One change of a key's balance and/or reserved amount. Rows are never updated."""
+
+    id = peewee.BigAutoField()
+    created_at = peewee.DoubleField(index=True)
+    key_hash = peewee.CharField(max_length=64)
+    kind = peewee.CharField(max_length=16)  # credit, reserve, charge, release, debit
+    amount_msat = peewee.BigIntegerField()  # change of balance_msat
+    reserved_msat = peewee.BigIntegerField(default=0)  # change of reserved_msat
+    request_id = peewee.CharField(max_length=64, null=True, index=True)
+    model = peewee.TextField(null=True)
+    prompt_tokens = peewee.IntegerField(null=True)
+    completion_tokens = peewee.IntegerField(null=True)
+    note = peewee.TextField(null=True)
+
+    class Meta:
+        table_name = "ledger_entries"
+        indexes = ((("key_hash", "id"), False),)
+
+
+class Reservation(_Base):
+    """A request in flight: the amount held on its key until it is charged or released."""
+
+    request_id = peewee.CharField(max_length=64, primary_key=True)
+    key_hash = peewee.CharField(max_length=64, index=True)
+    amount_msat = peewee.BigIntegerField()
+    model = peewee.TextField(null=True)
+    created_at = peewee.DoubleField()
+    touched_at = peewee.DoubleField()
+
+    class Meta:
+        table_name = "reservations"
+
+
+MODELS: Sequence[type[peewee.Model]] = (ApiKey, LedgerEntry, Reservation)
+
+
+# --- results --------------------------------------------------------------------------------
+
+
+class ReserveError(Exception):
+    """The key cannot pay for this request; ``reason`` says why."""
+
+    def __init__(self, reason: str, available_msat: int = 0, required_msat: int = 0) -> None:
+        super().__init__(reason)
+        self.reason = reason  # unknown_key | disabled | expired | insufficient
+        self.available_msat = available_msat
+        self.required_msat = required_msat
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A reservation made: what is held, and what the key may still spend besides."""
+
+    request_id: str
+    key_hash: str
+    amount_msat: int
+    available_msat: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    request_id: str
+    key_hash: str
+    charged_msat: int
+    reserved_msat: int
+    available_msat: int  # what the key may spend after this settlement
+
+
+@dataclass(frozen=True, slots=True)
+class KeyState:
+    key_hash: str
+    balance_msat: int
+    reserved_msat: int
+    total_spent_msat: int
+    total_requests: int
+    created_at: float
+    expires_at: float | None
+    refund_address: str | None
+    label: str | None
+    disabled: bool
+
+    @property
+    def available_msat(self) -> int:
+        return self.balance_msat - self.reserved_msat
+
+
+# --- the ledger -----------------------------------------------------------------------------
+
+_KEY_COLUMNS = ("key_hash, balance_msat, reserved_msat, total_spent_msat, total_requests, "
+                "created_at, expires_at, refund_address, label, disabled")
+
+_ENTRY_INSERT = ("INSERT INTO ledger_entries (created_at, key_hash, kind, amount_msat, "
+                 "reserved_msat, request_id, model, prompt_tokens, completion_tokens, note) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+_SQL = {
+    "reserve": (
+        "UPDATE api_keys SET reserved_msat = reserved_msat + ? "
+        "WHERE key_hash = ? AND balance_msat - reserved_msat >= ? AND NOT disabled "
+        "AND (expires_at IS NULL OR expires_at > ?) "
+        "RETURNING balance_msat - reserved_msat"
+    ),
+    "hold": ("INSERT INTO reservations (request_id, key_hash, amount_msat, model, created_at, "
+             "touched_at) VALUES (?, ?, ?, ?, ?, ?)"),
+    "unhold": "DELETE FROM reservations WHERE request_id = ? RETURNING key_hash, amount_msat, model",
+    "charge": (
+        "UPDATE api_keys SET balance_msat = balance_msat - ?, reserved_msat = reserved_msat - ?, "
+        "total_spent_msat = total_spent_msat + ?, total_requests = total_requests + 1 "
+        "WHERE key_hash = ? RETURNING balance_msat - reserved_msat"
+    ),
+    "free": ("UPDATE api_keys SET reserved_msat = reserved_msat - ? WHERE key_hash = ? "
+             "RETURNING balance_msat - reserved_msat"),
+    "credit": ("UPDATE api_keys SET balance_msat = balance_msat + ? WHERE key_hash = ? "
+               "RETURNING balance_msat - reserved_msat"),
+    "entry": _ENTRY_INSERT,
+    "key": f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_hash = ?",
+    "new_key": ("INSERT INTO api_keys (key_hash, balance_msat, reserved_msat, total_spent_msat, "
+                "total_requests, created_at, expires_at, refund_address, label, disabled) "
+                "VALUES (?, ?, 0, 0, 0, ?, ?, ?, ?, ?)"),
+    "touch": "UPDATE reservations SET touched_at = ? WHERE request_id = ?",
+}
+
+
+# PostgreSQL runs each request-path step as one statement (data-modifying CTEs): one round trip
+# instead of five, and still atomic, since a statement is its own transaction in autocommit.
+_ENTRY_COLUMNS = ("(created_at, key_hash, kind, amount_msat, reserved_msat, request_id, model, "
+                  "prompt_tokens, completion_tokens, note)")
+_PG_SQL = {
+    "reserve": (
+        "WITH k AS (UPDATE api_keys SET reserved_msat = reserved_msat + %(amount)s "
+        "  WHERE key_hash = %(key)s AND balance_msat - reserved_msat >= %(amount)s "
+        "  AND NOT disabled AND (expires_at IS NULL OR expires_at > %(now)s) "
+        "  RETURNING key_hash, balance_msat - reserved_msat AS available), "
+        "h AS (INSERT INTO reservations (request_id, key_hash, amount_msat, model, created_at, "
+        "  touched_at) SELECT %(rid)s, key_hash, %(amount)s, %(model)s, %(now)s, %(now)s FROM k), "
+        f"e AS (INSERT INTO ledger_entries {_ENTRY_COLUMNS} SELECT %(now)s, key_hash, 'reserve', "
+        "  0, %(amount)s, %(rid)s, %(model)s, NULL, NULL, NULL FROM k) "
+        "SELECT available FROM k"
+    ),
+    "settle": (
+        "WITH r AS (DELETE FROM reservations WHERE request_id = %(rid)s "
+        "  RETURNING key_hash, amount_msat, model), "
+        "c AS (SELECT key_hash, amount_msat AS reserved, model, "
+        "  LEAST(GREATEST(%(cost)s, 0), amount_msat) AS charged FROM r), "
+        "k AS (UPDATE api_keys SET balance_msat = balance_msat - c.charged, "
+        "  reserved_msat = reserved_msat - c.reserved, "
+        "  total_spent_msat = total_spent_msat + c.charged, "
+        "  total_requests = total_requests + %(count)s "
+        "  FROM c WHERE api_keys.key_hash = c.key_hash "
+        "  RETURNING api_keys.balance_msat - api_keys.reserved_msat AS available), "
+        f"e AS (INSERT INTO ledger_entries {_ENTRY_COLUMNS} SELECT %(now)s, key_hash, %(kind)s, "
+        "  -charged, -reserved, %(rid)s, COALESCE(%(model)s, model), %(pt)s, %(ct)s, %(note)s "
+        "  FROM c) "
+        "SELECT c.key_hash, c.charged, c.reserved, k.available FROM c, k"
+    ),
+}
+
+
+class Ledger:
+    """All balance changes go through here. One instance per process and database."""
+
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            path = Path(url.removeprefix("sqlite:///"))
+            if str(path) != ":memory:":
+                path.parent.mkdir(parents=True, exist_ok=True)
+            self.db: peewee.Database = peewee.SqliteDatabase(
+                str(path),
+                pragmas={
+                    "journal_mode": "wal",
+                    "synchronous": "normal",  # durable against process crashes (see DESIGN)
+                    "busy_timeout": 10_000,
+                    "foreign_keys": 1,
+                },
+                timeout=10,
+            )
+            self._begin_sql = "BEGIN IMMEDIATE"
+            self._sql = dict(_SQL)
+        else:
+            self.db = db_connect(url.replace("postgres://", "postgresql://", 1))
+            self._begin_sql = "BEGIN"
+            self._sql = {k: v.replace("?", "%s") for k, v in _SQL.items()}
+        self.db.connect()
+        self._on_connect()
+        if create:
+            with self.db.bind_ctx(MODELS):
+                self.db.create_tables(MODELS, safe=True)
+
+    def _on_connect(self) -> None:
+        if not self.is_sqlite:
+            # Like SQLite's synchronous=NORMAL: a charge survives a proxy crash, and the request
+            # path does not wait for the server's fsync. Money coming in commits durably
+            # (see ``_tx(durable=True)``).
+            self.db.connection().cursor().execute("SET synchronous_commit = off")
+
+    def close(self) -> None:
+        if not self.db.is_closed():
+            self.db.close()
+
+    # -- transactions ----------------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self, durable: bool = False) -> Iterator[Any]:
+        """One short transaction on the raw DB-API connection; rolled back on any error.
+
+        ``durable`` waits for the commit to reach the disk: for money coming in, which a power
+        cut must not forget. The request path commits without waiting for an fsync.
+        """
+        conn = self.db.connection()
+        cur = conn.cursor()
+        try:
+            if durable and self.is_sqlite:
+                cur.execute("PRAGMA synchronous = FULL")  # not changeable inside a transaction
+            cur.execute(self._begin_sql)
+        except (peewee.OperationalError, peewee.InterfaceError, *_driver_errors()):
+            # The server went away between requests: reconnect once, nothing was sent yet.
+            self.db.close()
+            self.db.connect()
+            self._on_connect()
+            cur = self.db.connection().cursor()
+            cur.execute(self._begin_sql)
+        try:
+            if durable and not self.is_sqlite:
+                cur.execute("SET LOCAL synchronous_commit = on")
+            yield cur
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        else:
+            cur.execute("COMMIT")
+        finally:
+            if durable and self.is_sqlite:
+                cur.execute("PRAGMA synchronous = NORMAL")
+
+    def _entry(self, cur: Any, now: float, key_hash: str, kind: str, amount: int, reserved: int,
+               request_id: str | None = None, model: str | None = None,
+               prompt_tokens: int | None = None, completion_tokens: int | None = None,
+               note: str | None = None) -> None:
+        cur.execute(self._sql["entry"], (now, key_hash, kind, amount, reserved, request_id, model,
+                                         prompt_tokens, completion_tokens, note))
+
+    # -- the request path ------------------------------------------------------------------
+
+    def reserve(self, key_hash: str, amount_msat: int, request_id: str,
+                model: str | None = None) -> Held:
+        """Hold ``amount_msat`` of the key's available balance for one request, or raise."""
+        now = time.time()
+        if not self.is_sqlite:
+            rows = self._pg("reserve", amount=amount_msat, key=key_hash, now=now,
+                            rid=request_id, model=model)
+            if not rows:
+                raise self._why_not(key_hash, amount_msat, now)
+            return Held(request_id, key_hash, amount_msat, int(rows[0][0]))
+        sql = self._sql
+        with self._tx() as cur:
+            cur.execute(sql["reserve"], (amount_msat, key_hash, amount_msat, now))
+            rows = cur.fetchall()
+            if rows:
+                cur.execute(sql["hold"], (request_id, key_hash, amount_msat, model, now, now))
+                self._entry(cur, now, key_hash, "reserve", 0, amount_msat, request_id, model)
+        if not rows:
+            raise self._why_not(key_hash, amount_msat, now)
+        return Held(request_id, key_hash, amount_msat, rows[0][0])
+
+    def _why_not(self, key_hash: str, amount_msat: int, now: float) -> ReserveError:
+        state = self.key(key_hash)
+        if state is None:
+            return ReserveError("unknown_key")
+        if state.disabled:
+            return ReserveError("disabled")
+        if state.expires_at is not None and state.expires_at <= now:
+            return ReserveError("expired")
+        return ReserveError("insufficient", state.available_msat, amount_msat)
+
+    def settle(self, request_id: str, cost_msat: int, *, model: str | None = None,
+               prompt_tokens: int | None = None, completion_tokens: int | None = None,
+               note: str | None = None) -> Settlement | None:
+        """Charge a request's actual cost and free the rest of its reservation.
+
+        The charge never exceeds what was reserved (the reservation is the price's upper
+        bound). Returns None if the reservation was already settled or released.
+        """
+        now = time.time()
+        if not self.is_sqlite:
+            done = self._pg_close(request_id, "charge", cost_msat, now, model, prompt_tokens,
+                                  completion_tokens, note)
+            if done and cost_msat > done.reserved_msat:
+                logger.warning("request %s cost %d msat, above its reservation of %d",
+                               request_id, cost_msat, done.reserved_msat)
+            return done
+        sql = self._sql
+        with self._tx() as cur:
+            cur.execute(sql["unhold"], (request_id,))
+            held = cur.fetchall()
+            if not held:
+                return None
+            key_hash, reserved, held_model = held[0]
+            charged = max(0, min(cost_msat, reserved))
+            cur.execute(sql["charge"], (charged, reserved, charged, key_hash))
+            available = cur.fetchall()[0][0]
+            self._entry(cur, now, key_hash, "charge", -charged, -reserved, request_id,
+                        model or held_model, prompt_tokens, completion_tokens, note)
+        if cost_msat > reserved:
+            logger.warning("request %s cost %d msat, above its reservation of %d; charged %d",
+                           request_id, cost_msat, reserved, charged)
+        return Settlement(request_id, key_hash, charged, reserved, available)
+
+    def release(self, request_id: str, note: str | None = None) -> Settlement | None:
+        """Free a reservation without charging (nothing was delivered)."""
+        now = time.time()
+        if not self.is_sqlite:
+            return self._pg_close(request_id, "release", 0, now, None, None, None, note)
+        sql = self._sql
+        with self._tx() as cur:
+            cur.execute(sql["unhold"], (request_id,))
+            held = cur.fetchall()
+            if not held:
+                return None
+            key_hash, reserved, model = held[0]
+            cur.execute(sql["free"], (reserved, key_hash))
+            available = cur.fetchall()[0][0]
+            self._entry(cur, now, key_hash, "release", 0, -reserved, request_id, model, note=note)
+        return Settlement(request_id, key_hash, 0, reserved, available)
+
+    def _pg(self, name: str, **params: Any) -> list[Any]:
+        """Run one of the single-statement PostgreSQL steps (reconnecting once if needed)."""
+        try:
+            cur = self.db.connection().cursor()
+        except (peewee.OperationalError, peewee.InterfaceError, *_driver_errors()):
+            cur = self._reconnect().cursor()
+        if cur.connection.closed:
+            cur = self._reconnect().cursor()
+        cur.execute(_PG_SQL[name], params)
+        return list(cur.fetchall())
+
+    def _reconnect(self) -> Any:
+        self.db.close()
+        self.db.connect()
+        self._on_connect()
+        return self.db.connection()
+
+    def _pg_close(self, request_id: str, kind: str, cost_msat: int, now: float,
+                  model: str | None, prompt_tokens: int | None, completion_tokens: int | None,
+                  note: str | None) -> Settlement | None:
+        rows = self._pg("settle", rid=request_id, cost=cost_msat, now=now, kind=kind,
+                        count=1 if kind == "charge" else 0, model=model, pt=prompt_tokens,
+                        ct=completion_tokens, note=note)
+        if not rows:
+            return None
+        key_hash, charged, reserved, available = rows[0]
+        return Settlement(request_id, key_hash, int(charged), int(reserved), int(available))
+
+    def touch(self, request_id: str) -> None:
+        """Mark a reservation as still active (a long stream is flowing)."""
+        with self._tx() as cur:
+            cur.execute(self._sql["touch"], (time.time(), request_id))
+
+    # -- money in --------------------------------------------------------------------------
+
+    def create_key(self, balance_msat: int = 0, *, expires_at: float | None = None,
+                   refund_address: str | None = None, label: str | None = None,
+                   key: str | None = None, note: str = "created") -> tuple[str, KeyState]:
+        """Create a key, optionally funded; returns the key (shown once) and its state."""
+        if balance_msat < 0:
+            raise ValueError("balance must not be negative")
+        key = key or new_api_key()
+        key_hash = hash_key(key)
+        now = time.time()
+        with self._tx(durable=True) as cur:
+            cur.execute(self._sql["new_key"], (key_hash, balance_msat, now, expires_at,
+                                               refund_address, label, False))
+            self._entry(cur, now, key_hash, "credit", balance_msat, 0, note=note)
+        state = self.key(key_hash)
+        assert state is not None
+        return key, state
+
+    def credit(self, key_hash: str, amount_msat: int, note: str | None = None) -> int:
+        """Add funds to an existing key; returns its available balance. KeyError if unknown."""
+        if amount_msat <= 0:
+            raise ValueError("a credit must be positive")
+        now = time.time()
+        with self._tx(durable=True) as cur:
+            cur.execute(self._sql["credit"], (amount_msat, key_hash))
+            rows = cur.fetchall()
+            if not rows:
+                raise KeyError(key_hash)
+            self._entry(cur, now, key_hash, "credit", amount_msat, 0, note=note)
+        return int(rows[0][0])
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def key(self, key_hash: str) -> KeyState | None:
+        cur = self.db.connection().cursor()
+        cur.execute(self._sql["key"], (key_hash,))
+        row = cur.fetchone()
+        return _key_state(row) if row else None
+
+    def find_keys(self, prefix: str) -> list[KeyState]:
+        """Keys whose hash starts with ``prefix`` (how people name keys: a short hash)."""
+        with self.db.bind_ctx(MODELS):
+            query = (ApiKey.select().where(ApiKey.key_hash.startswith(prefix.lower()))
+                     .order_by(ApiKey.created_at).limit(50).tuples())
+            return [_key_state(row) for row in query]
+
+    def keys(self, limit: int = 1000) -> list[KeyState]:
+        with self.db.bind_ctx(MODELS):
+            query = ApiKey.select().order_by(ApiKey.created_at.desc()).limit(limit).tuples()
+            return [_key_state(row) for row in query]
+
+    def entries(self, key_hash: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest journal rows, newest last."""
+        with self.db.bind_ctx(MODELS):
+            query = LedgerEntry.select().order_by(LedgerEntry.id.desc()).limit(limit)
+            if key_hash:
+                query = query.where(LedgerEntry.key_hash == key_hash)
+            return list(reversed(list(query.dicts())))
+
+    def open_reservations(self, key_hash: str | None = None) -> list[dict[str, Any]]:
+        with self.db.bind_ctx(MODELS):
+            query = Reservation.select().order_by(Reservation.created_at)
+            if key_hash:
+                query = query.where(Reservation.key_hash == key_hash)
+            return list(query.dicts())
+
+    def check(self) -> list[str]:
+        """Audit the books; returns one line per problem found (empty when all holds)."""
+        problems: list[str] = []
+        cur = self.db.connection().cursor()
+        cur.execute(
+            "SELECT k.key_hash, k.balance_msat, k.reserved_msat, "
+            "COALESCE(e.amount, 0), COALESCE(e.reserved, 0), COALESCE(r.held, 0) "
+            "FROM api_keys k "
+            "LEFT JOIN (SELECT key_hash, SUM(amount_msat) AS amount, SUM(reserved_msat) AS reserved "
+            "           FROM ledger_entries GROUP BY key_hash) e ON e.key_hash = k.key_hash "
+            "LEFT JOIN (SELECT key_hash, SUM(amount_msat) AS held FROM reservations "
+            "           GROUP BY key_hash) r ON r.key_hash = k.key_hash"
+        )
+        for key_hash, balance, reserved, entry_sum, entry_reserved, held in cur.fetchall():
+            short = key_hash[:12]
+            if balance < 0 or reserved < 0:
+                problems.append(f"key {short}: negative balance {balance} or reserved {reserved}")
+            if int(entry_sum) != balance:
+                problems.append(f"key {short}: balance {balance} msat but entries sum to "
+                                f"{int(entry_sum)}")
+            if int(entry_reserved) != reserved:
+                problems.append(f"key {short}: reserved {reserved} msat but entries hold "
+                                f"{int(entry_reserved)}")
+            if int(held) != reserved:
+                problems.append(f"key {short}: reserved {reserved} msat but open reservations "
+                                f"hold {int(held)}")
+        cur.execute("SELECT COUNT(*) FROM ledger_entries e WHERE NOT EXISTS "
+                    "(SELECT 1 FROM api_keys k WHERE k.key_hash = e.key_hash)")
+        orphans = cur.fetchone()[0]
+        if orphans:
+            problems.append(f"{orphans} journal rows name no key")
+        return problems
+
+
+def _key_state(row: Sequence[Any]) -> KeyState:
+    return KeyState(row[0], int(row[1]), int(row[2]), int(row[3]), int(row[4]), float(row[5]),
+                    None if row[6] is None else float(row[6]), row[7], row[8], bool(row[9]))
+
+
+def _driver_errors() -> tuple[type[BaseException], ...]:
+    """Connection errors of the drivers themselves, which peewee only wraps inside its own calls."""
+    errors: list[type[BaseException]] = []
+    try:
+        import psycopg2
+
+        errors += [psycopg2.OperationalError, psycopg2.InterfaceError]
+    except ImportError:  # pragma: no cover - psycopg2 is a dependency
+        pass
+    return tuple(errors)

@@ -1,0 +1,295 @@
+"""Prices: models.json (OpenRouter's shape), the BTC/USD rate, and msat costs.
+
+A request costing ``usd`` dollars costs ``ceil(usd × EXCHANGE_FEE × UPSTREAM_PROVIDER_FEE ×
+1e11 / BTC_USD)`` msat (1 BTC = 1e11 msat). The arithmetic is exact: each model's prices are
+turned, once per rate change, into integer numerators over one common denominator, so a cost
+is a few integer multiplications and one ceiling division on the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import statistics
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .settings import SettingError
+
+__all__ = [
+    "DEFAULT_SOURCES",
+    "ModelPrice",
+    "Pricing",
+    "RateKeeper",
+    "load_models",
+    "parse_sources",
+]
+
+logger = logging.getLogger(__name__)
+
+MSAT_PER_BTC = 10**11
+
+# Public BTC/USD tickers and how to read each one's answer.
+DEFAULT_SOURCES: dict[str, str] = {
+    "kraken": "https://api.kraken.com/0/public/Ticker?pair=XBTUSD",
+    "coinbase": "https://api.coinbase.com/v2/prices/BTC-USD/spot",
+    "binance": "https://api.binance.com/api/v3/ticker/price?symbol=BTCUSDT",
+}
+
+
+def _read_kraken(data: Any) -> str:
+    return str(next(iter(data["result"].values()))["c"][0])
+
+
+def _read_coinbase(data: Any) -> str:
+    return str(data["data"]["amount"])
+
+
+def _read_binance(data: Any) -> str:
+    return str(data["price"])
+
+
+_READERS = {"kraken": _read_kraken, "coinbase": _read_coinbase, "binance": _read_binance}
+
+
+def parse_sources(raw: str) -> tuple[tuple[str, str], ...]:
+    """``kraken,coinbase`` or ``kraken=http://…``: known source names, optionally re-pointed."""
+    sources: list[tuple[str, str]] = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        name, _, url = item.partition("=")
+        name = name.strip().lower()
+        if name not in _READERS:
+            raise SettingError(f"BTC_USD_SOURCES: unknown source {name!r} "
+                               f"(known: {', '.join(_READERS)})")
+        sources.append((name, url.strip() or DEFAULT_SOURCES[name]))
+    return tuple(sources)
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+def _usd(value: Any) -> Fraction:
+    """A price as OpenRouter writes it (a decimal string, sometimes "-1" for "varies")."""
+    if value in (None, ""):
+        return Fraction(0)
+    number = Fraction(Decimal(str(value)))
+    return max(number, Fraction(0))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """One model's USD prices (per token, per request) and its token limits."""
+
+    id: str
+    prompt: Fraction
+    completion: Fraction
+    request: Fraction
+    cache_read: Fraction | None
+    context_length: int
+    max_completion_tokens: int | None
+    info: Mapping[str, Any] = field(compare=False, repr=False)
+
+    @classmethod
+    def from_entry(cls, entry: Mapping[str, Any]) -> ModelPrice:
+        pricing = entry.get("pricing") or {}
+        top = entry.get("top_provider") or {}
+        context = int(entry.get("context_length") or top.get("context_length") or 0)
+        if context <= 0:
+            raise ValueError(f"model {entry.get('id')!r} has no context_length")
+        max_completion = top.get("max_completion_tokens")
+        cache_read = pricing.get("input_cache_read")
+        return cls(
+            id=str(entry["id"]),
+            prompt=_usd(pricing.get("prompt")),
+            completion=_usd(pricing.get("completion")),
+            request=_usd(pricing.get("request")),
+            cache_read=None if cache_read in (None, "") else _usd(cache_read),
+            context_length=context,
+            max_completion_tokens=int(max_completion) if max_completion else None,
+            info=entry,
+        )
+
+    @property
+    def completion_limit(self) -> int:
+        return min(self.max_completion_tokens or self.context_length, self.context_length)
+
+
+def load_models(path: Path) -> dict[str, ModelPrice]:
+    """Read models.json: ``{"data": [...]}`` as OpenRouter serves it, or a bare list."""
+    data = json.loads(path.read_text())
+    entries = data.get("data", []) if isinstance(data, dict) else data
+    models: dict[str, ModelPrice] = {}
+    for entry in entries:
+        price = ModelPrice.from_entry(entry)
+        models[price.id] = price
+    return models
+
+
+# --- costs ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Rational:
+    """A model's msat prices as integer numerators over one denominator."""
+
+    prompt: int
+    completion: int
+    request: int
+    cache_read: int
+    denominator: int
+
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
+        cached = min(max(cached_tokens, 0), prompt_tokens)
+        total = ((prompt_tokens - cached) * self.prompt + cached * self.cache_read
+                 + completion_tokens * self.completion + self.request)
+        return -(-total // self.denominator)
+
+
+class Pricing:
+    """Converts usage into msat for every model at the current BTC/USD rate."""
+
+    def __init__(self, models: Mapping[str, ModelPrice], exchange_fee: Decimal,
+                 provider_fee: Decimal) -> None:
+        self.models = dict(models)
+        self.fee = Fraction(exchange_fee) * Fraction(provider_fee)
+        self.rate: Fraction | None = None
+        self.rate_updated: float | None = None
+        self._tables: dict[str, _Rational] = {}
+        self._aliases = _aliases(self.models)
+
+    def set_rate(self, btc_usd: Fraction | Decimal | str) -> None:
+        rate = Fraction(Decimal(btc_usd)) if isinstance(btc_usd, str) else Fraction(btc_usd)
+        if rate <= 0:
+            raise ValueError("the BTC/USD rate must be positive")
+        factor = self.fee * MSAT_PER_BTC / rate
+        tables: dict[str, _Rational] = {}
+        for model_id, m in self.models.items():
+            parts = [p * factor for p in
+                     (m.prompt, m.completion, m.request, m.cache_read if m.cache_read is not None
+                      else m.prompt)]
+            den = math.lcm(*(p.denominator for p in parts))
+            nums = [p.numerator * (den // p.denominator) for p in parts]
+            tables[model_id] = _Rational(nums[0], nums[1], nums[2], nums[3], den)
+        self._tables = tables
+        self.rate = rate
+        self.rate_updated = time.time()
+
+    def resolve(self, model: str) -> ModelPrice | None:
+        """The priced model for a name a client sent (exact id, or an unambiguous short name)."""
+        found = self.models.get(model)
+        if found is None:
+            alias = self._aliases.get(model)
+            found = self.models.get(alias) if alias else None
+        return found
+
+    def cost(self, model: ModelPrice, prompt_tokens: int, completion_tokens: int,
+             cached_tokens: int = 0) -> int:
+        """The msat cost of a request's usage. Raises LookupError when no rate is known."""
+        table = self._tables.get(model.id)
+        if table is None:
+            raise LookupError("no BTC/USD rate yet")
+        return table.cost(prompt_tokens, completion_tokens, cached_tokens)
+
+    def max_cost(self, model: ModelPrice, max_tokens: int | None = None,
+                 prompt_bound: int | None = None) -> int:
+        """The most a request can cost: what is reserved before it is forwarded.
+
+        ``max_tokens`` (if the client gave it) bounds the completion; ``prompt_bound`` bounds
+        the prompt when its size is known (a text-only body cannot hold more tokens than bytes).
+        """
+        completion = model.completion_limit
+        if max_tokens is not None and max_tokens >= 0:
+            completion = min(completion, max_tokens)
+        prompt = model.context_length
+        if prompt_bound is not None:
+            prompt = min(prompt, max(prompt_bound, 1))
+        return self.cost(model, prompt, completion)
+
+    def sats_pricing(self, model: ModelPrice) -> dict[str, float] | None:
+        """Per-token and maximum prices in sats, as published in /v1/models."""
+        if self.rate is None:
+            return None
+        factor = self.fee * MSAT_PER_BTC / self.rate / 1000
+        max_prompt = self.cost(model, model.context_length, 0) - self.cost(model, 0, 0)
+        max_completion = self.cost(model, 0, model.completion_limit) - self.cost(model, 0, 0)
+        return {
+            "prompt": float(model.prompt * factor),
+            "completion": float(model.completion * factor),
+            "request": float(model.request * factor),
+            "max_prompt_cost": max_prompt / 1000,
+            "max_completion_cost": max_completion / 1000,
+            "max_cost": self.max_cost(model) / 1000,
+        }
+
+
+def _aliases(models: Mapping[str, ModelPrice]) -> dict[str, str]:
+    """``gpt-4o`` for ``openai/gpt-4o``, when only one provider offers that name."""
+    seen: dict[str, list[str]] = {}
+    for model_id in models:
+        if "/" in model_id:
+            seen.setdefault(model_id.split("/", 1)[1], []).append(model_id)
+    return {short: ids[0] for short, ids in seen.items() if len(ids) == 1 and short not in models}
+
+
+# --- live BTC/USD ---------------------------------------------------------------------------
+
+
+async def fetch_rate(client: httpx.AsyncClient, sources: Iterable[tuple[str, str]]) -> Fraction | None:
+    """The median of what the sources answer now; None if none of them answered."""
+
+    async def one(name: str, url: str) -> Fraction | None:
+        try:
+            resp = await client.get(url)
+            resp.raise_for_status()
+            value = Fraction(Decimal(_READERS[name](resp.json())))
+            if value <= 0:
+                raise ValueError(f"non-positive price {value}")
+            return value
+        except Exception as e:  # any failure of one source only drops that source
+            logger.warning("BTC/USD source %s failed: %s", name, e)
+            return None
+
+    results = await asyncio.gather(*(one(name, url) for name, url in sources))
+    values = [v for v in results if v is not None]
+    return statistics.median(values) if values else None
+
+
+class RateKeeper:
+    """Keeps ``pricing``'s rate fresh from live sources; the last good rate stays on failure."""
+
+    def __init__(self, pricing: Pricing, sources: Iterable[tuple[str, str]], interval: float,
+                 timeout: float = 5.0) -> None:
+        self.pricing = pricing
+        self.sources = tuple(sources)
+        self.interval = interval
+        self.timeout = timeout
+
+    async def refresh(self) -> bool:
+        async with httpx.AsyncClient(timeout=self.timeout) as client:
+            rate = await fetch_rate(client, self.sources)
+        if rate is None:
+            logger.warning("no BTC/USD source answered; keeping the last rate (%s)",
+                           "none yet" if self.pricing.rate is None else float(self.pricing.rate))
+            return False
+        self.pricing.set_rate(rate)
+        logger.info("BTC/USD rate %.2f", float(rate))
+        return True
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # never let the refresher die
+                logger.exception("BTC/USD refresh failed")
+            await asyncio.sleep(self.interval)

@@ -1,0 +1,62 @@
+"""Endpoints the addon answers itself; they are never forwarded upstream.
+
+A handler takes the proxy's services and the request and returns a response. ``lookup`` is a
+dictionary lookup on the exact path (plus ``/v1/models/{id}``), cheap enough for every request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mitmproxy import http
+
+from ..ledger import Ledger
+from ..pricing import Pricing
+from ..settings import Config
+
+__all__ = ["Handler", "Services", "lookup"]
+
+
+@dataclass(slots=True)
+class Services:
+    """What local endpoints read: settings, ledger and prices."""
+
+    config: Config
+    ledger: Ledger
+    pricing: Pricing
+
+
+Handler = Callable[[Services, http.Request], http.Response]
+
+
+def _table() -> dict[str, dict[str, Handler]]:
+    from . import balance, info, models
+
+    table: dict[str, dict[str, Handler]] = {
+        "/": {"GET": info.info},
+        "/health": {"GET": info.health},
+        "/v1/info": {"GET": info.info},
+        "/v1/models": {"GET": models.list_models},
+    }
+    for base in ("/v1/balance", "/v1/wallet"):
+        table[f"{base}/info"] = {"GET": balance.info}
+        table[f"{base}/"] = {"GET": balance.info}
+        table[base] = {"GET": balance.info}
+    return table
+
+
+_ROUTES: dict[str, dict[str, Handler]] | None = None
+
+
+def lookup(path: str) -> dict[str, Handler] | None:
+    """The handlers (by method) for a local path, or None if the path is forwarded."""
+    global _ROUTES
+    if _ROUTES is None:
+        _ROUTES = _table()
+    found = _ROUTES.get(path)
+    if found is None and path.startswith("/v1/models/"):
+        from . import models
+
+        return {"GET": models.get_model}
+    return found

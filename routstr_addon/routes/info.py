@@ -1,0 +1,30 @@
+"""``/v1/info`` (what this proxy is and how it prices) and ``/health``."""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from .. import __version__
+from ..errors import json_response
+from . import Services
+
+
+def info(services: Services, request: http.Request) -> http.Response:
+    config, pricing = services.config, services.pricing
+    return json_response(200, {
+        "name": config.name,
+        "description": config.description,
+        "version": __version__,
+        "mints": [],
+        "pricing": "model_based" if config.model_based_pricing else "fixed",
+        "cost_per_request_sats": config.cost_per_request_msat / 1000,
+        "btc_usd": {
+            "rate": float(pricing.rate) if pricing.rate is not None else None,
+            "updated_at": pricing.rate_updated,
+        },
+        "models": len(pricing.models),
+    })
+
+
+def health(services: Services, request: http.Request) -> http.Response:
+    return json_response(200, {"status": "ok"})

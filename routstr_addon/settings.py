@@ -1,0 +1,225 @@
+"""Every setting of the proxy, as a mitmproxy option whose default comes from the environment.
+
+The names operators write (``UPSTREAM_BASE_URL``) are the upper-case form of the option names
+mitmproxy knows (``upstream_base_url``), so ``--set upstream_base_url=…`` works too. Values are
+read from the process environment first, then from ``.env`` in the working folder.
+
+``Config.from_options`` turns the raw option values into one typed, validated object; anything
+wrong raises ``SettingError`` naming the setting, which stops start-up with one clear line.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+
+__all__ = ["SETTINGS", "Config", "Setting", "SettingError", "environment", "register"]
+
+
+class SettingError(ValueError):
+    """A setting has a value the proxy cannot run with."""
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    env: str
+    type: type
+    default: Any
+    help: str
+    secret: bool = False
+
+    @property
+    def option(self) -> str:
+        return self.env.lower()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("UPSTREAM_BASE_URL", str, "",
+            "Base URL of the OpenAI-compatible upstream, as a client would use it "
+            "(e.g. https://api.openai.com/v1). Empty: keep the reverse mode's target and path."),
+    Setting("UPSTREAM_API_KEY", str, "", "Key sent upstream as 'Authorization: Bearer'.", secret=True),
+    Setting("DATA_DIR", str, "data", "Folder for the ledger database and wallet data."),
+    Setting("DATABASE_URL", str, "",
+            "Ledger database: sqlite:///path or postgresql://user@host/db. "
+            "Empty: sqlite under DATA_DIR."),
+    Setting("MODEL_BASED_PRICING", bool, True,
+            "Price requests from models.json and token usage; false charges COST_PER_REQUEST."),
+    Setting("COST_PER_REQUEST", int, 1,
+            "Sats per request in fixed mode, and for forwarded endpoints without token usage."),
+    Setting("MODELS_PATH", str, "models.json",
+            "Model list in OpenRouter's shape; falls back to models.example.json."),
+    Setting("BTC_USD_PRICE", str, "", "Fixed BTC/USD rate. Empty: live rates from BTC_USD_SOURCES."),
+    Setting("BTC_USD_SOURCES", str, "kraken,coinbase,binance",
+            "Live rate sources: names, or name=url to point one elsewhere."),
+    Setting("PRICE_REFRESH_INTERVAL", int, 300, "Seconds between live rate refreshes."),
+    Setting("EXCHANGE_FEE", str, "1.005", "Multiplier on USD prices for the exchange spread."),
+    Setting("UPSTREAM_PROVIDER_FEE", str, "1.05", "Multiplier on USD prices for the provider margin."),
+    Setting("MAX_REQUEST_SIZE", str, "32m",
+            "Largest request body accepted (k/m/g suffixes); also bounds buffered responses."),
+    Setting("NAME", str, "Routstr Proxy", "Name shown in /v1/info."),
+    Setting("DESCRIPTION", str, "A Cashu-paid proxy for OpenAI-compatible APIs",
+            "Description shown in /v1/info."),
+)
+
+_BY_ENV = {s.env: s for s in SETTINGS}
+
+
+def environment(cwd: Path | None = None) -> dict[str, str]:
+    """The settings' raw values: ``.env`` in the working folder, overridden by the process env."""
+    env_file = (cwd or Path.cwd()) / ".env"
+    values: dict[str, str] = {}
+    if env_file.is_file():
+        values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    values.update({k: v for k, v in os.environ.items() if k in _BY_ENV})
+    return values
+
+
+def parse_value(setting: Setting, raw: str) -> Any:
+    """Parse one raw environment string into the setting's option type."""
+    raw = raw.strip()
+    if setting.type is bool:
+        low = raw.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off", ""):
+            return False
+        raise SettingError(f"{setting.env}: expected true or false, got {raw!r}")
+    if setting.type is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise SettingError(f"{setting.env}: expected a whole number, got {raw!r}") from None
+    return raw
+
+
+def register(loader: Any, env: Mapping[str, str] | None = None) -> list[str]:
+    """Add every setting as an option to a mitmproxy loader.
+
+    Returns the errors met while reading the environment: an unparsable value keeps the
+    built-in default here and is reported by the caller once options are configured.
+    """
+    env = environment() if env is None else env
+    errors: list[str] = []
+    for s in SETTINGS:
+        default = s.default
+        if s.env in env:
+            try:
+                default = parse_value(s, env[s.env])
+            except SettingError as e:
+                errors.append(str(e))
+        loader.add_option(s.option, s.type, default, s.help)
+    return errors
+
+
+def _decimal(name: str, raw: str, *, minimum: Decimal | None = None) -> Decimal:
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        raise SettingError(f"{name}: expected a number, got {raw!r}") from None
+    if not value.is_finite() or (minimum is not None and value < minimum):
+        raise SettingError(f"{name}: must be a number of at least {minimum}, got {raw!r}")
+    return value
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(name: str, raw: str) -> int:
+    text = raw.strip().lower()
+    unit = text[-1:] if text[-1:] in _SIZE_UNITS and not text[-1:].isdigit() else ""
+    number = text[: len(text) - len(unit)]
+    if not number.isdigit() or int(number) <= 0:
+        raise SettingError(f"{name}: expected a size such as 32m or 500k, got {raw!r}")
+    return int(number) * _SIZE_UNITS[unit]
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where forwarded requests go: the origin, and the path that replaces the client's /v1."""
+
+    scheme: str
+    host: str
+    port: int
+    base_path: str  # no trailing slash; "" keeps the client's path as is
+
+    @property
+    def origin(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
+def parse_upstream(raw: str) -> Upstream | None:
+    if not raw:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingError(f"UPSTREAM_BASE_URL: expected an http(s) URL such as "
+                           f"https://api.openai.com/v1, got {raw!r}")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise SettingError(f"UPSTREAM_BASE_URL: bad port in {raw!r}") from None
+    return Upstream(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The validated settings the proxy runs with."""
+
+    upstream: Upstream | None
+    upstream_api_key: str
+    data_dir: Path
+    database_url: str
+    model_based_pricing: bool
+    cost_per_request_msat: int
+    models_path: Path
+    btc_usd_price: Decimal | None
+    btc_usd_sources: tuple[tuple[str, str], ...]
+    price_refresh_interval: int
+    exchange_fee: Decimal
+    upstream_provider_fee: Decimal
+    max_request_size: int
+    name: str
+    description: str
+
+    @classmethod
+    def from_options(cls, options: Any) -> Config:
+        from .pricing import parse_sources  # pricing owns the list of known rate sources
+
+        data_dir = Path(options.data_dir).expanduser()
+        database_url = options.database_url or f"sqlite:///{data_dir / 'routstr.sqlite'}"
+        if not database_url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise SettingError("DATABASE_URL: expected sqlite:///path or postgresql://…, "
+                               f"got {database_url.split('://')[0]!r}://…")
+        if options.cost_per_request < 0:
+            raise SettingError(f"COST_PER_REQUEST: must not be negative, got {options.cost_per_request}")
+        if options.price_refresh_interval < 5:
+            raise SettingError("PRICE_REFRESH_INTERVAL: must be at least 5 seconds, "
+                               f"got {options.price_refresh_interval}")
+        rate = None
+        if options.btc_usd_price.strip():
+            rate = _decimal("BTC_USD_PRICE", options.btc_usd_price, minimum=Decimal("0.01"))
+        return cls(
+            upstream=parse_upstream(options.upstream_base_url.strip()),
+            upstream_api_key=options.upstream_api_key.strip(),
+            data_dir=data_dir,
+            database_url=database_url,
+            model_based_pricing=options.model_based_pricing,
+            cost_per_request_msat=options.cost_per_request * 1000,
+            models_path=Path(options.models_path).expanduser(),
+            btc_usd_price=rate,
+            btc_usd_sources=parse_sources(options.btc_usd_sources),
+            price_refresh_interval=options.price_refresh_interval,
+            exchange_fee=_decimal("EXCHANGE_FEE", options.exchange_fee, minimum=Decimal(1)),
+            upstream_provider_fee=_decimal("UPSTREAM_PROVIDER_FEE", options.upstream_provider_fee,
+                                           minimum=Decimal(1)),
+            max_request_size=parse_size("MAX_REQUEST_SIZE", options.max_request_size),
+            name=options.name,
+            description=options.description,
+        )

@@ -1,0 +1,182 @@
+"""Token usage from upstream answers: JSON bodies and Server-Sent Event streams.
+
+Covers the OpenAI shapes the proxy meters: chat completions and legacy completions
+(``usage.prompt_tokens`` / ``completion_tokens``), embeddings (``prompt_tokens`` only) and the
+Responses API (``input_tokens`` / ``output_tokens``, in ``response.completed`` when streaming).
+
+``SSETap`` sits in mitmproxy's stream callable: it is fed raw chunks as they arrive, hands back
+at once every complete event (less the usage-only chunk the proxy injected, if the client did
+not ask for it), and meanwhile keeps the usage and the length of the text delivered, from which
+usage is estimated when the stream ends without any.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["SSETap", "Usage", "estimate_tokens", "prompt_text_length", "usage_from_json"]
+
+CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text with BPE tokenizers
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    estimated: bool = False
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def parse_usage(usage: Any) -> Usage | None:
+    """A ``usage`` object in any of the OpenAI shapes, or None if it is not one."""
+    if not isinstance(usage, dict):
+        return None
+    if "input_tokens" in usage or "output_tokens" in usage:  # Responses API
+        details = usage.get("input_tokens_details") or {}
+        return Usage(_int(usage.get("input_tokens")), _int(usage.get("output_tokens")),
+                     _int(details.get("cached_tokens")) if isinstance(details, dict) else 0)
+    if "prompt_tokens" in usage or "completion_tokens" in usage:
+        details = usage.get("prompt_tokens_details") or {}
+        return Usage(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")),
+                     _int(details.get("cached_tokens")) if isinstance(details, dict) else 0)
+    return None
+
+
+def usage_from_json(body: Any) -> Usage | None:
+    """Usage from a JSON answer (or a Responses API event carrying ``response``)."""
+    if not isinstance(body, dict):
+        return None
+    found = parse_usage(body.get("usage"))
+    if found is None and isinstance(body.get("response"), dict):
+        found = parse_usage(body["response"].get("usage"))
+    return found
+
+
+def estimate_tokens(chars: int) -> int:
+    """Tokens in ``chars`` characters of text: at least one when there is any text."""
+    return -(-chars // CHARS_PER_TOKEN) if chars > 0 else 0
+
+
+def _text_length(value: Any, skip: frozenset[str] = frozenset({"role", "type", "id", "index",
+                                                              "finish_reason", "object"})) -> int:
+    """Characters of text anywhere inside a JSON value, leaving out bookkeeping fields."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_length(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_text_length(v) for k, v in value.items() if k not in skip)
+    return 0
+
+
+def prompt_text_length(body: dict[str, Any]) -> int:
+    """Characters of prompt in a request body (messages, prompt, input, instructions, tools)."""
+    total = 0
+    for name in ("messages", "prompt", "input", "instructions", "tools", "system"):
+        if name in body:
+            total += _text_length(body[name])
+    return total
+
+
+def completion_text_length(body: Any) -> int:
+    """Characters of generated text in a non-streamed answer, for estimates."""
+    if not isinstance(body, dict):
+        return 0
+    if "choices" in body:
+        return _text_length(body["choices"])
+    if "output" in body:
+        return _text_length(body["output"])
+    return 0
+
+
+class SSETap:
+    """Passes an SSE stream through event by event while reading its usage and text."""
+
+    __slots__ = ("_buffer", "_drop_usage_chunk", "done", "events", "text_chars", "usage",
+                 "delivered")
+
+    def __init__(self, drop_usage_chunk: bool = False) -> None:
+        self._buffer = b""
+        self._drop_usage_chunk = drop_usage_chunk
+        self.usage: Usage | None = None
+        self.text_chars = 0
+        self.events = 0
+        self.delivered = 0  # bytes handed on to the client
+        self.done = False  # the stream said it finished ([DONE] or response.completed)
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Take one raw chunk; return the bytes to send on now."""
+        data = self._buffer + chunk if self._buffer else chunk
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self._buffer = data
+            return b""
+        complete, self._buffer = data[: end + 2], data[end + 2 :]
+        out = self._events(complete)
+        self.delivered += len(out)
+        return out
+
+    def flush(self) -> bytes:
+        """At the end of the stream: whatever partial event is left, as it was."""
+        rest, self._buffer = self._buffer, b""
+        if rest.strip():
+            self._events(rest + b"\n\n")
+        self.delivered += len(rest)
+        return rest
+
+    def _events(self, complete: bytes) -> bytes:
+        kept: list[bytes] = []
+        dropped = False
+        for event in complete.split(b"\n\n"):
+            if not event:
+                continue
+            self.events += 1
+            if self._read(event):
+                dropped = True
+            else:
+                kept.append(event)
+        if not dropped:
+            return complete
+        return b"".join(e + b"\n\n" for e in kept)
+
+    def _read(self, event: bytes) -> bool:
+        """Read one event; True if it must not reach the client."""
+        data = b"\n".join(line[5:].lstrip(b" ") for line in event.split(b"\n")
+                          if line.startswith(b"data:"))
+        if not data:
+            return False
+        if data == b"[DONE]":
+            self.done = True
+            return False
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return False
+        if not isinstance(obj, dict):
+            return False
+        kind = obj.get("type")
+        if isinstance(kind, str):  # Responses API events
+            if kind == "response.output_text.delta" or kind.endswith(".delta"):
+                delta = obj.get("delta")
+                self.text_chars += len(delta) if isinstance(delta, str) else 0
+            elif kind in ("response.completed", "response.incomplete", "response.failed"):
+                self.done = True
+                self.usage = usage_from_json(obj) or self.usage
+            return False
+        choices = obj.get("choices")
+        if choices:
+            self.text_chars += _text_length(choices)
+        usage = parse_usage(obj.get("usage"))
+        if usage is not None:
+            self.usage = usage
+            # The usage-only chunk the proxy asked for on the client's behalf.
+            return self._drop_usage_chunk and not choices
+        return False
