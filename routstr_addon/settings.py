@@ -15,12 +15,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
-__all__ = ["SETTINGS", "Config", "Setting", "SettingError", "environment", "register"]
+__all__ = [
+    "SETTINGS",
+    "Config",
+    "Setting",
+    "SettingError",
+    "environment",
+    "load_config",
+    "register",
+]
 
 
 class SettingError(ValueError):
@@ -223,3 +232,17 @@ class Config:
             name=options.name,
             description=options.description,
         )
+
+
+def option_values(env: Mapping[str, str] | None = None, **overrides: Any) -> SimpleNamespace:
+    """The options as the addon would see them, without mitmproxy: for the CLI and tests."""
+    env = environment() if env is None else env
+    values = {s.option: parse_value(s, env[s.env]) if s.env in env else s.default
+              for s in SETTINGS}
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+    """The validated settings from the environment and ``.env``; raises SettingError."""
+    return Config.from_options(option_values(env, **overrides))

@@ -1,0 +1,157 @@
+"""``routstr serve``: the proxy in this process, with only the mitmproxy addons it needs.
+
+mitmproxy walks every loaded addon for every event, and plain ``mitmdump`` loads about 35; a
+reverse proxy needs five. ``--web`` runs mitmweb with the whole set instead, for watching flows.
+With no ``UPSTREAM_BASE_URL`` the proxy runs the demo: an echo upstream in this process, a demo
+ledger and a funded demo key, all under ``DATA_DIR/demo``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from routstr_addon import settings
+from routstr_addon.demo import DEMO_MODEL, EchoUpstream, run_in_thread
+from routstr_addon.ledger import Ledger, hash_key
+
+ADDON_PATH = Path(__file__).resolve().parent.parent / "routstr_addon" / "addon.py"
+DEMO_RATE = "100000"
+DEMO_BALANCE_SATS = 10_000
+
+
+@dataclass(slots=True)
+class Demo:
+    """What the demo set up: where its upstream is and the key to try it with."""
+
+    upstream_url: str
+    key: str
+    overrides: dict[str, str]
+
+
+def reverse_mode(base_url: str) -> str:
+    upstream = settings.parse_upstream(base_url)
+    assert upstream is not None
+    return f"reverse:{upstream.origin}"
+
+
+def demo_models(data_dir: Path) -> Path:
+    """The example models plus the echo model, written where the demo reads them."""
+    example = Path("models.example.json")
+    if not example.is_file():
+        example = ADDON_PATH.parent.parent / "models.example.json"
+    entries: list[Any] = json.loads(example.read_text())["data"] if example.is_file() else []
+    entries.insert(0, {
+        "id": DEMO_MODEL, "name": "Demo: echo (no real model)", "context_length": 8192,
+        "pricing": {"prompt": "0.000001", "completion": "0.000002", "request": "0"},
+        "top_provider": {"context_length": 8192, "max_completion_tokens": 1024},
+    })
+    path = data_dir / "models.json"
+    path.write_text(json.dumps({"data": entries}, indent=1))
+    return path
+
+
+def prepare_demo(config_env: dict[str, str], upstream_url: str) -> Demo:
+    """Demo settings (own ledger, fixed demo rate) and a funded demo key, kept across runs."""
+    data_dir = Path(config_env.get("DATA_DIR", "data")) / "demo"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    overrides = {
+        "UPSTREAM_BASE_URL": f"{upstream_url}/v1",
+        "DATABASE_URL": f"sqlite:///{data_dir / 'routstr.sqlite'}",
+        "MODELS_PATH": str(demo_models(data_dir)),
+        "BTC_USD_PRICE": config_env.get("BTC_USD_PRICE") or DEMO_RATE,
+        "NAME": "Routstr DEMO (echo model, no real money)",
+    }
+    ledger = Ledger(overrides["DATABASE_URL"])
+    try:
+        key_file = data_dir / "demo-key.txt"
+        key = key_file.read_text().strip() if key_file.is_file() else ""
+        state = ledger.key(hash_key(key)) if key else None
+        if state is None:
+            key, state = ledger.create_key(DEMO_BALANCE_SATS * 1000, label="demo",
+                                           note="demo funding")
+            key_file.write_text(key + "\n")
+            key_file.chmod(0o600)
+        elif state.available_msat < 1000 * DEMO_BALANCE_SATS // 10:
+            ledger.credit(state.key_hash, DEMO_BALANCE_SATS * 1000, note="demo top-up")
+    finally:
+        ledger.close()
+    return Demo(upstream_url, key, overrides)
+
+
+def demo_banner(demo: Demo, host: str, port: int) -> str:
+    base = f"http://{host}:{port}"
+    return f"""
+==================================================================================
+  ROUTSTR DEMO: no upstream is configured (UPSTREAM_BASE_URL), so this proxy
+  forwards to a built-in ECHO model and bills a demo key in a demo ledger at a
+  fixed demo rate. No real model answers and no real money moves.
+==================================================================================
+  Proxy:     {base}/v1
+  Demo key:  {demo.key}
+  Try it:
+    curl {base}/v1/chat/completions \\
+      -H "Authorization: Bearer {demo.key}" -H "Content-Type: application/json" \\
+      -d '{{"model": "{DEMO_MODEL}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+    curl {base}/v1/balance/info -H "Authorization: Bearer {demo.key}"
+  Configure a real upstream in .env (see .env.example) to leave the demo.
+==================================================================================
+"""
+
+
+async def run_proxy(mode: str, host: str, port: int, overrides: dict[str, Any],
+                    quiet: bool = False) -> int:
+    """Run the proxy with the minimal addon set until SIGINT/SIGTERM."""
+    from mitmproxy import master, options
+    from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
+
+    from routstr_addon.addon import Routstr
+
+    opts = options.Options(mode=[mode], listen_host=host, listen_port=port)
+    m = master.Master(opts, with_termlog=not quiet)
+    m.addons.add(core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(),
+                 tlsconfig.TlsConfig(), errorcheck.ErrorCheck(), Routstr())
+    m.options.update(**overrides)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, m.shutdown)
+    await m.run()
+    return 0
+
+
+def option_overrides(env_overrides: dict[str, str]) -> dict[str, Any]:
+    """Demo settings (written as env names) as option values."""
+    by_env = {s.env: s for s in settings.SETTINGS}
+    return {by_env[k].option: settings.parse_value(by_env[k], v) for k, v in env_overrides.items()}
+
+
+def serve(host: str, port: int, web: bool, quiet: bool = False) -> int:
+    env = settings.environment()
+    config = settings.load_config(env)  # a bad setting stops here with its name
+    if config.upstream is not None:
+        overrides: dict[str, str] = {}
+        mode = reverse_mode(env["UPSTREAM_BASE_URL"])
+        return _run(mode, host, port, overrides, web, quiet)
+    with run_in_thread(EchoUpstream()) as upstream:
+        demo = prepare_demo(env, upstream.url)
+        print(demo_banner(demo, host, port), flush=True)
+        return _run(reverse_mode(upstream.url), host, port, demo.overrides, web, quiet)
+
+
+def _run(mode: str, host: str, port: int, env_overrides: dict[str, str], web: bool,
+         quiet: bool) -> int:
+    if not web:
+        return asyncio.run(run_proxy(mode, host, port, option_overrides(env_overrides), quiet))
+    mitmweb = shutil.which("mitmweb") or str(Path(sys.executable).parent / "mitmweb")
+    cmd = [mitmweb, "--mode", mode, "--listen-host", host, "--listen-port", str(port),
+           "-s", str(ADDON_PATH)]
+    env = {**os.environ, **env_overrides}
+    return subprocess.call(cmd, env=env)
