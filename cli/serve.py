@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import signal
@@ -115,6 +116,7 @@ async def run_proxy(mode: str, host: str, port: int, overrides: dict[str, Any],
 
     from routstr_addon.addon import Routstr
 
+    logging.getLogger().setLevel(logging.INFO)  # mitmproxy's handlers filter by verbosity
     opts = options.Options(mode=[mode], listen_host=host, listen_port=port)
     m = master.Master(opts, with_termlog=not quiet)
     m.addons.add(core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(),

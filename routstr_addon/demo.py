@@ -205,18 +205,19 @@ class EchoUpstream(MiniServer):
         except ValueError:
             await responder.send(400, _error("body is not JSON"))
             return
+        delay = self.delay(request)
         if path.endswith("/chat/completions"):
-            await self.chat(body, responder)
+            await self.chat(body, responder, delay)
         elif path.endswith("/completions"):
-            await self.completion(body, responder)
+            await self.completion(body, responder, delay)
         elif path.endswith("/embeddings"):
             await self.embeddings(body, responder)
         elif path.endswith("/responses"):
-            await self.responses(body, responder)
+            await self.responses(body, responder, delay)
         else:
             await responder.send(404, _error(f"no such endpoint {path}"))
 
-    async def chat(self, body: dict[str, Any], responder: Responder) -> None:
+    async def chat(self, body: dict[str, Any], responder: Responder, delay: float = 0) -> None:
         out = self.reply_words(body)
         usage = {"prompt_tokens": prompt_tokens(body), "completion_tokens": len(out),
                  "total_tokens": prompt_tokens(body) + len(out)}
@@ -236,7 +237,7 @@ class EchoUpstream(MiniServer):
             delta = {"role": "assistant", "content": word} if i == 0 else {"content": word}
             await responder.chunk(sse({**base, "choices": [
                 {"index": 0, "delta": delta, "finish_reason": None}]}))
-            await self.pace()
+            await asyncio.sleep(delay)
         await responder.chunk(sse({**base, "choices": [
             {"index": 0, "delta": {}, "finish_reason": "stop"}]}))
         if include_usage:
@@ -244,7 +245,8 @@ class EchoUpstream(MiniServer):
         await responder.chunk(sse(b"[DONE]"))
         await responder.end()
 
-    async def completion(self, body: dict[str, Any], responder: Responder) -> None:
+    async def completion(self, body: dict[str, Any], responder: Responder,
+                         delay: float = 0) -> None:
         out = self.reply_words(body)
         usage = {"prompt_tokens": prompt_tokens(body), "completion_tokens": len(out),
                  "total_tokens": prompt_tokens(body) + len(out)}
@@ -260,7 +262,7 @@ class EchoUpstream(MiniServer):
         for _, word in self.stream_pieces(out):
             await responder.chunk(sse({**base, "choices": [
                 {"index": 0, "text": word, "finish_reason": None, "logprobs": None}]}))
-            await self.pace()
+            await asyncio.sleep(delay)
         if include_usage:
             await responder.chunk(sse({**base, "choices": [], "usage": usage}))
         await responder.chunk(sse(b"[DONE]"))
@@ -277,7 +279,8 @@ class EchoUpstream(MiniServer):
                                    "model": body.get("model", self.model),
                                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
-    async def responses(self, body: dict[str, Any], responder: Responder) -> None:
+    async def responses(self, body: dict[str, Any], responder: Responder,
+                        delay: float = 0) -> None:
         out = self.reply_words(body)
         text = " ".join(out)
         ptokens = prompt_tokens(body)
@@ -304,7 +307,7 @@ class EchoUpstream(MiniServer):
                 {"type": "response.output_text.delta", "sequence_number": seq,
                  "item_id": message["id"], "output_index": 0, "content_index": 0,
                  "delta": word}))
-            await self.pace()
+            await asyncio.sleep(delay)
         await responder.chunk(b"event: response.completed\n" + sse(
             {"type": "response.completed", "sequence_number": seq + 1, "response": response}))
         await responder.end()
@@ -314,8 +317,9 @@ class EchoUpstream(MiniServer):
         for i, word in enumerate(out):
             yield i, word if i == 0 else " " + word
 
-    async def pace(self) -> None:
-        """Time between streamed chunks (none for the demo; tests slow it down)."""
+    def delay(self, request: Request) -> float:
+        """Seconds between streamed chunks (none for the demo; tests slow it down)."""
+        return 0.0
 
 
 def _error(message: str, type_: str = "invalid_request_error") -> dict[str, Any]:
