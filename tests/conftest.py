@@ -97,7 +97,8 @@ class Proxy:
             ledger.close()
 
     def client(self, key: str, **kw: Any) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.v1, api_key=key, max_retries=0, timeout=30, **kw)
+        kw.setdefault("timeout", 30)
+        return openai.OpenAI(base_url=self.v1, api_key=key, max_retries=0, **kw)
 
     def async_client(self, key: str, **kw: Any) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=self.v1, api_key=key, max_retries=0, timeout=60, **kw)

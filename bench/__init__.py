@@ -1,0 +1,7 @@
+"""Loopback benchmark of the proxy: ``.venv/bin/python -m bench``.
+
+Starts the demo echo upstream, bare ``mitmdump`` and the proxy (``routstr serve`` and
+``mitmdump -s routstr_addon/addon.py``) on 127.0.0.1, drives each with the same load (``wrk``
+when installed, else Python worker processes) and prints req/s, latency percentiles, streaming
+time to first byte, the proxies' memory and how many requests were really answered and billed.
+"""

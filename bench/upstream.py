@@ -1,0 +1,30 @@
+"""The demo echo upstream in a process of its own: ``python -m bench.upstream [PORT]``.
+
+Prints the port it listens on (one line), then serves until it is terminated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from routstr_addon.demo import EchoUpstream
+
+
+async def serve(port: int) -> None:
+    server = EchoUpstream("127.0.0.1", port)
+    await server.start()
+    print(server.port, flush=True)
+    await asyncio.Event().wait()
+
+
+def main() -> None:
+    port = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+    try:
+        asyncio.run(serve(port))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
