@@ -4,7 +4,9 @@ the end whatever happens, with their output in a log file."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -14,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Proc", "Processes", "free_port", "memory_kb", "wait_port"]
+__all__ = ["Proc", "Processes", "busy_seconds", "cpu_seconds", "free_port", "memory_kb",
+           "own_and_children_seconds", "read_line", "wait_port"]
 
 
 @dataclass(slots=True)
@@ -143,3 +146,31 @@ def memory_kb(pid: int) -> dict[str, int]:
     except OSError:
         pass
     return out
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (nan when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+
+
+def busy_seconds() -> float:
+    """CPU time all cores spent on anything but idle and I/O wait, since boot."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (values + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / _TICK
+
+
+def own_and_children_seconds() -> float:
+    """CPU time of this process and its reaped children (wrk, load workers)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime

@@ -6,6 +6,7 @@ Prints the port it listens on (one line), then serves until it is terminated.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 
 from routstr_addon.demo import EchoUpstream
@@ -20,10 +21,8 @@ async def serve(port: int) -> None:
 
 def main() -> None:
     port = int(sys.argv[1]) if len(sys.argv) > 1 else 0
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(port))
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

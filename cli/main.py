@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -268,9 +267,5 @@ def ledger_check(as_json: JsonOpt = False) -> None:
     raise typer.Exit(1 if problems else 0)
 
 
-def main() -> None:  # pragma: no cover
-    app(prog_name="routstr")
-
-
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    app(prog_name="routstr")

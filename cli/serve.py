@@ -111,7 +111,7 @@ def demo_banner(demo: Demo, host: str, port: int) -> str:
 async def run_proxy(mode: str, host: str, port: int, overrides: dict[str, Any],
                     quiet: bool = False) -> int:
     """Run the proxy with the minimal addon set until SIGINT/SIGTERM."""
-    from mitmproxy import master, options
+    from mitmproxy import hooks, master, options
     from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
 
     from routstr_addon.addon import Routstr
@@ -122,6 +122,8 @@ async def run_proxy(mode: str, host: str, port: int, overrides: dict[str, Any],
     m.addons.add(core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(),
                  tlsconfig.TlsConfig(), errorcheck.ErrorCheck(), Routstr())
     m.options.update(**overrides)
+    # What mitmdump's start-up does: every addon configures itself from all options once.
+    m.addons.trigger(hooks.ConfigureHook(set(m.options.keys())))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, m.shutdown)

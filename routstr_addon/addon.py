@@ -57,18 +57,22 @@ class Routstr:
     def configure(self, updated: set[str]) -> None:
         if not (updated & _OUR_OPTIONS) and self.config is not None:
             return
-        if self._env_errors:
-            raise exceptions.OptionsError(self._env_errors[0])
         try:
+            if self._env_errors:
+                raise SettingError(self._env_errors[0])
             config = Config.from_options(ctx.options)
             pricing = Pricing(_models(config), config.exchange_fee, config.upstream_provider_fee)
             if config.btc_usd_price is not None:
                 pricing.set_rate(config.btc_usd_price)
             ledger = Ledger(config.database_url)
-        except SettingError as e:
-            raise exceptions.OptionsError(str(e)) from None
         except Exception as e:
-            raise exceptions.OptionsError(f"cannot start: {e}") from None
+            message = str(e) if isinstance(e, SettingError) else f"cannot start: {e}"
+            if self.config is None:
+                # At start-up: one clear line; mitmdump exits on an error logged while starting,
+                # and until then every request is refused (no meter, nothing forwarded).
+                logger.error("routstr: %s", message)
+                return
+            raise exceptions.OptionsError(message) from None  # a live change: refuse it
         if self.ledger is not None:
             self.ledger.close()
         self.config, self.pricing, self.ledger = config, pricing, ledger
@@ -177,7 +181,8 @@ class Routstr:
             return
         resp = flow.response
         resp.headers["x-routstr-request-id"] = paid.request_id
-        if resp.status_code >= 400 or "text/event-stream" not in resp.headers.get("content-type", ""):
+        is_sse = "text/event-stream" in resp.headers.get("content-type", "")
+        if resp.status_code >= 400 or not is_sse:
             return  # buffered: settled in `response`
         assert self.meter is not None
         tap = self.meter.open_stream(paid)

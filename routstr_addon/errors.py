@@ -61,7 +61,8 @@ def error_response(
     return resp
 
 
-def json_response(status: int, data: object, headers: Mapping[str, str] | None = None) -> http.Response:
+def json_response(status: int, data: object,
+                  headers: Mapping[str, str] | None = None) -> http.Response:
     resp = http.Response.make(status, json.dumps(data).encode(), _JSON_HEADERS)
     if headers:
         resp.headers.update(headers)
@@ -101,7 +102,8 @@ def install_error_pages() -> None:
     def make_error_response(status_code: int, message: str = "") -> bytes:
         resp = http.Response.make(status_code, proxy_error_body(status_code),
                                   {"content-type": "application/json", "connection": "close"})
-        return http1.assemble_response(resp)
+        data: bytes = http1.assemble_response(resp)
+        return data
 
     def format_error(status_code: int, message: str) -> bytes:
         return proxy_error_body(status_code)

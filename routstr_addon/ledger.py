@@ -35,8 +35,8 @@ __all__ = [
     "KeyState",
     "Ledger",
     "LedgerEntry",
-    "ReserveError",
     "Reservation",
+    "ReserveError",
     "Settlement",
     "hash_key",
     "new_api_key",
@@ -78,11 +78,11 @@ class ApiKey(_Base):
 
     class Meta:
         table_name = "api_keys"
-        constraints = [
+        constraints = (
             peewee.Check("balance_msat >= 0"),
             peewee.Check("reserved_msat >= 0"),
             peewee.Check("reserved_msat <= balance_msat"),
-        ]
+        )
 
 
 class LedgerEntry(_Base):
@@ -190,7 +190,8 @@ _SQL = {
     ),
     "hold": ("INSERT INTO reservations (request_id, key_hash, amount_msat, model, created_at, "
              "touched_at) VALUES (?, ?, ?, ?, ?, ?)"),
-    "unhold": "DELETE FROM reservations WHERE request_id = ? RETURNING key_hash, amount_msat, model",
+    "unhold": ("DELETE FROM reservations WHERE request_id = ? "
+               "RETURNING key_hash, amount_msat, model"),
     "charge": (
         "UPDATE api_keys SET balance_msat = balance_msat - ?, reserved_msat = reserved_msat - ?, "
         "total_spent_msat = total_spent_msat + ?, total_requests = total_requests + 1 "
@@ -302,7 +303,7 @@ class Ledger:
             if durable and self.is_sqlite:
                 cur.execute("PRAGMA synchronous = FULL")  # not changeable inside a transaction
             cur.execute(self._begin_sql)
-        except (peewee.OperationalError, peewee.InterfaceError, *_driver_errors()):
+        except _CONNECTION_ERRORS:
             # The server went away between requests: reconnect once, nothing was sent yet.
             self.db.close()
             self.db.connect()
@@ -416,7 +417,7 @@ class Ledger:
         """Run one of the single-statement PostgreSQL steps (reconnecting once if needed)."""
         try:
             cur = self.db.connection().cursor()
-        except (peewee.OperationalError, peewee.InterfaceError, *_driver_errors()):
+        except _CONNECTION_ERRORS:
             cur = self._reconnect().cursor()
         if cur.connection.closed:
             cur = self._reconnect().cursor()
@@ -490,12 +491,12 @@ class Ledger:
         with self.db.bind_ctx(MODELS):
             query = (ApiKey.select().where(ApiKey.key_hash.startswith(prefix.lower()))
                      .order_by(ApiKey.created_at).limit(50).tuples())
-            return [_key_state(row) for row in query]
+            return [_key_state(row) for row in query.execute()]
 
     def keys(self, limit: int = 1000) -> list[KeyState]:
         with self.db.bind_ctx(MODELS):
             query = ApiKey.select().order_by(ApiKey.created_at.desc()).limit(limit).tuples()
-            return [_key_state(row) for row in query]
+            return [_key_state(row) for row in query.execute()]
 
     def entries(self, key_hash: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """The newest journal rows, newest last."""
@@ -503,14 +504,16 @@ class Ledger:
             query = LedgerEntry.select().order_by(LedgerEntry.id.desc()).limit(limit)
             if key_hash:
                 query = query.where(LedgerEntry.key_hash == key_hash)
-            return list(reversed(list(query.dicts())))
+            rows: list[dict[str, Any]] = list(query.dicts().execute())
+            return rows[::-1]
 
     def open_reservations(self, key_hash: str | None = None) -> list[dict[str, Any]]:
         with self.db.bind_ctx(MODELS):
             query = Reservation.select().order_by(Reservation.created_at)
             if key_hash:
                 query = query.where(Reservation.key_hash == key_hash)
-            return list(query.dicts())
+            held: list[dict[str, Any]] = list(query.dicts().execute())
+            return held
 
     def check(self) -> list[str]:
         """Audit the books; returns one line per problem found (empty when all holds)."""
@@ -520,7 +523,8 @@ class Ledger:
             "SELECT k.key_hash, k.balance_msat, k.reserved_msat, "
             "COALESCE(e.amount, 0), COALESCE(e.reserved, 0), COALESCE(r.held, 0) "
             "FROM api_keys k "
-            "LEFT JOIN (SELECT key_hash, SUM(amount_msat) AS amount, SUM(reserved_msat) AS reserved "
+            "LEFT JOIN (SELECT key_hash, SUM(amount_msat) AS amount, "
+            "           SUM(reserved_msat) AS reserved "
             "           FROM ledger_entries GROUP BY key_hash) e ON e.key_hash = k.key_hash "
             "LEFT JOIN (SELECT key_hash, SUM(amount_msat) AS held FROM reservations "
             "           GROUP BY key_hash) r ON r.key_hash = k.key_hash"
@@ -551,9 +555,9 @@ def _key_state(row: Sequence[Any]) -> KeyState:
                     None if row[6] is None else float(row[6]), row[7], row[8], bool(row[9]))
 
 
-def _driver_errors() -> tuple[type[BaseException], ...]:
-    """Connection errors of the drivers themselves, which peewee only wraps inside its own calls."""
-    errors: list[type[BaseException]] = []
+def _connection_errors() -> tuple[type[Exception], ...]:
+    """Connection errors: peewee's, and the driver's own (peewee wraps only inside its calls)."""
+    errors: list[type[Exception]] = [peewee.OperationalError, peewee.InterfaceError]
     try:
         import psycopg2
 
@@ -561,3 +565,6 @@ def _driver_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover - psycopg2 is a dependency
         pass
     return tuple(errors)
+
+
+_CONNECTION_ERRORS = _connection_errors()

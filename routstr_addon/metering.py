@@ -130,7 +130,8 @@ class Meter:
         try:
             parsed = json.loads(body)
         except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "The request body is not valid JSON.", code="invalid_json") from None
+            raise ApiError(400, "The request body is not valid JSON.",
+                           code="invalid_json") from None
         if not isinstance(parsed, dict):
             raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
         return parsed

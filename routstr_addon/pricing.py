@@ -245,7 +245,8 @@ def _aliases(models: Mapping[str, ModelPrice]) -> dict[str, str]:
 # --- live BTC/USD ---------------------------------------------------------------------------
 
 
-async def fetch_rate(client: httpx.AsyncClient, sources: Iterable[tuple[str, str]]) -> Fraction | None:
+async def fetch_rate(client: httpx.AsyncClient,
+                     sources: Iterable[tuple[str, str]]) -> Fraction | None:
     """The median of what the sources answer now; None if none of them answered."""
 
     async def one(name: str, url: str) -> Fraction | None:

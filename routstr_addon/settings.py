@@ -53,7 +53,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("UPSTREAM_BASE_URL", str, "",
             "Base URL of the OpenAI-compatible upstream, as a client would use it "
             "(e.g. https://api.openai.com/v1). Empty: keep the reverse mode's target and path."),
-    Setting("UPSTREAM_API_KEY", str, "", "Key sent upstream as 'Authorization: Bearer'.", secret=True),
+    Setting("UPSTREAM_API_KEY", str, "", "Key sent upstream as 'Authorization: Bearer'.",
+            secret=True),
     Setting("DATA_DIR", str, "data", "Folder for the ledger database and wallet data."),
     Setting("DATABASE_URL", str, "",
             "Ledger database: sqlite:///path or postgresql://user@host/db. "
@@ -64,12 +65,14 @@ SETTINGS: tuple[Setting, ...] = (
             "Sats per request in fixed mode, and for forwarded endpoints without token usage."),
     Setting("MODELS_PATH", str, "models.json",
             "Model list in OpenRouter's shape; falls back to models.example.json."),
-    Setting("BTC_USD_PRICE", str, "", "Fixed BTC/USD rate. Empty: live rates from BTC_USD_SOURCES."),
+    Setting("BTC_USD_PRICE", str, "",
+            "Fixed BTC/USD rate. Empty: live rates from BTC_USD_SOURCES."),
     Setting("BTC_USD_SOURCES", str, "kraken,coinbase,binance",
             "Live rate sources: names, or name=url to point one elsewhere."),
     Setting("PRICE_REFRESH_INTERVAL", int, 300, "Seconds between live rate refreshes."),
     Setting("EXCHANGE_FEE", str, "1.005", "Multiplier on USD prices for the exchange spread."),
-    Setting("UPSTREAM_PROVIDER_FEE", str, "1.05", "Multiplier on USD prices for the provider margin."),
+    Setting("UPSTREAM_PROVIDER_FEE", str, "1.05",
+            "Multiplier on USD prices for the provider margin."),
     Setting("MAX_REQUEST_SIZE", str, "32m",
             "Largest request body accepted (k/m/g suffixes); also bounds buffered responses."),
     Setting("NAME", str, "Routstr Proxy", "Name shown in /v1/info."),
@@ -207,7 +210,8 @@ class Config:
             raise SettingError("DATABASE_URL: expected sqlite:///path or postgresql://…, "
                                f"got {database_url.split('://')[0]!r}://…")
         if options.cost_per_request < 0:
-            raise SettingError(f"COST_PER_REQUEST: must not be negative, got {options.cost_per_request}")
+            raise SettingError("COST_PER_REQUEST: must not be negative, "
+                               f"got {options.cost_per_request}")
         if options.price_refresh_interval < 5:
             raise SettingError("PRICE_REFRESH_INTERVAL: must be at least 5 seconds, "
                                f"got {options.price_refresh_interval}")

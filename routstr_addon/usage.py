@@ -98,8 +98,15 @@ def completion_text_length(body: Any) -> int:
 class SSETap:
     """Passes an SSE stream through event by event while reading its usage and text."""
 
-    __slots__ = ("_buffer", "_drop_usage_chunk", "done", "events", "text_chars", "usage",
-                 "delivered")
+    __slots__ = (
+        "_buffer",
+        "_drop_usage_chunk",
+        "delivered",
+        "done",
+        "events",
+        "text_chars",
+        "usage",
+    )
 
     def __init__(self, drop_usage_chunk: bool = False) -> None:
         self._buffer = b""

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from math import ceil
 from pathlib import Path
@@ -68,7 +68,7 @@ class Proxy:
     env: dict[str, str]
     process: subprocess.Popen[str]
     workdir: Path
-    log: list[str] = field(default_factory=list)
+    output: Output
 
     @property
     def v1(self) -> str:
@@ -135,17 +135,40 @@ class Proxy:
                 self.process.wait(5)
 
 
-def _reader(proc: subprocess.Popen[str], lines: list[str], port_found: threading.Event,
-            port: list[int]) -> None:
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line.rstrip("\n"))
-        if not port_found.is_set():
-            m = re.search(r"listening at \S+:(\d+)", line)
-            if m:
-                port.append(int(m.group(1)))
-                port_found.set()
-    port_found.set()
+class Output:
+    """Collects a child process's output lines in a thread; ``wait_for`` a pattern in them."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._proc = proc
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self.lines.append("")  # end of output
+            self._changed.notify_all()
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 30) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines:
+                    if m := re.search(pattern, line):
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0 or (self._proc.poll() is not None and self.lines[-1:] == [""]):
+                    raise AssertionError(f"no {pattern!r} in the output:\n{self.text}")
+                self._changed.wait(min(left, 0.5))
 
 
 def start_proxy(workdir: Path, mode_target: str, env: dict[str, str],
@@ -166,20 +189,19 @@ def start_proxy(workdir: Path, mode_target: str, env: dict[str, str],
         "UPSTREAM_PROVIDER_FEE": PROVIDER_FEE,
         **env,
     }
-    database_url = full_env.get("DATABASE_URL") or f"sqlite:///{workdir / 'data' / 'routstr.sqlite'}"
+    database_url = (full_env.get("DATABASE_URL")
+                    or f"sqlite:///{workdir / 'data' / 'routstr.sqlite'}")
     cmd = [str(BIN / "mitmdump"), "--mode", f"reverse:{mode_target}", "--listen-host",
            "127.0.0.1", "-p", "0", "-s", str(ADDON), *args]
     proc = subprocess.Popen(cmd, cwd=workdir, env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    found = threading.Event()
-    port: list[int] = []
-    threading.Thread(target=_reader, args=(proc, lines, found, port), daemon=True).start()
-    found.wait(30)
-    if not port:
+    output = Output(proc)
+    try:
+        port = int(output.wait_for(r"listening at \S+:(\d+)").group(1))
+    except AssertionError:
         proc.kill()
-        raise RuntimeError("mitmdump did not start:\n" + "\n".join(lines))
-    return Proxy(f"http://127.0.0.1:{port[0]}", database_url, full_env, proc, workdir, lines)
+        raise
+    return Proxy(f"http://127.0.0.1:{port}", database_url, full_env, proc, workdir, output)
 
 
 @pytest.fixture(scope="session")

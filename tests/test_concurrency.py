@@ -11,12 +11,13 @@ from collections import Counter
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from routstr_addon.ledger import Ledger, ReserveError, hash_key
 
 from .conftest import Proxy
 
-MESSAGES = [{"role": "user", "content": "concurrency"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "concurrency"}]
 
 
 async def _burst(proxy: Proxy, key: str, n: int, stream: bool = False) -> Counter[int]:
@@ -133,7 +134,8 @@ def test_threads_reserving_on_one_key_never_overdraw_it(database_url: str) -> No
     ledger.close()
 
 
-def _spend_process(url: str, key_hash: str, tries: int, queue: multiprocessing.Queue) -> None:
+def _spend_process(url: str, key_hash: str, tries: int,
+                   queue: multiprocessing.Queue[list[str]]) -> None:
     results: list[str] = []
     _spend(url, key_hash, tries, results)
     queue.put(results)
@@ -143,7 +145,7 @@ def test_processes_reserving_on_one_key_never_overdraw_it(database_url: str) -> 
     ledger = Ledger(database_url)
     key, state = ledger.create_key(20_000)
     ctx = multiprocessing.get_context("spawn")
-    queue: multiprocessing.Queue = ctx.Queue()
+    queue: multiprocessing.Queue[list[str]] = ctx.Queue()
     procs = [ctx.Process(target=_spend_process, args=(database_url, state.key_hash, 15, queue))
              for _ in range(4)]
     for p in procs:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 
 import openai
+from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 from .conftest import Proxy, expected_msat, raw
 from .upstream import TestUpstream, body_json
 
 MODEL = "test/model"
-MSG = [{"role": "user", "content": "tell me about ecash and proxies"}]
+MSG: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "tell me about ecash and proxies"}]
 
 
 def test_chat_json_returns_upstream_answer_and_charges_exact_usage_price(proxy: Proxy) -> None:
@@ -20,7 +23,7 @@ def test_chat_json_returns_upstream_answer_and_charges_exact_usage_price(proxy: 
     before = proxy.key_state(key)
 
     raw_resp = client.chat.completions.with_raw_response.create(model=MODEL, messages=MSG)
-    completion = raw_resp.parse()
+    completion: ChatCompletion = raw_resp.parse()
 
     assert completion.choices[0].message.content == \
         "[demo echo, no real model] tell me about ecash and proxies"
@@ -85,7 +88,7 @@ def test_stream_reaches_the_client_while_the_upstream_is_still_sending(proxy: Pr
     assert arrivals[0] < 0.35, arrivals
     assert arrivals[-1] > 3.6, arrivals
     # Each chunk arrived close to when it was sent, not all together at the end.
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     assert min(gaps) > 0.25, gaps
     proxy.wait_settled()
     assert proxy.check() == []

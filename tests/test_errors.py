@@ -9,19 +9,21 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from .conftest import Proxy, raw
 from .upstream import TestUpstream
 
 MODEL = "test/model"
-BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+BODY = {"model": MODEL, "messages": MESSAGES}
 
 
 def assert_openai_error(resp: httpx.Response, status: int, code: str | None = None,
                         type_: str | None = None) -> dict[str, Any]:
     assert resp.status_code == status, resp.text
     assert resp.headers["content-type"].startswith("application/json")
-    error = resp.json()["error"]
+    error: dict[str, Any] = resp.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["message"]
     if code is not None:
@@ -56,7 +58,7 @@ def test_no_unknown_or_malformed_key_is_401_and_never_forwarded(
 
 def test_openai_client_raises_authentication_error_for_a_bad_key(proxy: Proxy) -> None:
     with pytest.raises(openai.AuthenticationError):
-        proxy.client("sk-not-a-key").chat.completions.create(model=MODEL, messages=BODY["messages"])
+        proxy.client("sk-not-a-key").chat.completions.create(model=MODEL, messages=MESSAGES)
 
 
 def test_unknown_key_with_a_bad_body_is_still_401(proxy: Proxy) -> None:
@@ -76,7 +78,7 @@ def test_balance_below_the_reservation_is_402_with_required_and_available_sats(
     state = proxy.key_state(key)
     assert state.balance_msat == 1500 and state.reserved_msat == 0
     with pytest.raises(openai.APIStatusError) as e:
-        proxy.client(key).chat.completions.create(model=MODEL, messages=BODY["messages"])
+        proxy.client(key).chat.completions.create(model=MODEL, messages=MESSAGES)
     assert e.value.status_code == 402
 
 
@@ -136,7 +138,7 @@ def test_upstream_error_on_a_stream_request_is_passed_on_and_released(proxy: Pro
     key = proxy.new_key(sats=100)
     with pytest.raises(openai.InternalServerError):
         list(proxy.client(key, default_headers={"x-scenario": "error-500"})
-             .chat.completions.create(model=MODEL, messages=BODY["messages"], stream=True))
+             .chat.completions.create(model=MODEL, messages=MESSAGES, stream=True))
     state = proxy.key_state(key)
     assert state.balance_msat == 100_000 and state.reserved_msat == 0
 
@@ -160,7 +162,7 @@ def test_upstream_unreachable_is_an_openai_shaped_502_and_the_reservation_is_rel
     assert state.balance_msat == 100_000 and state.reserved_msat == 0
     assert p.check() == []
     with pytest.raises(openai.InternalServerError):
-        p.client(key).chat.completions.create(model=MODEL, messages=BODY["messages"])
+        p.client(key).chat.completions.create(model=MODEL, messages=MESSAGES)
 
 
 def test_model_request_without_any_rate_is_503(make_proxy) -> None:
@@ -181,7 +183,7 @@ def test_proxy_keeps_serving_after_bad_input(proxy: Proxy) -> None:
                  b'{"model": "test/model", "max_tokens": -5, "n": "many"}'):
         resp = post(proxy, key, content=body)
         assert 400 <= resp.status_code < 500 or resp.status_code == 200
-    completion = proxy.client(key).chat.completions.create(model=MODEL, messages=BODY["messages"])
+    completion = proxy.client(key).chat.completions.create(model=MODEL, messages=MESSAGES)
     assert completion.choices[0].message.content
     proxy.wait_settled()
     assert proxy.check() == []

@@ -4,10 +4,12 @@ Each leaves the ledger consistent: sum(entries) == balance and no reservation le
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from routstr_addon.ledger import hash_key
 
@@ -15,17 +17,10 @@ from .conftest import Proxy, expected_msat
 from .upstream import TestUpstream
 
 MODEL = "test/model"
-MESSAGES = [{"role": "user", "content": "hello"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 
 
-def stream_request(proxy: Proxy, key: str, scenario: str) -> httpx.Response:
-    return httpx.Client(base_url=proxy.url, timeout=30).build_request(
-        "POST", "/v1/chat/completions", headers={"authorization": f"Bearer {key}",
-                                                  "x-scenario": scenario},
-        json={"model": MODEL, "messages": MESSAGES, "stream": True})
-
-
-def charges(proxy: Proxy, key: str) -> list[dict]:
+def charges(proxy: Proxy, key: str) -> list[dict[str, Any]]:
     ledger = proxy.ledger()
     try:
         return [e for e in ledger.entries(hash_key(key), limit=100) if e["kind"] == "charge"]
@@ -36,13 +31,14 @@ def charges(proxy: Proxy, key: str) -> list[dict]:
 def test_upstream_disconnect_mid_stream_charges_what_was_delivered(proxy: Proxy) -> None:
     key = proxy.new_key(sats=100)
     received = b""
-    with httpx.Client(base_url=proxy.url, timeout=30) as client, pytest.raises(httpx.HTTPError):
-        with client.stream("POST", "/v1/chat/completions",
-                           headers={"authorization": f"Bearer {key}", "x-scenario": "cut"},
-                           json={"model": MODEL, "messages": MESSAGES, "stream": True}) as resp:
-            assert resp.status_code == 200
-            for chunk in resp.iter_bytes():
-                received += chunk
+    with (httpx.Client(base_url=proxy.url, timeout=30) as client,
+          pytest.raises(httpx.HTTPError),
+          client.stream("POST", "/v1/chat/completions",
+                        headers={"authorization": f"Bearer {key}", "x-scenario": "cut"},
+                        json={"model": MODEL, "messages": MESSAGES, "stream": True}) as resp):
+        assert resp.status_code == 200
+        for chunk in resp.iter_bytes():
+            received += chunk
     assert received.count(b"data: ") == 3
     proxy.wait_settled()
     (charge,) = charges(proxy, key)

@@ -32,6 +32,6 @@ def get_model(services: Services, request: http.Request) -> http.Response:
     name = request.path.split("?", 1)[0].removeprefix("/v1/models/")
     model = services.pricing.resolve(name)
     if model is None:
-        return error_response(404, f"The model {name!r} is not offered here.", code="model_not_found",
-                              param="model")
+        return error_response(404, f"The model {name!r} is not offered here.",
+                              code="model_not_found", param="model")
     return json_response(200, describe(services, model))

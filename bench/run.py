@@ -1,0 +1,575 @@
+"""``python -m bench``: start everything on loopback, measure, print a table, write JSON."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from routstr_addon.settings import SETTINGS
+
+from .client import CHAT_PATH, MODEL, Connection, build_request, chat_body
+from .load import LoadResult, run_python_load, run_wrk, wrk_version
+from .procs import (
+    Proc,
+    Processes,
+    busy_seconds,
+    cpu_seconds,
+    free_port,
+    memory_kb,
+    own_and_children_seconds,
+    read_line,
+    wait_port,
+)
+from .stream import StreamResult, run_streams
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+ADDON = REPO / "routstr_addon" / "addon.py"
+
+TARGETS = ("direct", "mitmdump", "serve", "addon")
+LABELS = {
+    "direct": "direct upstream",
+    "mitmdump": "bare mitmdump",
+    "serve": "proxy: routstr serve",
+    "addon": "proxy: mitmdump -s addon",
+}
+PROXIES = ("serve", "addon")
+FUNDING_SATS = 100_000_000
+MODELS = {"data": [{
+    "id": MODEL, "context_length": 8192,
+    "pricing": {"prompt": "0.000001", "completion": "0.000002", "request": "0"},
+    "top_provider": {"max_completion_tokens": 1024},
+}]}
+# Log lines worth a look after a run.
+SUSPICIOUS = re.compile(r"traceback|exception|error|critical|warn|fail", re.IGNORECASE)
+
+
+@dataclass(slots=True)
+class CpuWindow:
+    """CPU used during the measured load, to judge figures on a shared machine."""
+
+    wall_s: float
+    target_s: float  # the process measured (the upstream itself for "direct")
+    upstream_s: float  # the upstream, when it is not the target
+    generator_s: float  # this process and its reaped children (wrk or the load workers)
+    busy_s: float  # all cores, everything
+
+    @classmethod
+    def measure(cls, target_pid: int, upstream_pid: int) -> tuple[float, ...]:
+        return (time.perf_counter(), cpu_seconds(target_pid),
+                cpu_seconds(upstream_pid) if upstream_pid != target_pid else 0.0,
+                own_and_children_seconds(), busy_seconds())
+
+    @classmethod
+    def between(cls, before: tuple[float, ...], after: tuple[float, ...]) -> CpuWindow:
+        return cls(*(b - a for a, b in zip(before, after, strict=True)))
+
+    def per_request_us(self, requests: int) -> float:
+        return self.target_s / requests * 1e6 if requests else math.nan
+
+    @property
+    def foreign_cores(self) -> float:
+        """Cores kept busy by processes outside the benchmark, on average."""
+        ours = self.target_s + self.upstream_s + self.generator_s
+        return max(0.0, self.busy_s - ours) / self.wall_s if self.wall_s else math.nan
+
+    def as_dict(self, requests: int) -> dict[str, Any]:
+        return {"wall_s": self.wall_s, "target_cpu_s": self.target_s,
+                "upstream_cpu_s": self.upstream_s, "generator_cpu_s": self.generator_s,
+                "all_cores_busy_s": self.busy_s,
+                "target_cpu_us_per_request": self.per_request_us(requests),
+                "foreign_cores": self.foreign_cores}
+
+
+@dataclass(slots=True)
+class Outcome:
+    """Everything measured for one target."""
+
+    name: str
+    port: int
+    pid: int | None = None
+    preflight: dict[str, Any] = field(default_factory=dict)
+    warmup: LoadResult | None = None
+    load: LoadResult | None = None
+    cpu: CpuWindow | None = None
+    stream: StreamResult | None = None
+    memory_kb: dict[str, int] = field(default_factory=dict)
+    exit_code: int | None = None
+    ledger: dict[str, Any] | None = None
+    log_flagged: list[str] = field(default_factory=list)
+    log_flagged_count: int = 0
+    error: str | None = None
+
+    def client_ok(self) -> int:
+        """Answers the client counted as successful (2xx), all phases."""
+        n = 1 if self.preflight.get("ok") else 0
+        for r in (self.warmup, self.load):
+            if r is not None:
+                n += r.requests - r.bad_status
+        if self.stream is not None:
+            n += self.stream.warm_ok + self.stream.ok
+        return n
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "label": LABELS[self.name], "port": self.port, "pid": self.pid,
+            "preflight": self.preflight,
+            "warmup": self.warmup.as_dict() if self.warmup else None,
+            "load": self.load.as_dict() if self.load else None,
+            "cpu": self.cpu.as_dict(self.load.requests) if self.cpu and self.load else None,
+            "stream": self.stream.summary() if self.stream else None,
+            "memory_kb": self.memory_kb, "exit_code": self.exit_code,
+            "client_2xx_total": self.client_ok(), "ledger": self.ledger,
+            "log_flagged_count": self.log_flagged_count, "log_flagged": self.log_flagged,
+            "error": self.error,
+        }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--duration", type=float, default=10.0,
+                   help="seconds of measured load per target (default 10)")
+    p.add_argument("--warmup", type=float, default=2.0,
+                   help="seconds of unmeasured load before it (default 2)")
+    p.add_argument("--connections", type=int, default=10,
+                   help="concurrent keep-alive connections (default 10)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="wrk threads (default 1: leaves the cores to what is measured)")
+    p.add_argument("--only", action="append", default=[], metavar="TARGET",
+                   help=f"measure only these targets ({', '.join(TARGETS)}); repeat or "
+                        "separate with commas")
+    p.add_argument("--stream-requests", type=int, default=300,
+                   help="measured streaming requests per target (default 300)")
+    p.add_argument("--stream-connections", type=int, default=4,
+                   help="concurrent streaming connections (default 4)")
+    p.add_argument("--no-stream", action="store_true", help="skip the streaming measurement")
+    p.add_argument("--python-load", action="store_true",
+                   help="use the Python load generator even when wrk is installed")
+    p.add_argument("--workers", type=int, default=2,
+                   help="Python load generator processes (default 2)")
+    p.add_argument("--serve-cmd", default=None,
+                   help="command that runs the proxy in place of `routstr serve` (to measure "
+                        "another build); --listen-host/--listen-port/--quiet are appended")
+    p.add_argument("--json-out", type=Path, default=None,
+                   help="where to write the JSON result (default bench/results/<time>.json)")
+    p.add_argument("--keep-tmp", action="store_true",
+                   help="keep the temporary folder (logs, ledgers) and print where it is")
+    args = p.parse_args(argv)
+    only = [t.strip() for item in args.only for t in item.split(",") if t.strip()]
+    unknown = [t for t in only if t not in TARGETS]
+    if unknown:
+        p.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
+    args.targets = [t for t in TARGETS if not only or t in only]
+    if args.connections < 1 or args.duration <= 0:
+        p.error("--connections and --duration must be positive")
+    return args
+
+
+def tool(name: str) -> str:
+    path = BIN / name
+    if path.is_file():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        raise SystemExit(f"{name} not found next to {sys.executable} nor on PATH")
+    return found
+
+
+def proxy_env(upstream: str, data_dir: Path, models: Path) -> dict[str, str]:
+    """The caller's environment without any proxy setting of its own, plus the bench's."""
+    ours = {s.env for s in SETTINGS}
+    env = {k: v for k, v in os.environ.items() if k not in ours}
+    env.update(UPSTREAM_BASE_URL=f"{upstream}/v1", BTC_USD_PRICE="100000",
+               DATA_DIR=str(data_dir), MODELS_PATH=str(models))
+    return env
+
+
+def create_key(env: dict[str, str], cwd: Path) -> str:
+    out = subprocess.run([tool("routstr"), "keys", "create", "--balance-sats", str(FUNDING_SATS)],
+                         env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+    key = next((ln.strip() for ln in reversed(out.stdout.splitlines())
+                if ln.strip().startswith("sk-")), None)
+    if out.returncode != 0 or key is None:
+        raise RuntimeError(f"routstr keys create failed (code {out.returncode}):\n"
+                           f"{out.stdout}\n{out.stderr}")
+    return key
+
+
+def ledger_state(key: str, env: dict[str, str], cwd: Path) -> dict[str, Any]:
+    out = subprocess.run([tool("routstr"), "keys", "show", key, "--json"], env=env, cwd=cwd,
+                         capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        return {"error": (out.stderr or out.stdout).strip()[:500]}
+    state = json.loads(out.stdout)
+    return {
+        "total_requests": state.get("total_requests"),
+        "spent_sats": state.get("total_spent_msat", 0) / 1000,
+        "balance_sats": state.get("balance_msat", 0) / 1000,
+        "reserved_msat": state.get("reserved_msat"),
+        "open_reservations": len(state.get("open_reservations") or []),
+    }
+
+
+def preflight(port: int, key: str | None) -> dict[str, Any]:
+    """One chat completion, checked: status 200, a `choices` answer, the proxy's cost header."""
+    async def once() -> dict[str, Any]:
+        conn = Connection("127.0.0.1", port)
+        try:
+            resp = await conn.request(build_request("127.0.0.1", port, CHAT_PATH, chat_body(),
+                                                    key))
+        finally:
+            await conn.close()
+        ok = resp.status == 200 and b'"choices"' in resp.body
+        out: dict[str, Any] = {"status": resp.status, "ok": ok,
+                               "cost_msats": resp.headers.get("x-routstr-cost-msats")}
+        if not ok:
+            out["body"] = resp.body[:500].decode(errors="replace")
+        return out
+
+    try:
+        return asyncio.run(once())
+    except Exception as e:
+        return {"status": None, "ok": False, "body": f"{type(e).__name__}: {e}"}
+
+
+def scan_log(proc: Proc, outcome: Outcome) -> None:
+    try:
+        lines = proc.log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return
+    flagged = [ln for ln in lines if SUSPICIOUS.search(ln)]
+    outcome.log_flagged_count = len(flagged)
+    outcome.log_flagged = flagged[:20]
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
+        self.args = args
+        self.tmp = tmp
+        self.procs = procs
+        self.wrk = None if args.python_load else shutil.which("wrk")
+        self.models = tmp / "models.json"
+        self.models.write_text(json.dumps(MODELS))
+        self.upstream_url = ""
+
+    def say(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def start_upstream(self) -> Proc:
+        proc = self.procs.start("upstream", [sys.executable, "-m", "bench.upstream"], cwd=REPO,
+                                stdout_pipe=True)
+        port = int(read_line(proc, 30))
+        wait_port(proc, port)
+        self.upstream_url = f"http://127.0.0.1:{port}"
+        self.say(f"upstream: {self.upstream_url} (pid {proc.pid})")
+        return proc
+
+    def start_target(self, name: str) -> tuple[Proc, int, str | None, dict[str, str], Path]:
+        port = free_port()
+        mode = f"reverse:{self.upstream_url}"
+        base = [tool("mitmdump"), "-q", "--mode", mode, "--listen-host", "127.0.0.1",
+                "-p", str(port)]
+        data_dir = self.tmp / name
+        data_dir.mkdir(exist_ok=True)
+        env = proxy_env(self.upstream_url, data_dir, self.models)
+        key: str | None = None
+        if name == "mitmdump":
+            cmd = base
+        else:
+            key = create_key(env, data_dir)
+            if name == "serve":
+                prefix = (shlex.split(self.args.serve_cmd) if self.args.serve_cmd
+                          else [tool("routstr"), "serve"])
+                cmd = [*prefix, "--listen-host", "127.0.0.1", "--listen-port", str(port),
+                       "--quiet"]
+            else:
+                cmd = [*base, "-s", str(ADDON)]
+        proc = self.procs.start(name, cmd, env=env, cwd=data_dir)
+        wait_port(proc, port)
+        self.say(f"{LABELS[name]}: port {port} (pid {proc.pid}): {shlex.join(cmd)}")
+        return proc, port, key, env, data_dir
+
+    def run_load(self, port: int, key: str | None, duration: float) -> LoadResult:
+        a = self.args
+        if self.wrk:
+            return run_wrk(self.wrk, port, key, self.tmp, connections=a.connections,
+                           threads=a.threads, duration=duration)
+        return run_python_load(self.procs, port, key, self.tmp, connections=a.connections,
+                               workers=a.workers, warmup=0, duration=duration)
+
+    def load(self, outcome: Outcome, key: str | None, target_pid: int,
+             upstream_pid: int) -> None:
+        outcome.warmup = self.run_load(outcome.port, key, self.args.warmup)
+        before = CpuWindow.measure(target_pid, upstream_pid)
+        outcome.load = self.run_load(outcome.port, key, self.args.duration)
+        outcome.cpu = CpuWindow.between(before, CpuWindow.measure(target_pid, upstream_pid))
+
+    def measure(self, name: str, upstream: Proc) -> Outcome:
+        proc: Proc | None = None
+        key: str | None = None
+        env: dict[str, str] = {}
+        data_dir = self.tmp
+        if name == "direct":
+            port = int(self.upstream_url.rsplit(":", 1)[1])
+            outcome = Outcome(name, port, upstream.pid)
+        else:
+            proc, port, key, env, data_dir = self.start_target(name)
+            outcome = Outcome(name, port, proc.pid)
+        try:
+            outcome.preflight = preflight(port, key)
+            if not outcome.preflight["ok"]:
+                self.say(f"  WARNING: {LABELS[name]} answered the check request with "
+                         f"{outcome.preflight['status']}: {outcome.preflight.get('body', '')}")
+            self.say(f"  load: {self.args.warmup:g} s warm-up + {self.args.duration:g} s, "
+                     f"{self.args.connections} connections "
+                     f"({'wrk' if self.wrk else 'Python generator'})")
+            self.load(outcome, key, proc.pid if proc else upstream.pid, upstream.pid)
+            if not self.args.no_stream:
+                self.say(f"  streaming: {self.args.stream_requests} requests, "
+                         f"{self.args.stream_connections} connections")
+                outcome.stream = run_streams("127.0.0.1", port, key, self.args.stream_requests,
+                                             self.args.stream_connections)
+            # Let the proxy see the clients' connections close: stopping it with connections
+            # open makes Python 3.12.1 log a traceback per connection (CPython gh-113538).
+            time.sleep(0.5)
+            outcome.memory_kb = memory_kb(proc.pid if proc else upstream.pid)
+        except Exception as e:
+            outcome.error = f"{type(e).__name__}: {e}"
+            self.say(f"  ERROR: {outcome.error}")
+        finally:
+            if proc is not None:
+                outcome.exit_code = self.procs.stop(proc)
+                scan_log(proc, outcome)
+        if key is not None:
+            outcome.ledger = ledger_state(key, env, data_dir)
+        return outcome
+
+
+# --- output -------------------------------------------------------------------------------
+
+
+def fmt(value: float | int | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.{digits}f}"
+
+
+def table(title: str, headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
+    out = [title, line(headers), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def render(outcomes: dict[str, Outcome], args: argparse.Namespace, generator: str) -> str:
+    bare = outcomes.get("mitmdump")
+    bare_rps = bare.load.rps if bare and bare.load else None
+    parts = []
+    rows = []
+    for name, o in outcomes.items():
+        r, cpu = o.load, o.cpu
+        ratio = (f"{r.rps / bare_rps:.2f}x" if r and bare_rps and name in PROXIES else "-")
+        check = str(o.preflight.get("status", "-")) + ("" if o.preflight.get("ok") else " FAIL")
+        if r is None:
+            rows.append([LABELS[name], *["-"] * 9, check])
+            continue
+        rows.append([LABELS[name], fmt(r.rps, 0), ratio, fmt(r.p50_ms), fmt(r.p99_ms),
+                     fmt(r.requests), fmt(r.bad_status), fmt(r.socket_errors),
+                     fmt(cpu.per_request_us(r.requests), 0) if cpu else "-",
+                     fmt(cpu.foreign_cores) if cpu else "-", check])
+    parts.append(table(
+        f"Chat completions, JSON ({generator}, {args.connections} connections, "
+        f"{args.duration:g} s after {args.warmup:g} s warm-up)",
+        ["target", "req/s", "vs bare", "p50 ms", "p99 ms", "answers", "non-2xx",
+         "sock err", "CPU us/req", "other load", "check"], rows))
+    parts.append("  CPU us/req: CPU time of the process measured per answer. other load: cores "
+                 "kept busy\n  by processes outside the benchmark meanwhile (> 0.2 makes req/s "
+                 "unreliable here).")
+    streamed = {n: o for n, o in outcomes.items() if o.stream is not None}
+    if streamed:
+        rows = []
+        for name, o in streamed.items():
+            s = o.stream.summary() if o.stream else {}
+            rows.append([LABELS[name], fmt(s["ttfb_p50_ms"]), fmt(s["ttfb_p99_ms"]),
+                         fmt(s["total_p50_ms"]), fmt(s["total_p99_ms"]),
+                         fmt(s["streams_per_s"], 0), fmt(s["ok"]), fmt(s["failed"]),
+                         fmt(s["billed_comment"]) if name in PROXIES else "-"])
+        parts.append(table(
+            f"Chat completions, streaming ({args.stream_connections} connections, "
+            f"{args.stream_requests} requests; TTFB = first `data:` line)",
+            ["target", "TTFB p50", "TTFB p99", "total p50", "total p99", "streams/s", "ok",
+             "failed", "cost comment"], rows))
+    rows = []
+    for name, o in outcomes.items():
+        mem = o.memory_kb
+        ledger = o.ledger or {}
+        rows.append([
+            LABELS[name] + (" (upstream)" if name == "direct" else ""),
+            fmt(mem["VmRSS"] / 1024, 1) if "VmRSS" in mem else "-",
+            fmt(mem["VmHWM"] / 1024, 1) if "VmHWM" in mem else "-",
+            fmt(o.client_ok()),
+            fmt(ledger.get("total_requests")) if name in PROXIES else "-",
+            fmt(ledger.get("spent_sats"), 3) if name in PROXIES else "-",
+            fmt(ledger.get("open_reservations")) if name in PROXIES else "-",
+            str(o.exit_code) if o.exit_code is not None else "-",
+            fmt(o.log_flagged_count) if name != "direct" else "-",
+        ])
+    parts.append(table(
+        "Processes after the run (RSS before stopping; ledger read after)",
+        ["target", "RSS MB", "peak MB", "client 2xx", "ledger reqs", "spent sats",
+         "open resv", "exit", "log flags"], rows))
+    return "\n\n".join(parts)
+
+
+def clean(value: Any) -> Any:
+    """NaN to null, recursively, so the JSON is standard."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clean(v) for v in value]
+    return value
+
+
+def meta(args: argparse.Namespace, wrk: str | None) -> dict[str, Any]:
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except OSError:
+            return ""
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "time": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": platform.node(), "platform": platform.platform(), "cpus": os.cpu_count(),
+        "loadavg_before": os.getloadavg(), "python": platform.python_version(),
+        "mitmproxy": version("mitmproxy"), "routstr": version("routstr-addon"),
+        "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
+        "generator": "wrk" if wrk else "python", "wrk": wrk_version(wrk) if wrk else None,
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    wrk = None if args.python_load else shutil.which("wrk")
+    if wrk is None and not args.python_load:
+        print("wrk is not installed: using the Python load generator "
+              f"({args.workers} processes). For steadier figures: apt-get install -y wrk",
+              file=sys.stderr)
+    info = meta(args, wrk)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    tmp = Path(tempfile.mkdtemp(prefix="routstr-bench-"))
+    procs = Processes(tmp / "logs")
+    outcomes: dict[str, Outcome] = {}
+    interrupted = False
+    try:
+        bench = Bench(args, tmp, procs)
+        upstream = bench.start_upstream()
+        for name in args.targets:
+            bench.say(f"== {LABELS[name]}")
+            outcomes[name] = bench.measure(name, upstream)
+            time.sleep(0.5)
+        outcomes_upstream_mem = memory_kb(upstream.pid)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: stopping everything", file=sys.stderr)
+        outcomes_upstream_mem = {}
+    finally:
+        procs.stop_all()
+        if args.keep_tmp:
+            print(f"temporary folder kept: {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not outcomes:
+        return 130 if interrupted else 1
+
+    generator = "wrk" if wrk else f"Python generator, {args.workers} processes"
+    print()
+    print(render(outcomes, args, generator))
+    problems = report_problems(outcomes)
+    if problems:
+        print("\nLooked wrong:")
+        for p in problems:
+            print(f"  - {p}")
+
+    bare = outcomes.get("mitmdump")
+    ratios = {
+        name: outcomes[name].load.rps / bare.load.rps  # type: ignore[union-attr]
+        for name in PROXIES
+        if name in outcomes and outcomes[name].load and bare and bare.load and bare.load.rps
+    }
+    result = {"meta": info, "targets": {n: o.as_dict() for n, o in outcomes.items()},
+              "ratio_vs_bare_mitmdump": ratios, "upstream_memory_kb": outcomes_upstream_mem,
+              "problems": problems, "interrupted": interrupted}
+    out = args.json_out or REPO / "bench" / "results" / f"{datetime.now():%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(clean(result), indent=1) + "\n")
+    print(f"\nJSON: {out}")
+    return 130 if interrupted else (1 if problems else 0)
+
+
+def report_problems(outcomes: dict[str, Outcome]) -> list[str]:
+    problems = []
+    for name, o in outcomes.items():
+        label = LABELS[name]
+        if o.error:
+            problems.append(f"{label}: {o.error}")
+        if not o.preflight.get("ok"):
+            problems.append(f"{label}: check request got {o.preflight.get('status')}: "
+                            f"{o.preflight.get('body', '')[:200]}")
+        if o.load and (o.load.bad_status or o.load.socket_errors):
+            problems.append(f"{label}: {o.load.bad_status} non-2xx answers and "
+                            f"{o.load.socket_errors} socket errors under load")
+        if o.stream and o.stream.requests - o.stream.ok:
+            problems.append(f"{label}: {o.stream.requests - o.stream.ok} failed streams; "
+                            f"first: {o.stream.first_failure}")
+        if name in PROXIES and o.stream and o.stream.ok and o.stream.billed_comment == 0:
+            problems.append(f"{label}: no stream carried the cost comment")
+        if o.exit_code not in (None, 0):
+            problems.append(f"{label}: exited with code {o.exit_code} when stopped")
+        if o.log_flagged_count:
+            problems.append(f"{label}: {o.log_flagged_count} log line(s) look like errors; "
+                            f"first: {o.log_flagged[0][:200]}")
+        if o.ledger is not None:
+            if "error" in o.ledger:
+                problems.append(f"{label}: reading the ledger failed: {o.ledger['error']}")
+            elif o.ledger.get("open_reservations"):
+                problems.append(f"{label}: {o.ledger['open_reservations']} reservation(s) "
+                                "still open after the proxy stopped")
+    return problems
