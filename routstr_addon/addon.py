@@ -45,8 +45,8 @@ class Routstr:
         self.meter: Meter | None = None
         self.services: routes.Services | None = None
         self._env_errors: list[str] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._rates: RateKeeper | None = None
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self._running = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -75,17 +75,14 @@ class Routstr:
             raise exceptions.OptionsError(message) from None  # a live change: refuse it
         if self.ledger is not None:
             self.ledger.close()
+        ledger.defer_checkpoints()
         self.config, self.pricing, self.ledger = config, pricing, ledger
         self.meter = Meter(config, ledger, pricing)
         self.services = routes.Services(config, ledger, pricing)
         # Requests we answer ourselves must not open an upstream connection first.
         ctx.options.update(connection_strategy="lazy", body_size_limit=str(config.max_request_size))
-        if config.model_based_pricing and config.btc_usd_price is None:
-            self._rates = RateKeeper(pricing, config.btc_usd_sources, config.price_refresh_interval)
-            if self._tasks:  # reconfigured while running: refresh now with the new settings
-                self._start(self._rates.run())
-        else:
-            self._rates = None
+        if self._running:  # reconfigured while running: restart the timers with the new settings
+            self._start_tasks()
         logger.info("routstr: %s pricing, ledger %s, upstream %s",
                     "model-based" if config.model_based_pricing else "fixed",
                     config.database_url.split("://")[0],
@@ -93,20 +90,29 @@ class Routstr:
                     else "from the reverse mode")
 
     def running(self) -> None:
-        if self._rates is not None:
-            self._start(self._rates.run())
-        else:
-            self._start(asyncio.sleep(0))  # marks the addon as running
+        self._running = True
+        self._start_tasks()
 
-    def _start(self, coro: Any) -> None:
-        for task in self._tasks:
+    def _start_tasks(self) -> None:
+        """The background work: live BTC/USD rates, and SQLite checkpoints off the hot path."""
+        for task in self._tasks.values():
             task.cancel()
-        self._tasks = {asyncio.get_running_loop().create_task(coro)}
+        self._tasks = {}
+        config, pricing, ledger = self.config, self.pricing, self.ledger
+        if config is None or pricing is None or ledger is None:
+            return
+        loop = asyncio.get_running_loop()
+        if config.model_based_pricing and config.btc_usd_price is None:
+            rates = RateKeeper(pricing, config.btc_usd_sources, config.price_refresh_interval)
+            self._tasks["rates"] = loop.create_task(rates.run())
+        if ledger.is_sqlite:
+            self._tasks["checkpoint"] = loop.create_task(_checkpoints(ledger))
 
     def done(self) -> None:
-        for task in self._tasks:
+        for task in self._tasks.values():
             task.cancel()
         if self.ledger is not None:
+            self.ledger.checkpoint()
             self.ledger.close()
 
     # -- the request -----------------------------------------------------------------------
@@ -239,6 +245,16 @@ class Routstr:
             self.meter.abort(paid, reason)
         except Exception:
             logger.exception("request %s: closing its reservation failed", paid.request_id)
+
+
+async def _checkpoints(ledger: Ledger, every: float = 1.0) -> None:
+    """Copy SQLite's WAL into the database each second, in a worker thread."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await asyncio.to_thread(ledger.checkpoint)
+        except Exception as e:  # a busy database: try again next time
+            logger.warning("ledger checkpoint failed: %s", e)
 
 
 def _models(config: Config) -> dict[str, Any]:
