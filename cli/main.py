@@ -122,13 +122,14 @@ def serve(
     listen_host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     listen_port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     web: Annotated[bool, typer.Option("--web", help="Run mitmweb to watch flows live.")] = False,
+    web_port: Annotated[int, typer.Option(help="mitmweb's own page (with --web).")] = 8081,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-request log.")] = False,
 ) -> None:
     """Run the proxy (the demo when no UPSTREAM_BASE_URL is set)."""
     from .serve import serve as run
 
     try:
-        code = run(listen_host, listen_port, web, quiet)
+        code = run(listen_host, listen_port, web, quiet, web_port)
     except settings.SettingError as e:
         raise fail(str(e), 2) from None
     raise typer.Exit(code)

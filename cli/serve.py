@@ -137,25 +137,25 @@ def option_overrides(env_overrides: dict[str, str]) -> dict[str, Any]:
     return {by_env[k].option: settings.parse_value(by_env[k], v) for k, v in env_overrides.items()}
 
 
-def serve(host: str, port: int, web: bool, quiet: bool = False) -> int:
+def serve(host: str, port: int, web: bool, quiet: bool = False, web_port: int = 8081) -> int:
     env = settings.environment()
     config = settings.load_config(env)  # a bad setting stops here with its name
     if config.upstream is not None:
         overrides: dict[str, str] = {}
         mode = reverse_mode(env["UPSTREAM_BASE_URL"])
-        return _run(mode, host, port, overrides, web, quiet)
+        return _run(mode, host, port, overrides, web, quiet, web_port)
     with run_in_thread(EchoUpstream()) as upstream:
         demo = prepare_demo(env, upstream.url)
         print(demo_banner(demo, host, port), flush=True)
-        return _run(reverse_mode(upstream.url), host, port, demo.overrides, web, quiet)
+        return _run(reverse_mode(upstream.url), host, port, demo.overrides, web, quiet, web_port)
 
 
 def _run(mode: str, host: str, port: int, env_overrides: dict[str, str], web: bool,
-         quiet: bool) -> int:
+         quiet: bool, web_port: int = 8081) -> int:
     if not web:
         return asyncio.run(run_proxy(mode, host, port, option_overrides(env_overrides), quiet))
     mitmweb = shutil.which("mitmweb") or str(Path(sys.executable).parent / "mitmweb")
     cmd = [mitmweb, "--mode", mode, "--listen-host", host, "--listen-port", str(port),
-           "-s", str(ADDON_PATH)]
+           "--web-port", str(web_port), "--set", "web_open_browser=false", "-s", str(ADDON_PATH)]
     env = {**os.environ, **env_overrides}
     return subprocess.call(cmd, env=env)

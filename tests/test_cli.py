@@ -220,3 +220,27 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+
+
+def test_routstr_serve_web_runs_mitmweb_with_the_addon(tmp_path: Path) -> None:
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    port, web_port = _free_port(), _free_port()
+    proc = subprocess.Popen([str(BIN / "routstr"), "serve", "--web", "--listen-port", str(port),
+                             "--web-port", str(web_port)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output = Output(proc)
+        output.wait_for(rf"listening at \S+:{port}")
+        web_url = output.wait_for(r"Web server listening at (http://\S+)").group(1)
+        key = re.search(r"Demo key:\s+(sk-[0-9a-f]{64})", output.text)
+        assert key is not None
+        resp = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                          headers={"authorization": f"Bearer {key.group(1)}"},
+                          json={"model": "demo-echo",
+                                "messages": [{"role": "user", "content": "web"}]}, timeout=10)
+        assert resp.status_code == 200 and int(resp.headers["x-routstr-cost-msats"]) > 0
+        assert httpx.get(web_url, timeout=5).status_code == 200
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(10)
