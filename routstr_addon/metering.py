@@ -43,8 +43,10 @@ METERED = {
 # Upper bound on prompt tokens the provider adds around a text body (chat templates, tool-use
 # system prompts), on top of one token per byte of the body.
 PROMPT_OVERHEAD_TOKENS = 1024
-# Parts of a request whose token count is not bounded by their size in bytes.
-_NON_TEXT_MARKERS = (b"image", b"audio", b"file", b"video")
+# Parts of a request whose token count is not bounded by their size in bytes: attachments,
+# and Responses API references to context held by the provider (earlier turns, stored prompts).
+_UNBOUNDED_MARKERS = (b"image", b"audio", b"file", b"video", b"previous_response_id",
+                      b"conversation", b'"prompt":{', b'"prompt": {')
 
 
 def bearer_token(authorization: str | None) -> str:
@@ -165,7 +167,7 @@ class Meter:
             limit = max_tokens if max_tokens is not None else model.completion_limit
             max_tokens = limit * choices
         prompt_bound = None
-        if not any(marker in raw for marker in _NON_TEXT_MARKERS):
+        if not any(marker in raw for marker in _UNBOUNDED_MARKERS):
             prompt_bound = len(raw) + PROMPT_OVERHEAD_TOKENS
         if endpoint == "embeddings":
             max_tokens = 0  # embeddings generate no tokens

@@ -214,7 +214,9 @@ class Pricing:
         prompt = model.context_length
         if prompt_bound is not None:
             prompt = min(prompt, max(prompt_bound, 1))
-        return self.cost(model, prompt, completion)
+        # Cached prompt tokens have their own price, which may (rarely) be the higher one.
+        return max(self.cost(model, prompt, completion),
+                   self.cost(model, prompt, completion, prompt))
 
     def sats_pricing(self, model: ModelPrice) -> dict[str, float] | None:
         """Per-token and maximum prices in sats, as published in /v1/models."""

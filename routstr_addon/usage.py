@@ -120,13 +120,16 @@ class SSETap:
     def feed(self, chunk: bytes) -> bytes:
         """Take one raw chunk; return the bytes to send on now."""
         data = self._buffer + chunk if self._buffer else chunk
+        tail = b""
         if b"\r" in data:
+            if data.endswith(b"\r"):  # maybe the first half of a CRLF: decide with the next chunk
+                data, tail = data[:-1], b"\r"
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         end = data.rfind(b"\n\n")
         if end < 0:
-            self._buffer = data
+            self._buffer = data + tail
             return b""
-        complete, self._buffer = data[: end + 2], data[end + 2 :]
+        complete, self._buffer = data[: end + 2], data[end + 2 :] + tail
         out = self._events(complete)
         self.delivered += len(out)
         return out
@@ -134,6 +137,8 @@ class SSETap:
     def flush(self) -> bytes:
         """At the end of the stream: whatever partial event is left, as it was."""
         rest, self._buffer = self._buffer, b""
+        if rest.endswith(b"\r"):  # a line ending held back in case an LF followed
+            rest = rest[:-1] + b"\n"
         if rest.strip():
             self._events(rest + b"\n\n")
         self.delivered += len(rest)

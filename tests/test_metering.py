@@ -169,8 +169,6 @@ def test_admit_embeddings_reserves_no_completion(meter, ledger):
     audit(ledger)
 
 
-@pytest.mark.xfail(strict=True, reason="the prompt bound assumes the body holds the whole "
-                   "prompt, but previous_response_id makes the upstream bill the earlier turns")
 def test_admit_responses_with_previous_response_id_is_not_bounded_by_body_size(meter, ledger):
     auth, _ = funded(ledger, 10_000)
     body = json.dumps({"model": "gpt-4o-mini", "previous_response_id": "resp_68af4030592c",
@@ -289,6 +287,17 @@ def test_settle_body_estimates_when_usage_is_missing(meter, ledger, answer):
     assert 0 < done.charged_msat < paid.reserved_msat
     assert paid.usage is not None and paid.usage.estimated
     assert ledger.entries()[-1]["note"] == "usage estimated"
+    audit(ledger)
+
+
+def test_estimate_is_never_zero(meter, ledger):
+    auth, _ = funded(ledger, 10_000)
+    paid = meter.admit("req-1", auth, "/chat/completions",
+                       json.dumps({"model": "gpt-4o-mini", "messages": []}).encode())
+    done = meter.settle_body(paid, 200, b'{"choices": []}')
+    assert done is not None
+    assert done.charged_msat == msat(1 * MINI_PROMPT)  # at least one prompt token
+    assert done.charged_msat > 0
     audit(ledger)
 
 

@@ -295,8 +295,6 @@ def test_max_cost_bounds_the_cost_of_any_usage_within_limits(
     assert bound == pricing.cost(m, prompt_limit, completion_limit)
 
 
-@pytest.mark.xfail(strict=True, reason="max_cost prices every prompt token at the prompt price; "
-                   "a cache price above it lets a request cost more than was reserved")
 def test_max_cost_bounds_cost_when_cache_price_exceeds_prompt_price():
     m = model(prompt="0.000001", completion="0", cache="0.000002", context=1000,
               max_completion=10)

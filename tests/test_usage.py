@@ -566,8 +566,6 @@ def test_crlf_every_split_position_not_between_cr_and_lf(name):
         assert state(tap) == state(tap_whole), i
 
 
-@pytest.mark.xfail(strict=True, reason="a chunk ending in the CR of a CRLF is normalised to LF "
-                   "before the LF arrives, which then reads as a blank line")
 @pytest.mark.parametrize("name", ["responses", "chat"])
 def test_crlf_split_between_cr_and_lf(name):
     stream = crlf(STREAMS[name])
