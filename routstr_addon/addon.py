@@ -161,8 +161,10 @@ class Routstr:
         assert self.meter is not None and self.config is not None
         req = flow.request
         api_path = path[3:] if path.startswith("/v1/") else path
-        paid = self.meter.admit(flow.id, req.headers.get("authorization"), api_path,
-                                req.raw_content or b"")
+        if "content-encoding" in req.headers:
+            req.decode(strict=False)  # read (and forward) compressed bodies as plain JSON
+        body = req.raw_content or b""
+        paid = self.meter.admit(flow.id, req.headers.get("authorization"), api_path, body)
         flow.metadata[STATE] = paid
         new_body = self.meter.upstream_body(paid)
         if new_body is not None:

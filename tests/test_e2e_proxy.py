@@ -224,3 +224,29 @@ def test_fixed_pricing_charges_cost_per_request(make_proxy) -> None:
     except openai.APIStatusError as e:
         assert e.status_code == 402
     assert p.check() == []
+
+
+def test_upstream_base_url_wins_over_the_reverse_mode_target(make_proxy,
+                                                            upstream: TestUpstream) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nowhere = s.getsockname()[1]
+    p = make_proxy(mode_target=f"http://127.0.0.1:{nowhere}")
+    key = p.new_key(sats=10)
+    completion = p.client(key).chat.completions.create(model=MODEL, messages=MSG)
+    assert completion.choices[0].message.content
+    assert upstream.seen()[-1].headers["host"] == f"127.0.0.1:{upstream.port}"
+
+
+def test_gzip_request_body_is_read(proxy: Proxy) -> None:
+    import gzip
+
+    key = proxy.new_key(sats=10)
+    body = gzip.compress(json.dumps({"model": MODEL, "messages": MSG}).encode())
+    resp = raw(proxy, "POST", "/v1/chat/completions", content=body,
+               headers={"authorization": f"Bearer {key}", "content-encoding": "gzip",
+                        "content-type": "application/json"})
+    assert resp.status_code == 200, resp.text
+    assert int(resp.headers["x-routstr-cost-msats"]) > 0
