@@ -143,7 +143,14 @@ class Outcome:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Start the echo upstream, bare mitmdump and the proxy (routstr serve, and "
+                    "mitmdump -s routstr_addon/addon.py) on 127.0.0.1, load each the same way "
+                    "and print req/s, latencies, streaming time to first byte, memory and "
+                    "whether every answer was a paid 2xx.",
+        epilog="Load comes from wrk when it is installed (apt-get install -y wrk), else from "
+               "Python worker processes. Results go to bench/results/<time>.json.")
     p.add_argument("--duration", type=float, default=10.0,
                    help="seconds of measured load per target (default 10)")
     p.add_argument("--warmup", type=float, default=2.0,
@@ -302,7 +309,11 @@ class Bench:
             else:
                 cmd = [*base, "-s", str(ADDON)]
         proc = self.procs.start(name, cmd, env=env, cwd=data_dir)
-        wait_port(proc, port)
+        try:
+            wait_port(proc, port)
+        except BaseException:
+            self.procs.stop(proc)
+            raise
         self.say(f"{LABELS[name]}: port {port} (pid {proc.pid}): {shlex.join(cmd)}")
         return proc, port, key, env, data_dir
 
@@ -330,7 +341,11 @@ class Bench:
             port = int(self.upstream_url.rsplit(":", 1)[1])
             outcome = Outcome(name, port, upstream.pid)
         else:
-            proc, port, key, env, data_dir = self.start_target(name)
+            try:
+                proc, port, key, env, data_dir = self.start_target(name)
+            except Exception as e:
+                self.say(f"  ERROR: {e}")
+                return Outcome(name, 0, error=f"could not start: {e}")
             outcome = Outcome(name, port, proc.pid)
         try:
             outcome.preflight = preflight(port, key)
@@ -388,6 +403,7 @@ def table(title: str, headers: list[str], rows: list[list[str]]) -> str:
 def render(outcomes: dict[str, Outcome], args: argparse.Namespace, generator: str) -> str:
     bare = outcomes.get("mitmdump")
     bare_rps = bare.load.rps if bare and bare.load else None
+    cpu_ratio = ratios(outcomes).get("cpu_ratio_vs_bare_mitmdump", {})
     parts = []
     rows = []
     for name, o in outcomes.items():
@@ -395,20 +411,23 @@ def render(outcomes: dict[str, Outcome], args: argparse.Namespace, generator: st
         ratio = (f"{r.rps / bare_rps:.2f}x" if r and bare_rps and name in PROXIES else "-")
         check = str(o.preflight.get("status", "-")) + ("" if o.preflight.get("ok") else " FAIL")
         if r is None:
-            rows.append([LABELS[name], *["-"] * 9, check])
+            rows.append([LABELS[name], *["-"] * 10, check])
             continue
         rows.append([LABELS[name], fmt(r.rps, 0), ratio, fmt(r.p50_ms), fmt(r.p99_ms),
                      fmt(r.requests), fmt(r.bad_status), fmt(r.socket_errors),
                      fmt(cpu.per_request_us(r.requests), 0) if cpu else "-",
+                     f"{cpu_ratio[name]:.2f}x" if name in cpu_ratio else "-",
                      fmt(cpu.foreign_cores) if cpu else "-", check])
     parts.append(table(
         f"Chat completions, JSON ({generator}, {args.connections} connections, "
         f"{args.duration:g} s after {args.warmup:g} s warm-up)",
         ["target", "req/s", "vs bare", "p50 ms", "p99 ms", "answers", "non-2xx",
-         "sock err", "CPU us/req", "other load", "check"], rows))
-    parts.append("  CPU us/req: CPU time of the process measured per answer. other load: cores "
-                 "kept busy\n  by processes outside the benchmark meanwhile (> 0.2 makes req/s "
-                 "unreliable here).")
+         "sock err", "CPU us/req", "vs bare CPU", "other load", "check"], rows))
+    parts.append(
+        "  CPU us/req: CPU time of the process measured, per answer; vs bare CPU: bare mitmdump's"
+        "\n  CPU us/req over the proxy's (above 1: cheaper than bare). other load: cores kept "
+        "busy by\n  processes outside the benchmark meanwhile (above ~0.2 req/s and p99 are "
+        "unreliable).")
     streamed = {n: o for n, o in outcomes.items() if o.stream is not None}
     if streamed:
         rows = []
@@ -489,6 +508,12 @@ def main(argv: list[str] | None = None) -> int:
               f"({args.workers} processes). For steadier figures: apt-get install -y wrk",
               file=sys.stderr)
     info = meta(args, wrk)
+    before = busy_seconds()
+    time.sleep(1.0)
+    info["busy_cores_before"] = busy = busy_seconds() - before
+    if busy > 0.3:
+        print(f"note: this machine is already busy ({busy:.2f} cores in use before the "
+              "benchmark starts); figures will be noisy", file=sys.stderr)
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -511,7 +536,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: stopping everything", file=sys.stderr)
         outcomes_upstream_mem = {}
     finally:
+        # A second Ctrl-C must not cut the cleanup short and leave servers behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         procs.stop_all()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if args.keep_tmp:
             print(f"temporary folder kept: {tmp}", file=sys.stderr)
         else:
@@ -520,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130 if interrupted else 1
 
     generator = "wrk" if wrk else f"Python generator, {args.workers} processes"
+    sys.stderr.flush()
     print()
     print(render(outcomes, args, generator))
     problems = report_problems(outcomes)
@@ -528,14 +559,8 @@ def main(argv: list[str] | None = None) -> int:
         for p in problems:
             print(f"  - {p}")
 
-    bare = outcomes.get("mitmdump")
-    ratios = {
-        name: outcomes[name].load.rps / bare.load.rps  # type: ignore[union-attr]
-        for name in PROXIES
-        if name in outcomes and outcomes[name].load and bare and bare.load and bare.load.rps
-    }
     result = {"meta": info, "targets": {n: o.as_dict() for n, o in outcomes.items()},
-              "ratio_vs_bare_mitmdump": ratios, "upstream_memory_kb": outcomes_upstream_mem,
+              **ratios(outcomes), "upstream_memory_kb": outcomes_upstream_mem,
               "problems": problems, "interrupted": interrupted}
     out = args.json_out or REPO / "bench" / "results" / f"{datetime.now():%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -544,15 +569,37 @@ def main(argv: list[str] | None = None) -> int:
     return 130 if interrupted else (1 if problems else 0)
 
 
+def ratios(outcomes: dict[str, Outcome]) -> dict[str, dict[str, float]]:
+    """Each proxy against bare mitmdump: by req/s, and by CPU time per request (bare / proxy,
+    so above 1 means cheaper than bare), which holds up better on a busy machine."""
+    by_rps: dict[str, float] = {}
+    by_cpu: dict[str, float] = {}
+    bare = outcomes.get("mitmdump")
+    if bare is None or bare.load is None:
+        return {}
+    bare_cpu = bare.cpu.per_request_us(bare.load.requests) if bare.cpu else math.nan
+    for name in PROXIES:
+        o = outcomes.get(name)
+        if o is None or o.load is None:
+            continue
+        if bare.load.rps:
+            by_rps[name] = o.load.rps / bare.load.rps
+        if o.cpu and o.load.requests:
+            by_cpu[name] = bare_cpu / o.cpu.per_request_us(o.load.requests)
+    return {"ratio_vs_bare_mitmdump": by_rps, "cpu_ratio_vs_bare_mitmdump": by_cpu}
+
+
 def report_problems(outcomes: dict[str, Outcome]) -> list[str]:
     problems = []
     for name, o in outcomes.items():
         label = LABELS[name]
         if o.error:
             problems.append(f"{label}: {o.error}")
-        if not o.preflight.get("ok"):
+        if o.preflight and not o.preflight.get("ok"):
             problems.append(f"{label}: check request got {o.preflight.get('status')}: "
                             f"{o.preflight.get('body', '')[:200]}")
+        if name in PROXIES and o.preflight.get("ok") and not o.preflight.get("cost_msats"):
+            problems.append(f"{label}: the check answer had no x-routstr-cost-msats header")
         if o.load and (o.load.bad_status or o.load.socket_errors):
             problems.append(f"{label}: {o.load.bad_status} non-2xx answers and "
                             f"{o.load.socket_errors} socket errors under load")
@@ -569,7 +616,18 @@ def report_problems(outcomes: dict[str, Outcome]) -> list[str]:
         if o.ledger is not None:
             if "error" in o.ledger:
                 problems.append(f"{label}: reading the ledger failed: {o.ledger['error']}")
-            elif o.ledger.get("open_reservations"):
+            elif (o.ledger.get("total_requests") or 0) < o.client_ok():
+                problems.append(f"{label}: the client got {o.client_ok()} answers with 2xx but "
+                                f"the ledger billed only {o.ledger.get('total_requests')}")
+            if o.ledger.get("open_reservations"):
                 problems.append(f"{label}: {o.ledger['open_reservations']} reservation(s) "
                                 "still open after the proxy stopped")
+    busy = {LABELS[n]: o.cpu.foreign_cores for n, o in outcomes.items()
+            if o.cpu and o.cpu.foreign_cores > 0.2}
+    if busy:
+        problems.append(
+            "processes outside the benchmark kept cores busy while it measured ("
+            + ", ".join(f"{k}: {v:.2f}" for k, v in busy.items())
+            + "): req/s and tail latencies are unreliable; CPU us/req is the steadier figure. "
+            "Rerun on an idle machine.")
     return problems
