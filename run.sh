@@ -23,7 +23,9 @@ find_python() {
             candidates+=("$(pyenv root)/versions/$v/bin/python3")
         done
     fi
-    candidates+=(python3.13 python3)
+    # pyenv's folder even when pyenv is not on PATH
+    local root=${PYENV_ROOT:-$HOME/.pyenv}
+    candidates+=("$root"/versions/3.12.*/bin/python3 python3.13 "$root"/versions/3.1[3-9].*/bin/python3 python3)
     local c
     for c in "${candidates[@]}"; do
         [ -n "$c" ] || continue
