@@ -85,6 +85,7 @@ class MiniServer:
         self.host = host
         self.port = port
         self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
 
     @property
     def url(self) -> str:
@@ -98,6 +99,8 @@ class MiniServer:
     async def stop(self) -> None:
         if self._server:
             self._server.close()
+            for task in list(self._connections):
+                task.cancel()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1)
 
@@ -105,6 +108,10 @@ class MiniServer:
         raise NotImplementedError
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
         try:
             while True:
                 request = await self._read(reader)
@@ -115,7 +122,8 @@ class MiniServer:
                 await self.handle(request, responder)
                 if not keep_alive or writer.is_closing():
                     break
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                asyncio.CancelledError):
             pass
         finally:
             with contextlib.suppress(Exception):
