@@ -272,11 +272,12 @@ class RateKeeper:
     """Keeps ``pricing``'s rate fresh from live sources; the last good rate stays on failure."""
 
     def __init__(self, pricing: Pricing, sources: Iterable[tuple[str, str]], interval: float,
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, retry: float = 10.0) -> None:
         self.pricing = pricing
         self.sources = tuple(sources)
         self.interval = interval
         self.timeout = timeout
+        self.retry = retry
 
     async def refresh(self) -> bool:
         async with httpx.AsyncClient(timeout=self.timeout) as client:
@@ -295,4 +296,6 @@ class RateKeeper:
                 await self.refresh()
             except Exception:  # never let the refresher die
                 logger.exception("BTC/USD refresh failed")
-            await asyncio.sleep(self.interval)
+            # Without any rate, model requests are refused: try again soon rather than later.
+            await asyncio.sleep(self.interval if self.pricing.rate is not None
+                                else min(self.interval, self.retry))

@@ -187,3 +187,41 @@ def test_proxy_keeps_serving_after_bad_input(proxy: Proxy) -> None:
     assert completion.choices[0].message.content
     proxy.wait_settled()
     assert proxy.check() == []
+
+
+def test_live_rate_from_local_sources_prices_requests(make_proxy) -> None:
+    """Two sources speaking Kraken's and Coinbase's protocols: the median prices requests."""
+    import json as _json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    answers = {"/kraken": {"error": [], "result": {"XXBTZUSD": {"c": ["90000.0", "0.1"]}}},
+               "/coinbase": {"data": {"amount": "92000.00", "base": "BTC", "currency": "USD"}}}
+
+    class Ticker(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = _json.dumps(answers[self.path]).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Ticker)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        p = make_proxy({"BTC_USD_PRICE": "",
+                        "BTC_USD_SOURCES": f"kraken={base}/kraken,coinbase={base}/coinbase"})
+        deadline = time.monotonic() + 10
+        while raw(p, "GET", "/v1/info").json()["btc_usd"]["rate"] is None:
+            assert time.monotonic() < deadline, "no rate after 10 s"
+            time.sleep(0.1)
+        assert raw(p, "GET", "/v1/info").json()["btc_usd"]["rate"] == 91000.0
+        key = p.new_key(sats=100)
+        assert post(p, key, json=BODY).status_code == 200
+    finally:
+        server.shutdown()
