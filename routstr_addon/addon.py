@@ -116,8 +116,10 @@ class Routstr:
         for task in self._tasks.values():
             task.cancel()
         if self.ledger is not None:
-            self.ledger.checkpoint()
-            self.ledger.close()
+            try:
+                self.ledger.checkpoint()
+            finally:
+                self.ledger.close()
 
     # -- the request -----------------------------------------------------------------------
 

@@ -196,13 +196,11 @@ _SQL = {
              "touched_at) VALUES (?, ?, ?, ?, ?, ?)"),
     "unhold": ("DELETE FROM reservations WHERE request_id = ? "
                "RETURNING key_hash, amount_msat, model"),
-    "charge": (
+    "close": (
         "UPDATE api_keys SET balance_msat = balance_msat - ?, reserved_msat = reserved_msat - ?, "
-        "total_spent_msat = total_spent_msat + ?, total_requests = total_requests + 1 "
+        "total_spent_msat = total_spent_msat + ?, total_requests = total_requests + ? "
         "WHERE key_hash = ? RETURNING balance_msat - reserved_msat"
     ),
-    "free": ("UPDATE api_keys SET reserved_msat = reserved_msat - ? WHERE key_hash = ? "
-             "RETURNING balance_msat - reserved_msat"),
     "credit": ("UPDATE api_keys SET balance_msat = balance_msat + ? WHERE key_hash = ? "
                "RETURNING balance_msat - reserved_msat"),
     "entry": _ENTRY_INSERT,
@@ -331,10 +329,7 @@ class Ledger:
             cur.execute(self._begin_sql)
         except _CONNECTION_ERRORS:
             # The server went away between requests: reconnect once, nothing was sent yet.
-            self.db.close()
-            self.db.connect()
-            self._on_connect()
-            cur = self.db.connection().cursor()
+            cur = self._reconnect().cursor()
             cur.execute(self._begin_sql)
         try:
             if durable and not self.is_sqlite:
@@ -397,14 +392,31 @@ class Ledger:
         The charge never exceeds what was reserved (the reservation is the price's upper
         bound). Returns None if the reservation was already settled or released.
         """
+        done = self._close(request_id, "charge", cost_msat, model, prompt_tokens,
+                           completion_tokens, note)
+        if done is not None and cost_msat > done.reserved_msat:
+            logger.warning("request %s cost %d msat, above its reservation of %d; charged %d",
+                           request_id, cost_msat, done.reserved_msat, done.charged_msat)
+        return done
+
+    def release(self, request_id: str, note: str | None = None) -> Settlement | None:
+        """Free a reservation without charging (nothing was delivered)."""
+        return self._close(request_id, "release", 0, None, None, None, note)
+
+    def _close(self, request_id: str, kind: str, cost_msat: int, model: str | None,
+               prompt_tokens: int | None, completion_tokens: int | None,
+               note: str | None) -> Settlement | None:
+        """End a reservation, charging ``cost_msat`` (capped at it) or nothing; exactly once."""
         now = time.time()
+        count = 1 if kind == "charge" else 0
         if not self.is_sqlite:
-            done = self._pg_close(request_id, "charge", cost_msat, now, model, prompt_tokens,
-                                  completion_tokens, note)
-            if done and cost_msat > done.reserved_msat:
-                logger.warning("request %s cost %d msat, above its reservation of %d",
-                               request_id, cost_msat, done.reserved_msat)
-            return done
+            rows = self._pg("settle", rid=request_id, cost=cost_msat, now=now, kind=kind,
+                            count=count, model=model, pt=prompt_tokens, ct=completion_tokens,
+                            note=note)
+            if not rows:
+                return None
+            key_hash, charged, reserved, available = rows[0]
+            return Settlement(request_id, key_hash, int(charged), int(reserved), int(available))
         sql = self._sql
         with self._tx() as cur:
             cur.execute(sql["unhold"], (request_id,))
@@ -413,31 +425,11 @@ class Ledger:
                 return None
             key_hash, reserved, held_model = held[0]
             charged = max(0, min(cost_msat, reserved))
-            cur.execute(sql["charge"], (charged, reserved, charged, key_hash))
+            cur.execute(sql["close"], (charged, reserved, charged, count, key_hash))
             available = cur.fetchall()[0][0]
-            self._entry(cur, now, key_hash, "charge", -charged, -reserved, request_id,
+            self._entry(cur, now, key_hash, kind, -charged, -reserved, request_id,
                         model or held_model, prompt_tokens, completion_tokens, note)
-        if cost_msat > reserved:
-            logger.warning("request %s cost %d msat, above its reservation of %d; charged %d",
-                           request_id, cost_msat, reserved, charged)
         return Settlement(request_id, key_hash, charged, reserved, available)
-
-    def release(self, request_id: str, note: str | None = None) -> Settlement | None:
-        """Free a reservation without charging (nothing was delivered)."""
-        now = time.time()
-        if not self.is_sqlite:
-            return self._pg_close(request_id, "release", 0, now, None, None, None, note)
-        sql = self._sql
-        with self._tx() as cur:
-            cur.execute(sql["unhold"], (request_id,))
-            held = cur.fetchall()
-            if not held:
-                return None
-            key_hash, reserved, model = held[0]
-            cur.execute(sql["free"], (reserved, key_hash))
-            available = cur.fetchall()[0][0]
-            self._entry(cur, now, key_hash, "release", 0, -reserved, request_id, model, note=note)
-        return Settlement(request_id, key_hash, 0, reserved, available)
 
     def _pg(self, name: str, **params: Any) -> list[Any]:
         """Run one of the single-statement PostgreSQL steps (reconnecting once if needed)."""
@@ -455,17 +447,6 @@ class Ledger:
         self.db.connect()
         self._on_connect()
         return self.db.connection()
-
-    def _pg_close(self, request_id: str, kind: str, cost_msat: int, now: float,
-                  model: str | None, prompt_tokens: int | None, completion_tokens: int | None,
-                  note: str | None) -> Settlement | None:
-        rows = self._pg("settle", rid=request_id, cost=cost_msat, now=now, kind=kind,
-                        count=1 if kind == "charge" else 0, model=model, pt=prompt_tokens,
-                        ct=completion_tokens, note=note)
-        if not rows:
-            return None
-        key_hash, charged, reserved, available = rows[0]
-        return Settlement(request_id, key_hash, int(charged), int(reserved), int(available))
 
     def touch(self, request_id: str) -> None:
         """Mark a reservation as still active (a long stream is flowing)."""
