@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import sys
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,11 @@ except ImportError:  # loaded by path (mitmdump -s) from a checkout that is not 
 from routstr_addon import routes, settings
 from routstr_addon.errors import ApiError, error_response, install_error_pages
 from routstr_addon.ledger import Ledger
-from routstr_addon.metering import Meter, Paid
+from routstr_addon.metering import Meter, Paid, bearer_token
+from routstr_addon.payments import Payments
 from routstr_addon.pricing import Pricing, RateKeeper, load_models
 from routstr_addon.settings import Config, SettingError
+from routstr_addon.wallet import Wallet
 
 __all__ = ["Routstr", "addons"]
 
@@ -44,6 +48,8 @@ class Routstr:
         self.ledger: Ledger | None = None
         self.pricing: Pricing | None = None
         self.meter: Meter | None = None
+        self.wallet: Wallet | None = None
+        self.payments: Payments | None = None
         self.services: routes.Services | None = None
         self._env_errors: list[str] = []
         self._tasks: dict[str, asyncio.Task[Any]] = {}
@@ -79,7 +85,12 @@ class Routstr:
         ledger.defer_checkpoints()
         self.config, self.pricing, self.ledger = config, pricing, ledger
         self.meter = Meter(config, ledger, pricing)
-        self.services = routes.Services(config, ledger, pricing)
+        old_wallet = self.wallet
+        self.wallet = Wallet(ledger, config.cashu_mints) if config.cashu_mints else None
+        self.payments = Payments(ledger, self.wallet) if self.wallet else None
+        if old_wallet is not None:
+            asyncio.get_running_loop().create_task(old_wallet.close())
+        self.services = routes.Services(config, ledger, pricing, self.wallet, self.payments)
         # Requests we answer ourselves must not open an upstream connection first.
         ctx.options.update(connection_strategy="lazy", body_size_limit=str(config.max_request_size))
         if self._running:  # reconfigured while running: restart the timers with the new settings
@@ -111,10 +122,14 @@ class Routstr:
             self._tasks["rates"] = loop.create_task(rates.run())
         if ledger.is_sqlite:
             self._tasks["checkpoint"] = loop.create_task(_checkpoints(ledger))
+        if self.wallet is not None:
+            self._tasks["wallet"] = loop.create_task(self.wallet.start())
 
-    def done(self) -> None:
+    async def done(self) -> None:
         for task in self._tasks.values():
             task.cancel()
+        if self.wallet is not None:
+            await self.wallet.close()
         if self.ledger is not None:
             try:
                 self.ledger.checkpoint()
@@ -123,55 +138,113 @@ class Routstr:
 
     # -- the request -----------------------------------------------------------------------
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """Decide a request: answer it, or admit and rewrite it for the upstream.
+
+        Sync for what needs no mint (funded keys, local reads: no await cost per request); a
+        coroutine, which mitmproxy awaits, for what does (tokens as keys, x-cashu, top-ups).
+        """
         if flow.response is not None:
-            return
-        handled = False
+            return None
         try:
-            self._request(flow)
-            handled = True
-        finally:
+            pending = self._request(flow)
+        except BaseException:
             # Fail closed: mitmproxy forwards a request whose hook raised, so if anything went
             # wrong here (even building the error answer), kill the flow instead.
-            if not handled and flow.response is None:
+            if flow.response is None:
+                flow.kill()
+            raise
+        return None if pending is None else self._decide_later(flow, pending)
+
+    async def _decide_later(self, flow: http.HTTPFlow, pending: Awaitable[None]) -> None:
+        decided = False
+        try:
+            await pending
+            decided = True
+        except ApiError as e:
+            flow.response = e.response()
+            decided = True
+        except Exception:
+            self._failed(flow)
+            decided = True
+        finally:
+            if not decided and flow.response is None:
                 flow.kill()
 
-    def _request(self, flow: http.HTTPFlow) -> None:
+    def _failed(self, flow: http.HTTPFlow) -> None:
+        logger.exception("request %s failed inside the proxy", flow.id)
+        paid = flow.metadata.pop(STATE, None)
+        if isinstance(paid, Paid) and not paid.settled and self.meter is not None:
+            self.meter.release(paid, "proxy error")
+            if paid.xcashu is not None and self.payments is not None:
+                self.payments.close_xcashu(paid.xcashu, paid.request_id)
+        flow.response = error_response(500, "The proxy failed to handle this request.",
+                                       "server_error", "proxy_error")
+
+    def _request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if self.meter is None or self.services is None:
             flow.response = error_response(503, "The proxy is not configured.", "server_error",
                                            "not_configured")
-            return
+            return None
         req = flow.request
         path = req.path.split("?", 1)[0]
-        handlers = routes.lookup(path)
         try:
+            handlers = routes.lookup(path)
             if handlers is not None:
                 handler = handlers.get(req.method)
                 if handler is None:
                     raise ApiError(405, f"{req.method} is not allowed on {path}.",
                                    code="method_not_allowed")
-                flow.response = handler(self.services, req)
-                return
-            self._forward(flow, path)
+                answer = handler(self.services, req)
+                if isinstance(answer, http.Response):
+                    flow.response = answer
+                    return None
+                return self._answer_later(flow, answer)
+            x_cashu = req.headers.get("x-cashu")
+            if x_cashu is not None:
+                return self._forward_xcashu(flow, path, x_cashu)
+            authorization = req.headers.get("authorization", "")
+            if authorization[7:13] in ("cashuA", "cashuB") or "cashu:" in authorization[:14]:
+                return self._forward_token_key(flow, path, bearer_token(authorization))
+            self._forward(flow, path, self.meter.admit(
+                flow.id, authorization or None, _api_path(path), _body(req)))
         except ApiError as e:
             flow.response = e.response()
         except Exception:
-            logger.exception("request %s failed inside the proxy", flow.id)
-            paid = flow.metadata.pop(STATE, None)
-            if isinstance(paid, Paid) and not paid.settled:
-                self.meter.release(paid, "proxy error")
-            flow.response = error_response(500, "The proxy failed to handle this request.",
-                                           "server_error", "proxy_error")
+            self._failed(flow)
+        return None
 
-    def _forward(self, flow: http.HTTPFlow, path: str) -> None:
+    async def _answer_later(self, flow: http.HTTPFlow, answer: Awaitable[http.Response]) -> None:
+        flow.response = await answer
+
+    async def _forward_token_key(self, flow: http.HTTPFlow, path: str, token: str) -> None:
+        """``Authorization: Bearer cashuB…``: the token is the key (redeemed on first use)."""
+        assert self.meter is not None
+        if self.payments is None:
+            raise ApiError(401, "This proxy takes no ecash; use an API key.",
+                           code="invalid_api_key")
+        api_key = await self.payments.key_for_token(token)
+        self._forward(flow, path, self.meter.admit(flow.id, f"Bearer {api_key}",
+                                                   _api_path(path), _body(flow.request)))
+
+    async def _forward_xcashu(self, flow: http.HTTPFlow, path: str, token: str) -> None:
+        """``X-Cashu: <token>``: this request alone is paid by the token; change goes back."""
+        assert self.meter is not None
+        if self.payments is None:
+            raise ApiError(400, "This proxy takes no ecash (no mints are configured).",
+                           code="ecash_not_accepted")
+        quote = self.meter.quote(_api_path(path), _body(flow.request), body_bound=False)
+        payment, available = await self.payments.open_xcashu(token, flow.id, quote.amount_msat,
+                                                             quote.model_name)
+        paid = quote.paid(flow.id, payment.key_hash, available)
+        paid.xcashu = payment
+        self._forward(flow, path, paid)
+
+    def _forward(self, flow: http.HTTPFlow, path: str, paid: Paid) -> None:
+        """Rewrite an admitted request for the upstream: auth, path, body, our headers off."""
         assert self.meter is not None and self.config is not None
-        req = flow.request
-        api_path = path[3:] if path.startswith("/v1/") else path
-        if "content-encoding" in req.headers:
-            req.decode(strict=False)  # read (and forward) compressed bodies as plain JSON
-        body = req.raw_content or b""
-        paid = self.meter.admit(flow.id, req.headers.get("authorization"), api_path, body)
         flow.metadata[STATE] = paid
+        req = flow.request
         new_body = self.meter.upstream_body(paid)
         if new_body is not None:
             req.content = new_body
@@ -179,13 +252,14 @@ class Routstr:
         if self.config.upstream_api_key:
             headers["authorization"] = f"Bearer {self.config.upstream_api_key}"
         else:
-            del headers["authorization"]
+            headers.pop("authorization", None)
+        headers.pop("x-cashu", None)
         upstream = self.config.upstream
         if upstream is not None:
             if req.host != upstream.host or req.port != upstream.port:
                 req.scheme, req.host, req.port = upstream.scheme, upstream.host, upstream.port
             query = req.path[len(path):]
-            req.path = upstream.base_path + api_path + query
+            req.path = upstream.base_path + _api_path(path) + query
 
     # -- the answer ------------------------------------------------------------------------
 
@@ -210,7 +284,8 @@ class Routstr:
             if chunk:
                 out = tap.feed(chunk)
                 return out if out else ()
-            # End of stream: settle now, while the client still reads, and tell it the cost.
+            # End of stream: settle now, while the client still reads, and tell it the cost
+            # (and, paid by x-cashu, give it its change) in SSE comments clients ignore.
             rest = tap.flush()
             try:
                 done = meter.settle_stream(paid)
@@ -219,8 +294,12 @@ class Routstr:
                 return rest or ()
             if done is None or rest:
                 return rest or ()
-            return (b": x-routstr-cost-msats %d x-routstr-balance-msats %d\n\n"
+            tail = (b": x-routstr-cost-msats %d x-routstr-balance-msats %d\n\n"
                     % (done.charged_msat, done.available_msat))
+            change = self._close_xcashu(paid)
+            if change:
+                tail += b": x-cashu " + change.encode() + b"\n\n"
+            return tail
 
         resp.stream = stream
 
@@ -242,6 +321,11 @@ class Routstr:
         if done is not None and paid.tap is None:
             resp.headers["x-routstr-cost-msats"] = str(done.charged_msat)
             resp.headers["x-routstr-balance-msats"] = str(done.available_msat)
+        change = self._close_xcashu(paid)
+        if change and paid.tap is None:
+            resp.headers["x-cashu"] = change
+            if resp.status_code >= 400:
+                _add_to_error(resp, "x_cashu", change)
 
     def error(self, flow: http.HTTPFlow) -> None:
         paid = flow.metadata.get(STATE)
@@ -253,6 +337,30 @@ class Routstr:
             self.meter.abort(paid, reason)
         except Exception:
             logger.exception("request %s: closing its reservation failed", paid.request_id)
+            return
+        self._close_xcashu(paid)  # kept for POST /v1/balance/refund with the same X-Cashu
+
+    def _close_xcashu(self, paid: Paid) -> str | None:
+        """An x-cashu request's change token, once its reservation is closed."""
+        if paid.xcashu is None or self.payments is None or not paid.settled:
+            return None
+        try:
+            return self.payments.close_xcashu(paid.xcashu, paid.request_id).change
+        except Exception:
+            logger.exception("request %s: cutting the x-cashu change failed; the value stays "
+                             "on its payment key", paid.request_id)
+            return None
+
+
+def _add_to_error(resp: http.Response, name: str, value: str) -> None:
+    """Add a field to an upstream's OpenAI-shaped error body, if it is one."""
+    try:
+        body = json.loads(resp.get_content(strict=False) or b"")
+    except ValueError:
+        return
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        body["error"][name] = value
+        resp.set_content(json.dumps(body).encode())
 
 
 async def _checkpoints(ledger: Ledger, every: float = 1.0) -> None:
@@ -263,6 +371,17 @@ async def _checkpoints(ledger: Ledger, every: float = 1.0) -> None:
             await asyncio.to_thread(ledger.checkpoint)
         except Exception as e:  # a busy database: try again next time
             logger.warning("ledger checkpoint failed: %s", e)
+
+
+def _api_path(path: str) -> str:
+    """The path below /v1 (``/v1/chat/completions`` → ``/chat/completions``)."""
+    return path[3:] if path.startswith("/v1/") else path
+
+
+def _body(req: http.Request) -> bytes:
+    if "content-encoding" in req.headers:
+        req.decode(strict=False)  # read (and forward) compressed bodies as plain JSON
+    return req.raw_content or b""
 
 
 def _models(config: Config) -> dict[str, Any]:

@@ -123,7 +123,72 @@ class Reservation(_Base):
         table_name = "reservations"
 
 
-MODELS: Sequence[type[peewee.Model]] = (ApiKey, LedgerEntry, Reservation)
+class StoredProof(_Base):
+    """A Cashu proof the proxy holds or held (its secret is the bearer value: keep it private).
+
+    ``state``: ``unspent`` (the operator's pool), ``held`` (redeemed for one x-cashu request,
+    ``owner`` = its id, until its change is cut), ``reserved`` (picked for a refund or payout,
+    ``owner`` = its id), ``sent`` (handed to a user as change or refund), ``spent`` (used as
+    input of a swap or melt).
+    """
+
+    secret = peewee.TextField(primary_key=True)
+    mint = peewee.TextField()
+    unit = peewee.CharField(max_length=8)
+    keyset_id = peewee.CharField(max_length=80)
+    amount = peewee.BigIntegerField()
+    c = peewee.TextField()
+    dleq = peewee.TextField(null=True)
+    state = peewee.CharField(max_length=10)
+    owner = peewee.CharField(max_length=64, null=True, index=True)
+    created_at = peewee.DoubleField()
+    updated_at = peewee.DoubleField()
+
+    class Meta:
+        table_name = "proofs"
+        indexes = ((("mint", "unit", "state"), False),)
+
+
+class Payment(_Base):
+    """An incoming token, redeemed once: what it credited, and (x-cashu) the change returned."""
+
+    token_hash = peewee.CharField(max_length=64, primary_key=True)
+    kind = peewee.CharField(max_length=16)  # key | create | topup | xcashu | lightning
+    key_hash = peewee.CharField(max_length=64, index=True)
+    mint = peewee.TextField()
+    unit = peewee.CharField(max_length=8)
+    amount = peewee.BigIntegerField()  # in the unit, as received
+    fee = peewee.BigIntegerField()  # the mint's input fee, in the unit
+    msat = peewee.BigIntegerField()  # credited
+    request_id = peewee.CharField(max_length=64, null=True)
+    change = peewee.TextField(null=True)  # the change token (x-cashu)
+    change_msat = peewee.BigIntegerField(default=0)
+    created_at = peewee.DoubleField()
+
+    class Meta:
+        table_name = "payments"
+
+
+class Refund(_Base):
+    """A withdrawal of a key's balance as a token: debited first, the token made after."""
+
+    id = peewee.CharField(max_length=64, primary_key=True)
+    key_hash = peewee.CharField(max_length=64, index=True)
+    msat = peewee.BigIntegerField()
+    mint = peewee.TextField()
+    unit = peewee.CharField(max_length=8)
+    token = peewee.TextField(null=True)
+    fee = peewee.BigIntegerField(default=0)
+    state = peewee.CharField(max_length=10)  # pending | done
+    created_at = peewee.DoubleField()
+    updated_at = peewee.DoubleField()
+
+    class Meta:
+        table_name = "refunds"
+
+
+MODELS: Sequence[type[peewee.Model]] = (ApiKey, LedgerEntry, Reservation, StoredProof, Payment,
+                                        Refund)
 
 
 # --- results --------------------------------------------------------------------------------
@@ -203,6 +268,8 @@ _SQL = {
     ),
     "credit": ("UPDATE api_keys SET balance_msat = balance_msat + ? WHERE key_hash = ? "
                "RETURNING balance_msat - reserved_msat"),
+    "debit": ("UPDATE api_keys SET balance_msat = balance_msat - ? WHERE key_hash = ? "
+              "AND balance_msat - reserved_msat >= ? RETURNING balance_msat - reserved_msat"),
     "entry": _ENTRY_INSERT,
     "key": f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_hash = ?",
     "new_key": ("INSERT INTO api_keys (key_hash, balance_msat, reserved_msat, total_spent_msat, "
@@ -344,6 +411,54 @@ class Ledger:
             if durable and self.is_sqlite:
                 cur.execute("PRAGMA synchronous = NORMAL")
 
+    def transaction(self, durable: bool = False) -> Any:
+        """A transaction for several steps at once (the ``*_in`` methods); yields a cursor."""
+        return self._tx(durable)
+
+    def sql(self, text: str) -> str:
+        """A statement written with ``?`` placeholders, in this database's parameter style."""
+        return text if self.is_sqlite else text.replace("?", "%s")
+
+    def create_key_in(self, cur: Any, key_hash: str, balance_msat: int, *, note: str,
+                      expires_at: float | None = None, refund_address: str | None = None,
+                      label: str | None = None) -> None:
+        now = time.time()
+        cur.execute(self._sql["new_key"], (key_hash, balance_msat, now, expires_at,
+                                           refund_address, label, False))
+        self._entry(cur, now, key_hash, "credit", balance_msat, 0, note=note)
+
+    def credit_in(self, cur: Any, key_hash: str, amount_msat: int, note: str | None,
+                  request_id: str | None = None) -> int | None:
+        """Credit inside a transaction; the key's available balance, or None if unknown."""
+        cur.execute(self._sql["credit"], (amount_msat, key_hash))
+        rows = cur.fetchall()
+        if not rows:
+            return None
+        self._entry(cur, time.time(), key_hash, "credit", amount_msat, 0, request_id, note=note)
+        return int(rows[0][0])
+
+    def debit_in(self, cur: Any, key_hash: str, amount_msat: int, note: str,
+                 request_id: str | None = None, kind: str = "debit") -> int | None:
+        """Take from what the key may spend; its available balance after, or None if short."""
+        cur.execute(self._sql["debit"], (amount_msat, key_hash, amount_msat))
+        rows = cur.fetchall()
+        if not rows:
+            return None
+        self._entry(cur, time.time(), key_hash, kind, -amount_msat, 0, request_id, note=note)
+        return int(rows[0][0])
+
+    def reserve_in(self, cur: Any, key_hash: str, amount_msat: int, request_id: str,
+                   model: str | None) -> int | None:
+        """Reserve inside a transaction; the available balance after, or None if refused."""
+        now = time.time()
+        cur.execute(self._sql["reserve"], (amount_msat, key_hash, amount_msat, now))
+        rows = cur.fetchall()
+        if not rows:
+            return None
+        cur.execute(self._sql["hold"], (request_id, key_hash, amount_msat, model, now, now))
+        self._entry(cur, now, key_hash, "reserve", 0, amount_msat, request_id, model)
+        return int(rows[0][0])
+
     def _entry(self, cur: Any, now: float, key_hash: str, kind: str, amount: int, reserved: int,
                request_id: str | None = None, model: str | None = None,
                prompt_tokens: int | None = None, completion_tokens: int | None = None,
@@ -363,16 +478,11 @@ class Ledger:
             if not rows:
                 raise self._why_not(key_hash, amount_msat, now)
             return Held(request_id, key_hash, amount_msat, int(rows[0][0]))
-        sql = self._sql
         with self._tx() as cur:
-            cur.execute(sql["reserve"], (amount_msat, key_hash, amount_msat, now))
-            rows = cur.fetchall()
-            if rows:
-                cur.execute(sql["hold"], (request_id, key_hash, amount_msat, model, now, now))
-                self._entry(cur, now, key_hash, "reserve", 0, amount_msat, request_id, model)
-        if not rows:
+            available = self.reserve_in(cur, key_hash, amount_msat, request_id, model)
+        if available is None:
             raise self._why_not(key_hash, amount_msat, now)
-        return Held(request_id, key_hash, amount_msat, rows[0][0])
+        return Held(request_id, key_hash, amount_msat, available)
 
     def _why_not(self, key_hash: str, amount_msat: int, now: float) -> ReserveError:
         state = self.key(key_hash)
@@ -463,11 +573,9 @@ class Ledger:
             raise ValueError("balance must not be negative")
         key = key or new_api_key()
         key_hash = hash_key(key)
-        now = time.time()
         with self._tx(durable=True) as cur:
-            cur.execute(self._sql["new_key"], (key_hash, balance_msat, now, expires_at,
-                                               refund_address, label, False))
-            self._entry(cur, now, key_hash, "credit", balance_msat, 0, note=note)
+            self.create_key_in(cur, key_hash, balance_msat, note=note, expires_at=expires_at,
+                               refund_address=refund_address, label=label)
         state = self.key(key_hash)
         assert state is not None
         return key, state
@@ -476,14 +584,11 @@ class Ledger:
         """Add funds to an existing key; returns its available balance. KeyError if unknown."""
         if amount_msat <= 0:
             raise ValueError("a credit must be positive")
-        now = time.time()
         with self._tx(durable=True) as cur:
-            cur.execute(self._sql["credit"], (amount_msat, key_hash))
-            rows = cur.fetchall()
-            if not rows:
+            available = self.credit_in(cur, key_hash, amount_msat, note)
+            if available is None:
                 raise KeyError(key_hash)
-            self._entry(cur, now, key_hash, "credit", amount_msat, 0, note=note)
-        return int(rows[0][0])
+        return available
 
     # -- reads -----------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from .errors import ApiError
 from .ledger import Ledger, ReserveError, Settlement, hash_key
+from .payments import XCashu
 from .pricing import ModelPrice, Pricing
 from .settings import Config
 from .usage import (
@@ -29,7 +30,7 @@ from .usage import (
     usage_from_json,
 )
 
-__all__ = ["METERED", "Meter", "Paid", "bearer_token"]
+__all__ = ["METERED", "Meter", "Paid", "Quote", "bearer_token"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,25 @@ def _sats(msat: int) -> str:
     return f"{msat / 1000:,.3f}".rstrip("0").rstrip(".")
 
 
+@dataclass(frozen=True, slots=True)
+class Quote:
+    """A priced request, before anything is reserved."""
+
+    endpoint: str | None
+    body: dict[str, Any] | None
+    model: ModelPrice | None
+    amount_msat: int
+
+    @property
+    def model_name(self) -> str | None:
+        return self.model.id if self.model else _model_name(self.body)
+
+    def paid(self, request_id: str, key_hash: str, available_msat: int) -> Paid:
+        return Paid(request_id, key_hash, self.amount_msat, available_msat, self.endpoint,
+                    self.model, self.body,
+                    stream=bool(self.body and self.body.get("stream") is True))
+
+
 @dataclass(slots=True)
 class Paid:
     """A forwarded request's money state, from its reservation to its settlement."""
@@ -82,6 +102,7 @@ class Paid:
     tap: SSETap | None = None
     closed: Settlement | None = None
     usage: Usage | None = None
+    xcashu: XCashu | None = None  # paid by an X-Cashu token rather than a key
 
     @property
     def settled(self) -> bool:
@@ -96,32 +117,35 @@ class Meter:
 
     # -- before forwarding -----------------------------------------------------------------
 
+    def quote(self, path: str, body: bytes, *, body_bound: bool = True) -> Quote:
+        """What a request may cost at most: the amount to reserve before forwarding it.
+
+        ``body_bound``: let the body's size bound the prompt. Off for x-cashu, whose clients
+        must be able to work out the amount from the published prices alone.
+        """
+        endpoint = METERED.get(path)
+        parsed = self._parse(body) if endpoint is not None else None
+        if self.config.model_based_pricing and endpoint is not None:
+            assert parsed is not None
+            model = self._model(parsed)
+            amount = self._max_cost(model, endpoint, parsed, body if body_bound else None)
+            return Quote(endpoint, parsed, model, amount)
+        return Quote(endpoint, parsed, None, self.config.cost_per_request_msat)
+
     def admit(self, request_id: str, authorization: str | None, path: str,
               body: bytes) -> Paid:
         """Authenticate, price and reserve; raises ApiError with the answer otherwise."""
         key_hash = hash_key(bearer_token(authorization))
-        endpoint = METERED.get(path)
-        parsed: dict[str, Any] | None = None
-        model: ModelPrice | None = None
         try:
-            if endpoint is not None:
-                parsed = self._parse(body)
-            if self.config.model_based_pricing and endpoint is not None:
-                assert parsed is not None
-                model = self._model(parsed)
-                amount = self._max_cost(model, endpoint, parsed, body)
-            else:
-                amount = self.config.cost_per_request_msat
+            q = self.quote(path, body)
         except ApiError:
             self._known_key(key_hash)  # a bad key is answered 401 first, whatever the body
             raise
         try:
-            held = self.ledger.reserve(key_hash, amount, request_id,
-                                       model.id if model else _model_name(parsed))
+            held = self.ledger.reserve(key_hash, q.amount_msat, request_id, q.model_name)
         except ReserveError as e:
             raise _reserve_error(e) from None
-        return Paid(request_id, key_hash, amount, held.available_msat, endpoint, model, parsed,
-                    stream=bool(parsed and parsed.get("stream") is True))
+        return q.paid(request_id, key_hash, held.available_msat)
 
     def _known_key(self, key_hash: str) -> None:
         if self.ledger.key(key_hash) is None:
@@ -155,7 +179,7 @@ class Meter:
         return model
 
     def _max_cost(self, model: ModelPrice, endpoint: str, body: dict[str, Any],
-                  raw: bytes) -> int:
+                  raw: bytes | None) -> int:
         max_tokens = None
         for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
             value = body.get(name)
@@ -167,7 +191,7 @@ class Meter:
             limit = max_tokens if max_tokens is not None else model.completion_limit
             max_tokens = limit * choices
         prompt_bound = None
-        if not any(marker in raw for marker in _UNBOUNDED_MARKERS):
+        if raw is not None and not any(marker in raw for marker in _UNBOUNDED_MARKERS):
             prompt_bound = len(raw) + PROMPT_OVERHEAD_TOKENS
         if endpoint == "embeddings":
             max_tokens = 0  # embeddings generate no tokens

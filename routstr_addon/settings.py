@@ -73,6 +73,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("EXCHANGE_FEE", str, "1.005", "Multiplier on USD prices for the exchange spread."),
     Setting("UPSTREAM_PROVIDER_FEE", str, "1.05",
             "Multiplier on USD prices for the provider margin."),
+    Setting("CASHU_MINTS", str, "",
+            "Trusted Cashu mints, comma-separated; the first is primary (change, refunds, "
+            "Lightning top-ups). Empty: no ecash, keys are funded by the operator only."),
     Setting("MAX_REQUEST_SIZE", str, "32m",
             "Largest request body accepted (k/m/g suffixes); also bounds buffered responses."),
     Setting("NAME", str, "Routstr Proxy", "Name shown in /v1/info."),
@@ -180,6 +183,21 @@ def parse_upstream(raw: str) -> Upstream | None:
     return Upstream(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
 
 
+def parse_mints(raw: str) -> tuple[str, ...]:
+    mints: list[str] = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        parts = urlsplit(item)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SettingError(f"CASHU_MINTS: expected mint URLs such as "
+                               f"https://mint.example.com, got {item!r}")
+        url = f"{parts.scheme}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
+        if url not in mints:
+            mints.append(url)
+    return tuple(mints)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The validated settings the proxy runs with."""
@@ -197,6 +215,7 @@ class Config:
     exchange_fee: Decimal
     upstream_provider_fee: Decimal
     max_request_size: int
+    cashu_mints: tuple[str, ...]
     name: str
     description: str
 
@@ -233,6 +252,7 @@ class Config:
             upstream_provider_fee=_decimal("UPSTREAM_PROVIDER_FEE", options.upstream_provider_fee,
                                            minimum=Decimal(1)),
             max_request_size=parse_size("MAX_REQUEST_SIZE", options.max_request_size),
+            cashu_mints=parse_mints(options.cashu_mints),
             name=options.name,
             description=options.description,
         )

@@ -6,14 +6,16 @@ dictionary lookup on the exact path (plus ``/v1/models/{id}``), cheap enough for
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from mitmproxy import http
 
 from ..ledger import Ledger
+from ..payments import Payments
 from ..pricing import Pricing
 from ..settings import Config
+from ..wallet import Wallet
 
 __all__ = ["Handler", "Services", "lookup"]
 
@@ -25,9 +27,11 @@ class Services:
     config: Config
     ledger: Ledger
     pricing: Pricing
+    wallet: Wallet | None = None
+    payments: Payments | None = None
 
 
-Handler = Callable[[Services, http.Request], http.Response]
+Handler = Callable[[Services, http.Request], http.Response | Awaitable[http.Response]]
 
 
 def _table() -> dict[str, dict[str, Handler]]:

@@ -1,0 +1,131 @@
+"""HTTP client for one Cashu mint (NUT-01/02/03/04/05/07/09), with a kept-alive connection.
+
+nutshell's own client opens a new connection for every call; on the request path of a paid
+request a swap is the one mint round trip we allow ourselves, so it should be just that.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+
+__all__ = ["SPENT_CODE", "MintClient", "MintError", "MintUnreachable"]
+
+logger = logging.getLogger(__name__)
+
+SPENT_CODE = 11001  # "Token already spent"
+
+
+class MintUnreachable(Exception):
+    """The mint did not answer. ``sent`` says whether the request may have reached it."""
+
+    def __init__(self, message: str, sent: bool) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+class MintError(Exception):
+    """The mint answered with an error (a 4xx with ``detail`` and ``code``)."""
+
+    def __init__(self, detail: str, code: int | None, status: int) -> None:
+        super().__init__(f"{detail} (code {code})" if code is not None else detail)
+        self.detail = detail
+        self.code = code
+        self.status = status
+
+
+class MintClient:
+    def __init__(self, url: str, timeout: float = 15.0) -> None:
+        self.url = url.rstrip("/")
+        self._client = httpx.AsyncClient(
+            base_url=self.url, timeout=httpx.Timeout(timeout, connect=5.0),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _call(self, method: str, path: str, json: Any = None) -> Any:
+        try:
+            resp = await self._client.request(method, path, json=json)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
+            raise MintUnreachable(f"cannot reach the mint {self.url}: {e!r}", sent=False) from e
+        except httpx.TransportError as e:  # the request may have been processed
+            raise MintUnreachable(f"no answer from the mint {self.url}: {e!r}", sent=True) from e
+        if resp.status_code >= 500:  # whether it did anything is unknown
+            raise MintUnreachable(f"the mint {self.url} answered {resp.status_code}", sent=True)
+        try:
+            data = resp.json()
+        except ValueError:
+            if resp.is_success:
+                raise MintUnreachable(f"the mint {self.url} answered garbage", sent=True) from None
+            raise MintError(resp.text[:200] or resp.reason_phrase, None, resp.status_code) from None
+        if not resp.is_success:
+            detail = data.get("detail", str(data)) if isinstance(data, dict) else str(data)
+            code = data.get("code") if isinstance(data, dict) else None
+            raise MintError(str(detail), code if isinstance(code, int) else None,
+                            resp.status_code)
+        return data
+
+    async def info(self) -> dict[str, Any]:
+        data: dict[str, Any] = await self._call("GET", "/v1/info")
+        return data
+
+    async def keysets(self) -> list[dict[str, Any]]:
+        data = await self._call("GET", "/v1/keysets")
+        keysets: list[dict[str, Any]] = data["keysets"]
+        return keysets
+
+    async def keys(self, keyset_id: str) -> dict[str, Any]:
+        data = await self._call("GET", f"/v1/keys/{keyset_id}")
+        keyset: dict[str, Any] = data["keysets"][0]
+        return keyset
+
+    async def swap(self, inputs: list[dict[str, Any]],
+                   outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        data = await self._call("POST", "/v1/swap", {"inputs": inputs, "outputs": outputs})
+        signatures: list[dict[str, Any]] = data["signatures"]
+        return signatures
+
+    async def check_state(self, ys: list[str]) -> list[dict[str, Any]]:
+        data = await self._call("POST", "/v1/checkstate", {"Ys": ys})
+        states: list[dict[str, Any]] = data["states"]
+        return states
+
+    async def restore(self, outputs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
+                                                                    list[dict[str, Any]]]:
+        data = await self._call("POST", "/v1/restore", {"outputs": outputs})
+        return data["outputs"], data["signatures"]
+
+    async def mint_quote(self, amount: int, unit: str) -> dict[str, Any]:
+        data: dict[str, Any] = await self._call("POST", "/v1/mint/quote/bolt11",
+                                                {"amount": amount, "unit": unit})
+        return data
+
+    async def mint_quote_state(self, quote: str) -> dict[str, Any]:
+        data: dict[str, Any] = await self._call("GET", f"/v1/mint/quote/bolt11/{quote}")
+        return data
+
+    async def mint(self, quote: str, outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        data = await self._call("POST", "/v1/mint/bolt11", {"quote": quote, "outputs": outputs})
+        signatures: list[dict[str, Any]] = data["signatures"]
+        return signatures
+
+    async def melt_quote(self, request: str, unit: str) -> dict[str, Any]:
+        data: dict[str, Any] = await self._call("POST", "/v1/melt/quote/bolt11",
+                                                {"request": request, "unit": unit})
+        return data
+
+    async def melt_quote_state(self, quote: str) -> dict[str, Any]:
+        data: dict[str, Any] = await self._call("GET", f"/v1/melt/quote/bolt11/{quote}")
+        return data
+
+    async def melt(self, quote: str, inputs: list[dict[str, Any]],
+                   outputs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"quote": quote, "inputs": inputs}
+        if outputs:
+            body["outputs"] = outputs
+        data: dict[str, Any] = await self._call("POST", "/v1/melt/bolt11", body)
+        return data

@@ -1,0 +1,380 @@
+"""Cashu money rules: tokens as keys, top-ups, refunds, and per-request x-cashu payments.
+
+Every rule keeps two promises. A token is credited once: it is swapped at its mint first, and
+the payment row keyed by its hash makes a second credit impossible. A user's token is never
+lost: nothing is stored before the mint has swapped it, and once it has, the new proofs and
+the credit are written together; if that write fails, the proofs go back to the user as a
+token in the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from .ecash import UNIT_MSAT, IncomingToken, TokenError, parse_token, serialize_token, token_hash
+from .errors import ApiError
+from .ledger import KEY_PREFIX, KeyState, Ledger, hash_key
+from .mintapi import MintError, MintUnreachable
+from .wallet import Redeemed, Wallet, WalletError
+
+__all__ = ["Payments", "XCashu", "derived_key", "token_error"]
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER = "5"
+
+
+def derived_key(token_text: str) -> str:
+    """The API key a token becomes: ``sk-`` + its hash, usable in its place afterwards."""
+    return KEY_PREFIX + token_hash(token_text)
+
+
+def token_error(e: TokenError) -> ApiError:
+    return ApiError(400, str(e), code=e.code, param="token")
+
+
+def mint_down(e: MintUnreachable) -> ApiError:
+    logger.warning("mint unreachable: %s", e)
+    message = ("The mint did not answer; your token was not redeemed and is still yours. "
+               "Try again shortly.") if not e.sent else (
+               "The mint did not answer in time. If it redeemed your token, the value is kept: "
+               "send the same token again once the mint answers.")
+    return ApiError(503, message, type="service_unavailable", code="mint_unavailable",
+                    headers={"retry-after": RETRY_AFTER})
+
+
+@dataclass(slots=True)
+class XCashu:
+    """An x-cashu request's payment: its token, and the proofs it was swapped into."""
+
+    token_hash: str
+    key_hash: str
+    mint: str
+    unit: str
+    msat: int  # credited (the token less the mint's fee)
+    change: str | None = None
+    change_msat: int = 0
+    closed: bool = False
+
+
+class Payments:
+    def __init__(self, ledger: Ledger, wallet: Wallet) -> None:
+        self.ledger = ledger
+        self.wallet = wallet
+        self._first_use: dict[str, asyncio.Future[None]] = {}
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    async def _redeem(self, token: IncomingToken, keep_variable: int | None = None) -> Redeemed:
+        try:
+            return await self.wallet.redeem(token, keep_variable)
+        except TokenError as e:
+            raise token_error(e) from None
+        except MintUnreachable as e:
+            raise mint_down(e) from None
+        except (MintError, WalletError) as e:
+            raise ApiError(502, f"The mint could not redeem the token: {e}",
+                           type="upstream_error", code="mint_error") from None
+
+    def _stored_or_returned(self, redeemed: Redeemed, write: Any) -> None:
+        """Run ``write`` (the ledger transaction recording a redeem); if it fails, the new proofs
+        go back to the user, whose token is spent by now."""
+        try:
+            write()
+        except ApiError:
+            raise
+        except Exception:
+            logger.exception("recording a redeemed token failed; returning its value")
+            token = serialize_token(redeemed.mint, redeemed.unit, redeemed.proofs)
+            raise ApiError(503, "The payment could not be recorded; your token's value is "
+                           "returned in the X-Cashu header.", type="service_unavailable",
+                           code="ledger_unavailable",
+                           headers={"x-cashu": token, "retry-after": RETRY_AFTER}) from None
+
+    def _payment_in(self, cur: Any, kind: str, token: IncomingToken, redeemed: Redeemed,
+                    key_hash: str, request_id: str | None = None) -> None:
+        cur.execute(self.ledger.sql(
+            "INSERT INTO payments (token_hash, kind, key_hash, mint, unit, amount, fee, msat, "
+            "request_id, change, change_msat, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, 0, ?)"),
+            (token.hash, kind, key_hash, redeemed.mint, redeemed.unit, token.amount,
+             redeemed.fee, redeemed.msat, request_id, time.time()))
+
+    def parse(self, text: str) -> IncomingToken:
+        try:
+            return parse_token(text)
+        except TokenError as e:
+            raise token_error(e) from None
+
+    def seen(self, token: IncomingToken) -> bool:
+        cur = self.ledger.db.connection().cursor()
+        cur.execute(self.ledger.sql("SELECT 1 FROM payments WHERE token_hash = ?"), (token.hash,))
+        return cur.fetchone() is not None
+
+    async def key_for_token(self, text: str) -> str:
+        """The API key for a token used as one: on first use the token is redeemed into it.
+        Concurrent first uses wait for one redeem; across processes the mint decides."""
+        api_key = derived_key(text)
+        key_hash = hash_key(api_key)
+        if self.ledger.key(key_hash) is not None:
+            return api_key
+        pending = self._first_use.get(key_hash)
+        if pending is not None:
+            await asyncio.shield(pending)
+            return api_key
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._first_use[key_hash] = future
+        try:
+            if self.ledger.key(key_hash) is None:
+                await self._open_key(text, key_hash, "key")
+            future.set_result(None)
+        except BaseException as e:
+            future.set_exception(e)
+            future.exception()  # retrieved: waiters get their own answer below
+            raise
+        finally:
+            del self._first_use[key_hash]
+        return api_key
+
+    async def _open_key(self, text: str, key_hash: str, kind: str,
+                        expires_at: float | None = None,
+                        refund_address: str | None = None) -> None:
+        token = self.parse(text)
+        try:
+            redeemed = await self._redeem(token)
+        except ApiError as e:
+            if e.code == "token_already_spent" and self.ledger.key(key_hash) is not None:
+                return  # another process redeemed it into this very key
+            raise
+
+        def write() -> None:
+            with self.ledger.transaction(durable=True) as cur:
+                self._payment_in(cur, kind, token, redeemed, key_hash)
+                self.wallet.store_in(cur, redeemed.mint, redeemed.unit, redeemed.proofs,
+                                     "unspent")
+                self.ledger.create_key_in(cur, key_hash, redeemed.msat,
+                                          note=f"{kind}: token of {token.amount} {token.unit}",
+                                          expires_at=expires_at, refund_address=refund_address)
+
+        self._stored_or_returned(redeemed, write)
+
+    async def create(self, text: str, expires_at: float | None = None,
+                     refund_address: str | None = None) -> tuple[str, KeyState]:
+        """``POST /v1/balance/create``: a new key funded by a token (the token's own key)."""
+        api_key = derived_key(text)
+        key_hash = hash_key(api_key)
+        if self.ledger.key(key_hash) is not None:
+            raise ApiError(400, "This token has already been spent (it funds an existing key).",
+                           code="token_already_spent", param="initial_balance_token")
+        await self._open_key(text, key_hash, "create", expires_at, refund_address)
+        state = self.ledger.key(key_hash)
+        assert state is not None
+        return api_key, state
+
+    async def topup(self, key_hash: str, text: str) -> int:
+        """``POST /v1/balance/topup``: credit a token to an existing key; the msat credited."""
+        if self.ledger.key(key_hash) is None:
+            raise ApiError(401, "Invalid API key.", code="invalid_api_key")
+        token = self.parse(text)
+        if self.seen(token):
+            raise ApiError(400, "This token has already been spent.", code="token_already_spent")
+        redeemed = await self._redeem(token)
+
+        def write() -> None:
+            with self.ledger.transaction(durable=True) as cur:
+                self._payment_in(cur, "topup", token, redeemed, key_hash)
+                self.wallet.store_in(cur, redeemed.mint, redeemed.unit, redeemed.proofs,
+                                     "unspent")
+                if self.ledger.credit_in(cur, key_hash, redeemed.msat,
+                                         f"topup: token of {token.amount} {token.unit}") is None:
+                    raise KeyError(key_hash)
+
+        self._stored_or_returned(redeemed, write)
+        return redeemed.msat
+
+    # -- paying back -------------------------------------------------------------------------
+
+    async def refund(self, key_hash: str) -> dict[str, Any]:
+        """``POST /v1/balance/refund``: the key's whole available balance as a token.
+
+        The key is debited first, in the same transaction that records the refund, so the
+        same balance cannot be refunded twice; asking again returns the same token."""
+        state = self.ledger.key(key_hash)
+        if state is None:
+            raise ApiError(401, "Invalid API key.", code="invalid_api_key")
+        mint = self.wallet.primary
+        unit = "sat" if "sat" in mint.units or not mint.units else sorted(mint.units)[0]
+        per_unit = UNIT_MSAT[unit]
+        amount = state.available_msat // per_unit
+        if state.reserved_msat:
+            raise ApiError(409, "This key has requests in flight; refund once they are done.",
+                           code="requests_in_flight")
+        if amount <= 0:
+            last = self._last_refund(key_hash)
+            if last is not None:
+                return await self._finish_refund(last)
+            raise ApiError(400, "Nothing to refund: the balance is below one "
+                           f"{unit}.", code="nothing_to_refund")
+        refund_id = uuid.uuid4().hex
+        now = time.time()
+        with self.ledger.transaction(durable=True) as cur:
+            if self.ledger.debit_in(cur, key_hash, amount * per_unit, "refund",
+                                    request_id=refund_id, kind="refund") is None:
+                raise ApiError(409, "The balance changed; try again.", code="balance_changed")
+            cur.execute(self.ledger.sql(
+                "INSERT INTO refunds (id, key_hash, msat, mint, unit, token, fee, state, "
+                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, NULL, 0, 'pending', ?, ?)"),
+                (refund_id, key_hash, amount * per_unit, mint.url, unit, now, now))
+        return await self._finish_refund(
+            {"id": refund_id, "msat": amount * per_unit, "mint": mint.url, "unit": unit,
+             "token": None, "fee": 0})
+
+    def _last_refund(self, key_hash: str) -> dict[str, Any] | None:
+        cur = self.ledger.db.connection().cursor()
+        cur.execute(self.ledger.sql(
+            "SELECT id, msat, mint, unit, token, fee FROM refunds WHERE key_hash = ? "
+            "ORDER BY created_at DESC LIMIT 1"), (key_hash,))
+        row = cur.fetchone()
+        if row is None:
+            return None
+        return dict(zip(("id", "msat", "mint", "unit", "token", "fee"), row, strict=True))
+
+    async def _finish_refund(self, refund: dict[str, Any]) -> dict[str, Any]:
+        """Make (or return the already made) token of a refund."""
+        token = refund["token"]
+        fee = int(refund["fee"])
+        if token is None:
+            per_unit = UNIT_MSAT[refund["unit"]]
+            try:
+                token, fee = await self.wallet.send(refund["mint"], refund["unit"],
+                                                    refund["msat"] // per_unit, refund["id"])
+            except MintUnreachable as e:
+                raise mint_down(e) from None
+            except (MintError, WalletError) as e:
+                logger.error("refund %s could not be made: %s", refund["id"], e)
+                raise ApiError(503, "The refund is recorded but its token could not be made "
+                               "yet; ask again shortly.", type="service_unavailable",
+                               code="refund_pending", headers={"retry-after": RETRY_AFTER}) from e
+            with self.ledger.transaction(durable=True) as cur:
+                cur.execute(self.ledger.sql(
+                    "UPDATE refunds SET token = ?, fee = ?, state = 'done', updated_at = ? "
+                    "WHERE id = ?"), (token, fee, time.time(), refund["id"]))
+        per_unit = UNIT_MSAT[refund["unit"]]
+        return {"token": token, "msats": refund["msat"], "sats": refund["msat"] // 1000,
+                "unit": refund["unit"], "mint": refund["mint"],
+                "fee": fee, "amount": refund["msat"] // per_unit - fee}
+
+    def stored_change(self, text: str) -> dict[str, Any] | None:
+        """The change of an x-cashu payment, for a client that could not read it."""
+        cur = self.ledger.db.connection().cursor()
+        cur.execute(self.ledger.sql(
+            "SELECT change, change_msat, unit, mint FROM payments "
+            "WHERE token_hash = ? AND kind = 'xcashu'"), (token_hash(text),))
+        row = cur.fetchone()
+        if row is None:
+            return None
+        change, change_msat, unit, mint = row
+        return {"token": change, "msats": int(change_msat), "unit": unit, "mint": mint}
+
+    # -- x-cashu -------------------------------------------------------------------------------
+
+    def requirement(self, required_msat: int) -> tuple[int, str]:
+        """What a token must carry for a request: (amount, unit) at the primary mint, with
+        room for the mint's input fee."""
+        mint = self.wallet.primary
+        unit = "sat" if "sat" in mint.units or not mint.units else sorted(mint.units)[0]
+        amount = -(-required_msat // UNIT_MSAT[unit])
+        ppk = max((k.input_fee_ppk for k in mint.keysets.values()
+                   if k.active and k.unit == unit), default=0)
+        if ppk:
+            amount += -(-(ppk * max(1, amount.bit_length())) // 1000)
+        return amount, unit
+
+    async def open_xcashu(self, text: str, request_id: str, required_msat: int,
+                          model: str | None) -> tuple[XCashu, int]:
+        """Redeem an x-cashu token and reserve the request's maximum cost on it.
+        Returns the payment and the available msat after the reservation."""
+        token = self.parse(text)
+        if self.seen(token):
+            raise ApiError(400, "This token has already been spent.", code="token_already_spent",
+                           param="x-cashu")
+        try:
+            mint = await self.wallet.prepare(token)
+        except TokenError as e:
+            if e.code in ("untrusted_mint", "unsupported_unit"):
+                raise self.payment_required(required_msat, str(e)) from None
+            raise token_error(e) from None
+        except MintUnreachable as e:
+            raise mint_down(e) from None
+        per_unit = UNIT_MSAT[token.unit]
+        net_msat = (token.amount - mint.input_fee(token.proofs)) * per_unit
+        if net_msat < required_msat:
+            raise self.payment_required(
+                required_msat, f"The token is worth {net_msat / 1000:g} sats after the mint's "
+                f"fee; this request needs up to {required_msat / 1000:g} sats.")
+        redeemed = await self._redeem(token, keep_variable=-(-required_msat // per_unit))
+        key_hash = hash_key(f"xcashu:{request_id}:{token.hash}")
+        payment = XCashu(token.hash, key_hash, redeemed.mint, redeemed.unit, redeemed.msat)
+        available: list[int] = []
+
+        def write() -> None:
+            with self.ledger.transaction(durable=True) as cur:
+                self._payment_in(cur, "xcashu", token, redeemed, key_hash, request_id)
+                self.wallet.store_in(cur, redeemed.mint, redeemed.unit, redeemed.proofs, "held",
+                                     request_id)
+                self.ledger.create_key_in(cur, key_hash, redeemed.msat,
+                                          note=f"x-cashu: token of {token.amount} {token.unit}",
+                                          label="x-cashu")
+                left = self.ledger.reserve_in(cur, key_hash, required_msat, request_id, model)
+                assert left is not None
+                available.append(left)
+
+        self._stored_or_returned(redeemed, write)
+        return payment, available[0]
+
+    def payment_required(self, required_msat: int, message: str) -> ApiError:
+        """402 with a NUT-18 payment request for what this request needs."""
+        from cashu.core.base import PaymentRequest
+        from cashu.core.nuts.nut18 import serialize
+
+        amount, unit = self.requirement(required_msat)
+        request = PaymentRequest(a=amount, u=unit, m=list(self.wallet.mints), s=True,
+                                 d="Routstr request payment")
+        return ApiError(402, f"{message} Pay at least {amount} {unit} from "
+                        f"{', '.join(self.wallet.mints)} in an X-Cashu header.",
+                        type="insufficient_quota", code="payment_required",
+                        headers={"x-cashu": serialize(request)})
+
+    def close_xcashu(self, payment: XCashu, request_id: str) -> XCashu:
+        """After the request is settled or released: what is left on its key goes back as
+        change (floored to the token's unit; the fraction is the operator's), cut from the
+        proofs the token was swapped into. Idempotent."""
+        if payment.closed:
+            return payment
+        per_unit = UNIT_MSAT[payment.unit]
+        with self.ledger.transaction() as cur:
+            state = self.ledger.key(payment.key_hash)
+            assert state is not None
+            if state.reserved_msat:
+                raise RuntimeError("close_xcashu before the request was settled")
+            change_units = state.available_msat // per_unit
+            change = self.wallet.cut_in(cur, request_id, payment.mint, payment.unit,
+                                        change_units)
+            if change_units:
+                self.ledger.debit_in(cur, payment.key_hash, change_units * per_unit,
+                                     "x-cashu change", request_id, kind="change")
+            rounding = state.available_msat - change_units * per_unit
+            if rounding:
+                self.ledger.debit_in(cur, payment.key_hash, rounding, "rounding to the unit",
+                                     request_id, kind="charge")
+            cur.execute(self.ledger.sql("UPDATE payments SET change = ?, change_msat = ? "
+                                        "WHERE token_hash = ?"),
+                        (change, change_units * per_unit, payment.token_hash))
+        payment.change, payment.change_msat, payment.closed = (change, change_units * per_unit,
+                                                               True)
+        return payment
