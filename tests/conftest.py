@@ -26,7 +26,9 @@ import pytest
 
 from routstr_addon.demo import run_in_thread
 from routstr_addon.ledger import KeyState, Ledger
+from routstr_addon.localmint import LocalMint
 
+from .ecash_user import UserWallet
 from .upstream import TestUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -287,3 +289,67 @@ def raw(proxy: Proxy, method: str, path: str, **kw: Any) -> httpx.Response:
     """A plain HTTP request to the proxy (for what the openai client would not send)."""
     with httpx.Client(base_url=proxy.url, timeout=30) as c:
         return c.request(method, path, **kw)
+
+
+# --- Cashu: a real Nutshell mint (FakeWallet), a user's wallet, a proxy taking ecash -------
+
+
+@pytest.fixture(scope="session")
+def mint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMint]:
+    m = LocalMint(tmp_path_factory.mktemp("mint")).start()
+    yield m
+    m.stop()
+
+
+@pytest.fixture(scope="session")
+def other_mint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMint]:
+    """A second mint the proxy does not trust."""
+    m = LocalMint(tmp_path_factory.mktemp("other-mint"), private_key="another mint").start()
+    yield m
+    m.stop()
+
+
+@pytest.fixture(scope="session")
+def user(mint: LocalMint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UserWallet]:
+    u = UserWallet(mint.url, tmp_path_factory.mktemp("user"))
+    yield u
+    u.close()
+
+
+@pytest.fixture(scope="session")
+def ecash_proxy(upstream: TestUpstream, mint: LocalMint,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    """The proxy taking ecash from ``mint``, model-based pricing, on SQLite."""
+    p = start_proxy(tmp_path_factory.mktemp("ecash-proxy"), upstream.url,
+                    {"UPSTREAM_BASE_URL": f"{upstream.url}/v1", "CASHU_MINTS": mint.url})
+    yield p
+    p.stop()
+
+
+def books_balance(proxy: Proxy, mint_url: str) -> None:
+    """The operator is never short: the proofs it holds (unspent at the mint, checked there)
+    cover every key's balance and every refund not yet handed out; the ledger balances."""
+    ledger = proxy.ledger()
+    try:
+        assert ledger.check() == []
+        cur = ledger.db.connection().cursor()
+        cur.execute("SELECT secret, unit, amount FROM proofs "
+                    "WHERE state IN ('unspent', 'held', 'reserved')")
+        held = cur.fetchall()
+        cur.execute("SELECT COALESCE(SUM(balance_msat), 0) FROM api_keys")
+        liabilities = int(cur.fetchone()[0])
+        cur.execute("SELECT COALESCE(SUM(msat), 0) FROM refunds WHERE state = 'pending'")
+        liabilities += int(cur.fetchone()[0])
+    finally:
+        ledger.close()
+    held_msat = sum(amount * (1000 if unit == "sat" else 1) for _, unit, amount in held)
+    assert held_msat >= liabilities, (held_msat, liabilities)
+    if held:
+        from routstr_addon.ecash import nutshell
+
+        nutshell()
+        from cashu.core.crypto.b_dhke import hash_to_curve
+
+        ys = [hash_to_curve(secret.encode()).format().hex() for secret, _, _ in held]
+        states = httpx.post(f"{mint_url}/v1/checkstate", json={"Ys": ys}, timeout=30).json()
+        assert {s["state"] for s in states["states"]} == {"UNSPENT"}

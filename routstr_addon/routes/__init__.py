@@ -47,6 +47,9 @@ def _table() -> dict[str, dict[str, Handler]]:
         table[f"{base}/info"] = {"GET": balance.info}
         table[f"{base}/"] = {"GET": balance.info}
         table[base] = {"GET": balance.info}
+        table[f"{base}/create"] = {"POST": balance.create, "GET": balance.create}
+        table[f"{base}/topup"] = {"POST": balance.topup}
+        table[f"{base}/refund"] = {"POST": balance.refund}
     return table
 
 

@@ -1,21 +1,47 @@
-"""``/v1/balance/*`` (alias ``/v1/wallet/*``): what a key holds, in msat."""
+"""``/v1/balance/*`` (alias ``/v1/wallet/*``): a key's balance, funded and refunded in ecash.
+
+Shapes follow the original Routstr so its clients keep working: ``create`` →
+``{"api_key", "balance"}``, ``topup`` → ``{"msats"}``, ``refund`` → ``{"token", …}``; amounts
+in msat.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Awaitable
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
 from mitmproxy import http
 
+from ..ecash import looks_like_token
 from ..errors import ApiError, json_response
-from ..ledger import hash_key
+from ..ledger import KeyState, hash_key
 from ..metering import bearer_token
+from ..payments import Payments
 from . import Services
 
 
-def info(services: Services, request: http.Request) -> http.Response:
+def _payments(services: Services) -> Payments:
+    if services.payments is None:
+        raise ApiError(400, "This proxy takes no ecash (no mints are configured).",
+                       code="ecash_not_accepted")
+    return services.payments
+
+
+async def _key(services: Services, request: http.Request) -> tuple[str, KeyState]:
+    """The request's key; a Cashu token as the key is redeemed into one on first use."""
     key = bearer_token(request.headers.get("authorization"))
+    if looks_like_token(key):
+        key = await _payments(services).key_for_token(key)
     state = services.ledger.key(hash_key(key))
     if state is None:
         raise ApiError(401, "Invalid API key.", code="invalid_api_key")
-    return json_response(200, {
+    return key, state
+
+
+def _describe(key: str, state: KeyState) -> dict[str, Any]:
+    return {
         "api_key": key,
         "balance": state.balance_msat,
         "reserved": state.reserved_msat,
@@ -25,4 +51,76 @@ def info(services: Services, request: http.Request) -> http.Response:
         "expiry_time": int(state.expires_at) if state.expires_at is not None else None,
         "refund_address": state.refund_address,
         "disabled": state.disabled,
-    })
+    }
+
+
+def info(services: Services, request: http.Request) -> http.Response | Awaitable[http.Response]:
+    key = bearer_token(request.headers.get("authorization"))
+    if looks_like_token(key):
+        return _info_later(services, request)
+    state = services.ledger.key(hash_key(key))
+    if state is None:
+        raise ApiError(401, "Invalid API key.", code="invalid_api_key")
+    return json_response(200, _describe(key, state))
+
+
+async def _info_later(services: Services, request: http.Request) -> http.Response:
+    key, state = await _key(services, request)
+    return json_response(200, _describe(key, state))
+
+
+def _field(request: http.Request, *names: str) -> str:
+    """A value from the JSON body, or (as the original accepted) the query string."""
+    body: Any = {}
+    if request.raw_content:
+        try:
+            body = json.loads(request.get_content(strict=False) or b"{}")
+        except ValueError:
+            raise ApiError(400, "The request body is not valid JSON.",
+                           code="invalid_json") from None
+    query = parse_qs(urlsplit(request.path).query)
+    for name in names:
+        value = body.get(name) if isinstance(body, dict) else None
+        if value is None and name in query:
+            value = query[name][0]
+        if isinstance(value, str) and value.strip():
+            return value
+    raise ApiError(400, f"Send the token as {names[0]!r}.", param=names[0],
+                   code="missing_token")
+
+
+async def create(services: Services, request: http.Request) -> http.Response:
+    payments = _payments(services)
+    token = _field(request, "initial_balance_token", "cashu_token", "token")
+    expiry = request.headers.get("key-expiry-time")
+    expires_at = None
+    if expiry:
+        try:
+            expires_at = float(expiry)
+        except ValueError:
+            raise ApiError(400, "Key-Expiry-Time must be a Unix time.",
+                           param="Key-Expiry-Time", code="invalid_expiry") from None
+    refund_address = request.headers.get("refund-lnurl") or None
+    api_key, state = await payments.create(token, expires_at, refund_address)
+    return json_response(200, {**_describe(api_key, state), "balance": state.balance_msat})
+
+
+async def topup(services: Services, request: http.Request) -> http.Response:
+    payments = _payments(services)
+    token = _field(request, "cashu_token", "token")
+    _, state = await _key(services, request)
+    credited = await payments.topup(state.key_hash, token)
+    return json_response(200, {"msats": credited})
+
+
+async def refund(services: Services, request: http.Request) -> http.Response:
+    payments = _payments(services)
+    original = request.headers.get("x-cashu")
+    if original:  # the change of an x-cashu request, for a client that could not read it
+        change = payments.stored_change(original)
+        if change is None:
+            raise ApiError(404, "No x-cashu payment with this token is known here.",
+                           code="payment_not_found")
+        return json_response(200, change)
+    _, state = await _key(services, request)
+    return json_response(200, await payments.refund(state.key_hash))

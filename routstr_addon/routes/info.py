@@ -15,7 +15,7 @@ def info(services: Services, request: http.Request) -> http.Response:
         "name": config.name,
         "description": config.description,
         "version": __version__,
-        "mints": [],
+        "mints": list(config.cashu_mints),
         "pricing": "model_based" if config.model_based_pricing else "fixed",
         "cost_per_request_sats": config.cost_per_request_msat / 1000,
         "btc_usd": {

@@ -1,0 +1,106 @@
+"""A local Nutshell mint with the FakeWallet Lightning backend: for the demo and the tests.
+
+FakeWallet pays its own invoices, so ecash is minted for free: it moves no real money. The mint
+runs as a child process (``mint`` from the ``cashu`` package) from an empty working folder, so
+no stray ``.env`` configures it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+__all__ = ["LocalMint", "free_port"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalMint:
+    """``start()`` a FakeWallet mint on loopback; ``stop()`` and ``start()`` again keep its
+    database (and so its keys and spent proofs)."""
+
+    def __init__(self, folder: Path, *, port: int | None = None, input_fee_ppk: int = 0,
+                 units: Sequence[str] = ("sat",), private_key: str = "routstr-local-mint",
+                 incoming_delay: float = 0.2) -> None:
+        self.folder = folder
+        self.port = port or free_port()
+        self.input_fee_ppk = input_fee_ppk
+        self.units = tuple(units)
+        self.private_key = private_key
+        self.incoming_delay = incoming_delay
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def environment(self) -> dict[str, str]:
+        env = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": str(self.folder),
+            "DEBUG": "TRUE",  # also keeps nutshell from cutting tracebacks to one line
+            "MINT_PRIVATE_KEY": self.private_key,
+            "MINT_LISTEN_HOST": "127.0.0.1",
+            "MINT_LISTEN_PORT": str(self.port),
+            "MINT_DATABASE": str(self.folder / "db"),
+            "MINT_AUTH_DATABASE": str(self.folder / "db" / "auth"),
+            "MINT_RATE_LIMIT": "FALSE",
+            "MINT_INPUT_FEE_PPK": str(self.input_fee_ppk),
+            "FAKEWALLET_DELAY_INCOMING_PAYMENT": str(self.incoming_delay),
+            "FAKEWALLET_DELAY_OUTGOING_PAYMENT": "0",
+            "MINT_INFO_NAME": "Routstr local FakeWallet mint (no real money)",
+        }
+        for unit in self.units:
+            env[f"MINT_BACKEND_BOLT11_{unit.upper()}"] = "FakeWallet"
+        return env
+
+    def start(self, timeout: float = 30.0) -> LocalMint:
+        (self.folder / "db").mkdir(parents=True, exist_ok=True)
+        mint = shutil.which("mint", path=str(Path(sys.executable).parent)) or "mint"
+        log = open(self.folder / "mint.log", "ab")  # noqa: SIM115 - the child keeps it open
+        self.process = subprocess.Popen(
+            [mint, "--host", "127.0.0.1", "--port", str(self.port)], cwd=self.folder,
+            env=self.environment(), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the mint exited: {self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/v1/keysets", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the mint did not start: {self.log_tail()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(5)
+
+    def log_tail(self, lines: int = 20) -> str:
+        path = self.folder / "mint.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) \
+            if path.exists() else ""
