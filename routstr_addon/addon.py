@@ -26,6 +26,7 @@ except ImportError:  # loaded by path (mitmdump -s) from a checkout that is not 
 from routstr_addon import routes, settings
 from routstr_addon.errors import ApiError, error_response, install_error_pages
 from routstr_addon.ledger import Ledger
+from routstr_addon.lightning import Invoices
 from routstr_addon.metering import Meter, Paid, bearer_token
 from routstr_addon.payments import Payments
 from routstr_addon.pricing import Pricing, RateKeeper, load_models
@@ -50,6 +51,7 @@ class Routstr:
         self.meter: Meter | None = None
         self.wallet: Wallet | None = None
         self.payments: Payments | None = None
+        self.invoices: Invoices | None = None
         self.services: routes.Services | None = None
         self._env_errors: list[str] = []
         self._tasks: dict[str, asyncio.Task[Any]] = {}
@@ -88,9 +90,11 @@ class Routstr:
         old_wallet = self.wallet
         self.wallet = Wallet(ledger, config.cashu_mints) if config.cashu_mints else None
         self.payments = Payments(ledger, self.wallet) if self.wallet else None
+        self.invoices = Invoices(ledger, self.wallet) if self.wallet else None
         if old_wallet is not None:
             asyncio.get_running_loop().create_task(old_wallet.close())
-        self.services = routes.Services(config, ledger, pricing, self.wallet, self.payments)
+        self.services = routes.Services(config, ledger, pricing, self.wallet, self.payments,
+                                        self.invoices)
         # Requests we answer ourselves must not open an upstream connection first.
         ctx.options.update(connection_strategy="lazy", body_size_limit=str(config.max_request_size))
         if self._running:  # reconfigured while running: restart the timers with the new settings
@@ -124,6 +128,8 @@ class Routstr:
             self._tasks["checkpoint"] = loop.create_task(_checkpoints(ledger))
         if self.wallet is not None:
             self._tasks["wallet"] = loop.create_task(self.wallet.start())
+        if self.invoices is not None:
+            self._tasks["invoices"] = loop.create_task(self.invoices.watch())
 
     async def done(self) -> None:
         for task in self._tasks.values():

@@ -75,6 +75,9 @@ class ApiKey(_Base):
     refund_address = peewee.TextField(null=True)
     label = peewee.TextField(null=True)
     disabled = peewee.BooleanField(default=False)
+    # Funded with ecash (tokens, Lightning): withdrawable, and backed by the wallet's proofs.
+    # Keys the operator funds by hand are prepaid credit: spendable, not withdrawable.
+    backed = peewee.BooleanField(default=False)
 
     class Meta:
         table_name = "api_keys"
@@ -187,8 +190,35 @@ class Refund(_Base):
         table_name = "refunds"
 
 
+class Invoice(_Base):
+    """A Lightning invoice (a mint quote at the primary mint) that funds a key once paid.
+
+    ``id_hash`` is the SHA-256 of the invoice id the client holds (the id is a bearer secret:
+    for ``create`` it leads to the new key). ``outputs`` keeps the blinded messages sent to
+    the mint while minting, so a crash between minting and crediting can be recovered (NUT-09).
+    """
+
+    id_hash = peewee.CharField(max_length=64, primary_key=True)
+    quote = peewee.TextField()
+    mint = peewee.TextField()
+    unit = peewee.CharField(max_length=8)
+    amount = peewee.BigIntegerField()
+    bolt11 = peewee.TextField()
+    purpose = peewee.CharField(max_length=8)  # create | topup
+    key_hash = peewee.CharField(max_length=64)
+    state = peewee.CharField(max_length=10)  # unpaid | minting | credited | expired
+    outputs = peewee.TextField(null=True)
+    expires_at = peewee.DoubleField(null=True)
+    created_at = peewee.DoubleField()
+    updated_at = peewee.DoubleField()
+
+    class Meta:
+        table_name = "invoices"
+        indexes = ((("state",), False),)
+
+
 MODELS: Sequence[type[peewee.Model]] = (ApiKey, LedgerEntry, Reservation, StoredProof, Payment,
-                                        Refund)
+                                        Refund, Invoice)
 
 
 # --- results --------------------------------------------------------------------------------
@@ -235,6 +265,7 @@ class KeyState:
     refund_address: str | None
     label: str | None
     disabled: bool
+    backed: bool = False
 
     @property
     def available_msat(self) -> int:
@@ -244,7 +275,7 @@ class KeyState:
 # --- the ledger -----------------------------------------------------------------------------
 
 _KEY_COLUMNS = ("key_hash, balance_msat, reserved_msat, total_spent_msat, total_requests, "
-                "created_at, expires_at, refund_address, label, disabled")
+                "created_at, expires_at, refund_address, label, disabled, backed")
 
 _ENTRY_INSERT = ("INSERT INTO ledger_entries (created_at, key_hash, kind, amount_msat, "
                  "reserved_msat, request_id, model, prompt_tokens, completion_tokens, note) "
@@ -273,8 +304,8 @@ _SQL = {
     "entry": _ENTRY_INSERT,
     "key": f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_hash = ?",
     "new_key": ("INSERT INTO api_keys (key_hash, balance_msat, reserved_msat, total_spent_msat, "
-                "total_requests, created_at, expires_at, refund_address, label, disabled) "
-                "VALUES (?, ?, 0, 0, 0, ?, ?, ?, ?, ?)"),
+                "total_requests, created_at, expires_at, refund_address, label, disabled, "
+                "backed) VALUES (?, ?, 0, 0, 0, ?, ?, ?, ?, ?, ?)"),
     "touch": "UPDATE reservations SET touched_at = ? WHERE request_id = ?",
 }
 
@@ -345,6 +376,22 @@ class Ledger:
         if create:
             with self.db.bind_ctx(MODELS):
                 self.db.create_tables(MODELS, safe=True)
+                self._add_new_columns()
+
+    def _add_new_columns(self) -> None:
+        """Bring a database made by an older version up to date: columns added since then
+        are added (with their defaults). Nothing is ever dropped or rewritten."""
+        from playhouse.migrate import PostgresqlMigrator, SqliteMigrator, migrate
+
+        migrator = (SqliteMigrator(self.db) if self.is_sqlite else PostgresqlMigrator(self.db))
+        for model in MODELS:
+            table = model._meta.table_name
+            present = {c.name for c in self.db.get_columns(table)}
+            missing = [f for f in model._meta.sorted_fields if f.column_name not in present]
+            if missing:
+                logger.info("ledger: adding %s to %s", ", ".join(f.column_name for f in missing),
+                            table)
+                migrate(*(migrator.add_column(table, f.column_name, f) for f in missing))
 
     def _on_connect(self) -> None:
         if not self.is_sqlite:
@@ -421,10 +468,10 @@ class Ledger:
 
     def create_key_in(self, cur: Any, key_hash: str, balance_msat: int, *, note: str,
                       expires_at: float | None = None, refund_address: str | None = None,
-                      label: str | None = None) -> None:
+                      label: str | None = None, backed: bool = False) -> None:
         now = time.time()
         cur.execute(self._sql["new_key"], (key_hash, balance_msat, now, expires_at,
-                                           refund_address, label, False))
+                                           refund_address, label, False, backed))
         self._entry(cur, now, key_hash, "credit", balance_msat, 0, note=note)
 
     def credit_in(self, cur: Any, key_hash: str, amount_msat: int, note: str | None,
@@ -664,7 +711,8 @@ class Ledger:
 
 def _key_state(row: Sequence[Any]) -> KeyState:
     return KeyState(row[0], int(row[1]), int(row[2]), int(row[3]), int(row[4]), float(row[5]),
-                    None if row[6] is None else float(row[6]), row[7], row[8], bool(row[9]))
+                    None if row[6] is None else float(row[6]), row[7], row[8], bool(row[9]),
+                    bool(row[10]))
 
 
 def _connection_errors() -> tuple[type[Exception], ...]:

@@ -159,7 +159,8 @@ class Payments:
                                      "unspent")
                 self.ledger.create_key_in(cur, key_hash, redeemed.msat,
                                           note=f"{kind}: token of {token.amount} {token.unit}",
-                                          expires_at=expires_at, refund_address=refund_address)
+                                          expires_at=expires_at, refund_address=refund_address,
+                                          backed=True)
 
         self._stored_or_returned(redeemed, write)
 
@@ -211,6 +212,9 @@ class Payments:
         unit = "sat" if "sat" in mint.units or not mint.units else sorted(mint.units)[0]
         per_unit = UNIT_MSAT[unit]
         amount = state.available_msat // per_unit
+        if not state.backed:
+            raise ApiError(403, "This key holds credit granted by the operator, which cannot be "
+                           "withdrawn as ecash.", type="permission_error", code="not_refundable")
         if state.reserved_msat:
             raise ApiError(409, "This key has requests in flight; refund once they are done.",
                            code="requests_in_flight")
@@ -329,7 +333,7 @@ class Payments:
                                      request_id)
                 self.ledger.create_key_in(cur, key_hash, redeemed.msat,
                                           note=f"x-cashu: token of {token.amount} {token.unit}",
-                                          label="x-cashu")
+                                          label="x-cashu", backed=True)
                 left = self.ledger.reserve_in(cur, key_hash, required_msat, request_id, model)
                 assert left is not None
                 available.append(left)

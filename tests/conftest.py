@@ -336,7 +336,7 @@ def books_balance(proxy: Proxy, mint_url: str) -> None:
         cur.execute("SELECT secret, unit, amount FROM proofs "
                     "WHERE state IN ('unspent', 'held', 'reserved')")
         held = cur.fetchall()
-        cur.execute("SELECT COALESCE(SUM(balance_msat), 0) FROM api_keys")
+        cur.execute("SELECT COALESCE(SUM(balance_msat), 0) FROM api_keys WHERE backed")
         liabilities = int(cur.fetchone()[0])
         cur.execute("SELECT COALESCE(SUM(msat), 0) FROM refunds WHERE state = 'pending'")
         liabilities += int(cur.fetchone()[0])

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from mitmproxy import http
 
 from ..ledger import Ledger
+from ..lightning import Invoices
 from ..payments import Payments
 from ..pricing import Pricing
 from ..settings import Config
@@ -29,6 +30,7 @@ class Services:
     pricing: Pricing
     wallet: Wallet | None = None
     payments: Payments | None = None
+    invoices: Invoices | None = None
 
 
 Handler = Callable[[Services, http.Request], http.Response | Awaitable[http.Response]]
@@ -50,6 +52,7 @@ def _table() -> dict[str, dict[str, Handler]]:
         table[f"{base}/create"] = {"POST": balance.create, "GET": balance.create}
         table[f"{base}/topup"] = {"POST": balance.topup}
         table[f"{base}/refund"] = {"POST": balance.refund}
+        table[f"{base}/lightning/invoice"] = {"POST": balance.lightning_invoice}
     return table
 
 
@@ -66,4 +69,9 @@ def lookup(path: str) -> dict[str, Handler] | None:
         from . import models
 
         return {"GET": models.get_model}
+    if found is None and path.endswith("/status") and (
+            path.startswith(("/v1/balance/lightning/invoice/", "/v1/wallet/lightning/invoice/"))):
+        from . import balance
+
+        return {"GET": balance.lightning_status}
     return found

@@ -17,6 +17,7 @@ from mitmproxy import http
 from ..ecash import looks_like_token
 from ..errors import ApiError, json_response
 from ..ledger import KeyState, hash_key
+from ..lightning import Invoices
 from ..metering import bearer_token
 from ..payments import Payments
 from . import Services
@@ -124,3 +125,39 @@ async def refund(services: Services, request: http.Request) -> http.Response:
         return json_response(200, change)
     _, state = await _key(services, request)
     return json_response(200, await payments.refund(state.key_hash))
+
+
+def _invoices(services: Services) -> Invoices:
+    if services.invoices is None:
+        raise ApiError(400, "This proxy takes no ecash (no mints are configured).",
+                       code="ecash_not_accepted")
+    return services.invoices
+
+
+async def lightning_invoice(services: Services, request: http.Request) -> http.Response:
+    """``POST /v1/balance/lightning/invoice {"amount_sats", "purpose"}``: a bolt11 invoice
+    that, once paid, creates a key (``create``) or tops up the caller's (``topup``)."""
+    invoices = _invoices(services)
+    try:
+        body = json.loads(request.get_content(strict=False) or b"{}")
+    except ValueError:
+        raise ApiError(400, "The request body is not valid JSON.", code="invalid_json") from None
+    amount = body.get("amount_sats") if isinstance(body, dict) else None
+    purpose = body.get("purpose", "create") if isinstance(body, dict) else None
+    if not isinstance(amount, int) or isinstance(amount, bool):
+        raise ApiError(400, "amount_sats must be a whole number of sats.", param="amount_sats",
+                       code="invalid_amount")
+    key_hash = None
+    if purpose == "topup":
+        _, state = await _key(services, request)
+        key_hash = state.key_hash
+    answer = await invoices.create(amount, str(purpose), key_hash)
+    base = request.path.split("/lightning/", 1)[0]
+    answer["status_url"] = f"{base}/lightning/invoice/{answer['invoice_id']}/status"
+    return json_response(200, answer)
+
+
+async def lightning_status(services: Services, request: http.Request) -> http.Response:
+    invoice_id = request.path.split("?", 1)[0].split("/lightning/invoice/", 1)[1]
+    invoice_id = invoice_id.removesuffix("/status")
+    return json_response(200, await _invoices(services).status(invoice_id))

@@ -1,0 +1,206 @@
+"""Lightning top-ups: a bolt11 invoice from the primary mint's mint quote (NUT-04) funds a key.
+
+An invoice moves ``unpaid`` → ``minting`` → ``credited``. The blinded outputs are written down
+before the mint is asked to sign them (``minting``), so whatever happens next the proofs can be
+had again from the mint (NUT-09 restore) and the key is credited exactly once: the move to
+``credited`` is one conditional update in the same transaction as the credit. A timer checks
+unpaid invoices and finishes interrupted ones, so a paid invoice is credited even if nobody
+asks, and after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import secrets
+import time
+from typing import Any
+
+from .ecash import UNIT_MSAT, amounts_for, nutshell
+from .errors import ApiError
+from .ledger import KEY_PREFIX, Ledger, hash_key
+from .mintapi import MintError, MintUnreachable
+from .wallet import MintWallet, Wallet
+
+__all__ = ["Invoices"]
+
+logger = logging.getLogger(__name__)
+
+MAX_INVOICE_SATS = 10_000_000
+
+
+def invoice_key(invoice_id: str) -> str:
+    """The key a ``create`` invoice funds, derived from the invoice id its creator holds."""
+    return KEY_PREFIX + hashlib.sha256(f"lightning-invoice:{invoice_id}".encode()).hexdigest()
+
+
+def _id_hash(invoice_id: str) -> str:
+    return hashlib.sha256(invoice_id.encode()).hexdigest()
+
+
+class Invoices:
+    def __init__(self, ledger: Ledger, wallet: Wallet) -> None:
+        self.ledger = ledger
+        self.wallet = wallet
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def create(self, amount_sats: int, purpose: str,
+                     key_hash: str | None = None) -> dict[str, Any]:
+        if purpose not in ("create", "topup"):
+            raise ApiError(400, "purpose must be 'create' or 'topup'.", param="purpose",
+                           code="invalid_purpose")
+        if not 0 < amount_sats <= MAX_INVOICE_SATS:
+            raise ApiError(400, f"amount_sats must be between 1 and {MAX_INVOICE_SATS}.",
+                           param="amount_sats", code="invalid_amount")
+        mint = self.wallet.primary
+        try:
+            await mint.ensure_loaded()
+            mint.active("sat")
+            quote = await mint.client.mint_quote(amount_sats, "sat")
+        except MintUnreachable as e:
+            raise ApiError(503, f"The mint did not answer: {e}", type="service_unavailable",
+                           code="mint_unavailable", headers={"retry-after": "5"}) from None
+        except Exception as e:
+            raise ApiError(502, f"The mint could not make an invoice: {e}",
+                           type="upstream_error", code="mint_error") from None
+        invoice_id = secrets.token_urlsafe(32)
+        if purpose == "create":
+            key_hash = hash_key(invoice_key(invoice_id))
+        assert key_hash is not None
+        now = time.time()
+        expires_at = float(quote["expiry"]) if quote.get("expiry") else None
+        with self.ledger.transaction(durable=True) as cur:
+            cur.execute(self.ledger.sql(
+                "INSERT INTO invoices (id_hash, quote, mint, unit, amount, bolt11, purpose, "
+                "key_hash, state, outputs, expires_at, created_at, updated_at) "
+                "VALUES (?, ?, ?, 'sat', ?, ?, ?, ?, 'unpaid', NULL, ?, ?, ?)"),
+                (_id_hash(invoice_id), quote["quote"], mint.url, amount_sats, quote["request"],
+                 purpose, key_hash, expires_at, now, now))
+        return {"invoice_id": invoice_id, "bolt11": quote["request"], "amount_sats": amount_sats,
+                "purpose": purpose, "expires_at": expires_at, "state": "unpaid"}
+
+    def _row(self, id_hash: str) -> dict[str, Any] | None:
+        cur = self.ledger.db.connection().cursor()
+        cur.execute(self.ledger.sql(
+            "SELECT id_hash, quote, mint, unit, amount, purpose, key_hash, state, outputs, "
+            "expires_at FROM invoices WHERE id_hash = ?"), (id_hash,))
+        row = cur.fetchone()
+        if row is None:
+            return None
+        return dict(zip(("id_hash", "quote", "mint", "unit", "amount", "purpose", "key_hash",
+                         "state", "outputs", "expires_at"), row, strict=True))
+
+    async def status(self, invoice_id: str) -> dict[str, Any]:
+        """The invoice's state; checks the mint and credits the key if it has been paid."""
+        row = self._row(_id_hash(invoice_id))
+        if row is None:
+            raise ApiError(404, "No such invoice.", code="invoice_not_found")
+        if row["state"] in ("unpaid", "minting"):
+            try:
+                row = await self.settle(row) or row
+            except MintUnreachable as e:
+                logger.warning("invoice check: %s", e)
+        answer: dict[str, Any] = {"state": row["state"], "amount_sats": row["amount"],
+                                  "purpose": row["purpose"]}
+        if row["state"] == "credited":
+            answer["msats"] = row["amount"] * UNIT_MSAT[row["unit"]]
+            if row["purpose"] == "create":
+                key = invoice_key(invoice_id)
+                state = self.ledger.key(hash_key(key))
+                answer["api_key"] = key
+                answer["balance"] = state.balance_msat if state else 0
+        return answer
+
+    async def settle(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        """Mint and credit a paid invoice (once); the updated row, or None if not paid yet."""
+        lock = self._locks.setdefault(row["id_hash"], asyncio.Lock())
+        async with lock:
+            row = self._row(row["id_hash"]) or row
+            if row["state"] not in ("unpaid", "minting"):
+                return row
+            mint = self.wallet.mint(row["mint"])
+            if mint is None:
+                logger.error("invoice at %s, a mint no longer trusted", row["mint"])
+                return None
+            await mint.ensure_loaded()
+            if row["state"] == "unpaid":
+                quote = await mint.client.mint_quote_state(row["quote"])
+                if quote.get("state") not in ("PAID", "ISSUED"):
+                    if row["expires_at"] and row["expires_at"] < time.time():
+                        self._set_state(row["id_hash"], "unpaid", "expired")
+                        row["state"] = "expired"
+                        return row
+                    return None
+            proofs = await self._mint(mint, row)
+            try:
+                self._credit(row, mint, proofs)
+            finally:
+                self._locks.pop(row["id_hash"], None)
+            return self._row(row["id_hash"])
+
+    async def _mint(self, mint: MintWallet, row: dict[str, Any]) -> list[Any]:
+        nutshell()
+        from cashu.core.crypto.secp import PrivateKey
+
+        if row["state"] == "minting" and row["outputs"]:  # asked before: get the signatures back
+            saved = json.loads(row["outputs"])
+            outputs, secret_list = saved["outputs"], saved["secrets"]
+            rs = [PrivateKey(bytes.fromhex(r)) for r in saved["rs"]]
+            try:
+                signatures = await mint.client.mint(row["quote"], outputs)
+            except MintError:  # already issued to these outputs: restore them
+                _, signatures = await mint.client.restore(outputs)
+            return mint.unblind(signatures, outputs, secret_list, rs)
+        keyset = mint.active(row["unit"])
+        outputs, secret_list, rs = mint.blind(amounts_for(row["amount"]), keyset)
+        saved_json = json.dumps({"outputs": outputs, "secrets": secret_list,
+                                 "rs": [r.to_hex() for r in rs]})
+        with self.ledger.transaction(durable=True) as cur:
+            cur.execute(self.ledger.sql(
+                "UPDATE invoices SET state = 'minting', outputs = ?, updated_at = ? "
+                "WHERE id_hash = ? AND state = 'unpaid'"),
+                (saved_json, time.time(), row["id_hash"]))
+        row["state"], row["outputs"] = "minting", saved_json
+        signatures = await mint.client.mint(row["quote"], outputs)
+        return mint.unblind(signatures, outputs, secret_list, rs)
+
+    def _credit(self, row: dict[str, Any], mint: MintWallet, proofs: list[Any]) -> None:
+        msat = sum(p.amount for p in proofs) * UNIT_MSAT[row["unit"]]
+        with self.ledger.transaction(durable=True) as cur:
+            cur.execute(self.ledger.sql(
+                "UPDATE invoices SET state = 'credited', outputs = NULL, updated_at = ? "
+                "WHERE id_hash = ? AND state = 'minting'"), (time.time(), row["id_hash"]))
+            if cur.rowcount != 1:
+                raise RuntimeError("invoice credited twice")  # rolled back: nothing changes
+            self.wallet.store_in(cur, mint.url, row["unit"], proofs, "unspent")
+            note = f"lightning: invoice of {row['amount']} {row['unit']}"
+            if row["purpose"] == "create":
+                self.ledger.create_key_in(cur, row["key_hash"], msat, note=note, backed=True)
+            elif self.ledger.credit_in(cur, row["key_hash"], msat, note) is None:
+                raise RuntimeError("the key of a top-up invoice is gone")
+
+    def _set_state(self, id_hash: str, old: str, new: str) -> None:
+        with self.ledger.transaction() as cur:
+            cur.execute(self.ledger.sql("UPDATE invoices SET state = ?, updated_at = ? "
+                                        "WHERE id_hash = ? AND state = ?"),
+                        (new, time.time(), id_hash, old))
+
+    async def watch(self, every: float = 5.0) -> None:
+        """Credit paid invoices nobody asked about, and finish interrupted ones (restart)."""
+        while True:
+            cur = self.ledger.db.connection().cursor()
+            cur.execute("SELECT id_hash FROM invoices WHERE state IN ('unpaid', 'minting')")
+            for (id_hash,) in cur.fetchall():
+                row = self._row(id_hash)
+                if row is None:
+                    continue
+                try:
+                    await self.settle(row)
+                except MintUnreachable as e:
+                    logger.info("invoice watch: %s", e)
+                    break
+                except Exception:
+                    logger.exception("invoice watch: could not settle an invoice")
+            await asyncio.sleep(every)
