@@ -389,6 +389,7 @@ def test_ledger_rows_of_an_xcashu_request(ecash_proxy: Proxy, user: UserWallet) 
 
 def test_operator_credit_cannot_be_withdrawn(ecash_proxy: Proxy) -> None:
     key = ecash_proxy.new_key(sats=50)
-    resp = raw(ecash_proxy, "POST", "/v1/balance/refund", headers={"authorization": f"Bearer {key}"})
+    resp = raw(ecash_proxy, "POST", "/v1/balance/refund",
+               headers={"authorization": f"Bearer {key}"})
     assert resp.status_code == 403 and resp.json()["error"]["code"] == "not_refundable"
     assert ecash_proxy.key_state(key).balance_msat == 50_000
