@@ -273,16 +273,37 @@ class Payments:
                 "unit": refund["unit"], "mint": refund["mint"],
                 "fee": fee, "amount": refund["msat"] // per_unit - fee}
 
-    def stored_change(self, text: str) -> dict[str, Any] | None:
-        """The change of an x-cashu payment, for a client that could not read it."""
+    async def stored_change(self, text: str) -> dict[str, Any] | None:
+        """The change of an x-cashu payment, for a client that could not read it.
+
+        If the change could not be cut when the request ended, what is left on the payment's
+        key is paid out now, from the pool (a mint swap if the pool has no exact proofs)."""
+        hashed = token_hash(text)
         cur = self.ledger.db.connection().cursor()
         cur.execute(self.ledger.sql(
-            "SELECT change, change_msat, unit, mint FROM payments "
-            "WHERE token_hash = ? AND kind = 'xcashu'"), (token_hash(text),))
+            "SELECT change, change_msat, unit, mint, key_hash, request_id, msat FROM payments "
+            "WHERE token_hash = ? AND kind = 'xcashu'"), (hashed,))
         row = cur.fetchone()
         if row is None:
             return None
-        change, change_msat, unit, mint = row
+        change, change_msat, unit, mint, key_hash, request_id, msat = row
+        state = self.ledger.key(key_hash)
+        if change is None and state is not None and not state.reserved_msat and \
+                state.available_msat >= UNIT_MSAT[unit]:
+            payment = XCashu(hashed, key_hash, mint, unit, int(msat))
+            try:  # cut from the proofs the token was swapped into, as at the end of a request
+                closed = self.close_xcashu(payment, request_id)
+                change, change_msat = closed.change, closed.change_msat
+            except WalletError:  # they cannot make it: pay it out of the pool
+                with self.ledger.transaction() as cur:
+                    self.wallet.set_state_in(cur, self.wallet.owned_in(cur, request_id),
+                                             "unspent", None)
+                made = await self.refund(key_hash)
+                change, change_msat = made["token"], made["msats"]
+                with self.ledger.transaction() as cur:
+                    cur.execute(self.ledger.sql("UPDATE payments SET change = ?, "
+                                                "change_msat = ? WHERE token_hash = ?"),
+                                (change, change_msat, hashed))
         return {"token": change, "msats": int(change_msat), "unit": unit, "mint": mint}
 
     # -- x-cashu -------------------------------------------------------------------------------

@@ -118,7 +118,7 @@ async def refund(services: Services, request: http.Request) -> http.Response:
     payments = _payments(services)
     original = request.headers.get("x-cashu")
     if original:  # the change of an x-cashu request, for a client that could not read it
-        change = payments.stored_change(original)
+        change = await payments.stored_change(original)
         if change is None:
             raise ApiError(404, "No x-cashu payment with this token is known here.",
                            code="payment_not_found")
