@@ -89,8 +89,9 @@ class Routstr:
         self.meter = Meter(config, ledger, pricing)
         old_wallet = self.wallet
         self.wallet = Wallet(ledger, config.cashu_mints) if config.cashu_mints else None
-        self.payments = Payments(ledger, self.wallet) if self.wallet else None
         self.invoices = Invoices(ledger, self.wallet) if self.wallet else None
+        self.payments = (Payments(ledger, self.wallet, self.invoices, config.swap_untrusted_mints)
+                         if self.wallet else None)
         if old_wallet is not None:
             asyncio.get_running_loop().create_task(old_wallet.close())
         self.services = routes.Services(config, ledger, pricing, self.wallet, self.payments,

@@ -48,6 +48,9 @@ class Invoices:
 
     async def create(self, amount_sats: int, purpose: str,
                      key_hash: str | None = None) -> dict[str, Any]:
+        """A mint quote at the primary mint, recorded to fund ``key_hash`` once paid: an
+        existing key (``topup``), or a new one (``create``; by default the key derived from
+        the invoice id, which the answer's ``invoice_id`` leads to)."""
         if purpose not in ("create", "topup"):
             raise ApiError(400, "purpose must be 'create' or 'topup'.", param="purpose",
                            code="invalid_purpose")
@@ -66,7 +69,7 @@ class Invoices:
             raise ApiError(502, f"The mint could not make an invoice: {e}",
                            type="upstream_error", code="mint_error") from None
         invoice_id = secrets.token_urlsafe(32)
-        if purpose == "create":
+        if purpose == "create" and key_hash is None:
             key_hash = hash_key(invoice_key(invoice_id))
         assert key_hash is not None
         now = time.time()
@@ -180,6 +183,10 @@ class Invoices:
                 self.ledger.create_key_in(cur, row["key_hash"], msat, note=note, backed=True)
             elif self.ledger.credit_in(cur, row["key_hash"], msat, note) is None:
                 raise RuntimeError("the key of a top-up invoice is gone")
+
+    def cancel(self, invoice_id: str) -> None:
+        """Forget an unpaid invoice (it will not be credited even if paid later)."""
+        self._set_state(_id_hash(invoice_id), "unpaid", "expired")
 
     def _set_state(self, id_hash: str, old: str, new: str) -> None:
         with self.ledger.transaction() as cur:

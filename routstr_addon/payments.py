@@ -16,10 +16,19 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .ecash import UNIT_MSAT, IncomingToken, TokenError, parse_token, serialize_token, token_hash
+from .ecash import (
+    UNIT_MSAT,
+    IncomingToken,
+    TokenError,
+    parse_token,
+    proof_to_dict,
+    serialize_token,
+    token_hash,
+)
 from .errors import ApiError
 from .ledger import KEY_PREFIX, KeyState, Ledger, hash_key
-from .mintapi import MintError, MintUnreachable
+from .lightning import Invoices
+from .mintapi import SPENT_CODE, MintError, MintUnreachable
 from .wallet import Redeemed, Wallet, WalletError
 
 __all__ = ["Payments", "XCashu", "derived_key", "token_error"]
@@ -63,9 +72,12 @@ class XCashu:
 
 
 class Payments:
-    def __init__(self, ledger: Ledger, wallet: Wallet) -> None:
+    def __init__(self, ledger: Ledger, wallet: Wallet, invoices: Invoices | None = None,
+                 swap_untrusted: bool = False) -> None:
         self.ledger = ledger
         self.wallet = wallet
+        self.invoices = invoices
+        self.swap_untrusted = swap_untrusted and invoices is not None
         self._first_use: dict[str, asyncio.Future[None]] = {}
 
     # -- receiving ---------------------------------------------------------------------------
@@ -145,6 +157,9 @@ class Payments:
                         expires_at: float | None = None,
                         refund_address: str | None = None) -> None:
         token = self.parse(text)
+        if self.swap_untrusted and self.wallet.mint(token.mint) is None:
+            await self._swap_in(token, "create", key_hash)
+            return
         try:
             redeemed = await self._redeem(token)
         except ApiError as e:
@@ -184,6 +199,8 @@ class Payments:
         token = self.parse(text)
         if self.seen(token):
             raise ApiError(400, "This token has already been spent.", code="token_already_spent")
+        if self.swap_untrusted and self.wallet.mint(token.mint) is None:
+            return await self._swap_in(token, "topup", key_hash)
         redeemed = await self._redeem(token)
 
         def write() -> None:
@@ -197,6 +214,72 @@ class Payments:
 
         self._stored_or_returned(redeemed, write)
         return redeemed.msat
+
+    async def _swap_in(self, token: IncomingToken, purpose: str, key_hash: str) -> int:
+        """A token from an untrusted mint, moved to the primary over Lightning: an invoice of
+        the primary's (recorded to credit ``key_hash`` once paid) is paid by melting the token
+        at its own mint. The Lightning fee and both mints' fees come off the amount.
+        Returns the msat credited."""
+        assert self.invoices is not None
+        stranger = self.wallet.stranger(token.mint)
+        try:
+            await stranger.ensure_loaded()
+        except MintUnreachable as e:
+            raise mint_down(e) from None
+        for p in token.proofs:
+            keyset = stranger.resolve(p.id)
+            if keyset is None or keyset.unit != token.unit:
+                raise ApiError(400, "The token names a keyset its mint does not have.",
+                               code="invalid_token", param="token")
+            p.id = keyset.id
+        if token.unit != "sat":
+            raise ApiError(400, "Only sat tokens can be swapped from another mint.",
+                           code="unsupported_unit", param="token")
+        available = token.amount - stranger.input_fee(token.proofs)
+        target = available - max(2, available // 100)  # a first guess at the Lightning fee
+        for _ in range(3):
+            if target <= 0:
+                raise ApiError(400, f"The token ({token.amount} sat) is too small to move from "
+                               f"{token.mint} to this proxy's mint over Lightning.",
+                               code="token_too_small", param="token")
+            invoice = await self.invoices.create(target, purpose, key_hash)
+            try:
+                quote = await stranger.client.melt_quote(invoice["bolt11"], "sat")
+            except (MintError, MintUnreachable) as e:
+                self.invoices.cancel(invoice["invoice_id"])
+                raise ApiError(502, f"The token's mint cannot pay out: {e}",
+                               type="upstream_error", code="mint_error") from None
+            needed = int(quote["amount"]) + int(quote.get("fee_reserve") or 0)
+            if needed <= available:
+                break
+            self.invoices.cancel(invoice["invoice_id"])
+            target -= needed - available
+        else:
+            raise ApiError(400, "The Lightning fees to move this token keep changing; try again.",
+                           code="token_too_small", param="token")
+        try:
+            await stranger.client.melt(quote["quote"], [proof_to_dict(p) for p in token.proofs])
+        except MintError as e:
+            self.invoices.cancel(invoice["invoice_id"])
+            if e.code == SPENT_CODE or "spent" in e.detail.lower():
+                raise ApiError(400, "This token has already been spent.",
+                               code="token_already_spent", param="token") from None
+            raise ApiError(400, f"The token's mint refused it: {e.detail}",
+                           code="invalid_token", param="token") from None
+        except MintUnreachable as e:
+            if not e.sent:
+                self.invoices.cancel(invoice["invoice_id"])
+            raise mint_down(e) from None  # if it paid, the invoice watcher credits the key
+        for _ in range(100):
+            status = await self.invoices.status(invoice["invoice_id"])
+            if status["state"] == "credited":
+                logger.info("swapped %d sat from %s: %d credited, fees %d", token.amount,
+                            token.mint, target, token.amount - target)
+                return target * 1000
+            await asyncio.sleep(0.1)
+        raise ApiError(503, "The token was paid out by its mint; the credit follows as soon as "
+                       "the payment settles.", type="service_unavailable", code="swap_pending",
+                       headers={"retry-after": RETRY_AFTER})
 
     # -- paying back -------------------------------------------------------------------------
 

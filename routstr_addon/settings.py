@@ -76,6 +76,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CASHU_MINTS", str, "",
             "Trusted Cashu mints, comma-separated; the first is primary (change, refunds, "
             "Lightning top-ups). Empty: no ecash, keys are funded by the operator only."),
+    Setting("SWAP_UNTRUSTED_MINTS", bool, False,
+            "Accept tokens of other mints for keys and top-ups by moving them to the primary "
+            "mint over Lightning (fees deducted). false: refuse them, naming CASHU_MINTS."),
     Setting("MAX_REQUEST_SIZE", str, "32m",
             "Largest request body accepted (k/m/g suffixes); also bounds buffered responses."),
     Setting("NAME", str, "Routstr Proxy", "Name shown in /v1/info."),
@@ -216,6 +219,7 @@ class Config:
     upstream_provider_fee: Decimal
     max_request_size: int
     cashu_mints: tuple[str, ...]
+    swap_untrusted_mints: bool
     name: str
     description: str
 
@@ -253,6 +257,7 @@ class Config:
                                            minimum=Decimal(1)),
             max_request_size=parse_size("MAX_REQUEST_SIZE", options.max_request_size),
             cashu_mints=parse_mints(options.cashu_mints),
+            swap_untrusted_mints=options.swap_untrusted_mints,
             name=options.name,
             description=options.description,
         )

@@ -203,6 +203,8 @@ class Wallet:
         self.ledger = ledger
         self.mints = {w.url: w for w in (MintWallet(u, timeout) for u in mint_urls)}
         self.primary = next(iter(self.mints.values()))
+        self.timeout = timeout
+        self.foreign: dict[str, MintWallet] = {}  # untrusted mints met in tokens, to melt at
         self._spending = asyncio.Lock()  # picking pool proofs for refunds is one at a time
 
     async def start(self) -> None:
@@ -214,11 +216,19 @@ class Wallet:
                 logger.warning("mint %s not loaded yet: %s", mint.url, result)
 
     async def close(self) -> None:
-        for mint in self.mints.values():
+        for mint in [*self.mints.values(), *self.foreign.values()]:
             await mint.client.aclose()
 
     def mint(self, url: str) -> MintWallet | None:
         return self.mints.get(sanitize_mint_url(url))
+
+    def stranger(self, url: str) -> MintWallet:
+        """A client for an untrusted mint, to melt its tokens (never to hold its proofs)."""
+        url = sanitize_mint_url(url)
+        found = self.foreign.get(url)
+        if found is None:
+            found = self.foreign[url] = MintWallet(url, self.timeout)
+        return found
 
     # -- money in --------------------------------------------------------------------------
 

@@ -145,3 +145,37 @@ def test_minting_interrupted_after_the_mint_signed_is_recovered(mint: LocalMint,
     asyncio.run(scenario())
     assert ledger.check() == []
     ledger.close()
+
+
+def test_foreign_tokens_are_swapped_in_over_lightning_when_allowed(
+        upstream: Any, mint: LocalMint, other_mint: LocalMint, tmp_path: Path) -> None:
+    from .ecash_user import UserWallet
+
+    proxy = start_proxy(tmp_path / "p", upstream.url,
+                        {"UPSTREAM_BASE_URL": f"{upstream.url}/v1", "CASHU_MINTS": mint.url,
+                         "SWAP_UNTRUSTED_MINTS": "true"})
+    stranger = UserWallet(other_mint.url, tmp_path / "stranger")
+    try:
+        token = stranger.token(300)
+        created = raw(proxy, "POST", "/v1/balance/create", json={"initial_balance_token": token})
+        assert created.status_code == 200, created.text
+        balance = created.json()["balance"]
+        # Lightning fee reserve and mint fees come off: less than the token, but most of it.
+        assert 250_000 <= balance < 300_000 and balance % 1000 == 0
+        assert stranger.spent(token)
+        key = created.json()["api_key"]
+        topped = raw(proxy, "POST", "/v1/balance/topup", json={"cashu_token": stranger.token(200)},
+                     headers={"authorization": f"Bearer {key}"})
+        assert topped.status_code == 200, topped.text
+        assert 150_000 <= topped.json()["msats"] < 200_000
+        assert proxy.key_state(key).balance_msat == balance + topped.json()["msats"]
+        # The proxy holds only proofs of its own mint.
+        ledger = proxy.ledger()
+        cur = ledger.db.connection().cursor()
+        cur.execute("SELECT DISTINCT mint FROM proofs")
+        assert [m for (m,) in cur.fetchall()] == [mint.url]
+        ledger.close()
+        books_balance(proxy, mint.url)
+    finally:
+        stranger.close()
+        proxy.stop()
