@@ -5,17 +5,17 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from routstr_addon import __version__, settings
 from routstr_addon.ledger import KEY_PREFIX, KeyState, Ledger, hash_key
+
+from .common import JsonOpt, console, err, fail, load_config, open_ledger, sats
+from .wallet import create_key_from_token, wallet_app
 
 app = typer.Typer(help="Routstr: a Cashu-paid proxy for OpenAI-compatible APIs, on mitmproxy.",
                   no_args_is_help=True, add_completion=False)
@@ -23,33 +23,9 @@ keys_app = typer.Typer(help="Create and inspect API keys.", no_args_is_help=True
 ledger_app = typer.Typer(help="Read and audit the ledger.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(wallet_app, name="wallet")
 
-console = Console()
-err = Console(stderr=True)
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
-
-
-def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}")
-    return typer.Exit(code)
-
-
-@contextmanager
-def open_ledger() -> Iterator[Ledger]:
-    try:
-        config = settings.load_config()
-    except settings.SettingError as e:
-        raise fail(str(e), 2) from None
-    ledger = Ledger(config.database_url)
-    try:
-        yield ledger
-    finally:
-        ledger.close()
-
-
-def sats(msat: int) -> str:
-    return f"{msat / 1000:,.3f}"
+__all__ = ["app", "console", "err", "fail", "open_ledger", "parse_expiry", "sats"]
 
 
 def when(ts: float | None) -> str:
@@ -72,6 +48,8 @@ def key_json(state: KeyState) -> dict[str, Any]:
         "refund_address": state.refund_address,
         "label": state.label,
         "disabled": state.disabled,
+        # funded with ecash (withdrawable) rather than by the operator; older ledgers lack it
+        "backed": getattr(state, "backed", None),
     }
 
 
@@ -144,9 +122,24 @@ def version() -> None:
 # --- keys -----------------------------------------------------------------------------------
 
 
-@keys_app.command("create")
+KEYS_CREATE_HELP = (
+    "Create a key and print it (it is shown only once).\n\n"
+    "Fund it by hand with --balance-sats (credit you grant: spendable, not withdrawable as "
+    "ecash), or with a Cashu --token, redeemed as POST /v1/balance/create does (the key is "
+    "the token's own). With --json, the key's state too, and credited_msat with --token.\n\n"
+    "Exit codes: 0 created; 1 the token was refused (malformed, spent, from a mint not in "
+    "CASHU_MINTS, below the mint's fee) or its mint failed; 2 bad input or settings (both "
+    "--balance-sats and --token, no CASHU_MINTS for --token)."
+)
+
+
+@keys_app.command("create", help=KEYS_CREATE_HELP)
 def keys_create(
-    balance_sats: Annotated[int, typer.Option(help="Initial balance in sats.", min=0)] = 0,
+    balance_sats: Annotated[int | None, typer.Option(
+        help="Initial balance in sats, granted by you.", min=0, show_default="0")] = None,
+    token: Annotated[str | None, typer.Option(
+        help="A Cashu token (cashuA…/cashuB…, or - for stdin) from a mint of CASHU_MINTS "
+             "to fund the key with.")] = None,
     expiry: Annotated[str | None, typer.Option(help="When it expires: 30d, 12h, Unix time or "
                                                     "ISO date.")] = None,
     refund_address: Annotated[str | None, typer.Option(help="Lightning address for refunds.")]
@@ -154,14 +147,23 @@ def keys_create(
     label: Annotated[str | None, typer.Option(help="A note for yourself.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create a key funded with BALANCE_SATS and print it (it is shown only once)."""
+    """Create a key (help: KEYS_CREATE_HELP)."""
+    if token is not None and balance_sats is not None:
+        raise fail("give --balance-sats or --token, not both", 2)
     expires_at = parse_expiry(expiry) if expiry else None
-    with open_ledger() as ledger:
-        key, state = ledger.create_key(balance_sats * 1000, expires_at=expires_at,
-                                       refund_address=refund_address, label=label,
-                                       note="created by operator")
+    config = load_config()
+    with open_ledger(config) as ledger:
+        if token is not None:
+            key, state = create_key_from_token(config, ledger, token, expires_at=expires_at,
+                                               refund_address=refund_address, label=label)
+            extra = {"credited_msat": state.balance_msat}
+        else:
+            key, state = ledger.create_key((balance_sats or 0) * 1000, expires_at=expires_at,
+                                           refund_address=refund_address, label=label,
+                                           note="created by operator")
+            extra = {}
     if as_json:
-        print(json.dumps({"api_key": key, **key_json(state)}))
+        print(json.dumps({"api_key": key, **key_json(state), **extra}))
     else:
         print(key)
 

@@ -23,19 +23,24 @@ from typing import Any
 from routstr_addon import settings
 from routstr_addon.demo import DEMO_MODEL, EchoUpstream, run_in_thread
 from routstr_addon.ledger import Ledger, hash_key
+from routstr_addon.localmint import LocalMint, mint_token, port_or_free
 
 ADDON_PATH = Path(__file__).resolve().parent.parent / "routstr_addon" / "addon.py"
 DEMO_RATE = "100000"
 DEMO_BALANCE_SATS = 10_000
+DEMO_TOKEN_SATS = 1_000
+DEMO_MINT_PORT = 3338
 
 
 @dataclass(slots=True)
 class Demo:
-    """What the demo set up: where its upstream is and the key to try it with."""
+    """What the demo set up: where its upstream is and the key and token to try it with."""
 
     upstream_url: str
     key: str
     overrides: dict[str, str]
+    mint_url: str = ""
+    token: str = ""
 
 
 def reverse_mode(base_url: str) -> str:
@@ -60,16 +65,23 @@ def demo_models(data_dir: Path) -> Path:
     return path
 
 
-def prepare_demo(config_env: dict[str, str], upstream_url: str) -> Demo:
-    """Demo settings (own ledger, fixed demo rate) and a funded demo key, kept across runs."""
+def demo_folder(config_env: dict[str, str]) -> Path:
     data_dir = Path(config_env.get("DATA_DIR", "data")) / "demo"
     data_dir.mkdir(parents=True, exist_ok=True)
+    return data_dir
+
+
+def prepare_demo(config_env: dict[str, str], upstream_url: str, mint_url: str = "") -> Demo:
+    """Demo settings (own ledger, fixed demo rate, the local mint) and a funded demo key,
+    kept across runs, and a fresh demo token from the local mint."""
+    data_dir = demo_folder(config_env)
     overrides = {
         "UPSTREAM_BASE_URL": f"{upstream_url}/v1",
         "DATABASE_URL": f"sqlite:///{data_dir / 'routstr.sqlite'}",
         "MODELS_PATH": str(demo_models(data_dir)),
         "BTC_USD_PRICE": config_env.get("BTC_USD_PRICE") or DEMO_RATE,
         "NAME": "Routstr DEMO (echo model, no real money)",
+        "CASHU_MINTS": mint_url,
     }
     ledger = Ledger(overrides["DATABASE_URL"])
     try:
@@ -85,7 +97,8 @@ def prepare_demo(config_env: dict[str, str], upstream_url: str) -> Demo:
             ledger.credit(state.key_hash, DEMO_BALANCE_SATS * 1000, note="demo top-up")
     finally:
         ledger.close()
-    return Demo(upstream_url, key, overrides)
+    token = asyncio.run(mint_token(mint_url, DEMO_TOKEN_SATS)) if mint_url else ""
+    return Demo(upstream_url, key, overrides, mint_url, token)
 
 
 def demo_banner(demo: Demo, host: str, port: int) -> str:
@@ -103,8 +116,23 @@ def demo_banner(demo: Demo, host: str, port: int) -> str:
       -H "Authorization: Bearer {demo.key}" -H "Content-Type: application/json" \\
       -d '{{"model": "{DEMO_MODEL}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
     curl {base}/v1/balance/info -H "Authorization: Bearer {demo.key}"
-  Configure a real upstream in .env (see .env.example) to leave the demo.
+{_token_lines(demo, base)}  Configure a real upstream in .env (see .env.example) to leave the demo.
 ==================================================================================
+"""
+
+
+def _token_lines(demo: Demo, base: str) -> str:
+    if not demo.token:
+        return ""
+    return f"""----------------------------------------------------------------------------------
+  Demo mint: {demo.mint_url} (FakeWallet: its ecash is free and worthless)
+  Demo token ({DEMO_TOKEN_SATS} sats): {demo.token}
+  Pay one request with it and get the change back in the x-cashu header:
+    curl -i {base}/v1/chat/completions -H "X-Cashu: <token>" \\
+      -H "Content-Type: application/json" \\
+      -d '{{"model": "{DEMO_MODEL}", "messages": [{{"role": "user", "content": "Hi"}}]}}'
+  or use it as the API key: -H "Authorization: Bearer <token>"
+----------------------------------------------------------------------------------
 """
 
 
@@ -144,10 +172,23 @@ def serve(host: str, port: int, web: bool, quiet: bool = False, web_port: int = 
         overrides: dict[str, str] = {}
         mode = reverse_mode(env["UPSTREAM_BASE_URL"])
         return _run(mode, host, port, overrides, web, quiet, web_port)
-    with run_in_thread(EchoUpstream()) as upstream:
-        demo = prepare_demo(env, upstream.url)
-        print(demo_banner(demo, host, port), flush=True)
-        return _run(reverse_mode(upstream.url), host, port, demo.overrides, web, quiet, web_port)
+    mint = LocalMint(demo_folder(env) / "mint", port=port_or_free(DEMO_MINT_PORT))
+    try:
+        mint.start()
+    except RuntimeError as e:  # the demo still runs, with keys only
+        print(f"demo mint did not start ({e}); continuing without ecash", file=sys.stderr)
+        mint.stop()
+        mint_url = ""
+    else:
+        mint_url = mint.url
+    try:
+        with run_in_thread(EchoUpstream()) as upstream:
+            demo = prepare_demo(env, upstream.url, mint_url)
+            print(demo_banner(demo, host, port), flush=True)
+            return _run(reverse_mode(upstream.url), host, port, demo.overrides, web, quiet,
+                        web_port)
+    finally:
+        mint.stop()
 
 
 def _run(mode: str, host: str, port: int, env_overrides: dict[str, str], web: bool,

@@ -8,6 +8,7 @@ failure of our own fails closed: the client gets an error and nothing unpaid is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -70,6 +71,8 @@ class Routstr:
             if self._env_errors:
                 raise SettingError(self._env_errors[0])
             config = Config.from_options(ctx.options)
+            if config == self.config:
+                return  # options set again to the same values
             pricing = Pricing(_models(config), config.exchange_fee, config.upstream_provider_fee)
             if config.btc_usd_price is not None:
                 pricing.set_rate(config.btc_usd_price)
@@ -93,7 +96,8 @@ class Routstr:
         self.payments = (Payments(ledger, self.wallet, self.invoices, config.swap_untrusted_mints)
                          if self.wallet else None)
         if old_wallet is not None:
-            asyncio.get_running_loop().create_task(old_wallet.close())
+            with contextlib.suppress(RuntimeError):  # no loop yet: nothing was opened
+                asyncio.get_running_loop().create_task(old_wallet.close())
         self.services = routes.Services(config, ledger, pricing, self.wallet, self.payments,
                                         self.invoices)
         # Requests we answer ourselves must not open an upstream connection first.

@@ -104,3 +104,35 @@ class LocalMint:
         path = self.folder / "mint.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) \
             if path.exists() else ""
+
+
+async def mint_token(url: str, amount: int, unit: str = "sat") -> str:
+    """A fresh token of ``amount`` from a FakeWallet mint (its invoices pay themselves)."""
+    import asyncio
+
+    from .ecash import amounts_for, serialize_token
+    from .wallet import MintWallet
+
+    mint = MintWallet(url)
+    try:
+        await mint.load()
+        quote = await mint.client.mint_quote(amount, unit)
+        for _ in range(200):
+            if (await mint.client.mint_quote_state(quote["quote"]))["state"] == "PAID":
+                break
+            await asyncio.sleep(0.05)
+        outputs, secrets, rs = mint.blind(amounts_for(amount), mint.active(unit))
+        signatures = await mint.client.mint(quote["quote"], outputs)
+        return serialize_token(mint.url, unit, mint.unblind(signatures, outputs, secrets, rs))
+    finally:
+        await mint.client.aclose()
+
+
+def port_or_free(preferred: int) -> int:
+    """``preferred`` if nothing listens there (a stable URL across runs), else any free port."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            return free_port()
+    return preferred

@@ -178,6 +178,15 @@ def test_routstr_serve_runs_the_demo_out_of_the_box(tmp_path: Path) -> None:
         assert int(resp.headers["x-routstr-cost-msats"]) > 0
         info = httpx.get(f"http://127.0.0.1:{port}/v1/info", timeout=5).json()
         assert "DEMO" in info["name"]
+        # The demo mint's token pays a request by itself, and the change comes back.
+        token = re.search(r"Demo token \(1000 sats\): (cashuB\S+)", banner)
+        assert token is not None and "worthless" in banner
+        paid = httpx.post(curl.group(1), headers={"x-cashu": token.group(1)},
+                          json={"model": "demo-echo",
+                                "messages": [{"role": "user", "content": "ecash"}]}, timeout=20)
+        assert paid.status_code == 200, paid.text
+        assert paid.headers["x-cashu"].startswith("cashuB")
+        assert info["mints"] == [re.search(r"Demo mint: (\S+)", banner).group(1)]  # type: ignore[union-attr]
     finally:
         proc.terminate()
         proc.wait(10)
