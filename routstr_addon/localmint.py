@@ -7,6 +7,7 @@ no stray ``.env`` configures it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -65,6 +66,10 @@ class LocalMint:
         }
         for unit in self.units:
             env[f"MINT_BACKEND_BOLT11_{unit.upper()}"] = "FakeWallet"
+        # One keyset per unit: nutshell's derivation paths are m/0'/<unit index>'/<n>'.
+        unit_index = {"sat": 0, "msat": 1, "usd": 2, "eur": 3}
+        env["MINT_DERIVATION_PATH_LIST"] = json.dumps(
+            [f"m/0'/{unit_index[u]}'/0'" for u in self.units])
         return env
 
     def start(self, timeout: float = 30.0) -> LocalMint:

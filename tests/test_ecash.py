@@ -393,3 +393,46 @@ def test_operator_credit_cannot_be_withdrawn(ecash_proxy: Proxy) -> None:
                headers={"authorization": f"Bearer {key}"})
     assert resp.status_code == 403 and resp.json()["error"]["code"] == "not_refundable"
     assert ecash_proxy.key_state(key).balance_msat == 50_000
+
+
+def test_a_token_with_a_forged_dleq_proof_is_refused(ecash_proxy: Proxy,
+                                                     user: UserWallet) -> None:
+    from cashu.core.base import TokenV4
+
+    token = user.token(64, dleq=True)
+    parsed = TokenV4.deserialize(token)
+    first = parsed.t[0].p[0]
+    assert first.d is not None
+    first.d.s = bytes(32 - len(first.d.s[:1])) + b"\x01"  # a DLEQ proof that cannot verify
+    forged = parsed.serialize(include_dleq=True)
+    resp = raw(ecash_proxy, "POST", "/v1/balance/create", json={"initial_balance_token": forged})
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_token"
+    assert "DLEQ" in resp.json()["error"]["message"]
+    assert not user.spent(token)
+
+
+def test_msat_tokens_pay_and_get_exact_change(upstream: Any,
+                                              tmp_path_factory: pytest.TempPathFactory) -> None:
+    from .conftest import start_proxy
+
+    folder = tmp_path_factory.mktemp("msat")
+    msat_mint = LocalMint(folder / "mint", units=("sat", "msat")).start()
+    owner = UserWallet(msat_mint.url, folder / "user", unit="msat")
+    proxy = start_proxy(folder / "proxy", upstream.url,
+                        {"UPSTREAM_BASE_URL": f"{upstream.url}/v1",
+                         "CASHU_MINTS": msat_mint.url})
+    try:
+        amount = MIN_SATS * 1000 + 12_345
+        token = owner.token(amount)
+        resp = xpost(proxy, token)
+        assert resp.status_code == 200, resp.text
+        cost = int(resp.headers["x-routstr-cost-msats"])
+        assert owner.receive(resp.headers["x-cashu"]) == amount - cost  # to the msat
+        created = raw(proxy, "POST", "/v1/balance/create",
+                      json={"initial_balance_token": owner.token(54_321)})
+        assert created.status_code == 200 and created.json()["balance"] == 54_321
+        books_balance(proxy, msat_mint.url)
+    finally:
+        proxy.stop()
+        owner.close()
+        msat_mint.stop()
