@@ -516,14 +516,17 @@ def wallet_receive(
 # --- keys create --token --------------------------------------------------------------------
 
 
-async def _create(ledger: Ledger, mints: Sequence[str], text: str, expires_at: float | None,
+async def _create(config: Config, ledger: Ledger, text: str, expires_at: float | None,
                   refund_address: str | None) -> tuple[str, KeyState]:
+    from routstr_addon.lightning import Invoices
     from routstr_addon.payments import Payments
     from routstr_addon.wallet import Wallet
 
-    wallet = Wallet(ledger, mints)
-    try:
-        return await Payments(ledger, wallet).create(text, expires_at, refund_address)
+    wallet = Wallet(ledger, config.cashu_mints)
+    try:  # as the proxy does: with SWAP_UNTRUSTED_MINTS, other mints' tokens are melted in
+        payments = Payments(ledger, wallet, Invoices(ledger, wallet),
+                            config.swap_untrusted_mints)
+        return await payments.create(text, expires_at, refund_address)
     finally:
         await wallet.close()
 
@@ -534,17 +537,21 @@ def create_key_from_token(config: Config, ledger: Ledger, token: str, *,
     """A new key funded by redeeming a token, as ``POST /v1/balance/create`` makes it.
     Exits 2 without mints, 1 if the token is refused."""
     from routstr_addon.errors import ApiError
+    from routstr_addon.mintapi import MintError, MintUnreachable
+    from routstr_addon.wallet import WalletError
 
-    trusted = mints_of(config)
+    mints_of(config)
     text = read_token(token)
     try:
         with err.status("redeeming the token at its mint…"):
-            key, state = asyncio.run(_create(ledger, trusted, text, expires_at, refund_address))
+            key, state = asyncio.run(_create(config, ledger, text, expires_at, refund_address))
     except ApiError as e:
         returned = e.headers.get("x-cashu")
-        if returned:
+        if returned:  # the token was redeemed but not recorded: its value, as a new token
             print(returned)
         raise fail(e.message, 1) from None
+    except (MintError, MintUnreachable, WalletError) as e:  # not turned into an ApiError
+        raise fail(f"the mint failed: {e}", 1) from None
     if label is not None:  # Payments.create takes no label
         with ledger.transaction() as cur:
             cur.execute(ledger.sql("UPDATE api_keys SET label = ? WHERE key_hash = ?"),
