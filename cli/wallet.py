@@ -27,7 +27,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from routstr_addon.ecash import UNIT_MSAT, sanitize_mint_url
-from routstr_addon.ledger import KeyState, Ledger, hash_key
+from routstr_addon.ledger import KeyState, Ledger
 from routstr_addon.settings import Config
 
 from .common import JsonOpt, console, err, fail, load_config, mints_of, open_ledger, sats
@@ -517,7 +517,7 @@ def wallet_receive(
 
 
 async def _create(config: Config, ledger: Ledger, text: str, expires_at: float | None,
-                  refund_address: str | None) -> tuple[str, KeyState]:
+                  refund_address: str | None, label: str | None) -> tuple[str, KeyState]:
     from routstr_addon.lightning import Invoices
     from routstr_addon.payments import Payments
     from routstr_addon.wallet import Wallet
@@ -526,7 +526,7 @@ async def _create(config: Config, ledger: Ledger, text: str, expires_at: float |
     try:  # as the proxy does: with SWAP_UNTRUSTED_MINTS, other mints' tokens are melted in
         payments = Payments(ledger, wallet, Invoices(ledger, wallet),
                             config.swap_untrusted_mints)
-        return await payments.create(text, expires_at, refund_address)
+        return await payments.create(text, expires_at, refund_address, label)
     finally:
         await wallet.close()
 
@@ -544,7 +544,8 @@ def create_key_from_token(config: Config, ledger: Ledger, token: str, *,
     text = read_token(token)
     try:
         with err.status("redeeming the token at its mint…"):
-            key, state = asyncio.run(_create(config, ledger, text, expires_at, refund_address))
+            key, state = asyncio.run(_create(config, ledger, text, expires_at, refund_address,
+                                             label))
     except ApiError as e:
         returned = e.headers.get("x-cashu")
         if returned:  # the token was redeemed but not recorded: its value, as a new token
@@ -552,11 +553,4 @@ def create_key_from_token(config: Config, ledger: Ledger, token: str, *,
         raise fail(e.message, 1) from None
     except (MintError, MintUnreachable, WalletError) as e:  # not turned into an ApiError
         raise fail(f"the mint failed: {e}", 1) from None
-    if label is not None:  # Payments.create takes no label
-        with ledger.transaction() as cur:
-            cur.execute(ledger.sql("UPDATE api_keys SET label = ? WHERE key_hash = ?"),
-                        (label, hash_key(key)))
-        found = ledger.key(hash_key(key))
-        assert found is not None
-        state = found
     return key, state

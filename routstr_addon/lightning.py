@@ -40,6 +40,14 @@ def _id_hash(invoice_id: str) -> str:
     return hashlib.sha256(invoice_id.encode()).hexdigest()
 
 
+class _Busy(Exception):
+    """Another process holds this invoice's minting."""
+
+
+class _AlreadyCredited(Exception):
+    """Another process credited this invoice first."""
+
+
 class Invoices:
     def __init__(self, ledger: Ledger, wallet: Wallet) -> None:
         self.ledger = ledger
@@ -103,7 +111,7 @@ class Invoices:
         if row["state"] in ("unpaid", "minting"):
             try:
                 row = await self.settle(row) or row
-            except MintUnreachable as e:
+            except (MintUnreachable, MintError) as e:
                 logger.warning("invoice check: %s", e)
         answer: dict[str, Any] = {"state": row["state"], "amount_sats": row["amount"],
                                   "purpose": row["purpose"]}
@@ -136,9 +144,11 @@ class Invoices:
                         row["state"] = "expired"
                         return row
                     return None
-            proofs = await self._mint(mint, row)
             try:
+                proofs = await self._mint(mint, row)
                 self._credit(row, mint, proofs)
+            except (_Busy, _AlreadyCredited):
+                pass  # another process got there first
             finally:
                 self._locks.pop(row["id_hash"], None)
             return self._row(row["id_hash"])
@@ -165,6 +175,13 @@ class Invoices:
                 "UPDATE invoices SET state = 'minting', outputs = ?, updated_at = ? "
                 "WHERE id_hash = ? AND state = 'unpaid'"),
                 (saved_json, time.time(), row["id_hash"]))
+            claimed = cur.rowcount == 1
+        if not claimed:  # another process is minting it: use its outputs
+            current = self._row(row["id_hash"])
+            if current is None or current["state"] != "minting":
+                raise _Busy
+            row.update(current)
+            return await self._mint(mint, row)
         row["state"], row["outputs"] = "minting", saved_json
         signatures = await mint.client.mint(row["quote"], outputs)
         return mint.unblind(signatures, outputs, secret_list, rs)
@@ -176,7 +193,7 @@ class Invoices:
                 "UPDATE invoices SET state = 'credited', outputs = NULL, updated_at = ? "
                 "WHERE id_hash = ? AND state = 'minting'"), (time.time(), row["id_hash"]))
             if cur.rowcount != 1:
-                raise RuntimeError("invoice credited twice")  # rolled back: nothing changes
+                raise _AlreadyCredited  # rolled back: nothing changes
             self.wallet.store_in(cur, mint.url, row["unit"], proofs, "unspent")
             note = f"lightning: invoice of {row['amount']} {row['unit']}"
             if row["purpose"] == "create":

@@ -155,7 +155,7 @@ class Payments:
 
     async def _open_key(self, text: str, key_hash: str, kind: str,
                         expires_at: float | None = None,
-                        refund_address: str | None = None) -> None:
+                        refund_address: str | None = None, label: str | None = None) -> None:
         token = self.parse(text)
         if self.swap_untrusted and self.wallet.mint(token.mint) is None:
             await self._swap_in(token, "create", key_hash)
@@ -175,19 +175,20 @@ class Payments:
                 self.ledger.create_key_in(cur, key_hash, redeemed.msat,
                                           note=f"{kind}: token of {token.amount} {token.unit}",
                                           expires_at=expires_at, refund_address=refund_address,
-                                          backed=True)
+                                          label=label, backed=True)
 
         self._stored_or_returned(redeemed, write)
 
     async def create(self, text: str, expires_at: float | None = None,
-                     refund_address: str | None = None) -> tuple[str, KeyState]:
+                     refund_address: str | None = None,
+                     label: str | None = None) -> tuple[str, KeyState]:
         """``POST /v1/balance/create``: a new key funded by a token (the token's own key)."""
         api_key = derived_key(text)
         key_hash = hash_key(api_key)
         if self.ledger.key(key_hash) is not None:
             raise ApiError(400, "This token has already been spent (it funds an existing key).",
                            code="token_already_spent", param="initial_balance_token")
-        await self._open_key(text, key_hash, "create", expires_at, refund_address)
+        await self._open_key(text, key_hash, "create", expires_at, refund_address, label)
         state = self.ledger.key(key_hash)
         assert state is not None
         return api_key, state

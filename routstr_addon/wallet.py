@@ -344,12 +344,16 @@ class Wallet:
     async def send(self, mint_url: str, unit: str, amount: int, owner: str) -> tuple[str, int]:
         """A token of ``amount`` (in the unit) from the pool: exact proofs if the pool has
         them, else a swap that splits off the amount. The swap's input fee is taken from the
-        amount. Returns (token, fee)."""
+        amount. Returns (token, fee).
+
+        Proofs are claimed for ``owner`` with conditional updates, so two processes (or the
+        proxy and the CLI) never hand out the same proof; on any failure before the mint may
+        have acted, the claimed proofs go back to the pool."""
         mint = self.mints[mint_url]
         await mint.ensure_loaded()
+        keyset = mint.active(unit)  # before claiming anything
         async with self._spending:
-            with self.ledger.transaction() as cur:
-                inputs, exact = self._pick_in(cur, mint, unit, amount, owner)
+            inputs, exact = self._claim(mint, unit, amount, owner)
             if exact:
                 with self.ledger.transaction() as cur:
                     self.set_state_in(cur, inputs, "sent", owner)
@@ -357,19 +361,18 @@ class Wallet:
             total = sum(p.amount for p in inputs)
             fee = mint.input_fee(inputs)
             send_amount = amount - fee
-            if send_amount <= 0:
-                await self._unpick(inputs)
-                raise WalletError(f"{amount} {unit} does not cover the mint's fee of {fee}")
             amounts = amounts_for(send_amount) + amounts_for(total - fee - send_amount)
             try:
-                fresh = await mint.swap(inputs, amounts, unit)
-            except MintError:
-                await self._unpick(inputs)
-                raise
+                if send_amount <= 0:
+                    raise WalletError(f"{amount} {unit} does not cover the mint's fee of {fee}")
+                fresh = await mint.swap(inputs, amounts, keyset.unit)
             except MintUnreachable as e:
                 if not e.sent:
-                    await self._unpick(inputs)
-                raise  # if sent, the inputs stay reserved for recovery
+                    self._unclaim(inputs, owner)
+                raise  # if it may have been sent, the inputs stay reserved for recovery
+            except BaseException:
+                self._unclaim(inputs, owner)
+                raise
             send_part = fresh[: len(amounts_for(send_amount))]
             keep_part = fresh[len(send_part):]
             with self.ledger.transaction() as cur:
@@ -377,6 +380,18 @@ class Wallet:
                 self.store_in(cur, mint.url, unit, send_part, "sent", owner)
                 self.store_in(cur, mint.url, unit, keep_part, "unspent")
             return serialize_token(mint.url, unit, send_part), fee
+
+    def _claim(self, mint: MintWallet, unit: str, amount: int,
+               owner: str) -> tuple[list[Proof], bool]:
+        """Pick pool proofs for ``amount`` and mark them reserved for ``owner``; retried if
+        another process claimed one of them first."""
+        for _ in range(5):
+            try:
+                with self.ledger.transaction() as cur:
+                    return self._pick_in(cur, mint, unit, amount, owner)
+            except _Contended:
+                continue
+        raise WalletError("the wallet's proofs are busy; try again")
 
     def _pick_in(self, cur: Any, mint: MintWallet, unit: str, amount: int,
                  owner: str) -> tuple[list[Proof], bool]:
@@ -397,12 +412,27 @@ class Wallet:
                 raise WalletError(f"the wallet holds {total} {unit} at {mint.url}, "
                                   f"less than {amount}")
         picked = [pool[i] for i in chosen]
-        self.set_state_in(cur, picked, "reserved", owner)
+        claim = self.ledger.sql("UPDATE proofs SET state = 'reserved', owner = ?, updated_at = ? "
+                                "WHERE secret = ? AND state = 'unspent'")
+        now = time.time()
+        for p in picked:
+            cur.execute(claim, (owner, now, p.secret))
+            if cur.rowcount != 1:
+                raise _Contended  # rolls the whole claim back
         return picked, exact
 
-    async def _unpick(self, proofs: Sequence[Proof]) -> None:
+    def _unclaim(self, proofs: Sequence[Proof], owner: str) -> None:
+        """Give claimed proofs back to the pool, only those still reserved for ``owner``."""
+        sql = self.ledger.sql("UPDATE proofs SET state = 'unspent', owner = NULL, updated_at = ? "
+                              "WHERE secret = ? AND state = 'reserved' AND owner = ?")
         with self.ledger.transaction() as cur:
-            self.set_state_in(cur, proofs, "unspent", None)
+            now = time.time()
+            for p in proofs:
+                cur.execute(sql, (now, p.secret, owner))
+
+
+class _Contended(Exception):
+    """Another process claimed a proof between our read and our update."""
 
 
 def _proof(row: Sequence[Any]) -> Proof:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from routstr_addon.ecash import change_friendly_amounts, pick_exact
+from routstr_addon.ecash import change_friendly_amounts, parse_token, pick_exact
 from routstr_addon.errors import ApiError
 from routstr_addon.ledger import Ledger
 from routstr_addon.localmint import LocalMint
@@ -101,3 +103,38 @@ def test_change_friendly_amounts_cover_every_change(total: int) -> None:
         for change in range(total - variable, total + 1):
             picked = pick_exact(amounts, change)
             assert picked is not None and sum(amounts[i] for i in picked) == change
+
+
+def test_two_wallets_on_one_ledger_never_claim_the_same_proof(
+        mint: LocalMint, user: UserWallet, database_url: str) -> None:
+    """The proxy and the CLI (or two proxies) sending from one pool at once: while one
+    claim is open, the other waits for it and then takes different proofs."""
+    tokens = [user.token(16) for _ in range(3)]
+
+    async def scenario() -> None:
+        ledgers = [Ledger(database_url), Ledger(database_url)]
+        wallets = [Wallet(ledger, [mint.url]) for ledger in ledgers]
+        for w in wallets:
+            await w.start()
+        for token in tokens:  # the pool: three 16-sat proofs
+            redeemed = await wallets[0].redeem(parse_token(token))
+            with ledgers[0].transaction() as cur:
+                wallets[0].store_in(cur, redeemed.mint, redeemed.unit, redeemed.proofs,
+                                    "unspent")
+        mint_wallet = wallets[0].primary
+        other: list[list[str]] = []
+        with ledgers[0].transaction() as cur:  # the first claim, held open…
+            first, _ = wallets[0]._pick_in(cur, mint_wallet, "sat", 16, "first")
+            rival = threading.Thread(target=lambda: other.append(
+                [p.secret for p in wallets[1]._claim(wallets[1].primary, "sat", 16,
+                                                     "second")[0]]))
+            rival.start()
+            time.sleep(0.5)  # …while the second one reads the same pool and waits on it
+        rival.join(20)
+        assert other and set(other[0]).isdisjoint(p.secret for p in first)
+        for w in wallets:
+            await w.close()
+        for ledger in ledgers:
+            ledger.close()
+
+    asyncio.run(scenario())
