@@ -23,7 +23,7 @@ from typing import Any
 from routstr_addon import settings
 from routstr_addon.demo import DEMO_MODEL, EchoUpstream, run_in_thread
 from routstr_addon.ledger import Ledger, hash_key
-from routstr_addon.localmint import LocalMint, mint_token, port_or_free
+from routstr_addon.localmint import LocalMint, die_with_parent, mint_token, port_or_free
 
 ADDON_PATH = Path(__file__).resolve().parent.parent / "routstr_addon" / "addon.py"
 DEMO_RATE = "100000"
@@ -166,6 +166,9 @@ def option_overrides(env_overrides: dict[str, str]) -> dict[str, Any]:
 
 
 def serve(host: str, port: int, web: bool, quiet: bool = False, web_port: int = 8081) -> int:
+    # SIGTERM ends the process through ``finally`` blocks (the demo mint is stopped), as
+    # Ctrl-C does; while the proxy runs, its own handler shuts it down cleanly instead.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     env = settings.environment()
     config = settings.load_config(env)  # a bad setting stops here with its name
     if config.upstream is not None:
@@ -199,4 +202,4 @@ def _run(mode: str, host: str, port: int, env_overrides: dict[str, str], web: bo
     cmd = [mitmweb, "--mode", mode, "--listen-host", host, "--listen-port", str(port),
            "--web-port", str(web_port), "--set", "web_open_browser=false", "-s", str(ADDON_PATH)]
     env = {**os.environ, **env_overrides}
-    return subprocess.call(cmd, env=env)
+    return subprocess.call(cmd, env=env, preexec_fn=die_with_parent)

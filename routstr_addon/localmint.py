@@ -23,6 +23,16 @@ import httpx
 __all__ = ["LocalMint", "free_port"]
 
 
+def die_with_parent() -> None:
+    """In the child, before exec: on Linux, get SIGTERM when the parent dies, however it dies
+    (a demo mint must not outlive the proxy that started it)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -79,7 +89,7 @@ class LocalMint:
         self.process = subprocess.Popen(
             [mint, "--host", "127.0.0.1", "--port", str(self.port)], cwd=self.folder,
             env=self.environment(), stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            start_new_session=True, preexec_fn=die_with_parent)
         log.close()
         deadline = time.monotonic() + timeout
         while True:
