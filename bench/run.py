@@ -22,8 +22,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from routstr_addon.localmint import LocalMint
 from routstr_addon.settings import SETTINGS
 
+from . import cashu
+from .cashu import CashuPlan, CashuResult, MintLog, TokenMaker
 from .client import CHAT_PATH, MODEL, Connection, build_request, chat_body
 from .load import LoadResult, run_python_load, run_wrk, wrk_version
 from .procs import (
@@ -115,6 +118,7 @@ class Outcome:
     ledger: dict[str, Any] | None = None
     log_flagged: list[str] = field(default_factory=list)
     log_flagged_count: int = 0
+    cashu: CashuResult | None = None
     error: str | None = None
 
     def client_ok(self) -> int:
@@ -138,7 +142,7 @@ class Outcome:
             "memory_kb": self.memory_kb, "exit_code": self.exit_code,
             "client_2xx_total": self.client_ok(), "ledger": self.ledger,
             "log_flagged_count": self.log_flagged_count, "log_flagged": self.log_flagged,
-            "error": self.error,
+            "cashu": self.cashu.as_dict() if self.cashu else None, "error": self.error,
         }
 
 
@@ -148,7 +152,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Start the echo upstream, bare mitmdump and the proxy (routstr serve, and "
                     "mitmdump -s routstr_addon/addon.py) on 127.0.0.1, load each the same way "
                     "and print req/s, latencies, streaming time to first byte, memory and "
-                    "whether every answer was a paid 2xx.",
+                    "whether every answer was a paid 2xx; then, against a local Nutshell "
+                    "FakeWallet mint, the Cashu paths: x-cashu (JSON, streaming), tokens as "
+                    "keys, and the mint's own swap rate as their ceiling.",
         epilog="Load comes from wrk when it is installed (apt-get install -y wrk), else from "
                "Python worker processes. Results go to bench/results/<time>.json.")
     p.add_argument("--duration", type=float, default=10.0,
@@ -167,6 +173,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stream-connections", type=int, default=4,
                    help="concurrent streaming connections (default 4)")
     p.add_argument("--no-stream", action="store_true", help="skip the streaming measurement")
+    p.add_argument("--no-xcashu", action="store_true",
+                   help="skip the Cashu measurements (x-cashu, token as key, the mint's swaps)")
+    p.add_argument("--xcashu-requests", type=int, default=1000, metavar="N",
+                   help="x-cashu requests at concurrency, and as many swaps at the mint alone "
+                        "(default 1000); one fresh token each, minted before the timing")
+    p.add_argument("--xcashu-connections", type=int, default=8, metavar="C",
+                   help="concurrent connections for x-cashu and the mint's swaps (default 8)")
     p.add_argument("--python-load", action="store_true",
                    help="use the Python load generator even when wrk is installed")
     p.add_argument("--workers", type=int, default=2,
@@ -186,6 +199,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.targets = [t for t in TARGETS if not only or t in only]
     if args.connections < 1 or args.duration <= 0:
         p.error("--connections and --duration must be positive")
+    if args.xcashu_requests < 1 or args.xcashu_connections < 1:
+        p.error("--xcashu-requests and --xcashu-connections must be positive")
+    args.xcashu = not args.no_xcashu and any(t in PROXIES for t in args.targets)
     return args
 
 
@@ -199,12 +215,15 @@ def tool(name: str) -> str:
     return found
 
 
-def proxy_env(upstream: str, data_dir: Path, models: Path) -> dict[str, str]:
+def proxy_env(upstream: str, data_dir: Path, models: Path,
+              mint_url: str | None = None) -> dict[str, str]:
     """The caller's environment without any proxy setting of its own, plus the bench's."""
     ours = {s.env for s in SETTINGS}
     env = {k: v for k, v in os.environ.items() if k not in ours}
     env.update(UPSTREAM_BASE_URL=f"{upstream}/v1", BTC_USD_PRICE="100000",
                DATA_DIR=str(data_dir), MODELS_PATH=str(models))
+    if mint_url:
+        env["CASHU_MINTS"] = mint_url
     return env
 
 
@@ -275,6 +294,28 @@ class Bench:
         self.models = tmp / "models.json"
         self.models.write_text(json.dumps(MODELS))
         self.upstream_url = ""
+        self.mint: LocalMint | None = None
+        self.mint_log: MintLog | None = None
+        self.maker: TokenMaker | None = None
+
+    def start_mint(self) -> None:
+        """The local FakeWallet mint the proxies trust, and a user wallet at it."""
+        folder = self.tmp / "mint"
+        self.mint = LocalMint(folder)
+        self.mint.start()
+        self.mint_log = MintLog(folder / "mint.log")
+        assert self.mint.process is not None
+        self.say(f"mint: {self.mint.url} (pid {self.mint.process.pid}, nutshell FakeWallet)")
+        self.maker = TokenMaker(self.mint.url, self.tmp / "user-wallet")
+
+    def stop_mint(self) -> int | None:
+        if self.maker is not None:
+            self.maker.close()
+            self.maker = None
+        if self.mint is None or self.mint.process is None:
+            return None
+        self.mint.stop()
+        return self.mint.process.poll()
 
     def say(self, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -295,7 +336,8 @@ class Bench:
                 "-p", str(port)]
         data_dir = self.tmp / name
         data_dir.mkdir(exist_ok=True)
-        env = proxy_env(self.upstream_url, data_dir, self.models)
+        env = proxy_env(self.upstream_url, data_dir, self.models,
+                        self.mint.url if self.mint and name in PROXIES else None)
         key: str | None = None
         if name == "mitmdump":
             cmd = base
@@ -361,6 +403,13 @@ class Bench:
                          f"{self.args.stream_connections} connections")
                 outcome.stream = run_streams("127.0.0.1", port, key, self.args.stream_requests,
                                              self.args.stream_connections)
+            if self.maker is not None and name in PROXIES:
+                outcome.cashu = CashuResult()
+                try:
+                    self.measure_cashu(port, key, proc.pid if proc else 0, outcome.cashu)
+                except Exception as e:
+                    outcome.cashu.error = f"{type(e).__name__}: {e}"
+                    self.say(f"  ERROR (cashu): {outcome.cashu.error}")
             # Let the proxy see the clients' connections close: stopping it with connections
             # open makes Python 3.12.1 log a traceback per connection (CPython gh-113538).
             time.sleep(0.5)
@@ -374,7 +423,21 @@ class Bench:
                 scan_log(proc, outcome)
         if key is not None:
             outcome.ledger = ledger_state(key, env, data_dir)
+        if outcome.cashu is not None:
+            outcome.cashu.ledger = cashu.ledger_crosscheck(data_dir, env, tool("routstr"))
         return outcome
+
+    def measure_cashu(self, port: int, key: str | None, pid: int, result: CashuResult) -> None:
+        assert self.mint is not None and self.mint_log is not None and self.maker is not None
+        assert self.mint.process is not None
+        a = self.args
+        cashu.run_cashu(
+            procs=self.procs, tmp=self.tmp, port=port, funded_key=key, mint_url=self.mint.url,
+            mint_log=self.mint_log, maker=self.maker,
+            plan=CashuPlan.from_args(a.xcashu_requests, a.xcashu_connections),
+            cpu_of={"proxy": pid, "mint": self.mint.process.pid},
+            steady=lambda token, secs: self.run_load(port, token, secs),
+            warmup_s=a.warmup, duration_s=a.duration, say=self.say, result=result)
 
 
 # --- output -------------------------------------------------------------------------------
@@ -464,6 +527,120 @@ def render(outcomes: dict[str, Outcome], args: argparse.Namespace, generator: st
     return "\n\n".join(parts)
 
 
+def render_cashu(outcomes: dict[str, Outcome], args: argparse.Namespace,
+                 mint_info: dict[str, Any]) -> str:
+    done = {n: o.cashu for n, o in outcomes.items() if o.cashu is not None}
+    any_r = next(iter(done.values()))
+    plan = CashuPlan.from_args(args.xcashu_requests, args.xcashu_connections)
+    c = args.xcashu_connections
+    parts = []
+
+    def ph(r: CashuResult, name: str) -> cashu.Phase:
+        return r.phases.get(name) or cashu.Phase(name, 0)
+
+    def okn(p: cashu.Phase) -> str:
+        return f"{p.good}/{p.requests}" if p.requests else "-"
+
+    rows = []
+    for name, r in done.items():
+        x, seq, key = ph(r, "xcashu_json"), ph(r, "xcashu_seq"), ph(r, "key_seq")
+        mseq = ph(r, "mint_swap_seq")
+        rows.append([LABELS[name], fmt(x.rate, 0), fmt(x.p(50)), fmt(x.p(99)), okn(x),
+                     fmt(x.mint_calls_per_request, 3), fmt(x.cpu_ms("proxy"), 1),
+                     fmt(x.cpu_ms("mint"), 1), fmt(seq.p(50)), fmt(seq.p(99)), okn(seq),
+                     fmt(key.p(50)), fmt(r.overhead_ms()), fmt(mseq.p(50))])
+    parts.append(table(
+        f"x-cashu, JSON: a fresh token of {any_r.token_sats} sats per request in X-Cashu "
+        f"(max cost {any_r.max_cost_sats:g} sats); {plan.requests} requests at {c} connections, "
+        f"{plan.sequential} one at a time",
+        ["target", "req/s", "p50 ms", "p99 ms", "ok", "mint calls/req", "proxy CPU",
+         "mint CPU", "seq p50", "seq p99", "seq ok", "key seq p50", "+p50 vs key",
+         "swap seq p50"], rows))
+    parts.append("  ok: 200 with an x-cashu change header. mint calls/req: the mint's access "
+                 "log during the\n  concurrent phase (goal: exactly 1, the swap). proxy/mint "
+                 "CPU: ms of CPU time per request\n  over that phase. +p50 vs key: x-cashu less "
+                 "funded-key p50, one request at a time\n  (should be about one mint swap: "
+                 "swap seq p50, the mint alone, one at a time).")
+    rows = []
+    for name, r in done.items():
+        m, ms, x = ph(r, "mint_swap"), ph(r, "mint_swap_seq"), ph(r, "xcashu_json")
+        outs = r.ledger.get("xcashu_outputs_per_swap") if r.ledger else None
+        rows.append([f"next to {LABELS[name]}", fmt(m.rate, 0), fmt(m.p(50)), fmt(m.p(99)),
+                     okn(m), fmt(m.cpu_ms("mint"), 1), fmt(ms.p(50)), fmt(ms.p(99)),
+                     fmt(m.outputs / m.good if m.good else None, 1), fmt(outs, 1),
+                     fmt(x.rate, 0), f"{r.ratio_vs_mint():.2f}"
+                     if not math.isnan(r.ratio_vs_mint()) else "-"])
+    parts.append(table(
+        f"The mint alone: POST /v1/swap of fresh tokens into the proxy's outputs, no proxy "
+        f"({plan.requests} swaps at {c} connections, {plan.sequential} one at a time)",
+        ["mint", "swaps/s", "p50 ms", "p99 ms", "ok", "mint CPU", "seq p50", "seq p99",
+         "outputs",
+         "proxy outputs", "x-cashu req/s", "x-cashu/mint"], rows))
+    parts.append("  x-cashu/mint: the target is >= 0.80. outputs: new proofs per swap, the mint "
+                 "alone and the\n  proxy's (from its ledger).")
+    rows = []
+    for name, r in done.items():
+        st = ph(r, "xcashu_stream")
+        rows.append([LABELS[name], fmt(st.p(50, True)), fmt(st.p(99, True)), fmt(st.p(50)),
+                     fmt(st.p(99)), fmt(st.rate, 0), okn(st), fmt(st.no_change),
+                     fmt(st.mint_calls_per_request, 3)])
+    parts.append(table(
+        f"x-cashu, streaming: a fresh token per stream ({plan.streams} streams, {c} "
+        "connections; TTFB = first `data:` line)",
+        ["target", "TTFB p50", "TTFB p99", "total p50", "total p99", "streams/s", "ok",
+         "no change", "mint calls/req"], rows))
+    parts.append("  ok: 200, complete, and the last line an SSE comment `: x-cashu cashuB…` "
+                 "(the change).")
+    rows = []
+    for name, r in done.items():
+        f, s = ph(r, "token_key_first"), r.steady
+        rows.append([LABELS[name], fmt(f.p(50)), fmt(f.p(99)), okn(f),
+                     fmt(f.mint_calls_per_request, 3),
+                     fmt(s.rps, 0) if s else "-", fmt(s.p50_ms) if s else "-",
+                     fmt(s.p99_ms) if s else "-", fmt(s.bad_status) if s else "-",
+                     fmt(s.socket_errors) if s else "-"])
+    parts.append(table(
+        f"Token as key: Authorization: Bearer cashuB… ({plan.sequential} first uses one at a "
+        f"time; then one {cashu.STEADY_TOKEN_SATS}-sat token reused, "
+        f"{'wrk' if shutil.which('wrk') and not args.python_load else 'Python generator'}, "
+        f"{args.connections} connections, {args.duration:g} s)",
+        ["target", "redeem p50", "redeem p99", "ok", "mint calls/use", "reuse req/s",
+         "p50 ms", "p99 ms", "non-2xx", "sock err"], rows))
+    rows = []
+    for name, r in done.items():
+        led = r.ledger or {}
+        pays = led.get("payments") or {}
+        check = led.get("ledger_check_exit")
+        rows.append([LABELS[name], f"{r.premint_tokens} in {r.premint_s:.1f} s",
+                     fmt(r.xcashu_200()), fmt(pays.get("xcashu", {}).get("count")),
+                     fmt(pays.get("key", {}).get("count")),
+                     fmt((led.get("proofs_by_state") or {}).get("held", 0)),
+                     "ok" if check == 0 else f"FAIL ({check})",
+                     f"{r.change_redeemed}/{r.change_checked}",
+                     fmt(sum(r.change_sats)) if r.change_sats else "-"])
+    parts.append(table(
+        "Cashu cross-checks after the run (ledger read after the proxy stopped)",
+        ["target", "pre-minted", "x-cashu 200s", "ledger x-cashu", "ledger key",
+         "held proofs", "ledger check", "change redeemed", "change sats"], rows))
+    parts.append(f"  the mint: {mint_info.get('url', '-')}, exit {mint_info.get('exit_code')}, "
+                 f"{mint_info.get('log_flagged_count', 0)} log line(s) flagged; ledger key = "
+                 "tokens used as keys\n  (first uses + the reused one).")
+    return "\n\n".join(parts)
+
+
+def mint_report(bench: Bench) -> dict[str, Any]:
+    """Stop the mint (and the user wallet); what its log says."""
+    if bench.mint is None:
+        return {}
+    info: dict[str, Any] = {"url": bench.mint.url}
+    info["exit_code"] = bench.stop_mint()
+    if bench.mint_log is not None:
+        flagged = bench.mint_log.flagged()
+        info.update(log_flagged_count=len(flagged), log_flagged=flagged[:20],
+                    calls=dict(bench.mint_log.calls_since(0)))
+    return info
+
+
 def clean(value: Any) -> Any:
     """NaN to null, recursively, so the JSON is standard."""
     if isinstance(value, float) and math.isnan(value):
@@ -523,8 +700,11 @@ def main(argv: list[str] | None = None) -> int:
     procs = Processes(tmp / "logs")
     outcomes: dict[str, Outcome] = {}
     interrupted = False
+    bench = Bench(args, tmp, procs)
+    mint_info: dict[str, Any] = {}
     try:
-        bench = Bench(args, tmp, procs)
+        if args.xcashu:
+            bench.start_mint()
         upstream = bench.start_upstream()
         for name in args.targets:
             bench.say(f"== {LABELS[name]}")
@@ -540,6 +720,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         procs.stop_all()
+        try:
+            mint_info = mint_report(bench)
+        except Exception as e:  # the mint must be stopped whatever happened
+            print(f"warning: stopping the mint: {e}", file=sys.stderr)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if args.keep_tmp:
@@ -553,7 +737,15 @@ def main(argv: list[str] | None = None) -> int:
     sys.stderr.flush()
     print()
     print(render(outcomes, args, generator))
+    if any(o.cashu for o in outcomes.values()):
+        print()
+        print(render_cashu(outcomes, args, mint_info))
     problems = report_problems(outcomes)
+    if mint_info.get("log_flagged_count"):
+        problems.append(f"the mint's log has {mint_info['log_flagged_count']} line(s) that look "
+                        f"like errors; first: {mint_info['log_flagged'][0][:200]}")
+    if mint_info.get("exit_code") not in (None, 0, -signal.SIGTERM):  # uvicorn re-raises it
+        problems.append(f"the mint exited with code {mint_info['exit_code']} when stopped")
     if problems:
         print("\nLooked wrong:")
         for p in problems:
@@ -561,6 +753,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {"meta": info, "targets": {n: o.as_dict() for n, o in outcomes.items()},
               **ratios(outcomes), "upstream_memory_kb": outcomes_upstream_mem,
+              "mint": mint_info,
               "problems": problems, "interrupted": interrupted}
     out = args.json_out or REPO / "bench" / "results" / f"{datetime.now():%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -622,6 +815,9 @@ def report_problems(outcomes: dict[str, Outcome]) -> list[str]:
             if o.ledger.get("open_reservations"):
                 problems.append(f"{label}: {o.ledger['open_reservations']} reservation(s) "
                                 "still open after the proxy stopped")
+    for name, o in outcomes.items():
+        if o.cashu is not None:
+            problems += cashu.problems(LABELS[name], o.cashu)
     busy = {LABELS[n]: o.cpu.foreign_cores for n, o in outcomes.items()
             if o.cpu and o.cpu.foreign_cores > 0.2}
     if busy:
