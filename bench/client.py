@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -108,3 +109,19 @@ def percentile(sorted_values: Sequence[float], p: float) -> float:
         return math.nan
     rank = max(1, math.ceil(p / 100 * len(sorted_values)))
     return float(sorted_values[min(rank, len(sorted_values)) - 1])
+
+
+def first_event_timer() -> tuple[list[float], Callable[[bytes], None]]:
+    """A body callback that notes when the first complete ``data:`` line arrived (TTFB)."""
+    first: list[float] = []
+    buf = bytearray()
+
+    def on_data(piece: bytes) -> None:
+        if first:
+            return
+        buf.extend(piece)
+        at = buf.find(b"data:")
+        if at >= 0 and buf.find(b"\n", at) >= 0:
+            first.append(time.perf_counter())
+
+    return first, on_data

@@ -8,7 +8,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from .client import CHAT_PATH, Connection, build_request, chat_body, percentile
+from .client import (
+    CHAT_PATH,
+    Connection,
+    build_request,
+    chat_body,
+    first_event_timer,
+    percentile,
+)
 
 __all__ = ["StreamResult", "run_streams"]
 
@@ -43,16 +50,7 @@ class StreamResult:
 
 
 async def _one(conn: Connection, raw: bytes, result: StreamResult, record: bool) -> None:
-    buf = bytearray()
-    first: list[float] = []
-
-    def on_data(piece: bytes) -> None:
-        if first:
-            return
-        buf.extend(piece)
-        at = buf.find(b"data:")
-        if at >= 0 and buf.find(b"\n", at) >= 0:
-            first.append(time.perf_counter())
+    first, on_data = first_event_timer()
 
     t0 = time.perf_counter()
     try:

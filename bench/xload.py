@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .client import CHAT_PATH, Connection, chat_body
+from .client import CHAT_PATH, Connection, chat_body, first_event_timer
 
 __all__ = ["Job", "WorkerResult", "main"]
 
@@ -79,16 +79,7 @@ async def _http(job: Job, raws: list[bytes], result: WorkerResult) -> None:
     todo = list(reversed(raws))
 
     async def one(conn: Connection, raw: bytes) -> None:
-        first: list[float] = []
-        buf = bytearray()
-
-        def on_data(piece: bytes) -> None:
-            if first:
-                return
-            buf.extend(piece)
-            at = buf.find(b"data:")
-            if at >= 0 and buf.find(b"\n", at) >= 0:
-                first.append(time.perf_counter())
+        first, on_data = first_event_timer()
 
         t0 = time.perf_counter()
         try:

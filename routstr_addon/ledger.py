@@ -466,6 +466,15 @@ class Ledger:
         """A statement written with ``?`` placeholders, in this database's parameter style."""
         return text if self.is_sqlite else text.replace("?", "%s")
 
+    def one(self, table: str, columns: Sequence[str], where: str,
+            params: Sequence[Any], order: str = "") -> dict[str, Any] | None:
+        """The first row of ``SELECT columns FROM table WHERE where`` as a dict, or None."""
+        cur = self.db.connection().cursor()
+        cur.execute(self.sql(f"SELECT {', '.join(columns)} FROM {table} WHERE {where} "
+                             f"{order} LIMIT 1"), tuple(params))
+        row = cur.fetchone()
+        return None if row is None else dict(zip(columns, row, strict=True))
+
     def create_key_in(self, cur: Any, key_hash: str, balance_msat: int, *, note: str,
                       expires_at: float | None = None, refund_address: str | None = None,
                       label: str | None = None, backed: bool = False) -> None:

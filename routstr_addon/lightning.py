@@ -93,15 +93,9 @@ class Invoices:
                 "purpose": purpose, "expires_at": expires_at, "state": "unpaid"}
 
     def _row(self, id_hash: str) -> dict[str, Any] | None:
-        cur = self.ledger.db.connection().cursor()
-        cur.execute(self.ledger.sql(
-            "SELECT id_hash, quote, mint, unit, amount, purpose, key_hash, state, outputs, "
-            "expires_at FROM invoices WHERE id_hash = ?"), (id_hash,))
-        row = cur.fetchone()
-        if row is None:
-            return None
-        return dict(zip(("id_hash", "quote", "mint", "unit", "amount", "purpose", "key_hash",
-                         "state", "outputs", "expires_at"), row, strict=True))
+        return self.ledger.one("invoices", ("id_hash", "quote", "mint", "unit", "amount",
+                                            "purpose", "key_hash", "state", "outputs",
+                                            "expires_at"), "id_hash = ?", (id_hash,))
 
     async def status(self, invoice_id: str) -> dict[str, Any]:
         """The invoice's state; checks the mint and credits the key if it has been paid."""

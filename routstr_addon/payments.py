@@ -124,9 +124,7 @@ class Payments:
             raise token_error(e) from None
 
     def seen(self, token: IncomingToken) -> bool:
-        cur = self.ledger.db.connection().cursor()
-        cur.execute(self.ledger.sql("SELECT 1 FROM payments WHERE token_hash = ?"), (token.hash,))
-        return cur.fetchone() is not None
+        return self.ledger.one("payments", ("kind",), "token_hash = ?", (token.hash,)) is not None
 
     async def key_for_token(self, text: str) -> str:
         """The API key for a token used as one: on first use the token is redeemed into it.
@@ -323,14 +321,8 @@ class Payments:
              "token": None, "fee": 0})
 
     def _last_refund(self, key_hash: str) -> dict[str, Any] | None:
-        cur = self.ledger.db.connection().cursor()
-        cur.execute(self.ledger.sql(
-            "SELECT id, msat, mint, unit, token, fee FROM refunds WHERE key_hash = ? "
-            "ORDER BY created_at DESC LIMIT 1"), (key_hash,))
-        row = cur.fetchone()
-        if row is None:
-            return None
-        return dict(zip(("id", "msat", "mint", "unit", "token", "fee"), row, strict=True))
+        return self.ledger.one("refunds", ("id", "msat", "mint", "unit", "token", "fee"),
+                               "key_hash = ?", (key_hash,), order="ORDER BY created_at DESC")
 
     async def _finish_refund(self, refund: dict[str, Any]) -> dict[str, Any]:
         """Make (or return the already made) token of a refund."""
@@ -363,14 +355,12 @@ class Payments:
         If the change could not be cut when the request ended, what is left on the payment's
         key is paid out now, from the pool (a mint swap if the pool has no exact proofs)."""
         hashed = token_hash(text)
-        cur = self.ledger.db.connection().cursor()
-        cur.execute(self.ledger.sql(
-            "SELECT change, change_msat, unit, mint, key_hash, request_id, msat FROM payments "
-            "WHERE token_hash = ? AND kind = 'xcashu'"), (hashed,))
-        row = cur.fetchone()
+        row = self.ledger.one("payments", ("change", "change_msat", "unit", "mint", "key_hash",
+                                           "request_id", "msat"),
+                              "token_hash = ? AND kind = 'xcashu'", (hashed,))
         if row is None:
             return None
-        change, change_msat, unit, mint, key_hash, request_id, msat = row
+        change, change_msat, unit, mint, key_hash, request_id, msat = row.values()
         state = self.ledger.key(key_hash)
         if change is None and state is not None and not state.reserved_msat and \
                 state.available_msat >= UNIT_MSAT[unit]:
