@@ -33,9 +33,10 @@ from routstr_addon.settings import Config
 from .common import JsonOpt, console, err, fail, load_config, mints_of, open_ledger, sats
 
 if TYPE_CHECKING:
-    from routstr_addon.wallet import Redeemed
+    from routstr_addon.wallet import Redeemed, Wallet
 
-__all__ = ["Books", "check_books", "create_key_from_token", "read_books", "wallet_app"]
+__all__ = ["Books", "check_books", "create_key_from_token", "open_wallet", "read_books",
+           "wallet_app"]
 
 wallet_app = typer.Typer(
     help="The ecash the proxy holds: balance against what users are owed, withdraw the "
@@ -43,6 +44,17 @@ wallet_app = typer.Typer(
 
 POOL_STATES = ("unspent", "held", "reserved")
 CHECK_BATCH = 100  # Ys per NUT-07 request
+
+
+def open_wallet(ledger: Ledger, config: Config) -> Wallet:
+    """The proxy's wallet, with its seed (exit 2 if the mnemonic file is bad)."""
+    from routstr_addon.seed import MnemonicError
+    from routstr_addon.wallet import Wallet
+
+    try:
+        return Wallet.from_config(ledger, config)
+    except MnemonicError as e:
+        raise fail(str(e), 2) from None
 
 
 # --- the books ------------------------------------------------------------------------------
@@ -363,11 +375,9 @@ def trusted_mint(trusted: Sequence[str], url: str | None) -> str:
     return wanted
 
 
-async def _send(ledger: Ledger, mints: Sequence[str], mint_url: str, unit: str, amount: int,
+async def _send(ledger: Ledger, config: Config, mint_url: str, unit: str, amount: int,
                 owner: str) -> tuple[str, int]:
-    from routstr_addon.wallet import Wallet
-
-    wallet = Wallet(ledger, mints)
+    wallet = open_wallet(ledger, config)
     try:
         mint = wallet.mints[mint_url]
         await mint.ensure_loaded()
@@ -412,7 +422,7 @@ def wallet_send(
                        f"is {sats(books.margin_msat)} sats; the rest is owed to users", 1)
         try:
             with err.status(f"withdrawing {amount:,} {unit} at {escape(mint_url)}…"):
-                token, fee = asyncio.run(_send(ledger, trusted, mint_url, unit, amount, owner))
+                token, fee = asyncio.run(_send(ledger, config, mint_url, unit, amount, owner))
         except WalletError as e:
             raise fail(str(e), 1) from None
         except MintError as e:
@@ -446,12 +456,11 @@ def read_token(text: str) -> str:
     return sys.stdin.read().strip() if text.strip() == "-" else text
 
 
-async def _receive(ledger: Ledger, mints: Sequence[str], text: str) -> Redeemed:
+async def _receive(ledger: Ledger, config: Config, text: str) -> Redeemed:
     from routstr_addon.ecash import parse_token, serialize_token
-    from routstr_addon.wallet import Wallet
 
     token = parse_token(text)
-    wallet = Wallet(ledger, mints)
+    wallet = open_wallet(ledger, config)
     try:
         redeemed = await wallet.redeem(token)
         try:
@@ -486,12 +495,12 @@ def wallet_receive(
     from routstr_addon.wallet import WalletError
 
     config = load_config()
-    trusted = mints_of(config)
+    mints_of(config)
     text = read_token(token)
     with open_ledger(config) as ledger:
         try:
             with err.status("redeeming the token at its mint…"):
-                redeemed = asyncio.run(_receive(ledger, trusted, text))
+                redeemed = asyncio.run(_receive(ledger, config, text))
         except TokenError as e:
             raise fail(str(e), 1) from None
         except MintUnreachable as e:
@@ -513,6 +522,107 @@ def wallet_receive(
                   highlight=False)
 
 
+# --- restore --------------------------------------------------------------------------------
+
+
+RESTORE_HELP = (
+    "Find the wallet's ecash again from its mnemonic (NUT-13 secrets, NUT-09 restore).\n\n"
+    "For every mint of CASHU_MINTS and each of its sat/msat keysets, the outputs the wallet can "
+    "have made are derived again from the mnemonic and the mint is asked to sign them again; the "
+    "proofs it says are unspent (NUT-07) and the ledger lacks go back into the pool, proofs the "
+    "ledger holds as unspent but the mint says are spent are marked spent, and the keysets' "
+    "counters move past every output found, so new secrets never repeat. Use it after losing "
+    "the database or restoring an old backup, with the proxy stopped (proofs made while it runs "
+    "are left to the process that made them).\n\n"
+    "Caveat: change and refund tokens handed to users and not yet redeemed by them are unspent "
+    "at the mint too: a restore into a ledger that lost them counts them as the proxy's own.\n\n"
+    "The mnemonic: --mnemonic, else WALLET_MNEMONIC, else DATA_DIR/wallet-mnemonic.txt.\n\n"
+    "Exit codes: 0 restored (or nothing to restore); 1 a mint could not be asked; 2 bad "
+    "settings, no CASHU_MINTS, or no valid mnemonic."
+)
+
+
+def restore_mnemonic(config: Config, given: str | None) -> str:
+    """The mnemonic to restore with: given (``-``: from stdin), configured, or the data
+    folder's file; never a new one. Exits 2 if there is none or it is invalid."""
+    from routstr_addon.seed import MNEMONIC_FILE, MnemonicError, load_or_create_mnemonic
+
+    source = "--mnemonic"
+    if given is not None:
+        text = sys.stdin.read() if given.strip() == "-" else given
+    elif config.wallet_mnemonic:
+        text, source = config.wallet_mnemonic, "WALLET_MNEMONIC"
+    elif (config.data_dir / MNEMONIC_FILE).exists():
+        try:
+            return load_or_create_mnemonic(config)
+        except MnemonicError as e:
+            raise fail(str(e), 2) from None
+    else:
+        raise fail(f"no mnemonic: set WALLET_MNEMONIC, pass --mnemonic, or run from where "
+                   f"{config.data_dir / MNEMONIC_FILE} is", 2)
+    from routstr_addon.seed import normalize_mnemonic
+
+    try:
+        return normalize_mnemonic(text)
+    except MnemonicError as e:
+        raise fail(f"{source}: {e}", 2) from None
+
+
+async def _restore(ledger: Ledger, config: Config, mnemonic: str,
+                   progress: Callable[[str], None]) -> dict[str, Any]:
+    from routstr_addon.seed import seed_from_mnemonic
+    from routstr_addon.wallet import Wallet
+
+    wallet = Wallet(ledger, config.cashu_mints, seed=seed_from_mnemonic(mnemonic))
+    try:
+        return await wallet.restore(progress)
+    finally:
+        await wallet.close()
+
+
+@wallet_app.command("restore", help=RESTORE_HELP)
+def wallet_restore(
+    mnemonic: Annotated[str | None, typer.Option(
+        help="The BIP39 mnemonic to restore from, or - to read it from stdin (default: "
+             "WALLET_MNEMONIC, else the data folder's wallet-mnemonic.txt).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Restore the wallet from its mnemonic (help: RESTORE_HELP)."""
+    config = load_config()
+    mints_of(config)
+    words = restore_mnemonic(config, mnemonic)
+    with open_ledger(config) as ledger, \
+            err.status("asking the mints for the wallet's proofs…") as status:
+        result = asyncio.run(_restore(ledger, config, words,
+                                      lambda text: status.update(escape(text))))
+    ok = not result["errors"]
+    if as_json:
+        print(json.dumps({**result, "ok": ok}))
+        raise typer.Exit(0 if ok else 1)
+    table = Table(title="restored (amounts in the unit)")
+    table.add_column("mint", overflow="fold")
+    for col in ("unit", "found", "restored", "known", "marked spent"):
+        table.add_column(col, justify="left" if col == "unit" else "right")
+    for m in result["mints"]:
+        table.add_row(m["mint"], m["unit"], f"{m['found']:,}", f"{m['restored']:,}",
+                      f"{m['known']:,}", f"{m['marked_spent']:,}")
+    console.print(table)
+    for m in result["mints"]:
+        if m["pending"]:
+            console.print(f"[yellow]{m['pending']:,} {m['unit']} at {m['mint']} pending at the "
+                          "mint: not restored; run again later[/yellow]", highlight=False)
+        if m["skipped"]:
+            console.print(f"[yellow]{m['skipped']:,} {m['unit']} at {m['mint']} made while the "
+                          "restore ran, left to the process that made them: run again with the "
+                          "proxy stopped to be sure none is missed[/yellow]", highlight=False)
+    for e in result["errors"]:
+        err.print(f"[red]✗[/red] {escape(e)}", highlight=False)
+    console.print(f"restored {sats(result['restored_msat'])} sats into the pool. Tokens handed "
+                  "to users and not yet redeemed are counted too: check `routstr wallet "
+                  "balance`.", highlight=False)
+    raise typer.Exit(0 if ok else 1)
+
+
 # --- keys create --token --------------------------------------------------------------------
 
 
@@ -520,9 +630,8 @@ async def _create(config: Config, ledger: Ledger, text: str, expires_at: float |
                   refund_address: str | None, label: str | None) -> tuple[str, KeyState]:
     from routstr_addon.lightning import Invoices
     from routstr_addon.payments import Payments
-    from routstr_addon.wallet import Wallet
 
-    wallet = Wallet(ledger, config.cashu_mints)
+    wallet = open_wallet(ledger, config)
     try:  # as the proxy does: with SWAP_UNTRUSTED_MINTS, other mints' tokens are melted in
         payments = Payments(ledger, wallet, Invoices(ledger, wallet),
                             config.swap_untrusted_mints)

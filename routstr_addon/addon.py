@@ -13,6 +13,7 @@ import gc
 import json
 import logging
 import sys
+import time
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from routstr_addon.metering import Meter, Paid, bearer_token
 from routstr_addon.payments import Payments
 from routstr_addon.pricing import Pricing, RateKeeper, load_models
 from routstr_addon.settings import Config, SettingError
+from routstr_addon.sweeper import Sweeper
 from routstr_addon.wallet import Wallet
 
 __all__ = ["Routstr", "addons"]
@@ -56,6 +58,7 @@ class Routstr:
         self.services: routes.Services | None = None
         self._env_errors: list[str] = []
         self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self._touch_every = 15.0
         self._running = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -77,6 +80,7 @@ class Routstr:
             if config.btc_usd_price is not None:
                 pricing.set_rate(config.btc_usd_price)
             ledger = Ledger(config.database_url)
+            wallet = Wallet.from_config(ledger, config) if config.cashu_mints else None
         except Exception as e:
             message = str(e) if isinstance(e, SettingError) else f"cannot start: {e}"
             if self.config is None:
@@ -90,8 +94,8 @@ class Routstr:
         ledger.defer_checkpoints()
         self.config, self.pricing, self.ledger = config, pricing, ledger
         self.meter = Meter(config, ledger, pricing)
-        old_wallet = self.wallet
-        self.wallet = Wallet(ledger, config.cashu_mints) if config.cashu_mints else None
+        self._touch_every = min(15.0, config.reservation_timeout / 3)
+        old_wallet, self.wallet = self.wallet, wallet
         self.invoices = Invoices(ledger, self.wallet) if self.wallet else None
         self.payments = (Payments(ledger, self.wallet, self.invoices, config.swap_untrusted_mints)
                          if self.wallet else None)
@@ -135,10 +139,16 @@ class Routstr:
             self._tasks["wallet"] = loop.create_task(self.wallet.start())
         if self.invoices is not None:
             self._tasks["invoices"] = loop.create_task(self.invoices.watch())
+        if ledger.instance_id is None:
+            ledger.register_instance()
+        self._tasks["sweeper"] = loop.create_task(Sweeper(ledger, pricing, config).run())
 
     async def done(self) -> None:
         for task in self._tasks.values():
             task.cancel()
+        if self.ledger is not None:
+            with contextlib.suppress(Exception):
+                self.ledger.unregister_instance()
         if self.wallet is not None:
             await self.wallet.close()
         if self.ledger is not None:
@@ -288,12 +298,22 @@ class Routstr:
         resp.headers["x-routstr-reserved-msats"] = str(paid.reserved_msat)
         resp.headers.pop("content-length", None)  # we may drop the usage chunk
         meter = self.meter
+        touch_every = self._touch_every
+        next_touch = [0.0]
 
         def stream(chunk: bytes) -> bytes | tuple[bytes, ...]:
             # An empty bytes object would go out as chunked encoding's end marker: hand back
             # nothing instead while an event is incomplete or dropped.
             if chunk:
                 out = tap.feed(chunk)
+                now = time.monotonic()
+                if now >= next_touch[0]:  # a flowing stream is not swept, and a crash now
+                    next_touch[0] = now + touch_every  # leaves what it delivered on record
+                    try:
+                        meter.touch(paid)
+                    except Exception:
+                        logger.exception("request %s: recording stream activity failed",
+                                         paid.request_id)
                 return out if out else ()
             # End of stream: settle now, while the client still reads, and tell it the cost
             # (and, paid by x-cashu, give it its change) in SSE comments clients ignore.

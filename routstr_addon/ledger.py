@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import secrets
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -113,7 +115,13 @@ class LedgerEntry(_Base):
 
 
 class Reservation(_Base):
-    """A request in flight: the amount held on its key until it is charged or released."""
+    """A request in flight: the amount held on its key until it is charged or released.
+
+    ``owner`` is the proxy process (``Instance``) serving it; ``touched_at``, ``delivered``
+    (characters of text that reached the client) and ``prompt_tokens`` (an estimate) are kept
+    up to date while a stream flows, so a reservation left by a crash can be settled from what
+    the ledger knows.
+    """
 
     request_id = peewee.CharField(max_length=64, primary_key=True)
     key_hash = peewee.CharField(max_length=64)
@@ -121,9 +129,25 @@ class Reservation(_Base):
     model = peewee.TextField(null=True)
     created_at = peewee.DoubleField()
     touched_at = peewee.DoubleField()
+    owner = peewee.CharField(max_length=80, null=True)
+    delivered = peewee.BigIntegerField(default=0)
+    prompt_tokens = peewee.IntegerField(default=0)
 
     class Meta:
         table_name = "reservations"
+
+
+class Instance(_Base):
+    """A running proxy process, with its heartbeat: whose reservations are whose."""
+
+    id = peewee.CharField(max_length=80, primary_key=True)
+    host = peewee.TextField()
+    pid = peewee.IntegerField()
+    started_at = peewee.DoubleField()
+    seen_at = peewee.DoubleField()
+
+    class Meta:
+        table_name = "instances"
 
 
 class StoredProof(_Base):
@@ -217,8 +241,19 @@ class Invoice(_Base):
         indexes = ((("state",), False),)
 
 
-MODELS: Sequence[type[peewee.Model]] = (ApiKey, LedgerEntry, Reservation, StoredProof, Payment,
-                                        Refund, Invoice)
+class KeysetCounter(_Base):
+    """The next unused NUT-13 derivation counter of a keyset: the wallet's secrets are derived
+    from its seed and these, and a counter is never used twice (see ``seed.Counters``)."""
+
+    keyset_id = peewee.CharField(max_length=80, primary_key=True)
+    counter = peewee.BigIntegerField(default=0)
+
+    class Meta:
+        table_name = "keyset_counters"
+
+
+MODELS: Sequence[type[peewee.Model]] = (ApiKey, LedgerEntry, Reservation, Instance, StoredProof,
+                                        Payment, Refund, Invoice, KeysetCounter)
 
 
 # --- results --------------------------------------------------------------------------------
@@ -289,7 +324,7 @@ _SQL = {
         "RETURNING balance_msat - reserved_msat"
     ),
     "hold": ("INSERT INTO reservations (request_id, key_hash, amount_msat, model, created_at, "
-             "touched_at) VALUES (?, ?, ?, ?, ?, ?)"),
+             "touched_at, owner, delivered, prompt_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0)"),
     "unhold": ("DELETE FROM reservations WHERE request_id = ? "
                "RETURNING key_hash, amount_msat, model"),
     "close": (
@@ -306,7 +341,8 @@ _SQL = {
     "new_key": ("INSERT INTO api_keys (key_hash, balance_msat, reserved_msat, total_spent_msat, "
                 "total_requests, created_at, expires_at, refund_address, label, disabled, "
                 "backed) VALUES (?, ?, 0, 0, 0, ?, ?, ?, ?, ?, ?)"),
-    "touch": "UPDATE reservations SET touched_at = ? WHERE request_id = ?",
+    "touch": ("UPDATE reservations SET touched_at = ?, delivered = ?, prompt_tokens = ? "
+              "WHERE request_id = ?"),
 }
 
 
@@ -321,7 +357,9 @@ _PG_SQL = {
         "  AND NOT disabled AND (expires_at IS NULL OR expires_at > %(now)s) "
         "  RETURNING key_hash, balance_msat - reserved_msat AS available), "
         "h AS (INSERT INTO reservations (request_id, key_hash, amount_msat, model, created_at, "
-        "  touched_at) SELECT %(rid)s, key_hash, %(amount)s, %(model)s, %(now)s, %(now)s FROM k), "
+        "  touched_at, owner, delivered, prompt_tokens) "
+        "  SELECT %(rid)s, key_hash, %(amount)s, %(model)s, %(now)s, %(now)s, %(owner)s, 0, 0 "
+        "  FROM k), "
         f"e AS (INSERT INTO ledger_entries {_ENTRY_COLUMNS} SELECT %(now)s, key_hash, 'reserve', "
         "  0, %(amount)s, %(rid)s, %(model)s, NULL, NULL, NULL FROM k) "
         "SELECT available FROM k"
@@ -350,6 +388,7 @@ class Ledger:
 
     def __init__(self, url: str, *, create: bool = True) -> None:
         self.url = url
+        self.instance_id: str | None = None
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
             path = Path(url.removeprefix("sqlite:///"))
@@ -511,7 +550,8 @@ class Ledger:
         rows = cur.fetchall()
         if not rows:
             return None
-        cur.execute(self._sql["hold"], (request_id, key_hash, amount_msat, model, now, now))
+        cur.execute(self._sql["hold"], (request_id, key_hash, amount_msat, model, now, now,
+                                        self.instance_id))
         self._entry(cur, now, key_hash, "reserve", 0, amount_msat, request_id, model)
         return int(rows[0][0])
 
@@ -530,7 +570,7 @@ class Ledger:
         now = time.time()
         if not self.is_sqlite:
             rows = self._pg("reserve", amount=amount_msat, key=key_hash, now=now,
-                            rid=request_id, model=model)
+                            rid=request_id, model=model, owner=self.instance_id)
             if not rows:
                 raise self._why_not(key_hash, amount_msat, now)
             return Held(request_id, key_hash, amount_msat, int(rows[0][0]))
@@ -614,10 +654,93 @@ class Ledger:
         self._on_connect()
         return self.db.connection()
 
-    def touch(self, request_id: str) -> None:
-        """Mark a reservation as still active (a long stream is flowing)."""
+    def touch(self, request_id: str, delivered: int = 0, prompt_tokens: int = 0) -> None:
+        """Mark a reservation as still active (a stream is flowing), with what it delivered."""
         with self._tx() as cur:
-            cur.execute(self._sql["touch"], (time.time(), request_id))
+            cur.execute(self._sql["touch"], (time.time(), delivered, prompt_tokens, request_id))
+
+    # -- processes and orphaned reservations -------------------------------------------------
+
+    def register_instance(self) -> str:
+        """Record this process; its reservations carry its id from now on."""
+        now = time.time()
+        self.instance_id = f"{socket.gethostname()}:{os.getpid()}:{int(now * 1000)}"
+        with self._tx() as cur:
+            cur.execute(self.sql("INSERT INTO instances (id, host, pid, started_at, seen_at) "
+                                 "VALUES (?, ?, ?, ?, ?)"),
+                        (self.instance_id, socket.gethostname(), os.getpid(), now, now))
+        return self.instance_id
+
+    def heartbeat(self) -> None:
+        if self.instance_id is None:
+            return
+        with self._tx() as cur:
+            cur.execute(self.sql("UPDATE instances SET seen_at = ? WHERE id = ?"),
+                        (time.time(), self.instance_id))
+
+    def unregister_instance(self) -> None:
+        if self.instance_id is None:
+            return
+        with self._tx() as cur:
+            cur.execute(self.sql("DELETE FROM instances WHERE id = ?"), (self.instance_id,))
+        self.instance_id = None
+
+    def instances(self, stale_after: float) -> tuple[set[str], set[str]]:
+        """Registered processes, as (alive, gone): gone is on this host with a dead pid, or
+        silent for longer than ``stale_after`` seconds."""
+        host = socket.gethostname()
+        now = time.time()
+        alive: set[str] = set()
+        gone: set[str] = set()
+        cur = self.db.connection().cursor()
+        cur.execute("SELECT id, host, pid, seen_at FROM instances")
+        for instance_id, its_host, pid, seen_at in cur.fetchall():
+            dead = (its_host == host and not _pid_alive(int(pid))) or seen_at < now - stale_after
+            (gone if dead and instance_id != self.instance_id else alive).add(instance_id)
+        return alive, gone
+
+    def forget_instances(self, ids: set[str]) -> None:
+        with self._tx() as cur:
+            for instance_id in ids:
+                cur.execute(self.sql("DELETE FROM instances WHERE id = ?"), (instance_id,))
+
+    def orphans(self, timeout: float, stale_after: float) -> list[dict[str, Any]]:
+        """Reservations nobody will close: their process is gone, or they saw no activity for
+        ``timeout`` seconds (a stream that flows is touched; one that hangs is not)."""
+        alive, _ = self.instances(stale_after)
+        cur = self.db.connection().cursor()
+        cur.execute(self.sql("SELECT r.request_id, r.key_hash, r.amount_msat, r.model, "
+                             "r.owner, r.delivered, r.prompt_tokens, r.touched_at "
+                             "FROM reservations r"))
+        now = time.time()
+        found = []
+        for row in cur.fetchall():
+            held = dict(zip(("request_id", "key_hash", "amount_msat", "model", "owner",
+                             "delivered", "prompt_tokens", "touched_at"), row, strict=True))
+            idle = now - held["touched_at"]
+            owner_gone = held["owner"] not in alive if held["owner"] else idle > stale_after
+            if owner_gone or idle > timeout:
+                found.append(held)
+        return found
+
+    def late_charge(self, key_hash: str, request_id: str, cost_msat: int,
+                    model: str | None) -> int:
+        """Charge a request whose reservation was already swept: as much of the cost as the
+        key can still pay (never overdrawn). Returns what was charged."""
+        with self._tx() as cur:
+            cur.execute(self.sql("SELECT balance_msat - reserved_msat FROM api_keys "
+                                 "WHERE key_hash = ?"), (key_hash,))
+            row = cur.fetchone()
+            charged = max(0, min(cost_msat, int(row[0]) if row else 0))
+            if charged:
+                cur.execute(self.sql(
+                    "UPDATE api_keys SET balance_msat = balance_msat - ?, total_spent_msat = "
+                    "total_spent_msat + ?, total_requests = total_requests + 1 "
+                    "WHERE key_hash = ? AND balance_msat - reserved_msat >= ?"),
+                    (charged, charged, key_hash, charged))
+                self._entry(cur, time.time(), key_hash, "charge", -charged, 0, request_id, model,
+                            note="after its reservation was swept")
+        return charged
 
     # -- money in --------------------------------------------------------------------------
 
@@ -716,6 +839,16 @@ class Ledger:
         if orphans:
             problems.append(f"{orphans} journal rows name no key")
         return problems
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _key_state(row: Sequence[Any]) -> KeyState:

@@ -103,6 +103,7 @@ class Paid:
     closed: Settlement | None = None
     usage: Usage | None = None
     xcashu: XCashu | None = None  # paid by an X-Cashu token rather than a key
+    prompt_estimate: int | None = None
 
     @property
     def settled(self) -> bool:
@@ -229,17 +230,36 @@ class Meter:
                      estimated=True)
 
     def settle(self, paid: Paid, usage: Usage, note: str | None = None) -> Settlement | None:
+        """Charge a request's usage, once; None if it was already settled or released."""
+        if paid.closed is not None:
+            return None
         paid.usage = usage
         cost = self.cost(paid, usage)
         if usage.estimated:
             note = note or "usage estimated"
+        model = paid.model.id if paid.model else None
         paid.closed = self.ledger.settle(
-            paid.request_id, cost, model=paid.model.id if paid.model else None,
+            paid.request_id, cost, model=model,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             note=note)
+        if paid.closed is None:  # swept while it ran (no activity for RESERVATION_TIMEOUT)
+            charged = self.ledger.late_charge(paid.key_hash, paid.request_id, cost, model)
+            logger.warning("request %s outlived its reservation; charged %d of %d msat late",
+                           paid.request_id, charged, cost)
+            paid.closed = Settlement(paid.request_id, paid.key_hash, charged, 0,
+                                     max(0, paid.available_msat - charged))
         return paid.closed
 
+    def touch(self, paid: Paid) -> None:
+        """Record that a stream is flowing, with what it delivered so far."""
+        if paid.prompt_estimate is None:
+            paid.prompt_estimate = self.estimate(paid, 0).prompt_tokens
+        self.ledger.touch(paid.request_id, paid.tap.text_chars if paid.tap else 0,
+                          paid.prompt_estimate)
+
     def release(self, paid: Paid, note: str) -> Settlement | None:
+        if paid.closed is not None:
+            return None
         paid.closed = self.ledger.release(paid.request_id, note)
         return paid.closed
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from types import SimpleNamespace
@@ -79,6 +79,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SWAP_UNTRUSTED_MINTS", bool, False,
             "Accept tokens of other mints for keys and top-ups by moving them to the primary "
             "mint over Lightning (fees deducted). false: refuse them, naming CASHU_MINTS."),
+    Setting("WALLET_MNEMONIC", str, "",
+            "BIP39 mnemonic the wallet's secrets are derived from (NUT-13), so its ecash can be "
+            "restored (routstr wallet restore). Empty: one is made on first start and kept in "
+            "DATA_DIR/wallet-mnemonic.txt. Back it up.", secret=True),
+    Setting("RECEIVE_LN_ADDRESS", str, "",
+            "Lightning address (user@domain) that receives the operator's earnings. Empty: "
+            "no payouts."),
+    Setting("MINIMUM_PAYOUT", int, 1000, "Sats of profit before a payout is made."),
+    Setting("PAYOUT_INTERVAL", int, 3600, "Seconds between payout checks."),
+    Setting("REFUND_PROCESSING_INTERVAL", int, 3600,
+            "Seconds between refunds of expired keys (to their refund address, or as a "
+            "claimable token)."),
+    Setting("RESERVATION_TIMEOUT", int, 600,
+            "Seconds without activity after which a request's reservation is swept (released, "
+            "or charged for what it delivered). Flowing streams stay active."),
     Setting("MAX_REQUEST_SIZE", str, "32m",
             "Largest request body accepted (k/m/g suffixes); also bounds buffered responses."),
     Setting("NAME", str, "Routstr Proxy", "Name shown in /v1/info."),
@@ -186,6 +201,36 @@ def parse_upstream(raw: str) -> Upstream | None:
     return Upstream(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
 
 
+def _mnemonic(raw: str) -> str:
+    """A BIP39 mnemonic, normalized (lower case, single spaces), or "" when unset."""
+    if not raw.strip():
+        return ""
+    from .seed import MnemonicError, normalize_mnemonic
+
+    try:
+        return normalize_mnemonic(raw)
+    except MnemonicError as e:
+        raise SettingError(f"WALLET_MNEMONIC: {e}") from None
+
+
+def _at_least(name: str, value: int, minimum: int) -> int:
+    if value < minimum:
+        raise SettingError(f"{name}: must be at least {minimum}, got {value}")
+    return value
+
+
+def parse_ln_address(raw: str) -> str:
+    """A Lightning address (LUD-16), ``user@domain``; empty for none."""
+    address = raw.strip()
+    if not address:
+        return ""
+    user, sep, domain = address.partition("@")
+    if not sep or not user or ("." not in domain and ":" not in domain) or " " in address:
+        raise SettingError(f"RECEIVE_LN_ADDRESS: expected a Lightning address such as "
+                           f"you@getalby.com, got {raw!r}")
+    return address.lower()
+
+
 def parse_mints(raw: str) -> tuple[str, ...]:
     mints: list[str] = []
     for item in (part.strip() for part in raw.split(",")):
@@ -218,10 +263,16 @@ class Config:
     exchange_fee: Decimal
     upstream_provider_fee: Decimal
     max_request_size: int
+    receive_ln_address: str
+    minimum_payout_sats: int
+    payout_interval: int
+    refund_processing_interval: int
+    reservation_timeout: int
     cashu_mints: tuple[str, ...]
     swap_untrusted_mints: bool
     name: str
     description: str
+    wallet_mnemonic: str = field(default="", repr=False)  # "": the data folder's file
 
     @classmethod
     def from_options(cls, options: Any) -> Config:
@@ -256,10 +307,17 @@ class Config:
             upstream_provider_fee=_decimal("UPSTREAM_PROVIDER_FEE", options.upstream_provider_fee,
                                            minimum=Decimal(1)),
             max_request_size=parse_size("MAX_REQUEST_SIZE", options.max_request_size),
+            receive_ln_address=parse_ln_address(options.receive_ln_address),
+            minimum_payout_sats=_at_least("MINIMUM_PAYOUT", options.minimum_payout, 1),
+            payout_interval=_at_least("PAYOUT_INTERVAL", options.payout_interval, 1),
+            refund_processing_interval=_at_least("REFUND_PROCESSING_INTERVAL",
+                                                 options.refund_processing_interval, 1),
+            reservation_timeout=_at_least("RESERVATION_TIMEOUT", options.reservation_timeout, 1),
             cashu_mints=parse_mints(options.cashu_mints),
             swap_untrusted_mints=options.swap_untrusted_mints,
             name=options.name,
             description=options.description,
+            wallet_mnemonic=_mnemonic(options.wallet_mnemonic),
         )
 
 

@@ -9,6 +9,10 @@ Redeeming swaps the incoming proofs for new ones (NUT-03), net of the mint's inp
 The new proofs can be cut to order: for an x-cashu request the swap makes outputs from which
 any change between "all of it" and "all but the maximum cost" is a subset, so the change is
 handed back later without a second mint round trip.
+
+Secrets and blinding factors are derived from the wallet's seed (NUT-13, ``seed.py``) and a
+counter per keyset reserved in the ledger before the outputs go to the mint, so the wallet's
+proofs can be found again from the mnemonic alone (``Wallet.restore``, NUT-09).
 """
 
 from __future__ import annotations
@@ -38,13 +42,23 @@ from .ecash import (
 )
 from .ledger import Ledger
 from .mintapi import SPENT_CODE, MintClient, MintError, MintUnreachable
+from .seed import Counters, Seed, load_or_create_mnemonic, seed_from_mnemonic
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from cashu.core.base import Proof
+
+    from .settings import Config
 
 __all__ = ["MintWallet", "Redeemed", "Wallet", "WalletError"]
 
 logger = logging.getLogger(__name__)
+
+OUTPUTS_SIGNED_CODE = 11003  # "outputs already signed": a secret was used before
+RESTORE_BATCH = 100  # outputs per NUT-09 request
+RESTORE_GAP = 3  # consecutive empty batches that end a keyset's walk
+CHECK_BATCH = 100  # Ys per NUT-07 request
 
 
 class WalletError(Exception):
@@ -69,11 +83,15 @@ class Redeemed:
 class MintWallet:
     """What the proxy knows of one mint: its keysets and keys, and a client to reach it."""
 
-    def __init__(self, url: str, timeout: float = 15.0) -> None:
+    def __init__(self, url: str, timeout: float = 15.0, seed: Seed | None = None,
+                 counters: Counters | None = None) -> None:
         self.url = sanitize_mint_url(url)
         self.client = MintClient(self.url, timeout)
         self.keysets: dict[str, Keyset] = {}
         self._loading = asyncio.Lock()
+        # Deterministic secrets need both; without them (throwaway helpers) they are random.
+        self.seed = seed if counters is not None else None
+        self.counters = counters
 
     @property
     def loaded(self) -> bool:
@@ -128,7 +146,31 @@ class MintWallet:
 
     def blind(self, amounts: Sequence[int], keyset: Keyset) -> tuple[list[dict[str, Any]],
                                                                       list[str], list[Any]]:
-        """Blinded outputs for ``amounts`` with fresh random secrets."""
+        """Blinded outputs for ``amounts``: secrets derived from the seed and counters reserved
+        (durably, before anything reaches the mint) for this keyset; random without a seed."""
+        if self.seed is None or self.counters is None or not amounts:
+            return self._blind_random(amounts, keyset)
+        start = self.counters.reserve(keyset.id, len(amounts))
+        return self.derived_outputs(keyset.id, start, amounts)
+
+    def derived_outputs(self, keyset_id: str, start: int, amounts: Sequence[int]) -> tuple[
+            list[dict[str, Any]], list[str], list[Any]]:
+        """The outputs of counters ``start``, ``start + 1``… of a keyset (no reservation)."""
+        from cashu.core.crypto.b_dhke import step1_alice
+        from cashu.core.crypto.secp import PrivateKey
+
+        assert self.seed is not None
+        outputs, secret_list, rs = [], [], []
+        for i, amount in enumerate(amounts):
+            secret, r_bytes = self.seed.derive(keyset_id, start + i)
+            b_, r = step1_alice(secret, PrivateKey(r_bytes))
+            outputs.append({"amount": amount, "id": keyset_id, "B_": b_.format().hex()})
+            secret_list.append(secret)
+            rs.append(r)
+        return outputs, secret_list, rs
+
+    def _blind_random(self, amounts: Sequence[int], keyset: Keyset) -> tuple[
+            list[dict[str, Any]], list[str], list[Any]]:
         from cashu.core.crypto.b_dhke import step1_alice
 
         outputs, secret_list, rs = [], [], []
@@ -173,7 +215,14 @@ class MintWallet:
         less the fee)."""
         keyset = self.active(unit)
         outputs, secret_list, rs = self.blind(amounts, keyset)
-        signatures = await self.client.swap([proof_to_dict(p) for p in inputs], outputs)
+        try:
+            signatures = await self.client.swap([proof_to_dict(p) for p in inputs], outputs)
+        except MintError as e:
+            if e.code == OUTPUTS_SIGNED_CODE:
+                logger.error("the mint %s has signed these outputs before: the wallet's "
+                             "derivation counters are behind (database lost or restored from "
+                             "a backup?). Run `routstr wallet restore`.", self.url)
+            raise
         return self.unblind(signatures, outputs, secret_list, rs)
 
     def verify_incoming(self, proofs: Sequence[Proof]) -> None:
@@ -197,15 +246,28 @@ class MintWallet:
 class Wallet:
     """All trusted mints (the first is the primary) and the proofs held at each."""
 
-    def __init__(self, ledger: Ledger, mint_urls: Sequence[str], timeout: float = 15.0) -> None:
+    def __init__(self, ledger: Ledger, mint_urls: Sequence[str], timeout: float = 15.0,
+                 seed: bytes | None = None) -> None:
+        """``seed``: the BIP39 seed secrets are derived from (NUT-13); without it they are
+        random and the wallet cannot be restored."""
         if not mint_urls:
             raise ValueError("at least one mint is needed")
         self.ledger = ledger
-        self.mints = {w.url: w for w in (MintWallet(u, timeout) for u in mint_urls)}
+        self.seed = Seed(seed) if seed is not None else None
+        self.counters = Counters(ledger) if seed is not None else None
+        self.mints = {w.url: w for w in (MintWallet(u, timeout, self.seed, self.counters)
+                                         for u in mint_urls)}
         self.primary = next(iter(self.mints.values()))
         self.timeout = timeout
         self.foreign: dict[str, MintWallet] = {}  # untrusted mints met in tokens, to melt at
         self._spending = asyncio.Lock()  # picking pool proofs for refunds is one at a time
+
+    @classmethod
+    def from_config(cls, ledger: Ledger, config: Config, timeout: float = 15.0) -> Wallet:
+        """The wallet of ``CASHU_MINTS``, with the seed of ``WALLET_MNEMONIC`` or of the data
+        folder's mnemonic file (made on first use). Raises MnemonicError for a bad file."""
+        seed = seed_from_mnemonic(load_or_create_mnemonic(config))
+        return cls(ledger, config.cashu_mints, timeout, seed=seed)
 
     async def start(self) -> None:
         """Load every mint's keysets; a mint that does not answer is tried again on use."""
@@ -429,6 +491,172 @@ class Wallet:
             now = time.time()
             for p in proofs:
                 cur.execute(sql, (now, p.secret, owner))
+
+    # -- restore (NUT-09) ------------------------------------------------------------------
+
+    async def restore(self, progress: Callable[[str], None] | None = None, *,
+                      batch: int = RESTORE_BATCH, gap: int = RESTORE_GAP) -> dict[str, Any]:
+        """Find the wallet's proofs again from its seed alone, at every trusted mint.
+
+        For each keyset in sat or msat, the outputs of counters 0, 1, 2… are derived again
+        and the mint asked to sign them again (NUT-09), ``batch`` at a time, until ``gap``
+        batches in a row find nothing (and never before the keyset's stored counter). The
+        proofs found that the mint says are unspent (NUT-07) and the ``proofs`` table lacks are
+        added to the pool; the table's ``unspent`` proofs the mint says are spent are marked
+        spent; each keyset's counter is moved past the last output found. Proofs whose counters
+        were reserved while this ran are left to the process that made them.
+
+        Change and refunds handed to users and not yet redeemed are unspent too: a restore
+        into an empty table counts them as the wallet's own.
+
+        Returns ``{"mints": [per mint and unit: found, restored, known, pending, marked_spent
+        …], "restored_msat", "errors"}``.
+        """
+        if self.seed is None or self.counters is None:
+            raise WalletError("this wallet has no seed to restore from")
+        say = progress or (lambda _text: None)
+        result: list[dict[str, Any]] = []
+        errors: list[str] = []
+        for mint in self.mints.values():
+            try:
+                result.extend(await self._restore_mint(mint, say, batch, gap))
+            except (MintError, MintUnreachable, WalletError) as e:
+                errors.append(f"{mint.url}: {e}")
+                logger.warning("restore at %s failed: %s", mint.url, e)
+        return {"mints": result, "restored_msat": sum(m["restored_msat"] for m in result),
+                "errors": errors}
+
+    async def _restore_mint(self, mint: MintWallet, say: Callable[[str], None], batch: int,
+                            gap: int) -> list[dict[str, Any]]:
+        nutshell()
+        from cashu.core.crypto.b_dhke import hash_to_curve
+
+        assert self.counters is not None
+        say(f"loading the keysets of {mint.url}…")
+        await mint.load()
+        entries: dict[str, dict[str, Any]] = {}
+
+        def entry(unit: str) -> dict[str, Any]:
+            return entries.setdefault(unit, {
+                "mint": mint.url, "unit": unit, "found": 0, "found_proofs": 0,
+                "restored": 0, "restored_proofs": 0, "known": 0, "known_proofs": 0,
+                "spent": 0, "pending": 0, "skipped": 0, "marked_spent": 0,
+                "marked_spent_proofs": 0, "restored_msat": 0, "keysets": {}})
+
+        found: list[tuple[Keyset, Proof]] = []
+        for keyset in sorted(mint.keysets.values(), key=lambda k: (k.unit, not k.active, k.id)):
+            proofs, skipped, next_counter = await self._walk_keyset(mint, keyset, say, batch,
+                                                                    gap)
+            e = entry(keyset.unit)
+            e["keysets"][keyset.id] = next_counter
+            e["skipped"] += skipped
+            e["found"] += sum(p.amount for p in proofs)
+            e["found_proofs"] += len(proofs)
+            found.extend((keyset, p) for p in proofs)
+
+        cur = self.ledger.db.connection().cursor()
+        cur.execute(self.ledger.sql("SELECT secret, unit, amount FROM proofs "
+                                    "WHERE mint = ? AND state = 'unspent'"), (mint.url,))
+        pool = [(str(s), str(u), int(a)) for s, u, a in cur.fetchall()]
+        # Outputs of Lightning invoices being minted: the invoice stores them when it credits.
+        cur.execute(self.ledger.sql("SELECT outputs FROM invoices WHERE mint = ? AND "
+                                    "state = 'minting' AND outputs IS NOT NULL"), (mint.url,))
+        minting = {s for (saved,) in cur.fetchall() for s in json.loads(saved)["secrets"]}
+        secrets_to_check = list(dict.fromkeys([p.secret for _, p in found]
+                                              + [s for s, _, _ in pool]))
+        states: dict[str, str] = {}
+        for start in range(0, len(secrets_to_check), CHECK_BATCH):
+            chunk = secrets_to_check[start:start + CHECK_BATCH]
+            say(f"asking {mint.url} about proofs {start + 1}–{start + len(chunk)} of "
+                f"{len(secrets_to_check)}…")
+            ys = {hash_to_curve(s.encode()).format().hex(): s for s in chunk}
+            for answer in await mint.client.check_state(list(ys)):
+                secret = ys.get(str(answer.get("Y")))
+                if secret is not None:
+                    states[secret] = str(answer.get("state"))
+
+        insert = self.ledger.sql(
+            "INSERT INTO proofs (secret, mint, unit, keyset_id, amount, c, dleq, state, owner, "
+            "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'unspent', NULL, ?, ?) "
+            "ON CONFLICT (secret) DO NOTHING")
+        mark = self.ledger.sql("UPDATE proofs SET state = 'spent', updated_at = ? "
+                               "WHERE secret = ? AND state = 'unspent'")
+        now = time.time()
+        with self.ledger.transaction(durable=True) as cur:
+            for keyset, p in found:
+                e = entry(keyset.unit)
+                state = states.get(p.secret)
+                if state == "SPENT":
+                    e["spent"] += p.amount
+                    continue
+                if state != "UNSPENT":  # pending at the mint, or not answered
+                    e["pending"] += p.amount
+                    continue
+                if p.secret in minting:
+                    e["skipped"] += p.amount
+                    continue
+                dleq = json.dumps(p.dleq.model_dump()) if p.dleq is not None else None
+                cur.execute(insert, (p.secret, mint.url, keyset.unit, p.id, p.amount, p.C, dleq,
+                                     now, now))
+                if cur.rowcount == 1:
+                    e["restored"] += p.amount
+                    e["restored_proofs"] += 1
+                else:
+                    e["known"] += p.amount
+                    e["known_proofs"] += 1
+            for secret, unit, amount in pool:
+                if states.get(secret) == "SPENT":
+                    cur.execute(mark, (now, secret))
+                    if cur.rowcount == 1:
+                        e = entry(unit)
+                        e["marked_spent"] += amount
+                        e["marked_spent_proofs"] += 1
+        for e in entries.values():
+            e["restored_msat"] = e["restored"] * UNIT_MSAT.get(e["unit"], 0)
+        return list(entries.values())
+
+    async def _walk_keyset(self, mint: MintWallet, keyset: Keyset, say: Callable[[str], None],
+                           batch: int, gap: int) -> tuple[list[Proof], int, int]:
+        """The proofs the mint signs again for a keyset's counters, the amount of those left
+        to a live process, and the keyset's next counter afterwards (moved past the last one
+        found)."""
+        assert self.counters is not None
+        stored = self.counters.current(keyset.id)
+        found: list[tuple[int, Proof]] = []
+        counter, empty, highest = 0, 0, -1
+        while empty < gap or counter < stored:
+            say(f"{mint.url}, keyset {keyset.id[:16]}… ({keyset.unit}): outputs "
+                f"{counter}–{counter + batch - 1}, {len(found)} proof(s) found so far…")
+            # Any amount will do: the mint answers with the amount it signed (as nutshell does).
+            outputs, secret_list, rs = mint.derived_outputs(keyset.id, counter, [1] * batch)
+            answered, signatures = await mint.client.restore(outputs)
+            if not signatures:
+                empty += 1
+                counter += batch
+                continue
+            empty = 0
+            index = {o["B_"]: i for i, o in enumerate(outputs)}
+            picked = []
+            for out, sig in zip(answered, signatures, strict=True):
+                i = index.get(out.get("B_", ""))
+                if i is None or sig.get("id") != keyset.id:
+                    raise WalletError("the mint restored an output that was not asked for")
+                picked.append(i)
+            proofs = mint.unblind(signatures,
+                                  [{**outputs[i], "amount": sig["amount"]}
+                                   for i, sig in zip(picked, signatures, strict=True)],
+                                  [secret_list[i] for i in picked], [rs[i] for i in picked])
+            found.extend((counter + i, p) for i, p in zip(picked, proofs, strict=True))
+            highest = max(highest, counter + max(picked))
+            counter += batch
+        # Counters reserved by others while this ran (from the stored value at the start to
+        # the one now) belong to live operations, which store their proofs themselves.
+        live = range(stored, self.counters.current(keyset.id))
+        kept = [p for c, p in found if c not in live]
+        skipped = sum(p.amount for c, p in found if c in live)
+        if highest >= 0:
+            self.counters.advance(keyset.id, highest + 1)
+        return kept, skipped, self.counters.current(keyset.id)
 
 
 class _Contended(Exception):

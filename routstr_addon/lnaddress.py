@@ -1,0 +1,94 @@
+"""Paying a Lightning address: LNURL-pay (LUD-06) as Lightning addresses resolve it (LUD-16).
+
+``user@domain`` → ``GET https://domain/.well-known/lnurlp/user`` → a pay request with a callback
+and the amounts it takes → ``GET callback?amount=<msat>`` → a bolt11 invoice. The invoice is
+decoded with the ``bolt11`` library and must be for exactly the amount asked (and, when it
+carries one, for the pay request's description hash) before anything is paid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from urllib.parse import urlsplit
+
+import httpx
+
+__all__ = ["LnAddressError", "invoice_for", "well_known_url"]
+
+
+class LnAddressError(Exception):
+    """The Lightning address could not give a payable invoice for the amount."""
+
+
+def _plain_http_allowed(host: str) -> bool:
+    """LUD-16 says https; loopback and .onion hosts are reached over plain http."""
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if name.endswith(".onion") or name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def well_known_url(address: str) -> str:
+    user, _, domain = address.strip().partition("@")
+    if not user or not domain:
+        raise LnAddressError(f"not a Lightning address: {address!r}")
+    scheme = "http" if _plain_http_allowed(domain) else "https"
+    return f"{scheme}://{domain}/.well-known/lnurlp/{user}"
+
+
+async def invoice_for(address: str, amount_msat: int, client: httpx.AsyncClient,
+                      comment: str | None = None) -> str:
+    """A bolt11 invoice for exactly ``amount_msat`` from the address's LNURL-pay service."""
+    try:
+        resp = await client.get(well_known_url(address))
+        resp.raise_for_status()
+        pay = resp.json()
+    except (httpx.HTTPError, ValueError) as e:
+        raise LnAddressError(f"{address} did not answer a pay request: {e}") from None
+    if not isinstance(pay, dict) or pay.get("tag") != "payRequest" or "callback" not in pay:
+        reason = pay.get("reason") if isinstance(pay, dict) else None
+        raise LnAddressError(f"{address} is not a Lightning address ({reason or 'no payRequest'})")
+    low, high = int(pay.get("minSendable", 1)), int(pay.get("maxSendable", 0))
+    if not low <= amount_msat <= high:
+        raise LnAddressError(f"{address} takes {low // 1000}–{high // 1000} sats, not "
+                             f"{amount_msat // 1000}")
+    callback = str(pay["callback"])
+    if urlsplit(callback).scheme not in ("https", "http") or (
+            urlsplit(callback).scheme == "http"
+            and not _plain_http_allowed(urlsplit(callback).netloc)):
+        raise LnAddressError(f"{address} gave an insecure callback: {callback}")
+    params: dict[str, str | int] = {"amount": amount_msat}
+    if comment and int(pay.get("commentAllowed", 0)) >= len(comment):
+        params["comment"] = comment
+    try:
+        resp = await client.get(callback, params=params)
+        resp.raise_for_status()
+        answer = resp.json()
+    except (httpx.HTTPError, ValueError) as e:
+        raise LnAddressError(f"{address} did not give an invoice: {e}") from None
+    if not isinstance(answer, dict) or not isinstance(answer.get("pr"), str):
+        reason = answer.get("reason") if isinstance(answer, dict) else None
+        raise LnAddressError(f"{address} refused to give an invoice: {reason}")
+    invoice: str = answer["pr"]
+    check_invoice(invoice, amount_msat, pay.get("metadata"))
+    return invoice
+
+
+def check_invoice(invoice: str, amount_msat: int, metadata: object = None) -> None:
+    """The invoice is for exactly ``amount_msat`` and, if it commits to a description hash,
+    to the pay request's metadata."""
+    import bolt11
+
+    try:
+        decoded = bolt11.decode(invoice)
+    except Exception as e:
+        raise LnAddressError(f"the invoice does not decode: {e}") from None
+    if decoded.amount_msat is None or int(decoded.amount_msat) != amount_msat:
+        raise LnAddressError(f"the invoice is for {decoded.amount_msat} msat, not {amount_msat}")
+    wanted = hashlib.sha256(str(metadata).encode()).hexdigest() if metadata else None
+    if wanted and decoded.description_hash and decoded.description_hash != wanted:
+        raise LnAddressError("the invoice's description hash is not the pay request's")

@@ -1,0 +1,82 @@
+"""Every reservation ends: the sweeper closes those nobody else will.
+
+A reservation is orphaned when the proxy process that made it is gone (a crash, ``kill -9``,
+a host that stopped sending heartbeats) or when it has seen no activity for
+``RESERVATION_TIMEOUT`` seconds. Streams that flow are touched as they flow, so a long stream
+is never swept; a request stuck on a hung upstream is. An orphan that delivered text is charged
+an estimate of it (from what the last touch recorded); one that delivered nothing is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from .ledger import Ledger, Settlement
+from .pricing import Pricing
+from .settings import Config
+from .usage import estimate_tokens
+
+__all__ = ["Sweeper"]
+
+logger = logging.getLogger(__name__)
+
+
+class Sweeper:
+    def __init__(self, ledger: Ledger, pricing: Pricing, config: Config) -> None:
+        self.ledger = ledger
+        self.pricing = pricing
+        self.config = config
+        self.timeout = float(config.reservation_timeout)
+        self.heartbeat_every = max(0.5, min(5.0, self.timeout / 4))
+        self.stale_after = 6 * self.heartbeat_every
+
+    def sweep(self) -> list[Settlement]:
+        """Close every orphaned reservation; returns what was done."""
+        closed = []
+        for held in self.ledger.orphans(self.timeout, self.stale_after):
+            done = self.close(held)
+            if done is not None:
+                closed.append(done)
+        _, gone = self.ledger.instances(self.stale_after)
+        if gone:
+            self.ledger.forget_instances(gone)
+        return closed
+
+    def close(self, held: dict[str, Any]) -> Settlement | None:
+        """Charge what an orphaned request delivered (estimated), or release it."""
+        request_id = held["request_id"]
+        delivered = int(held["delivered"] or 0)
+        if delivered <= 0:
+            done = self.ledger.release(request_id, "swept: nothing delivered")
+            if done is not None:
+                logger.warning("released orphaned reservation %s (%d msat)", request_id,
+                               done.reserved_msat)
+            return done
+        completion = estimate_tokens(delivered)
+        prompt = max(1, int(held["prompt_tokens"] or 0))
+        model = self.pricing.resolve(held["model"] or "") if held["model"] else None
+        if self.config.model_based_pricing and model is not None and self.pricing.rate:
+            cost = self.pricing.cost(model, prompt, completion)
+        elif not self.config.model_based_pricing:
+            cost = self.config.cost_per_request_msat
+        else:
+            cost = held["amount_msat"]  # no price known now: what the client agreed to at most
+        done = self.ledger.settle(request_id, cost, prompt_tokens=prompt,
+                                  completion_tokens=completion,
+                                  note="swept: estimated from what was delivered")
+        if done is not None:
+            logger.warning("settled orphaned reservation %s: %d msat for ~%d tokens delivered",
+                           request_id, done.charged_msat, completion)
+        return done
+
+    async def run(self) -> None:
+        """Heartbeat and sweep, from the start (a restart finds what a crash left)."""
+        while True:
+            try:
+                self.ledger.heartbeat()
+                self.sweep()
+            except Exception:
+                logger.exception("reservation sweep failed")
+            await asyncio.sleep(self.heartbeat_every)
