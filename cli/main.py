@@ -15,6 +15,7 @@ from routstr_addon import __version__, settings
 from routstr_addon.ledger import KEY_PREFIX, KeyState, Ledger, hash_key
 
 from .common import JsonOpt, console, err, fail, load_config, open_ledger, sats
+from .payouts import payouts_app
 from .wallet import create_key_from_token, wallet_app
 
 app = typer.Typer(help="Routstr: a Cashu-paid proxy for OpenAI-compatible APIs, on mitmproxy.",
@@ -24,6 +25,7 @@ ledger_app = typer.Typer(help="Read and audit the ledger.", no_args_is_help=True
 app.add_typer(keys_app, name="keys")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(wallet_app, name="wallet")
+app.add_typer(payouts_app, name="payouts")
 
 __all__ = ["app", "console", "err", "fail", "open_ledger", "parse_expiry", "sats"]
 
@@ -257,11 +259,29 @@ def ledger_tail(
 
 @ledger_app.command("check")
 def ledger_check(as_json: JsonOpt = False) -> None:
-    """Audit the books: per key, entries sum to the balance and reservations are all open ones."""
-    with open_ledger() as ledger:
+    """Audit the books: per key, the journal sums to the balance, no balance or reservation is
+    negative, reservations are all open ones; and, with CASHU_MINTS, the ecash the wallet holds
+    is unspent at its mint (NUT-07) and covers what users are owed. Exit 0 only if all hold."""
+    from .wallet import check_books, read_books
+
+    config = load_config()
+    wallet: dict[str, object] = {}
+    with open_ledger(config) as ledger:
         problems = ledger.check()
+        if config.cashu_mints:
+            books = read_books(ledger, config.cashu_mints, with_proofs=True)
+            checked = check_books(ledger, books)
+            spendable = books.proofs_msat - checked.spent_msat
+            wallet = {"proofs_msat": books.proofs_msat, "liabilities_msat": books.liabilities_msat,
+                      "margin_msat": books.margin_msat, "check": checked.as_json()}
+            problems += [f"{p['amount']} {p['unit']} at {p['mint']} counted but spent at the mint"
+                         for p in checked.spent]
+            problems += [f"could not ask a mint: {e}" for e in checked.errors]
+            if spendable < books.liabilities_msat:
+                problems.append(f"the wallet holds {sats(spendable)} sats of unspent ecash, less "
+                                f"than the {sats(books.liabilities_msat)} sats users are owed")
     if as_json:
-        print(json.dumps({"ok": not problems, "problems": problems}))
+        print(json.dumps({"ok": not problems, "problems": problems, "wallet": wallet}))
     elif problems:
         for p in problems:
             err.print(f"[red]✗[/red] {p}")

@@ -31,6 +31,7 @@ from routstr_addon.ledger import Ledger
 from routstr_addon.lightning import Invoices
 from routstr_addon.metering import Meter, Paid, bearer_token
 from routstr_addon.payments import Payments
+from routstr_addon.payouts import Payouts
 from routstr_addon.pricing import Pricing, RateKeeper, load_models
 from routstr_addon.settings import Config, SettingError
 from routstr_addon.sweeper import Sweeper
@@ -55,6 +56,7 @@ class Routstr:
         self.wallet: Wallet | None = None
         self.payments: Payments | None = None
         self.invoices: Invoices | None = None
+        self.payouts: Payouts | None = None
         self.services: routes.Services | None = None
         self._env_errors: list[str] = []
         self._tasks: dict[str, asyncio.Task[Any]] = {}
@@ -99,6 +101,8 @@ class Routstr:
         self.invoices = Invoices(ledger, self.wallet) if self.wallet else None
         self.payments = (Payments(ledger, self.wallet, self.invoices, config.swap_untrusted_mints)
                          if self.wallet else None)
+        self.payouts = (Payouts(ledger, self.wallet, config, self.payments)
+                        if self.wallet else None)
         if old_wallet is not None:
             with contextlib.suppress(RuntimeError):  # no loop yet: nothing was opened
                 asyncio.get_running_loop().create_task(old_wallet.close())
@@ -139,6 +143,11 @@ class Routstr:
             self._tasks["wallet"] = loop.create_task(self.wallet.start())
         if self.invoices is not None:
             self._tasks["invoices"] = loop.create_task(self.invoices.watch())
+        if self.payouts is not None:
+            self._tasks["payouts"] = loop.create_task(
+                self.payouts.loop(config.payout_interval, "payouts"))
+            self._tasks["refunds"] = loop.create_task(
+                self.payouts.loop(config.refund_processing_interval, "refunds"))
         if ledger.instance_id is None:
             ledger.register_instance()
         self._tasks["sweeper"] = loop.create_task(Sweeper(ledger, pricing, config).run())

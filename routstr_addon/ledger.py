@@ -214,6 +214,38 @@ class Refund(_Base):
         table_name = "refunds"
 
 
+class Payout(_Base):
+    """Ecash melted to pay a Lightning invoice: the operator's earnings, or a user's refund.
+
+    ``pending`` from before the melt is asked until its outcome is known; an ambiguous melt
+    stays pending and is settled from the mint's quote state, so it is never paid twice nor
+    counted as paid when it was not. ``outputs`` names the blank outputs (keyset, first
+    counter, count) that take the melt's change, so it can be had again after a crash.
+    """
+
+    id = peewee.CharField(max_length=64, primary_key=True)
+    kind = peewee.CharField(max_length=8)  # payout | refund
+    key_hash = peewee.CharField(max_length=64, null=True)  # the refunded key
+    destination = peewee.TextField()  # the Lightning address
+    mint = peewee.TextField()
+    unit = peewee.CharField(max_length=8)
+    amount = peewee.BigIntegerField()  # of the invoice, in the unit
+    fee_reserve = peewee.BigIntegerField(default=0)
+    fee_paid = peewee.BigIntegerField(default=0)
+    msat = peewee.BigIntegerField(default=0)  # debited from the key (refunds)
+    bolt11 = peewee.TextField()
+    quote = peewee.TextField(null=True)
+    outputs = peewee.TextField(null=True)
+    state = peewee.CharField(max_length=8)  # pending | paid | failed
+    error = peewee.TextField(null=True)
+    created_at = peewee.DoubleField()
+    updated_at = peewee.DoubleField()
+
+    class Meta:
+        table_name = "payouts"
+        indexes = ((("state",), False),)
+
+
 class Invoice(_Base):
     """A Lightning invoice (a mint quote at the primary mint) that funds a key once paid.
 
@@ -253,7 +285,7 @@ class KeysetCounter(_Base):
 
 
 MODELS: Sequence[type[peewee.Model]] = (ApiKey, LedgerEntry, Reservation, Instance, StoredProof,
-                                        Payment, Refund, Invoice, KeysetCounter)
+                                        Payment, Refund, Invoice, KeysetCounter, Payout)
 
 
 # --- results --------------------------------------------------------------------------------

@@ -45,13 +45,14 @@ class LocalMint:
 
     def __init__(self, folder: Path, *, port: int | None = None, input_fee_ppk: int = 0,
                  units: Sequence[str] = ("sat",), private_key: str = "routstr-local-mint",
-                 incoming_delay: float = 0.2) -> None:
+                 incoming_delay: float = 0.2, outgoing_delay: float = 0.0) -> None:
         self.folder = folder
         self.port = port or free_port()
         self.input_fee_ppk = input_fee_ppk
         self.units = tuple(units)
         self.private_key = private_key
         self.incoming_delay = incoming_delay
+        self.outgoing_delay = outgoing_delay
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -71,7 +72,7 @@ class LocalMint:
             "MINT_RATE_LIMIT": "FALSE",
             "MINT_INPUT_FEE_PPK": str(self.input_fee_ppk),
             "FAKEWALLET_DELAY_INCOMING_PAYMENT": str(self.incoming_delay),
-            "FAKEWALLET_DELAY_OUTGOING_PAYMENT": "0",
+            "FAKEWALLET_DELAY_OUTGOING_PAYMENT": str(self.outgoing_delay),
             "MINT_INFO_NAME": "Routstr local FakeWallet mint (no real money)",
         }
         for unit in self.units:

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
     from .settings import Config
 
-__all__ = ["MintWallet", "Redeemed", "Wallet", "WalletError"]
+__all__ = ["Melted", "MintWallet", "Redeemed", "Wallet", "WalletError"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,17 @@ class Redeemed:
     @property
     def msat(self) -> int:
         return self.amount * UNIT_MSAT[self.unit]
+
+
+@dataclass(slots=True)
+class Melted:
+    """The outcome of a melt: PAID, UNPAID (nothing left the pool) or PENDING (unknown)."""
+
+    state: str
+    amount: int  # paid to the invoice, in the unit
+    fee_reserve: int
+    fee_paid: int  # what left the pool beyond ``amount``: Lightning and input fees
+    change: int
 
 
 class MintWallet:
@@ -183,18 +194,23 @@ class MintWallet:
         return outputs, secret_list, rs
 
     def unblind(self, signatures: Sequence[dict[str, Any]], outputs: Sequence[dict[str, Any]],
-                secret_list: Sequence[str], rs: Sequence[Any]) -> list[Proof]:
-        """Proofs from the mint's blind signatures, checking their DLEQ proofs (NUT-12)."""
+                secret_list: Sequence[str], rs: Sequence[Any],
+                blank: bool = False) -> list[Proof]:
+        """Proofs from the mint's blind signatures, checking their DLEQ proofs (NUT-12).
+
+        ``blank``: the outputs were NUT-08 blank outputs (a melt's change): the mint signs the
+        first few of them with amounts of its choosing."""
         from cashu.core.base import DLEQWallet, Proof
         from cashu.core.crypto.b_dhke import alice_verify_dleq, step3_alice
         from cashu.core.crypto.secp import PrivateKey, PublicKey
 
-        if len(signatures) != len(outputs):
+        if len(signatures) > len(outputs) or (not blank and len(signatures) != len(outputs)):
             raise WalletError("the mint returned a different number of signatures")
         proofs = []
-        for sig, out, secret, r in zip(signatures, outputs, secret_list, rs, strict=True):
+        for sig, out, secret, r in zip(signatures, outputs, secret_list, rs, strict=False):
             keyset = self.keysets.get(sig["id"])
-            if keyset is None or sig["amount"] != out["amount"]:
+            if keyset is None or sig["amount"] not in keyset.keys or (
+                    not blank and sig["amount"] != out["amount"]):
                 raise WalletError("the mint signed with an unknown keyset or amount")
             a = keyset.keys[sig["amount"]]
             c_ = PublicKey(bytes.fromhex(sig["C_"]))
@@ -442,6 +458,86 @@ class Wallet:
                 self.store_in(cur, mint.url, unit, send_part, "sent", owner)
                 self.store_in(cur, mint.url, unit, keep_part, "unspent")
             return serialize_token(mint.url, unit, send_part), fee
+
+    async def melt(self, mint_url: str, unit: str, quote: dict[str, Any], owner: str,
+                   on_claimed: Any = None) -> Melted:
+        """Pay a melt quote (NUT-05) with pool proofs, getting the unused fee back as change
+        (NUT-08). ``on_claimed(outputs_json)`` runs once proofs are claimed and before the mint
+        is asked, so the caller can record the change outputs for recovery.
+
+        The claimed proofs stay ``reserved`` for ``owner`` while the outcome is unknown
+        (``state`` PENDING, or the mint not answering after it may have acted): ``finish_melt``
+        settles them from the quote's state later."""
+        mint = self.mints[mint_url]
+        await mint.ensure_loaded()
+        keyset = mint.active(unit)
+        need = int(quote["amount"]) + int(quote.get("fee_reserve") or 0)
+        target = need
+        async with self._spending:
+            for _ in range(3):
+                inputs, _ = self._claim(mint, unit, target, owner)
+                if sum(p.amount for p in inputs) >= need + mint.input_fee(inputs):
+                    break
+                self._unclaim(inputs, owner)
+                target = need + mint.input_fee(inputs)
+            else:
+                raise WalletError("the pool cannot cover this payment and its fees")
+        over = sum(p.amount for p in inputs) - mint.input_fee(inputs) - int(quote["amount"])
+        count = max(1, over.bit_length()) if over > 0 else 0
+        start = self.counters.reserve(keyset.id, count) if count and self.counters else None
+        blank = {"keyset": keyset.id, "start": start, "count": count} if start is not None \
+            else None
+        if on_claimed is not None:
+            on_claimed(json.dumps(blank) if blank else None)
+        outputs = (mint.derived_outputs(keyset.id, start, [1] * count)[0]
+                   if start is not None else [])
+        try:
+            answer = await mint.client.melt(quote["quote"], [proof_to_dict(p) for p in inputs],
+                                            outputs or None)
+        except MintUnreachable as e:
+            if not e.sent:
+                self._unclaim(inputs, owner)
+            raise
+        except BaseException:
+            self._unclaim(inputs, owner)
+            raise
+        return self._melt_outcome(mint, unit, owner, inputs, answer, blank)
+
+    async def finish_melt(self, mint_url: str, unit: str, quote_id: str, owner: str,
+                          blank_json: str | None) -> Melted:
+        """Settle a melt whose outcome was not known, from the mint's quote state."""
+        mint = self.mints[mint_url]
+        await mint.ensure_loaded()
+        answer = await mint.client.melt_quote_state(quote_id)
+        with self.ledger.transaction() as cur:
+            cur.execute(self.ledger.sql("SELECT secret, keyset_id, amount, c, dleq FROM proofs "
+                                        "WHERE owner = ? AND state = 'reserved'"), (owner,))
+            inputs = [_proof(row) for row in cur.fetchall()]
+        blank = json.loads(blank_json) if blank_json else None
+        return self._melt_outcome(mint, unit, owner, inputs, answer, blank)
+
+    def _melt_outcome(self, mint: MintWallet, unit: str, owner: str, inputs: Sequence[Proof],
+                      answer: dict[str, Any], blank: dict[str, Any] | None) -> Melted:
+        state = str(answer.get("state", "")).upper()
+        fee_reserve = int(answer.get("fee_reserve") or 0)
+        if state == "UNPAID":  # it failed: the proofs are still ours
+            self._unclaim(inputs, owner)
+            return Melted(state, int(answer.get("amount") or 0), fee_reserve, 0, 0)
+        if state != "PAID":
+            return Melted(state or "PENDING", int(answer.get("amount") or 0), fee_reserve, 0, 0)
+        change: list[Proof] = []
+        signatures = answer.get("change") or []
+        if signatures and blank:
+            outputs, secret_list, rs = mint.derived_outputs(blank["keyset"], blank["start"],
+                                                            [1] * blank["count"])
+            change = mint.unblind(signatures, outputs, secret_list, rs, blank=True)
+        spent = sum(p.amount for p in inputs)
+        back = sum(p.amount for p in change)
+        with self.ledger.transaction() as cur:
+            self.set_state_in(cur, inputs, "spent", owner)
+            self.store_in(cur, mint.url, unit, change, "unspent")
+        amount = int(answer.get("amount") or 0)
+        return Melted("PAID", amount, fee_reserve, spent - back - amount, back)
 
     def _claim(self, mint: MintWallet, unit: str, amount: int,
                owner: str) -> tuple[list[Proof], bool]:

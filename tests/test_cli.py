@@ -71,7 +71,7 @@ def test_keys_json_output_matches_the_ledger(cli_env: Path) -> None:
 
     tail = run_json("ledger", "tail", "-n", "5")
     assert isinstance(tail, list) and tail[-1]["amount_msat"] == 5000
-    assert run_json("ledger", "check") == {"ok": True, "problems": []}
+    assert run_json("ledger", "check") == {"ok": True, "problems": [], "wallet": {}}
 
 
 def test_cli_reads_the_proxy_ledger_after_real_requests(proxy: Proxy,

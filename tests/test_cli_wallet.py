@@ -165,6 +165,9 @@ def test_balance_check_finds_a_proof_spent_behind_the_ledgers_back(
         human = invoke("wallet", "balance", "--check")
         assert human.exit_code == 1
         assert "spent" in human.stdout and "4 sat" in human.stdout
+        audit = invoke("ledger", "check", "--json")  # the audit asks the mints too
+        assert audit.exit_code == 1
+        assert any("spent at the mint" in p for p in json.loads(audit.stdout)["problems"])
     finally:  # put the books right for the tests that follow
         ledger = proxy.ledger()
         try:
@@ -174,6 +177,9 @@ def test_balance_check_finds_a_proof_spent_behind_the_ledgers_back(
         finally:
             ledger.close()
     assert books("--check")["check"]["spent"] == []
+    audit = invoke("ledger", "check", "--json")
+    assert audit.exit_code == 0, audit.stdout
+    assert json.loads(audit.stdout)["wallet"]["check"]["checked"] >= 1
 
 
 # --- send and receive -----------------------------------------------------------------------

@@ -1,0 +1,277 @@
+"""The operator's money loop: earnings paid out to a Lightning address, expired keys refunded.
+
+Profit is what the wallet holds less what it owes (backed key balances, refunds not yet handed
+out, payouts under way). When it reaches ``MINIMUM_PAYOUT`` it is paid to
+``RECEIVE_LN_ADDRESS``: an invoice is asked of the address for the profit less the Lightning fee
+reserve and the mint's input fee, and paid by melting pool proofs at the primary mint.
+
+Every payment is a ``payouts`` row written before the mint is asked. If the answer is lost the
+row stays ``pending`` and is settled from the mint's quote state on the next run: never paid
+twice, never counted as paid when it was not. A refund debits the key in the same transaction
+that writes its row; if the payment fails for good, the key is credited back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+import httpx
+
+from .ecash import UNIT_MSAT
+from .ledger import Ledger
+from .lnaddress import LnAddressError, invoice_for
+from .mintapi import MintError, MintUnreachable
+from .payments import Payments
+from .settings import Config
+from .wallet import Melted, Wallet, WalletError
+
+__all__ = ["Payouts"]
+
+logger = logging.getLogger(__name__)
+
+_COLUMNS = ("id", "kind", "key_hash", "destination", "mint", "unit", "amount", "fee_reserve",
+            "fee_paid", "msat", "bolt11", "quote", "outputs", "state", "error", "created_at",
+            "updated_at")
+
+
+class Payouts:
+    def __init__(self, ledger: Ledger, wallet: Wallet, config: Config,
+                 payments: Payments | None = None) -> None:
+        self.ledger = ledger
+        self.wallet = wallet
+        self.config = config
+        self.payments = payments
+
+    # -- the books -----------------------------------------------------------------------------
+
+    def books(self) -> dict[str, int]:
+        """What the wallet holds, what it owes, and the difference (all msat)."""
+        held = self.wallet.held_msat()
+        cur = self.ledger.db.connection().cursor()
+        cur.execute("SELECT COALESCE(SUM(balance_msat), 0) FROM api_keys WHERE backed")
+        owed = int(cur.fetchone()[0])
+        cur.execute("SELECT COALESCE(SUM(msat), 0) FROM refunds WHERE state = 'pending'")
+        owed += int(cur.fetchone()[0])
+        # Proofs claimed for a payment under way are still counted as held until it is
+        # settled: what it may take is not profit.
+        cur.execute("SELECT unit, COALESCE(SUM(amount + fee_reserve), 0) FROM payouts "
+                    "WHERE state = 'pending' GROUP BY unit")
+        outgoing = sum(int(total) * UNIT_MSAT.get(unit, 1000) for unit, total in cur.fetchall())
+        return {"held_msat": held, "owed_msat": owed, "outgoing_msat": outgoing,
+                "profit_msat": held - owed - outgoing}
+
+    def recent(self, limit: int = 100) -> list[dict[str, Any]]:
+        cur = self.ledger.db.connection().cursor()
+        cur.execute(self.ledger.sql(f"SELECT {', '.join(_COLUMNS)} FROM payouts "
+                                    "ORDER BY created_at DESC LIMIT ?"), (limit,))
+        rows = [dict(zip(_COLUMNS, row, strict=True)) for row in cur.fetchall()]
+        for row in rows:
+            row.pop("outputs")
+        return rows
+
+    # -- payouts -------------------------------------------------------------------------------
+
+    async def run(self, dry_run: bool = False) -> dict[str, Any]:
+        """Settle what is pending, then pay the profit out if it reaches the minimum."""
+        settled = await self.reconcile()
+        books = self.books()
+        result: dict[str, Any] = {"books": books, "settled": settled, "payout": None}
+        address = self.config.receive_ln_address
+        if not address:
+            result["skipped"] = "no RECEIVE_LN_ADDRESS"
+            return result
+        minimum = self.config.minimum_payout_sats * 1000
+        mint = self.wallet.primary
+        pool = self.wallet.balances().get((mint.url, "sat"), 0) * 1000
+        available = min(books["profit_msat"], self._unspent_msat(mint.url, "sat"), pool)
+        if available < minimum:
+            result["skipped"] = (f"profit {books['profit_msat'] / 1000:g} sats is below "
+                                 f"MINIMUM_PAYOUT ({self.config.minimum_payout_sats})")
+            return result
+        if dry_run:
+            result["would_pay_sats"] = available // 1000
+            return result
+        result["payout"] = await self.pay(address, available // 1000, kind="payout")
+        return result
+
+    def _unspent_msat(self, mint_url: str, unit: str) -> int:
+        cur = self.ledger.db.connection().cursor()
+        cur.execute(self.ledger.sql("SELECT COALESCE(SUM(amount), 0) FROM proofs WHERE "
+                                    "mint = ? AND unit = ? AND state = 'unspent'"),
+                    (mint_url, unit))
+        return int(cur.fetchone()[0]) * UNIT_MSAT[unit]
+
+    async def pay(self, address: str, budget_sats: int, kind: str,
+                  key_hash: str | None = None, msat: int = 0) -> dict[str, Any]:
+        """Pay ``address`` from the pool: an invoice for what is left of ``budget_sats`` once
+        the Lightning fee reserve and the mint's input fee are taken, then the melt."""
+        mint = self.wallet.primary
+        await mint.ensure_loaded()
+        ppk = max((k.input_fee_ppk for k in mint.keysets.values() if k.unit == "sat"),
+                  default=0)
+        # A first guess at the fee reserve (what nutshell asks by default: 1 %, at least 2);
+        # the mint's melt quote says, and the invoice is asked again if it was too little.
+        target = budget_sats - max(2, -(-budget_sats // 100)) - (ppk and 1)
+        async with httpx.AsyncClient(timeout=15) as client:
+            for _ in range(4):
+                if target <= 0:
+                    raise WalletError(f"{budget_sats} sats do not cover the fees of a payment")
+                bolt11 = await invoice_for(address, target * 1000, client)
+                quote = await mint.client.melt_quote(bolt11, "sat")
+                need = int(quote["amount"]) + int(quote.get("fee_reserve") or 0)
+                slack = -(-(ppk * max(1, need.bit_length())) // 1000)  # input fee, worst case
+                if need + slack <= budget_sats:
+                    break
+                target -= need + slack - budget_sats
+            else:
+                raise WalletError("the Lightning fees keep changing; try again later")
+        payout_id = uuid.uuid4().hex
+        now = time.time()
+        with self.ledger.transaction(durable=True) as cur:
+            debited = (kind != "refund" or key_hash is None or self.ledger.debit_in(
+                cur, key_hash, msat, f"refund to {address}", request_id=payout_id,
+                kind="refund") is not None)
+            if not debited:
+                raise WalletError("the key's balance changed")
+            cur.execute(self.ledger.sql(
+                "INSERT INTO payouts (id, kind, key_hash, destination, mint, unit, amount, "
+                "fee_reserve, fee_paid, msat, bolt11, quote, outputs, state, error, created_at, "
+                "updated_at) VALUES (?, ?, ?, ?, ?, 'sat', ?, ?, 0, ?, ?, ?, NULL, 'pending', "
+                "NULL, ?, ?)"),
+                (payout_id, kind, key_hash, address, mint.url, int(quote["amount"]),
+                 int(quote.get("fee_reserve") or 0), msat, bolt11, quote["quote"], now, now))
+
+        def record_outputs(outputs_json: str | None) -> None:
+            with self.ledger.transaction(durable=True) as cur:
+                cur.execute(self.ledger.sql("UPDATE payouts SET outputs = ?, updated_at = ? "
+                                            "WHERE id = ?"), (outputs_json, time.time(),
+                                                              payout_id))
+
+        try:
+            melted = await self.wallet.melt(mint.url, "sat", quote, payout_id, record_outputs)
+        except MintUnreachable as e:
+            if e.sent:  # the mint may have paid: settled from its quote state later
+                self._set(payout_id, "pending", error=str(e))
+                return self._row(payout_id)
+            return self._fail(payout_id, str(e))
+        except (MintError, WalletError) as e:
+            return self._fail(payout_id, str(e))
+        return self._record(payout_id, melted)
+
+    def _record(self, payout_id: str, melted: Melted) -> dict[str, Any]:
+        if melted.state == "PAID":
+            self._set(payout_id, "paid", fee_paid=melted.fee_paid)
+            row = self._row(payout_id)
+            logger.info("%s of %d sats to %s paid (fees %d sats)", row["kind"], row["amount"],
+                        row["destination"], melted.fee_paid)
+            return row
+        if melted.state == "UNPAID":
+            return self._fail(payout_id, "the payment failed")
+        self._set(payout_id, "pending", error=f"melt {melted.state.lower()}")
+        return self._row(payout_id)
+
+    def _fail(self, payout_id: str, error: str) -> dict[str, Any]:
+        """A payment that did not happen: its proofs are the pool's again, and a refund's
+        amount goes back on its key."""
+        row = self._row(payout_id)
+        with self.ledger.transaction(durable=True) as cur:
+            cur.execute(self.ledger.sql("UPDATE payouts SET state = 'failed', error = ?, "
+                                        "updated_at = ? WHERE id = ? AND state = 'pending'"),
+                        (error[:500], time.time(), payout_id))
+            if cur.rowcount == 1 and row["kind"] == "refund" and row["key_hash"]:
+                self.ledger.credit_in(cur, row["key_hash"], row["msat"],
+                                      f"refund to {row['destination']} failed",
+                                      request_id=payout_id)
+        logger.warning("%s %s to %s failed: %s", row["kind"], payout_id, row["destination"],
+                       error)
+        return self._row(payout_id)
+
+    def _set(self, payout_id: str, state: str, fee_paid: int = 0,
+             error: str | None = None) -> None:
+        with self.ledger.transaction(durable=True) as cur:
+            cur.execute(self.ledger.sql("UPDATE payouts SET state = ?, fee_paid = ?, error = ?, "
+                                        "updated_at = ? WHERE id = ?"),
+                        (state, fee_paid, error, time.time(), payout_id))
+
+    def _row(self, payout_id: str) -> dict[str, Any]:
+        row = self.ledger.one("payouts", _COLUMNS, "id = ?", (payout_id,))
+        assert row is not None
+        return row
+
+    async def reconcile(self) -> list[dict[str, Any]]:
+        """Settle pending payments from the mint's quote states."""
+        cur = self.ledger.db.connection().cursor()
+        cur.execute("SELECT id FROM payouts WHERE state = 'pending'")
+        settled = []
+        for (payout_id,) in cur.fetchall():
+            row = self._row(payout_id)
+            if row["quote"] is None:
+                settled.append(self._fail(payout_id, "interrupted before the melt"))
+                continue
+            try:
+                if self.ledger.one("proofs", ("secret",), "owner = ? AND state = 'reserved'",
+                                   (payout_id,)) is None:
+                    # Nothing left claimed: the outcome was applied, or no proof was taken.
+                    mint = self.wallet.mints[row["mint"]]
+                    state = (await mint.client.melt_quote_state(row["quote"]))["state"]
+                    melted = Melted(str(state).upper(), row["amount"], row["fee_reserve"],
+                                    row["fee_paid"], 0)
+                else:
+                    melted = await self.wallet.finish_melt(row["mint"], row["unit"],
+                                                           row["quote"], payout_id,
+                                                           row["outputs"])
+            except (MintUnreachable, MintError) as e:
+                logger.info("payout %s still pending: %s", payout_id, e)
+                continue
+            settled.append(self._record(payout_id, melted))
+        return settled
+
+    # -- refunds of expired keys ------------------------------------------------------------------
+
+    async def refund_expired(self) -> list[dict[str, Any]]:
+        """Expired keys with a balance: paid to their refund address, or, without one, made
+        into a token their owner can claim (``POST /v1/balance/refund``). Once each."""
+        now = time.time()
+        cur = self.ledger.db.connection().cursor()
+        cur.execute(self.ledger.sql(
+            "SELECT key_hash, refund_address, balance_msat FROM api_keys WHERE backed "
+            "AND expires_at IS NOT NULL AND expires_at <= ? AND reserved_msat = 0 "
+            "AND balance_msat >= 1000"), (now,))
+        done = []
+        for key_hash, address, balance in cur.fetchall():
+            try:
+                if address and "@" in address:
+                    sats = int(balance) // 1000
+                    row = await self.pay(address, sats, kind="refund", key_hash=key_hash,
+                                         msat=sats * 1000)
+                    done.append(row)
+                elif self.payments is not None:
+                    refund = await self.payments.refund(key_hash)
+                    done.append({"kind": "token", "key_hash": key_hash, "msat": refund["msats"]})
+            except (LnAddressError, WalletError, MintError, MintUnreachable) as e:
+                logger.warning("refund of expired key %s… not made: %s", key_hash[:12], e)
+            except Exception:
+                logger.exception("refund of expired key %s… failed", key_hash[:12])
+        return done
+
+    async def loop(self, every: float, work: str) -> None:
+        """Run ``work`` (``payouts`` or ``refunds``) every ``every`` seconds, from now."""
+        import asyncio
+
+        while True:
+            try:
+                if work == "payouts":
+                    result = await self.run()
+                    if result.get("payout"):
+                        logger.info("payout: %s", json.dumps(result["payout"], default=str))
+                else:
+                    await self.refund_expired()
+            except (LnAddressError, WalletError, MintError, MintUnreachable) as e:
+                logger.warning("%s: %s", work, e)
+            except Exception:
+                logger.exception("%s failed", work)
+            await asyncio.sleep(every)
