@@ -290,6 +290,9 @@ class Routstr:
                 req.scheme, req.host, req.port = upstream.scheme, upstream.host, upstream.port
             query = req.path[len(path):]
             req.path = upstream.base_path + _api_path(path) + query
+        if self.config.upstream_timeout:
+            paid.timer = asyncio.get_running_loop().call_later(
+                self.config.upstream_timeout, _upstream_silent, flow)
 
     # -- the answer ------------------------------------------------------------------------
 
@@ -297,6 +300,8 @@ class Routstr:
         paid = flow.metadata.get(STATE)
         if not isinstance(paid, Paid) or flow.response is None:
             return
+        if paid.timer is not None:
+            paid.timer.cancel()
         resp = flow.response
         resp.headers["x-routstr-request-id"] = paid.request_id
         is_sse = "text/event-stream" in resp.headers.get("content-type", "")
@@ -371,6 +376,8 @@ class Routstr:
         paid = flow.metadata.get(STATE)
         if not isinstance(paid, Paid) or paid.settled:
             return
+        if paid.timer is not None:
+            paid.timer.cancel()
         assert self.meter is not None
         reason = flow.error.msg if flow.error else "flow failed"
         try:
@@ -390,6 +397,19 @@ class Routstr:
             logger.exception("request %s: cutting the x-cashu change failed; the value stays "
                              "on its payment key", paid.request_id)
             return None
+
+
+def _upstream_silent(flow: http.HTTPFlow) -> None:
+    """UPSTREAM_TIMEOUT passed without an answer: close the upstream connection. mitmproxy
+    then answers the client 502 (our JSON error page) and the error hook releases."""
+    if flow.response is not None or not flow.live:
+        return
+    logger.warning("request %s: no answer from the upstream in time; giving up", flow.id)
+    server = ctx.master.addons.get("proxyserver")
+    handler = server.connections.get(flow.client_conn.id) if server is not None else None
+    io = handler.transports.get(flow.server_conn) if handler is not None else None
+    if io is not None and io.handler is not None:
+        io.handler.cancel("upstream timeout")
 
 
 def _add_to_error(resp: http.Response, name: str, value: str) -> None:

@@ -104,6 +104,7 @@ class Paid:
     usage: Usage | None = None
     xcashu: XCashu | None = None  # paid by an X-Cashu token rather than a key
     prompt_estimate: int | None = None
+    timer: Any = None  # asyncio.TimerHandle of the upstream timeout
 
     @property
     def settled(self) -> bool:

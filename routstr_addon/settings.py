@@ -55,6 +55,9 @@ SETTINGS: tuple[Setting, ...] = (
             "(e.g. https://api.openai.com/v1). Empty: keep the reverse mode's target and path."),
     Setting("UPSTREAM_API_KEY", str, "", "Key sent upstream as 'Authorization: Bearer'.",
             secret=True),
+    Setting("UPSTREAM_TIMEOUT", int, 300,
+            "Seconds to wait for the upstream's answer to begin; then the request fails with a "
+            "502 and its reservation is released. 0: wait as long as the connection lives."),
     Setting("DATA_DIR", str, "data", "Folder for the ledger database and wallet data."),
     Setting("DATABASE_URL", str, "",
             "Ledger database: sqlite:///path or postgresql://user@host/db. "
@@ -252,6 +255,7 @@ class Config:
 
     upstream: Upstream | None
     upstream_api_key: str
+    upstream_timeout: int
     data_dir: Path
     database_url: str
     model_based_pricing: bool
@@ -295,6 +299,7 @@ class Config:
         return cls(
             upstream=parse_upstream(options.upstream_base_url.strip()),
             upstream_api_key=options.upstream_api_key.strip(),
+            upstream_timeout=_at_least("UPSTREAM_TIMEOUT", options.upstream_timeout, 0),
             data_dir=data_dir,
             database_url=database_url,
             model_based_pricing=options.model_based_pricing,

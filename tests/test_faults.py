@@ -117,3 +117,22 @@ def test_proxy_serves_normally_after_the_faults(proxy: Proxy) -> None:
     assert completion.choices[0].message.content
     assert time.monotonic() - start < 5
     assert proxy.check() == []
+
+
+def test_a_silent_upstream_times_out_with_a_clear_error_and_nothing_charged(make_proxy) -> None:
+    p = make_proxy({"UPSTREAM_TIMEOUT": "1"})
+    key = p.new_key(sats=100)
+    start = time.monotonic()
+    with httpx.Client(base_url=p.url, timeout=10) as client:
+        resp = client.post("/v1/chat/completions",
+                           json={"model": MODEL, "messages": MESSAGES},
+                           headers={"authorization": f"Bearer {key}", "x-scenario": "hang"})
+    assert 1 <= time.monotonic() - start < 5
+    assert resp.status_code == 502
+    assert resp.json()["error"]["code"] == "upstream_unreachable"
+    p.wait_settled()
+    state = p.key_state(key)
+    assert state.balance_msat == 100_000 and state.reserved_msat == 0
+    assert p.check() == []
+    # …and it keeps serving
+    assert p.client(key).chat.completions.create(model=MODEL, messages=MESSAGES).choices
