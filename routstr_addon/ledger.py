@@ -246,6 +246,22 @@ class Payout(_Base):
         indexes = ((("state",), False),)
 
 
+class PendingSwap(_Base):
+    """A token's swap whose answer was lost (the mint may have done it): the outputs, to ask
+    the mint for their signatures (NUT-09) when the same token comes back."""
+
+    token_hash = peewee.CharField(max_length=64, primary_key=True)
+    mint = peewee.TextField()
+    unit = peewee.CharField(max_length=8)
+    amount = peewee.BigIntegerField()
+    fee = peewee.BigIntegerField()
+    outputs = peewee.TextField()
+    created_at = peewee.DoubleField()
+
+    class Meta:
+        table_name = "pending_swaps"
+
+
 class Invoice(_Base):
     """A Lightning invoice (a mint quote at the primary mint) that funds a key once paid.
 
@@ -285,7 +301,8 @@ class KeysetCounter(_Base):
 
 
 MODELS: Sequence[type[peewee.Model]] = (ApiKey, LedgerEntry, Reservation, Instance, StoredProof,
-                                        Payment, Refund, Invoice, KeysetCounter, Payout)
+                                        Payment, Refund, Invoice, KeysetCounter, Payout,
+                                        PendingSwap)
 
 
 # --- results --------------------------------------------------------------------------------

@@ -79,6 +79,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CASHU_MINTS", str, "",
             "Trusted Cashu mints, comma-separated; the first is primary (change, refunds, "
             "Lightning top-ups). Empty: no ecash, keys are funded by the operator only."),
+    Setting("MINT_TIMEOUT", int, 15,
+            "Seconds to wait for a mint's answer. A swap whose answer is lost is recovered "
+            "from the mint (NUT-09) when the same token is sent again."),
     Setting("SWAP_UNTRUSTED_MINTS", bool, False,
             "Accept tokens of other mints for keys and top-ups by moving them to the primary "
             "mint over Lightning (fees deducted). false: refuse them, naming CASHU_MINTS."),
@@ -102,6 +105,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("NAME", str, "Routstr Proxy", "Name shown in /v1/info."),
     Setting("DESCRIPTION", str, "A Cashu-paid proxy for OpenAI-compatible APIs",
             "Description shown in /v1/info."),
+    Setting("ADMIN_PASSWORD", str, "",
+            "Password of the /admin dashboard (at least 8 characters). Empty: the dashboard "
+            "is off and only says how to turn it on.", secret=True),
 )
 
 _BY_ENV = {s.env: s for s in SETTINGS}
@@ -216,6 +222,15 @@ def _mnemonic(raw: str) -> str:
         raise SettingError(f"WALLET_MNEMONIC: {e}") from None
 
 
+def _admin_password(raw: str) -> str:
+    """The dashboard's password, or "" for none; never echoed in an error."""
+    password = raw.strip()
+    if password and len(password) < 8:
+        raise SettingError("ADMIN_PASSWORD: use at least 8 characters (or leave it empty to "
+                           "turn the /admin dashboard off)")
+    return password
+
+
 def _at_least(name: str, value: int, minimum: int) -> int:
     if value < minimum:
         raise SettingError(f"{name}: must be at least {minimum}, got {value}")
@@ -274,9 +289,11 @@ class Config:
     reservation_timeout: int
     cashu_mints: tuple[str, ...]
     swap_untrusted_mints: bool
+    mint_timeout: int
     name: str
     description: str
     wallet_mnemonic: str = field(default="", repr=False)  # "": the data folder's file
+    admin_password: str = field(default="", repr=False)  # "": no /admin dashboard
 
     @classmethod
     def from_options(cls, options: Any) -> Config:
@@ -320,9 +337,11 @@ class Config:
             reservation_timeout=_at_least("RESERVATION_TIMEOUT", options.reservation_timeout, 1),
             cashu_mints=parse_mints(options.cashu_mints),
             swap_untrusted_mints=options.swap_untrusted_mints,
+            mint_timeout=_at_least("MINT_TIMEOUT", options.mint_timeout, 1),
             name=options.name,
             description=options.description,
             wallet_mnemonic=_mnemonic(options.wallet_mnemonic),
+            admin_password=_admin_password(options.admin_password),
         )
 
 

@@ -226,13 +226,20 @@ class MintWallet:
                                 C=c.format().hex(), dleq=dleq))
         return proofs
 
-    async def swap(self, inputs: Sequence[Proof], amounts: Sequence[int], unit: str) -> list[Proof]:
+    async def swap(self, inputs: Sequence[Proof], amounts: Sequence[int], unit: str,
+                   lost: Any = None) -> list[Proof]:
         """Exchange ``inputs`` for new proofs of ``amounts`` (which must add up to the inputs
-        less the fee)."""
+        less the fee). ``lost(outputs_json)`` is called if the mint may have swapped but its
+        answer did not arrive, with what it takes to ask for the signatures again."""
         keyset = self.active(unit)
         outputs, secret_list, rs = self.blind(amounts, keyset)
         try:
             signatures = await self.client.swap([proof_to_dict(p) for p in inputs], outputs)
+        except MintUnreachable as e:
+            if e.sent and lost is not None:
+                lost(json.dumps({"outputs": outputs, "secrets": secret_list,
+                                 "rs": [r.to_hex() for r in rs]}))
+            raise
         except MintError as e:
             if e.code == OUTPUTS_SIGNED_CODE:
                 logger.error("the mint %s has signed these outputs before: the wallet's "
@@ -279,11 +286,11 @@ class Wallet:
         self._spending = asyncio.Lock()  # picking pool proofs for refunds is one at a time
 
     @classmethod
-    def from_config(cls, ledger: Ledger, config: Config, timeout: float = 15.0) -> Wallet:
+    def from_config(cls, ledger: Ledger, config: Config, timeout: float | None = None) -> Wallet:
         """The wallet of ``CASHU_MINTS``, with the seed of ``WALLET_MNEMONIC`` or of the data
         folder's mnemonic file (made on first use). Raises MnemonicError for a bad file."""
         seed = seed_from_mnemonic(load_or_create_mnemonic(config))
-        return cls(ledger, config.cashu_mints, timeout, seed=seed)
+        return cls(ledger, config.cashu_mints, timeout or float(config.mint_timeout), seed=seed)
 
     async def start(self) -> None:
         """Load every mint's keysets; a mint that does not answer is tried again on use."""
@@ -351,16 +358,53 @@ class Wallet:
         if net <= 0:
             raise TokenError(f"The token ({token.amount} {token.unit}) does not cover the "
                              f"mint's fee of {fee} {token.unit}.")
+        recovered = await self._recover(mint, token)
+        if recovered is not None:
+            return Redeemed(mint.url, token.unit, net, fee, recovered)
         amounts = (amounts_for(net) if keep_variable is None
                    else change_friendly_amounts(net, keep_variable))
+
+        def lost(outputs_json: str) -> None:
+            with self.ledger.transaction(durable=True) as cur:
+                cur.execute(self.ledger.sql(
+                    "INSERT INTO pending_swaps (token_hash, mint, unit, amount, fee, outputs, "
+                    "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)"),
+                    (token.hash, mint.url, token.unit, net, fee, outputs_json, time.time()))
+
         try:
-            proofs = await mint.swap(token.proofs, amounts, token.unit)
+            proofs = await mint.swap(token.proofs, amounts, token.unit, lost)
         except MintError as e:
             if e.code == SPENT_CODE or "spent" in e.detail.lower():
                 raise TokenError("This token has already been spent.",
                                  code="token_already_spent") from None
             raise TokenError(f"The mint refused the token: {e.detail}") from None
         return Redeemed(mint.url, token.unit, net, fee, proofs)
+
+    async def _recover(self, mint: MintWallet, token: IncomingToken) -> list[Proof] | None:
+        """The new proofs of an earlier swap of this token whose answer was lost, if the mint
+        did it (NUT-09 restore of its outputs); None if there was none or it never happened."""
+        from cashu.core.crypto.secp import PrivateKey
+
+        pending = self.ledger.one("pending_swaps", ("outputs",), "token_hash = ?",
+                                  (token.hash,))
+        if pending is None:
+            return None
+        saved = json.loads(pending["outputs"])
+        outputs = saved["outputs"]
+        signed, signatures = await mint.client.restore(outputs)
+        proofs = None
+        if signatures and len(signatures) == len(outputs):
+            by_b = {o["B_"]: s for o, s in zip(signed, signatures, strict=True)}
+            ordered = [by_b[o["B_"]] for o in outputs if o["B_"] in by_b]
+            if len(ordered) == len(outputs):
+                proofs = mint.unblind(ordered, outputs, saved["secrets"],
+                                      [PrivateKey(bytes.fromhex(r)) for r in saved["rs"]])
+                logger.info("recovered the lost swap of a token of %d %s", token.amount,
+                            token.unit)
+        with self.ledger.transaction() as cur:
+            cur.execute(self.ledger.sql("DELETE FROM pending_swaps WHERE token_hash = ?"),
+                        (token.hash,))
+        return proofs
 
     # -- the pool ----------------------------------------------------------------------------
 
