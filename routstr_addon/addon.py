@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ except ImportError:  # loaded by path (mitmdump -s) from a checkout that is not 
 
 from routstr_addon import routes, settings
 from routstr_addon.errors import ApiError, error_response, install_error_pages
-from routstr_addon.ledger import Ledger
+from routstr_addon.ledger import DATABASE_ERRORS, Ledger, Settlement
 from routstr_addon.lightning import Invoices
 from routstr_addon.metering import Meter, Paid, bearer_token
 from routstr_addon.payments import Payments
@@ -42,6 +42,9 @@ __all__ = ["Routstr", "addons"]
 logger = logging.getLogger("routstr")
 
 STATE = "routstr"  # key of a forwarded flow's ``Paid`` in flow.metadata
+LEDGER_DOWN = ApiError(503, "The ledger is unavailable right now (full disk or database away); "
+                       "nothing was charged. Try again shortly.", type="service_unavailable",
+                       code="ledger_unavailable", headers={"retry-after": "5"})
 _OUR_OPTIONS = frozenset(s.option for s in settings.SETTINGS)
 
 
@@ -60,6 +63,7 @@ class Routstr:
         self.services: routes.Services | None = None
         self._env_errors: list[str] = []
         self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self._unsettled: list[tuple[Paid, Callable[[], object]]] = []
         self._touch_every = 15.0
         self._running = False
 
@@ -151,6 +155,7 @@ class Routstr:
         if ledger.instance_id is None:
             ledger.register_instance()
         self._tasks["sweeper"] = loop.create_task(Sweeper(ledger, pricing, config).run())
+        self._tasks["settlements"] = loop.create_task(self._retry_settlements())
 
     async def done(self) -> None:
         for task in self._tasks.values():
@@ -193,6 +198,10 @@ class Routstr:
             decided = True
         except ApiError as e:
             flow.response = e.response()
+            decided = True
+        except DATABASE_ERRORS as e:
+            logger.error("request %s: the ledger is unavailable: %s", flow.id, e)
+            flow.response = LEDGER_DOWN.response()
             decided = True
         except Exception:
             self._failed(flow)
@@ -240,6 +249,9 @@ class Routstr:
                 flow.id, authorization or None, _api_path(path), _body(req)))
         except ApiError as e:
             flow.response = e.response()
+        except DATABASE_ERRORS as e:
+            logger.error("request %s: the ledger is unavailable: %s", flow.id, e)
+            flow.response = LEDGER_DOWN.response()
         except Exception:
             self._failed(flow)
         return None
@@ -335,7 +347,9 @@ class Routstr:
             try:
                 done = meter.settle_stream(paid)
             except Exception:
-                logger.exception("request %s: settling the stream failed", paid.request_id)
+                logger.exception("request %s: settling the stream failed; retrying",
+                                 paid.request_id)
+                self._retry_later(paid, lambda: meter.settle_stream(paid))
                 return rest or ()
             if done is None or rest:
                 return rest or ()
@@ -354,14 +368,20 @@ class Routstr:
             return
         assert self.meter is not None
         resp = flow.response
+        meter = self.meter
+        if paid.tap is not None:  # a stream that ended without our end-of-stream call
+            def settle() -> Settlement | None:
+                return meter.settle_stream(paid)
+        else:
+            status, body = resp.status_code, resp.get_content(strict=False) or b""
+
+            def settle() -> Settlement | None:
+                return meter.settle_body(paid, status, body)
         try:
-            if paid.tap is not None:  # a stream that ended without our end-of-stream call
-                done = self.meter.settle_stream(paid)
-            else:
-                body = resp.get_content(strict=False) or b""
-                done = self.meter.settle_body(paid, resp.status_code, body)
+            done = settle()
         except Exception:
-            logger.exception("request %s: settlement failed", paid.request_id)
+            logger.exception("request %s: settlement failed; retrying", paid.request_id)
+            self._retry_later(paid, settle)
             return
         if done is not None and paid.tap is None:
             resp.headers["x-routstr-cost-msats"] = str(done.charged_msat)
@@ -380,12 +400,35 @@ class Routstr:
             paid.timer.cancel()
         assert self.meter is not None
         reason = flow.error.msg if flow.error else "flow failed"
+        meter = self.meter
         try:
-            self.meter.abort(paid, reason)
+            meter.abort(paid, reason)
         except Exception:
-            logger.exception("request %s: closing its reservation failed", paid.request_id)
+            logger.exception("request %s: closing its reservation failed; retrying",
+                             paid.request_id)
+            self._retry_later(paid, lambda: meter.abort(paid, reason))
             return
         self._close_xcashu(paid)  # kept for POST /v1/balance/refund with the same X-Cashu
+
+    def _retry_later(self, paid: Paid, settle: Callable[[], object]) -> None:
+        """A settlement the ledger could not take now (disk full, database away): kept and
+        tried again every few seconds, so the charge is exact once the ledger is back."""
+        self._unsettled.append((paid, settle))
+
+    async def _retry_settlements(self, every: float = 2.0) -> None:
+        while True:
+            await asyncio.sleep(every)
+            waiting, self._unsettled = self._unsettled, []
+            for paid, settle in waiting:
+                try:
+                    settle()
+                except Exception as e:
+                    logger.warning("request %s: settlement still failing: %s", paid.request_id,
+                                   e)
+                    self._unsettled.append((paid, settle))
+                    continue
+                logger.info("request %s: settled after a retry", paid.request_id)
+                self._close_xcashu(paid)
 
     def _close_xcashu(self, paid: Paid) -> str | None:
         """An x-cashu request's change token, once its reservation is closed."""

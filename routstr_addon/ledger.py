@@ -22,6 +22,7 @@ import logging
 import os
 import secrets
 import socket
+import sqlite3 as _sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -694,7 +695,13 @@ class Ledger:
             cur = self._reconnect().cursor()
         if cur.connection.closed:
             cur = self._reconnect().cursor()
-        cur.execute(_PG_SQL[name], params)
+        try:
+            cur.execute(_PG_SQL[name], params)
+        except _CONNECTION_ERRORS:
+            # The server dropped the connection while it was idle (a restart, a terminated
+            # backend): the statement did not run. Once more, on a new connection.
+            cur = self._reconnect().cursor()
+            cur.execute(_PG_SQL[name], params)
         return list(cur.fetchall())
 
     def _reconnect(self) -> Any:
@@ -890,6 +897,14 @@ class Ledger:
         return problems
 
 
+def _psycopg2_errors() -> tuple[type[Exception], ...]:
+    try:
+        import psycopg2
+    except ImportError:  # pragma: no cover
+        return ()
+    return (psycopg2.DatabaseError,)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -919,3 +934,6 @@ def _connection_errors() -> tuple[type[Exception], ...]:
 
 
 _CONNECTION_ERRORS = _connection_errors()
+# What the database can raise when it cannot take a write (full disk, locked, away).
+DATABASE_ERRORS: tuple[type[Exception], ...] = (peewee.DatabaseError, _sqlite3.DatabaseError,
+                                                *_CONNECTION_ERRORS, *_psycopg2_errors())
