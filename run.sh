@@ -61,7 +61,7 @@ cmd=${1:-serve}
 [ $# -gt 0 ] && shift
 case "$cmd" in
     test)
-        say "ruff"; .venv/bin/ruff check routstr_addon cli tests bench
+        say "ruff"; .venv/bin/ruff check routstr_addon cli tests bench example.py
         say "mypy"; .venv/bin/mypy
         say "pytest"; exec .venv/bin/pytest "$@"
         ;;

@@ -25,11 +25,20 @@ from routstr_addon.demo import DEMO_MODEL, EchoUpstream, run_in_thread
 from routstr_addon.ledger import Ledger, hash_key
 from routstr_addon.localmint import LocalMint, die_with_parent, mint_token, port_or_free
 
+from .common import err
+
 ADDON_PATH = Path(__file__).resolve().parent.parent / "routstr_addon" / "addon.py"
 DEMO_RATE = "100000"
 DEMO_BALANCE_SATS = 10_000
 DEMO_TOKEN_SATS = 1_000
 DEMO_MINT_PORT = 3338
+# Settings the demo replaces: whatever the operator configured for them is not used.
+DEMO_OFF = {"NSEC": "", "HTTP_URL": "", "ONION_URL": "", "ONION_HOSTNAME_FILE": "",
+            "PROVIDERS_REFRESH_INTERVAL": "0"}
+DEMO_REPLACES = ("UPSTREAM_BASE_URL", "UPSTREAM_API_KEY", "DATA_DIR", "DATABASE_URL",
+                 "MODELS_PATH", "CASHU_MINTS", "SWAP_UNTRUSTED_MINTS", "WALLET_MNEMONIC",
+                 "RECEIVE_LN_ADDRESS", *DEMO_OFF)
+KNOWN_SETTINGS = {s.env for s in settings.SETTINGS}
 
 
 @dataclass(slots=True)
@@ -71,17 +80,39 @@ def demo_folder(config_env: dict[str, str]) -> Path:
     return data_dir
 
 
+def demo_mnemonic(data_dir: Path) -> str:
+    """The demo wallet's own mnemonic, kept in the demo folder: the demo never derives its
+    (worthless) ecash from the operator's real WALLET_MNEMONIC or mnemonic file."""
+    path = data_dir / "demo-mnemonic.txt"
+    words = path.read_text().strip() if path.is_file() else ""
+    if not words:
+        from mnemonic import Mnemonic
+
+        words = Mnemonic("english").generate(128)
+        path.write_text(words + "\n")
+        path.chmod(0o600)
+    return words
+
+
 def prepare_demo(config_env: dict[str, str], upstream_url: str, mint_url: str = "") -> Demo:
-    """Demo settings (own ledger, fixed demo rate, the local mint) and a funded demo key,
-    kept across runs, and a fresh demo token from the local mint."""
+    """Demo settings (own ledger, wallet and data folder, fixed demo rate, the local mint, no
+    payouts, no upstream key) and a funded demo key, kept across runs, and a fresh demo token
+    from the local mint."""
     data_dir = demo_folder(config_env)
     overrides = {
         "UPSTREAM_BASE_URL": f"{upstream_url}/v1",
+        "UPSTREAM_API_KEY": "",
+        "DATA_DIR": str(data_dir),
         "DATABASE_URL": f"sqlite:///{data_dir / 'routstr.sqlite'}",
         "MODELS_PATH": str(demo_models(data_dir)),
         "BTC_USD_PRICE": config_env.get("BTC_USD_PRICE") or DEMO_RATE,
         "NAME": "Routstr DEMO (echo model, no real money)",
         "CASHU_MINTS": mint_url,
+        "SWAP_UNTRUSTED_MINTS": "false",
+        "WALLET_MNEMONIC": demo_mnemonic(data_dir),
+        "RECEIVE_LN_ADDRESS": "",
+        # never announced on Nostr under the operator's identity, nor asking relays
+        **{name: value for name, value in DEMO_OFF.items() if name in KNOWN_SETTINGS},
     }
     ledger = Ledger(overrides["DATABASE_URL"])
     try:
@@ -101,38 +132,65 @@ def prepare_demo(config_env: dict[str, str], upstream_url: str, mint_url: str = 
     return Demo(upstream_url, key, overrides, mint_url, token)
 
 
-def demo_banner(demo: Demo, host: str, port: int) -> str:
+RULE = "=" * 82
+THIN = "-" * 82
+
+
+def demo_banner(demo: Demo, host: str, port: int, asked: bool = False) -> str:
+    """What the demo prints: what it is, and commands to paste as they are."""
     base = f"http://{host}:{port}"
+    why = ("(routstr demo, whatever is configured): this proxy" if asked else
+           "no upstream is configured (UPSTREAM_BASE_URL), so this proxy")
+    leave = ("Run `routstr serve` with UPSTREAM_BASE_URL set for the real proxy." if asked else
+             "Configure a real upstream in .env (see .env.example) to leave the demo.")
     return f"""
-==================================================================================
-  ROUTSTR DEMO: no upstream is configured (UPSTREAM_BASE_URL), so this proxy
+{RULE}
+  ROUTSTR DEMO: {why}
   forwards to a built-in ECHO model and bills a demo key in a demo ledger at a
   fixed demo rate. No real model answers and no real money moves.
-==================================================================================
+{RULE}
   Proxy:     {base}/v1
   Demo key:  {demo.key}
-  Try it:
+
+  Try it with curl:
+
     curl {base}/v1/chat/completions \\
-      -H "Authorization: Bearer {demo.key}" -H "Content-Type: application/json" \\
+      -H "Authorization: Bearer {demo.key}" \\
+      -H "Content-Type: application/json" \\
       -d '{{"model": "{DEMO_MODEL}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+
     curl {base}/v1/balance/info -H "Authorization: Bearer {demo.key}"
-{_token_lines(demo, base)}  Configure a real upstream in .env (see .env.example) to leave the demo.
-==================================================================================
+
+  or with the OpenAI Python SDK (pip install openai):
+
+from openai import OpenAI
+client = OpenAI(base_url="{base}/v1", api_key="{demo.key}")
+reply = client.chat.completions.create(
+    model="{DEMO_MODEL}", messages=[{{"role": "user", "content": "Hello!"}}])
+print(reply.choices[0].message.content)
+
+{_token_lines(demo, base)}  {leave}
+{RULE}
 """
 
 
 def _token_lines(demo: Demo, base: str) -> str:
     if not demo.token:
         return ""
-    return f"""----------------------------------------------------------------------------------
+    return f"""{THIN}
   Demo mint: {demo.mint_url} (FakeWallet: its ecash is free and worthless)
   Demo token ({DEMO_TOKEN_SATS} sats): {demo.token}
-  Pay one request with it and get the change back in the x-cashu header:
-    curl -i {base}/v1/chat/completions -H "X-Cashu: <token>" \\
+
+  Pay one request with the token and get the change back in the x-cashu header:
+
+    curl -i {base}/v1/chat/completions \\
+      -H "X-Cashu: {demo.token}" \\
       -H "Content-Type: application/json" \\
       -d '{{"model": "{DEMO_MODEL}", "messages": [{{"role": "user", "content": "Hi"}}]}}'
-  or use it as the API key: -H "Authorization: Bearer <token>"
-----------------------------------------------------------------------------------
+
+  or use it as the API key: -H "Authorization: Bearer <the token>" (a token is spent once:
+  pay with it by x-cashu or use it as a key, not both).
+{THIN}
 """
 
 
@@ -165,19 +223,25 @@ def option_overrides(env_overrides: dict[str, str]) -> dict[str, Any]:
     return {by_env[k].option: settings.parse_value(by_env[k], v) for k, v in env_overrides.items()}
 
 
-def serve(host: str, port: int, web: bool, quiet: bool = False, web_port: int = 8081) -> int:
+def serve(host: str, port: int, web: bool, quiet: bool = False, web_port: int = 8081,
+          demo: bool = False) -> int:
+    """Run the proxy; the demo when no upstream is configured, or when ``demo`` asks for it
+    whatever is configured."""
     # SIGTERM ends the process through ``finally`` blocks (the demo mint is stopped), as
     # Ctrl-C does; while the proxy runs, its own handler shuts it down cleanly instead.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     env = settings.environment()
+    if demo:  # what the demo replaces need not be valid; the rest is checked as usual
+        env = {k: v for k, v in env.items() if k not in DEMO_REPLACES or k == "DATA_DIR"}
     config = settings.load_config(env)  # a bad setting stops here with its name
-    if config.upstream is not None:
+    if config.upstream is not None and not demo:
         overrides: dict[str, str] = {}
         mode = reverse_mode(env["UPSTREAM_BASE_URL"])
         return _run(mode, host, port, overrides, web, quiet, web_port)
     mint = LocalMint(demo_folder(env) / "mint", port=port_or_free(DEMO_MINT_PORT))
     try:
-        mint.start()
+        with err.status("starting the demo mint (FakeWallet)…"):
+            mint.start()
     except RuntimeError as e:  # the demo still runs, with keys only
         print(f"demo mint did not start ({e}); continuing without ecash", file=sys.stderr)
         mint.stop()
@@ -186,9 +250,10 @@ def serve(host: str, port: int, web: bool, quiet: bool = False, web_port: int = 
         mint_url = mint.url
     try:
         with run_in_thread(EchoUpstream()) as upstream:
-            demo = prepare_demo(env, upstream.url, mint_url)
-            print(demo_banner(demo, host, port), flush=True)
-            return _run(reverse_mode(upstream.url), host, port, demo.overrides, web, quiet,
+            with err.status("funding the demo key and minting a demo token…"):
+                prepared = prepare_demo(env, upstream.url, mint_url)
+            print(demo_banner(prepared, host, port, asked=demo), flush=True)
+            return _run(reverse_mode(upstream.url), host, port, prepared.overrides, web, quiet,
                         web_port)
     finally:
         mint.stop()

@@ -25,7 +25,7 @@ try:
 except ImportError:  # loaded by path (mitmdump -s) from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from routstr_addon import routes, settings
+from routstr_addon import routes, settings, webview
 from routstr_addon.errors import ApiError, error_response, install_error_pages
 from routstr_addon.ledger import DATABASE_ERRORS, Ledger, Settlement
 from routstr_addon.lightning import Invoices
@@ -42,6 +42,7 @@ __all__ = ["Routstr", "addons"]
 logger = logging.getLogger("routstr")
 
 STATE = "routstr"  # key of a forwarded flow's ``Paid`` in flow.metadata
+_CLIENT_SECRETS = frozenset((b"authorization", b"x-cashu"))
 LEDGER_DOWN = ApiError(503, "The ledger is unavailable right now (full disk or database away); "
                        "nothing was charged. Try again shortly.", type="service_unavailable",
                        code="ledger_unavailable", headers={"retry-after": "5"})
@@ -63,9 +64,11 @@ class Routstr:
         self.services: routes.Services | None = None
         self._env_errors: list[str] = []
         self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self._upstream_auth: tuple[tuple[bytes, bytes], ...] = ()
         self._unsettled: list[tuple[Paid, Callable[[], object]]] = []
         self._touch_every = 15.0
         self._running = False
+        self._web: webview.Scrubber | None = None  # under mitmweb: keeps secrets off its page
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -100,6 +103,9 @@ class Routstr:
         ledger.defer_checkpoints()
         self.config, self.pricing, self.ledger = config, pricing, ledger
         self.meter = Meter(config, ledger, pricing)
+        self._upstream_auth = (((b"authorization",
+                                 f"Bearer {config.upstream_api_key}".encode()),)
+                               if config.upstream_api_key else ())
         self._touch_every = min(15.0, config.reservation_timeout / 3)
         old_wallet, self.wallet = self.wallet, wallet
         self.invoices = Invoices(ledger, self.wallet) if self.wallet else None
@@ -124,6 +130,7 @@ class Routstr:
 
     def running(self) -> None:
         self._running = True
+        self._web = webview.install(ctx.master)
         self._start_tasks()
         # Everything loaded at start-up lives as long as the process: keep it out of the
         # garbage collector's full passes, which otherwise stall requests for tens of ms.
@@ -156,6 +163,10 @@ class Routstr:
             ledger.register_instance()
         self._tasks["sweeper"] = loop.create_task(Sweeper(ledger, pricing, config).run())
         self._tasks["settlements"] = loop.create_task(self._retry_settlements())
+        if config.nostr.secret_key:  # NSEC: list this proxy on the Nostr relays, daily
+            from routstr_addon.nostr import announce_forever
+
+            self._tasks["nostr"] = loop.create_task(announce_forever(config))
 
     async def done(self) -> None:
         for task in self._tasks.values():
@@ -234,19 +245,33 @@ class Routstr:
                 if handler is None:
                     raise ApiError(405, f"{req.method} is not allowed on {path}.",
                                    code="method_not_allowed")
+                routes.PEER.set(routes.Peer.of(flow.client_conn))
                 answer = handler(self.services, req)
                 if isinstance(answer, http.Response):
                     flow.response = answer
                     return None
                 return self._answer_later(flow, answer)
-            x_cashu = req.headers.get("x-cashu")
+            # One pass over the raw header fields: mitmproxy's header lookups cost more than the
+            # rest of this hook on the funded-key path.
+            authorization = x_cashu = None
+            encoded = False
+            for name, value in req.headers.fields:
+                low = name.lower()
+                if low == b"authorization":
+                    authorization = value.decode("latin-1")
+                elif low == b"x-cashu":
+                    x_cashu = value.decode("latin-1")
+                elif low == b"content-encoding":
+                    encoded = True
             if x_cashu is not None:
                 return self._forward_xcashu(flow, path, x_cashu)
-            authorization = req.headers.get("authorization", "")
-            if authorization[7:13] in ("cashuA", "cashuB") or "cashu:" in authorization[:14]:
+            if authorization and (authorization[7:13] in ("cashuA", "cashuB")
+                                  or "cashu:" in authorization[:14]):
                 return self._forward_token_key(flow, path, bearer_token(authorization))
+            if encoded:
+                req.decode(strict=False)  # read (and forward) compressed bodies as plain JSON
             self._forward(flow, path, self.meter.admit(
-                flow.id, authorization or None, _api_path(path), _body(req)))
+                flow.id, authorization, _api_path(path), req.raw_content or b""))
         except ApiError as e:
             flow.response = e.response()
         except DATABASE_ERRORS as e:
@@ -290,12 +315,10 @@ class Routstr:
         new_body = self.meter.upstream_body(paid)
         if new_body is not None:
             req.content = new_body
-        headers = req.headers
-        if self.config.upstream_api_key:
-            headers["authorization"] = f"Bearer {self.config.upstream_api_key}"
-        else:
-            headers.pop("authorization", None)
-        headers.pop("x-cashu", None)
+        # Off go the client's key or token; on goes the operator's upstream key.
+        req.headers.fields = tuple(
+            field for field in req.headers.fields
+            if field[0].lower() not in _CLIENT_SECRETS) + self._upstream_auth
         upstream = self.config.upstream
         if upstream is not None:
             if req.host != upstream.host or req.port != upstream.port:
@@ -315,8 +338,10 @@ class Routstr:
         if paid.timer is not None:
             paid.timer.cancel()
         resp = flow.response
-        resp.headers["x-routstr-request-id"] = paid.request_id
-        is_sse = "text/event-stream" in resp.headers.get("content-type", "")
+        fields = resp.headers.fields
+        is_sse = any(name.lower() == b"content-type" and b"text/event-stream" in value
+                     for name, value in fields)
+        resp.headers.fields = (*fields, (b"x-routstr-request-id", paid.request_id.encode()))
         if resp.status_code >= 400 or not is_sse:
             return  # buffered: settled in `response`
         assert self.meter is not None
@@ -364,7 +389,12 @@ class Routstr:
 
     def response(self, flow: http.HTTPFlow) -> None:
         paid = flow.metadata.get(STATE)
-        if not isinstance(paid, Paid) or flow.response is None or paid.settled:
+        if self._web is not None:
+            self._web.done(flow)
+        if not isinstance(paid, Paid) or flow.response is None:
+            return
+        if paid.settled:  # a stream, settled as it ended
+            flow.metadata[STATE] = _shown(flow, paid)
             return
         assert self.meter is not None
         resp = flow.response
@@ -373,7 +403,9 @@ class Routstr:
             def settle() -> Settlement | None:
                 return meter.settle_stream(paid)
         else:
-            status, body = resp.status_code, resp.get_content(strict=False) or b""
+            encoded = any(name.lower() == b"content-encoding" for name, _ in resp.headers.fields)
+            status = resp.status_code
+            body = (resp.get_content(strict=False) if encoded else resp.raw_content) or b""
 
             def settle() -> Settlement | None:
                 return meter.settle_body(paid, status, body)
@@ -384,16 +416,19 @@ class Routstr:
             self._retry_later(paid, settle)
             return
         if done is not None and paid.tap is None:
-            resp.headers["x-routstr-cost-msats"] = str(done.charged_msat)
-            resp.headers["x-routstr-balance-msats"] = str(done.available_msat)
+            resp.headers.fields += ((b"x-routstr-cost-msats", b"%d" % done.charged_msat),
+                                    (b"x-routstr-balance-msats", b"%d" % done.available_msat))
         change = self._close_xcashu(paid)
         if change and paid.tap is None:
             resp.headers["x-cashu"] = change
             if resp.status_code >= 400:
                 _add_to_error(resp, "x_cashu", change)
+        flow.metadata[STATE] = _shown(flow, paid)
 
     def error(self, flow: http.HTTPFlow) -> None:
         paid = flow.metadata.get(STATE)
+        if self._web is not None:
+            self._web.done(flow, sent=True)
         if not isinstance(paid, Paid) or paid.settled:
             return
         if paid.timer is not None:
@@ -409,6 +444,7 @@ class Routstr:
             self._retry_later(paid, lambda: meter.abort(paid, reason))
             return
         self._close_xcashu(paid)  # kept for POST /v1/balance/refund with the same X-Cashu
+        flow.metadata[STATE] = _shown(flow, paid)
 
     def _retry_later(self, paid: Paid, settle: Callable[[], object]) -> None:
         """A settlement the ledger could not take now (disk full, database away): kept and
@@ -453,6 +489,14 @@ def _upstream_silent(flow: http.HTTPFlow) -> None:
     io = handler.transports.get(flow.server_conn) if handler is not None else None
     if io is not None and io.handler is not None:
         io.handler.cancel("upstream timeout")
+
+
+def _shown(flow: http.HTTPFlow, paid: Paid) -> dict[str, Any]:
+    """A settled flow's comment, and its metadata: plain facts in place of the live state."""
+    closed = paid.closed
+    return webview.shown(flow, paid.key_hash, paid.model.id if paid.model is not None else None,
+                         paid.reserved_msat, closed.charged_msat if closed is not None else None,
+                         paid.xcashu is not None)
 
 
 def _add_to_error(resp: http.Response, name: str, value: str) -> None:

@@ -105,6 +105,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("NAME", str, "Routstr Proxy", "Name shown in /v1/info."),
     Setting("DESCRIPTION", str, "A Cashu-paid proxy for OpenAI-compatible APIs",
             "Description shown in /v1/info."),
+    Setting("NSEC", str, "",
+            "Nostr secret key (nsec1… or hex) of this provider. Set: the proxy announces itself "
+            "to RELAYS on start and daily (kind 38421). Empty: no announcement.", secret=True),
+    Setting("RELAYS", str, "wss://relay.damus.io,wss://nos.lol,wss://relay.routstr.com",
+            "Nostr relays, comma-separated: where the announcement goes and /v1/providers looks."),
+    Setting("HTTP_URL", str, "", "Public URL of this proxy, announced and shown in /v1/info."),
+    Setting("ONION_URL", str, "",
+            "Tor onion URL of this proxy. Empty: read from ONION_HOSTNAME_FILE, if set."),
+    Setting("ONION_HOSTNAME_FILE", str, "",
+            "The hidden service's 'hostname' file, written by tor (see compose.yml)."),
+    Setting("TOR_PROXY_URL", str, "socks5h://127.0.0.1:9050",
+            "SOCKS proxy used to reach .onion providers for /v1/providers."),
+    Setting("PROVIDERS_REFRESH_INTERVAL", int, 300,
+            "Seconds /v1/providers keeps what it found on the relays; 0 turns it off."),
     Setting("ADMIN_PASSWORD", str, "",
             "Password of the /admin dashboard (at least 8 characters). Empty: the dashboard "
             "is off and only says how to turn it on.", secret=True),
@@ -265,6 +279,81 @@ def parse_mints(raw: str) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True, slots=True)
+class Nostr:
+    """Nostr discovery: who this provider is, where it announces and looks, how it is reached."""
+
+    secret_key: str = field(default="", repr=False)  # hex; "": no announcement
+    pubkey: str = ""  # hex, from the secret key
+    npub: str = ""  # the same, bech32
+    relays: tuple[str, ...] = ()
+    http_url: str = ""
+    onion_url: str = ""
+    onion_hostname_file: Path | None = None  # read when onion_url is empty
+    tor_proxy_url: str = "socks5h://127.0.0.1:9050"
+    providers_refresh_interval: int = 300  # 0: no /v1/providers
+
+    def onion(self) -> str:
+        """``ONION_URL``, else the host tor wrote to ``ONION_HOSTNAME_FILE`` (once it has)."""
+        path = self.onion_hostname_file
+        if self.onion_url or path is None:
+            return self.onion_url
+        if path not in _ONIONS:
+            try:
+                host = path.read_text().strip().lower()
+            except OSError:
+                return ""  # tor has not written it yet
+            if not host.endswith(".onion") or " " in host:
+                return ""
+            _ONIONS[path] = f"http://{host}"
+        return _ONIONS[path]
+
+
+_ONIONS: dict[Path, str] = {}  # hidden service hostname files read, by path
+
+
+def _public_url(name: str, raw: str) -> str:
+    url = raw.strip().rstrip("/")
+    if url and "://" not in url and url.endswith(".onion"):
+        url = f"http://{url}"  # a bare onion host, as tor writes it
+    if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
+        raise SettingError(f"{name}: expected an http(s) URL, got {raw!r}")
+    return url
+
+
+def parse_nostr(options: Any) -> Nostr:
+    secret = pubkey = npub = ""
+    if options.nsec.strip():
+        from nostr_sdk import Keys  # a native library: loaded only when there is a key
+
+        try:
+            keys = Keys.parse(options.nsec.strip())
+        except Exception:
+            raise SettingError("NSEC: expected a Nostr secret key, nsec1… or 64 hex "
+                               "digits") from None
+        secret, pubkey = keys.secret_key().to_hex(), keys.public_key().to_hex()
+        npub = keys.public_key().to_bech32()
+    relays: list[str] = []
+    for item in (part.strip() for part in options.relays.split(",")):
+        parts = urlsplit(item)
+        if item and (parts.scheme not in ("ws", "wss") or not parts.hostname):
+            raise SettingError(f"RELAYS: expected relay URLs such as wss://relay.damus.io, "
+                               f"got {item!r}")
+        if item and item not in relays:
+            relays.append(item)
+    tor = options.tor_proxy_url.strip()
+    parts = urlsplit(tor)
+    if tor and (parts.scheme not in ("socks5", "socks5h") or not parts.hostname):
+        raise SettingError(f"TOR_PROXY_URL: expected socks5h://host:port, got {tor!r}")
+    interval = options.providers_refresh_interval
+    if interval != 0:
+        _at_least("PROVIDERS_REFRESH_INTERVAL", interval, 10)
+    hostname_file = options.onion_hostname_file.strip()
+    return Nostr(secret, pubkey, npub, tuple(relays), _public_url("HTTP_URL", options.http_url),
+                 _public_url("ONION_URL", options.onion_url),
+                 Path(hostname_file).expanduser() if hostname_file else None, tor, interval)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The validated settings the proxy runs with."""
 
@@ -293,6 +382,7 @@ class Config:
     name: str
     description: str
     wallet_mnemonic: str = field(default="", repr=False)  # "": the data folder's file
+    nostr: Nostr = field(default_factory=Nostr)  # discovery (NSEC, RELAYS…)
     admin_password: str = field(default="", repr=False)  # "": no /admin dashboard
 
     @classmethod
@@ -341,6 +431,7 @@ class Config:
             name=options.name,
             description=options.description,
             wallet_mnemonic=_mnemonic(options.wallet_mnemonic),
+            nostr=parse_nostr(options),
             admin_password=_admin_password(options.admin_password),
         )
 

@@ -91,10 +91,12 @@ def tiny_disk(path: Path, size: str = "4m") -> Iterator[Path]:
 
 def fill(path: Path) -> Path:
     filler = path / "filler"
-    with open(filler, "wb") as f, contextlib.suppress(OSError):
-        while True:
-            f.write(b"\0" * 65536)
-            f.flush()
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:  # no space left: that is the point
+            pass
     return filler
 
 

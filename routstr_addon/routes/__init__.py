@@ -1,13 +1,16 @@
 """Endpoints the addon answers itself; they are never forwarded upstream.
 
 A handler takes the proxy's services and the request and returns a response. ``lookup`` is a
-dictionary lookup on the exact path (plus ``/v1/models/{id}``), cheap enough for every request.
+dictionary lookup on the exact path (plus ``/v1/models/{id}`` and everything under ``/admin``),
+cheap enough for every request.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 from mitmproxy import http
 
@@ -18,7 +21,7 @@ from ..pricing import Pricing
 from ..settings import Config
 from ..wallet import Wallet
 
-__all__ = ["Handler", "Services", "lookup"]
+__all__ = ["PEER", "Handler", "Peer", "Services", "lookup"]
 
 
 @dataclass(slots=True)
@@ -36,14 +39,36 @@ class Services:
 Handler = Callable[[Services, http.Request], http.Response | Awaitable[http.Response]]
 
 
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The client connection a request came on: its address, and whether it spoke TLS."""
+
+    address: str
+    tls: bool
+
+    @classmethod
+    def of(cls, client: Any) -> Peer:
+        """From mitmproxy's ``flow.client_conn``."""
+        peername = getattr(client, "peername", None)
+        tls = bool(getattr(client, "tls_established", False))
+        return cls(str(peername[0]) if peername else "", tls)
+
+
+# The connection of the request a handler is answering, set by the addon just before it calls
+# the handler (read it in the handler's synchronous part); None when the addon did not set it.
+PEER: ContextVar[Peer | None] = ContextVar("routstr_peer", default=None)
+
+
 def _table() -> dict[str, dict[str, Handler]]:
-    from . import balance, info, models
+    from . import balance, info, models, providers
 
     table: dict[str, dict[str, Handler]] = {
         "/": {"GET": info.info},
         "/health": {"GET": info.health},
         "/v1/info": {"GET": info.info},
         "/v1/models": {"GET": models.list_models},
+        "/v1/providers": {"GET": providers.providers},
+        "/v1/providers/": {"GET": providers.providers},
     }
     for base in ("/v1/balance", "/v1/wallet"):
         table[f"{base}/info"] = {"GET": balance.info}
@@ -65,6 +90,10 @@ def lookup(path: str) -> dict[str, Handler] | None:
     if _ROUTES is None:
         _ROUTES = _table()
     found = _ROUTES.get(path)
+    if found is None and path.startswith("/admin"):  # the dashboard; nothing under it goes out
+        from . import admin
+
+        return admin.HANDLERS
     if found is None and path.startswith("/v1/models/"):
         from . import models
 

@@ -23,6 +23,9 @@ def info(services: Services, request: http.Request) -> http.Response:
             "updated_at": pricing.rate_updated,
         },
         "models": len(pricing.models),
+        "http_url": config.nostr.http_url or None,
+        "onion_url": config.nostr.onion() or None,
+        "npub": config.nostr.npub or None,
     })
 
 

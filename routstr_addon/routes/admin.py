@@ -1,0 +1,434 @@
+"""``/admin``: the operator's dashboard, answered by the proxy itself (never forwarded).
+
+Server-rendered HTML (jinja2, autoescaped) with one local stylesheet and no script: overview
+(the books, keys, requests and revenue, a revenue chart drawn as inline SVG), keys, the
+journal and payouts; and three actions, each a POST carrying the session's CSRF token: create
+a funded key (shown once), disable or enable a key, withdraw the operator's margin as a Cashu
+token (shown once).
+
+Without ``ADMIN_PASSWORD`` every page only says how to set it. With it, everything but the
+login form and the stylesheet needs a session (see ``adminauth``); a request without one is
+sent to the login form and gets no data. Passwords, session ids, keys and tokens are never
+logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from mitmproxy import http
+
+from .. import dashboard
+from ..adminauth import LoginLimiter, Session, Sessions, password_matches, password_tag
+from ..ecash import UNIT_MSAT
+from ..mintapi import MintError, MintUnreachable
+from ..payouts import Payouts
+from ..svgchart import Bar, bar_chart
+from ..wallet import WalletError
+from . import PEER, Handler, Peer, Services
+
+__all__ = ["COOKIE", "HANDLERS", "LIMITER", "SESSIONS"]
+
+logger = logging.getLogger("routstr.admin")
+
+COOKIE = "routstr_admin"
+LOGIN = "/admin/login"
+MAX_FORM = 16 * 1024
+MAX_KEY_SATS = 2_100_000_000_000_000  # 21 million BTC
+_BACK_TO_KEYS = re.compile(r"/admin/keys(\?[A-Za-z0-9_.~%+=&-]{0,300})?")  # a page of keys
+_PACKAGE = Path(__file__).resolve().parent.parent
+_STATIC: dict[str, tuple[str, bytes]] = {
+    "admin.css": ("text/css; charset=utf-8", (_PACKAGE / "static" / "admin.css").read_bytes()),
+}
+_SECURITY_HEADERS = {
+    "cache-control": "no-store",
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "referrer-policy": "no-referrer",
+    "content-security-policy": ("default-src 'none'; style-src 'self'; img-src 'self' data:; "
+                                "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+}
+
+SESSIONS = Sessions()
+LIMITER = LoginLimiter(attempts=5, window=60.0)
+_withdrawing = asyncio.Lock()  # one withdrawal at a time: the margin is read, then spent
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+def sats(msat: int | None) -> str:
+    """msat as sats, to the msat: 1,234.5"""
+    if msat is None:
+        return "-"
+    sign = "-" if msat < 0 else ""
+    whole, rest = divmod(abs(int(msat)), 1000)
+    fraction = f".{rest:03d}".rstrip("0") if rest else ""
+    return f"{sign}{whole:,}{fraction}"
+
+
+def when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(float(ts), UTC).strftime("%Y-%m-%d %H:%M")
+
+
+_env = Environment(loader=FileSystemLoader(_PACKAGE / "templates" / "admin"),
+                   autoescape=select_autoescape(default=True, default_for_string=True),
+                   trim_blocks=True, lstrip_blocks=True)
+_env.filters["sats"] = sats
+_env.filters["when"] = when
+
+
+def _response(status: int, body: bytes, content_type: str = "text/html; charset=utf-8",
+              headers: Mapping[str, str] | None = None) -> http.Response:
+    resp = http.Response.make(status, body, {"content-type": content_type})
+    resp.headers.update(_SECURITY_HEADERS)
+    if headers:
+        for name, value in headers.items():
+            resp.headers[name] = value
+    return resp
+
+
+def _render(services: Services, template: str, status: int = 200,
+            session: Session | None = None, headers: Mapping[str, str] | None = None,
+            **context: Any) -> http.Response:
+    flash: list[tuple[str, str]] = []
+    if session is not None:
+        flash, session.flash = session.flash, []
+    page = _env.get_template(template).render(
+        name=services.config.name, csrf=session.csrf if session else None, flash=flash,
+        **context)
+    return _response(status, page.encode(), headers=headers)
+
+
+def _redirect(location: str, cookie: str | None = None) -> http.Response:
+    headers = {"location": location}
+    if cookie is not None:
+        headers["set-cookie"] = cookie
+    return _response(303, b"", headers=headers)
+
+
+def _message(services: Services, status: int, title: str, text: str,
+             session: Session | None = None, back: str = "/admin") -> http.Response:
+    return _render(services, "message.html", status, session, title=title, text=text, back=back)
+
+
+# --- reading the request --------------------------------------------------------------------
+
+
+def _split(request: http.Request) -> tuple[str, dict[str, str]]:
+    parts = urlsplit(request.path)
+    query = {k: v[0] for k, v in parse_qs(parts.query, max_num_fields=20).items()}
+    return parts.path, query
+
+
+def _form(request: http.Request) -> dict[str, str]:
+    body = request.raw_content or b""
+    if len(body) > MAX_FORM:
+        return {}
+    try:
+        fields = parse_qs(body.decode(), max_num_fields=20)
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    return {k: v[0] for k, v in fields.items()}
+
+
+def _peer() -> Peer:
+    return PEER.get() or Peer("", False)
+
+
+def _secure(request: http.Request, peer: Peer) -> bool:
+    """Whether the browser reached us over https: on the connection itself, or through a
+    reverse proxy in front that says so (a client lying here only hurts its own cookie)."""
+    return peer.tls or request.headers.get("x-forwarded-proto", "").lower() == "https"
+
+
+def _session_id(request: http.Request) -> str | None:
+    values = request.cookies.get_all(COOKIE)
+    return values[0] if values else None
+
+
+def _session(services: Services, request: http.Request) -> tuple[str | None, Session | None]:
+    session_id = _session_id(request)
+    tag = password_tag(services.config.admin_password)
+    return session_id, SESSIONS.get(session_id, tag)
+
+
+def _cookie(value: str, max_age: int, secure: bool) -> str:
+    return (f"{COOKIE}={value}; Path=/admin; Max-Age={max_age}; HttpOnly; SameSite=Strict"
+            + ("; Secure" if secure else ""))
+
+
+def _int(value: str | None, default: int, low: int, high: int) -> int:
+    try:
+        number = int((value or "").strip() or default)
+    except ValueError:
+        return default
+    return min(max(number, low), high)
+
+
+# --- GET --------------------------------------------------------------------------------------
+
+
+def get(services: Services, request: http.Request) -> http.Response:
+    path, query = _split(request)
+    if path.startswith("/admin/static/"):
+        found = _STATIC.get(path.removeprefix("/admin/static/"))
+        if found is None:
+            return _response(404, b"not found", "text/plain; charset=utf-8")
+        return _response(200, found[1], found[0], {"cache-control": "public, max-age=300"})
+    if not services.config.admin_password:
+        return _render(services, "setup.html", title="Turn the dashboard on")
+    _, session = _session(services, request)
+    if path == LOGIN:
+        if session is not None:
+            return _redirect("/admin")
+        return _render(services, "login.html", title="Log in")
+    if session is None:
+        return _redirect(LOGIN)
+    view = _VIEWS.get(path)
+    if view is None:
+        return _message(services, 404, "Not found", "There is no such page.", session)
+    return view(services, query, session)
+
+
+def _overview(services: Services, query: dict[str, str], session: Session) -> http.Response:
+    ledger, wallet = services.ledger, services.wallet
+    now = time.time()
+    days = dashboard.daily_revenue(ledger, 30, now)
+    stats = dashboard.key_stats(ledger)
+    books = holdings = None
+    if wallet is not None:
+        books = Payouts(ledger, wallet, services.config).books()
+        holdings = sorted(wallet.balances().items())
+    today = days[-1]
+    bars = [Bar(d.label[5:], d.revenue_msat / 1000,
+                f"{d.label}: {sats(d.revenue_msat)} sats charged, {d.requests:,} requests"
+                + (" (today, so far)" if d is today else ""), d is today) for d in days]
+    chart = bar_chart(bars, title="Revenue per day, last 30 days (sats, UTC)")
+    return _render(services, "overview.html", session=session, title="Overview",
+                   active="overview", books=books, holdings=holdings, stats=stats,
+                   today=today, month_msat=sum(d.revenue_msat for d in days),
+                   month_requests=sum(d.requests for d in days), chart=chart,
+                   mints=list(wallet.mints) if wallet is not None else [],
+                   withdrawable=max(0, books["profit_msat"]) // 1000 if books else 0)
+
+
+def _keys(services: Services, query: dict[str, str], session: Session) -> http.Response:
+    q = query.get("q", "").strip()[:100]
+    page_no = _int(query.get("page"), 1, 1, 100_000)
+    page = dashboard.keys_page(services.ledger, q, page_no)
+    return _render(services, "keys.html", session=session, title="Keys", active="keys",
+                   q=q, page=page, page_no=page_no, now=time.time(),
+                   link=lambda n: "/admin/keys?" + urlencode({"q": q, "page": n}))
+
+
+def _journal(services: Services, query: dict[str, str], session: Session) -> http.Response:
+    key = query.get("key", "").strip().lower()[:64]
+    kind = query.get("kind", "")
+    if kind not in dashboard.KINDS:
+        kind = ""
+    before = _int(query.get("before"), 0, 0, 2**63 - 1) or None
+    page = dashboard.journal_page(services.ledger, key, kind, before)
+    older = ("/admin/ledger?" + urlencode({"key": key, "kind": kind, "before": page.next})
+             if page.has_more else None)
+    return _render(services, "ledger.html", session=session, title="Ledger", active="ledger",
+                   key=key, kind=kind, kinds=dashboard.KINDS, page=page, older=older,
+                   newest="/admin/ledger?" + urlencode({"key": key, "kind": kind})
+                   if before else None)
+
+
+def _payouts(services: Services, query: dict[str, str], session: Session) -> http.Response:
+    page_no = _int(query.get("page"), 1, 1, 100_000)
+    page = dashboard.payouts_page(services.ledger, page_no)
+    return _render(services, "payouts.html", session=session, title="Payouts",
+                   active="payouts", page=page, page_no=page_no,
+                   totals=dashboard.payout_totals(services.ledger),
+                   address=services.config.receive_ln_address,
+                   link=lambda n: f"/admin/payouts?page={n}")
+
+
+View = Callable[[Services, dict[str, str], Session], http.Response]
+_VIEWS: dict[str, View] = {
+    "/admin": _overview,
+    "/admin/": _overview,
+    "/admin/keys": _keys,
+    "/admin/ledger": _journal,
+    "/admin/payouts": _payouts,
+}
+
+
+# --- POST -------------------------------------------------------------------------------------
+
+
+def post(services: Services, request: http.Request) -> http.Response | Awaitable[http.Response]:
+    path, _ = _split(request)
+    if not services.config.admin_password:
+        return _render(services, "setup.html", 403, title="Turn the dashboard on")
+    if path == LOGIN:
+        return _login(services, request)
+    session_id, session = _session(services, request)
+    if session is None:
+        return _redirect(LOGIN)
+    form = _form(request)
+    if not session.csrf_ok(form.get("csrf")):
+        logger.warning("admin: %s refused: missing or wrong CSRF token", path)
+        return _message(services, 403, "Refused",
+                        "This form's security token is missing or out of date, so nothing was "
+                        "done. Go back, reload the page and try again.", session)
+    action = _ACTIONS.get(path)
+    if action is None:
+        return _message(services, 404, "Not found", "There is no such action.", session)
+    return action(services, form, session, session_id or "")
+
+
+def _login(services: Services, request: http.Request) -> http.Response:
+    peer = _peer()
+    address = peer.address or "unknown"
+    wait = LIMITER.retry_after(address)
+    if wait:
+        return _render(services, "login.html", 429, title="Log in",
+                       headers={"retry-after": str(wait)},
+                       error=f"Too many failed attempts. Try again in {wait} seconds.")
+    form = _form(request)
+    if not password_matches(form.get("password", ""), services.config.admin_password):
+        LIMITER.failed(address)
+        logger.warning("admin: failed login from %s", address)
+        return _render(services, "login.html", 401, title="Log in",
+                       error="Wrong password.")
+    LIMITER.succeeded(address)
+    SESSIONS.drop(_session_id(request))  # a new id on every login
+    session_id, _ = SESSIONS.create(password_tag(services.config.admin_password))
+    logger.info("admin: login from %s", address)
+    return _redirect("/admin", _cookie(session_id, int(SESSIONS.lifetime),
+                                       _secure(request, peer)))
+
+
+Action = Callable[[Services, dict[str, str], Session, str],
+                  http.Response | Awaitable[http.Response]]
+
+
+def _logout(services: Services, form: dict[str, str], session: Session,
+            session_id: str) -> http.Response:
+    SESSIONS.drop(session_id)
+    return _redirect(LOGIN, _cookie("", 0, False))
+
+
+def _create_key(services: Services, form: dict[str, str], session: Session,
+                session_id: str) -> http.Response:
+    try:
+        balance = int(form.get("balance_sats", "").strip() or "0")
+        days_text = form.get("expiry_days", "").strip()
+        days = int(days_text) if days_text else None
+    except ValueError:
+        balance, days = -1, None
+    label = " ".join(form.get("label", "").split())[:100] or None
+    if not 0 <= balance <= MAX_KEY_SATS or (days is not None and not 1 <= days <= 36500):
+        session.flash.append(("error", "Give the balance in whole sats (0 or more) and the "
+                                       "expiry, if any, in whole days (1 or more)."))
+        return _redirect("/admin/keys")
+    expires_at = time.time() + days * 86400 if days is not None else None
+    key, state = services.ledger.create_key(balance * 1000, expires_at=expires_at, label=label,
+                                            note="created by operator (admin)")
+    logger.info("admin: key %s… created with %d sats", state.key_hash[:12], balance)
+    return _render(services, "secret.html", session=session, title="New API key",
+                   active="keys", heading="New API key", secret=key,
+                   what="the API key", field_label="API key",
+                   details=[("key id", state.key_hash[:16]), ("balance", f"{balance:,} sats"),
+                            ("label", label or "-"), ("expires", when(expires_at)),
+                            ("funding", "granted by you: spendable, not withdrawable")],
+                   back="/admin/keys?" + urlencode({"q": state.key_hash[:16]}))
+
+
+def _set_disabled(disabled: bool) -> Action:
+    def action(services: Services, form: dict[str, str], session: Session,
+               session_id: str) -> http.Response:
+        key_hash = form.get("key_hash", "").strip().lower()
+        done = dashboard.is_hex_prefix(key_hash) and len(key_hash) == 64 and \
+            dashboard.set_disabled(services.ledger, key_hash, disabled)
+        word = "disabled" if disabled else "enabled again"
+        if done:
+            logger.info("admin: key %s… %s", key_hash[:12], word)
+            session.flash.append(("ok", f"Key {key_hash[:16]} {word}."))
+        else:
+            session.flash.append(("error", "No such key."))
+        back = form.get("back", "")
+        return _redirect(back if _BACK_TO_KEYS.fullmatch(back) else "/admin/keys")
+
+    return action
+
+
+def _withdraw(services: Services, form: dict[str, str], session: Session,
+              session_id: str) -> http.Response | Awaitable[http.Response]:
+    wallet = services.wallet
+    if wallet is None:
+        return _message(services, 400, "No ecash",
+                        "Withdrawals need a wallet: set CASHU_MINTS.", session)
+    try:
+        amount = int(form.get("amount_sats", "").strip())
+    except ValueError:
+        amount = 0
+    mint_url = form.get("mint") or wallet.primary.url
+    if amount < 1 or mint_url not in wallet.mints:
+        return _message(services, 400, "Not withdrawn",
+                        "Give the amount in whole sats (1 or more) and one of the trusted "
+                        "mints.", session)
+    return _withdraw_later(services, session, amount, mint_url)
+
+
+async def _withdraw_later(services: Services, session: Session, amount: int,
+                          mint_url: str) -> http.Response:
+    wallet = services.wallet
+    assert wallet is not None
+    async with _withdrawing:
+        books = Payouts(services.ledger, wallet, services.config).books()
+        margin = books["profit_msat"]
+        if amount * UNIT_MSAT["sat"] > margin:
+            return _message(services, 400, "Refused",
+                            f"Refused: {amount:,} sats is more than the margin, "
+                            f"{sats(max(0, margin))} sats (ecash held − what users are owed − "
+                            "payouts under way). Nothing was withdrawn.", session)
+        owner = f"operator-admin-{uuid.uuid4().hex}"
+        try:
+            token, fee = await wallet.send(mint_url, "sat", amount, owner)
+        except WalletError as e:
+            return _message(services, 400, "Not withdrawn", f"{e}. Nothing was withdrawn.",
+                            session)
+        except MintError as e:
+            return _message(services, 502, "Not withdrawn",
+                            f"The mint refused: {e}. Nothing was withdrawn.", session)
+        except MintUnreachable as e:
+            text = (f"{e}. The mint may have made the token: the proofs picked stay reserved "
+                    f"in the ledger under owner {owner}." if e.sent
+                    else f"{e}. Nothing was withdrawn.")
+            return _message(services, 502, "Not withdrawn", text, session)
+    logger.info("admin: withdrew %d sat from %s (fee %d)", amount, mint_url, fee)
+    return _render(services, "secret.html", session=session, title="Withdrawn",
+                   active="overview", heading=f"Withdrawn: {amount - fee:,} sats",
+                   secret=token, what="the Cashu token (it is the money)",
+                   field_label="Cashu token",
+                   details=[("mint", mint_url), ("amount", f"{amount - fee:,} sats"),
+                            ("mint fee", f"{fee:,} sats")],
+                   back="/admin")
+
+
+_ACTIONS: dict[str, Action] = {
+    "/admin/logout": _logout,
+    "/admin/keys/create": _create_key,
+    "/admin/keys/disable": _set_disabled(True),
+    "/admin/keys/enable": _set_disabled(False),
+    "/admin/withdraw": _withdraw,
+}
+
+HANDLERS: dict[str, Handler] = {"GET": get, "POST": post}
