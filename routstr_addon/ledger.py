@@ -48,6 +48,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "sk-"
+WAL_TRUNCATE_BYTES = 8 * 1024 * 1024
 
 
 def new_api_key() -> str:
@@ -503,15 +504,21 @@ class Ledger:
         if self.is_sqlite:
             self.db.connection().execute("PRAGMA wal_autocheckpoint = 0")
 
-    def checkpoint(self) -> None:
-        """Copy the WAL back into the database, on a connection of its own (any thread)."""
+    def checkpoint(self, truncate_above: int = WAL_TRUNCATE_BYTES) -> None:
+        """Copy the WAL back into the database, on a connection of its own (any thread).
+
+        A passive checkpoint never waits, but under steady writes it never catches up either,
+        so the WAL would grow without end; once it passes ``truncate_above`` bytes the
+        checkpoint waits for a gap between two commits and truncates it.
+        """
         if not self.is_sqlite:
             return
-        import sqlite3
-
-        conn = sqlite3.connect(self.db.database, timeout=10, isolation_level=None)
+        conn = _sqlite3.connect(self.db.database, timeout=10, isolation_level=None)
         try:
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            wal = Path(self.db.database + "-wal")
+            if wal.exists() and wal.stat().st_size > truncate_above:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         finally:
             conn.close()
 

@@ -160,3 +160,28 @@ def test_processes_reserving_on_one_key_never_overdraw_it(database_url: str) -> 
     assert after.balance_msat == 20_000 - 700 * paid >= 0 and after.reserved_msat == 0
     assert ledger.check() == []
     ledger.close()
+
+
+def test_the_wal_stays_bounded_under_steady_writes(tmp_path) -> None:
+    """Checkpoints run off the request path (a timer, here every 1,000 requests); under
+    steady writes a passive checkpoint never lets the WAL start over, so once it passes the
+    bound the checkpoint truncates it instead of letting it grow without end."""
+    import os
+
+    url = f"sqlite:///{tmp_path / 'l.sqlite'}"
+    ledger = Ledger(url)
+    ledger.defer_checkpoints()
+    _, state = ledger.create_key(10**12)
+    wal = tmp_path / "l.sqlite-wal"
+    largest = 0
+    for i in range(20_000):
+        held = ledger.reserve(state.key_hash, 5, f"r{i}")
+        ledger.settle(held.request_id, 3)
+        if i % 1000 == 999:
+            largest = max(largest, os.path.getsize(wal))
+            ledger.checkpoint(truncate_above=1024 * 1024)
+            assert os.path.getsize(wal) == 0
+    # 20,000 requests write ~700 MB of WAL frames; it never holds more than 1,000 requests'.
+    assert largest < 60 * 1024 * 1024, largest
+    assert ledger.check() == []
+    ledger.close()
