@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from typing import Any
 from .client import CHAT_PATH, build_request, chat_body, percentile
 from .procs import Processes
 
-__all__ = ["LoadResult", "run_python_load", "run_wrk", "wrk_version"]
+__all__ = ["LoadResult", "WrkRun", "run_python_load", "run_wrk", "wrk_version"]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,19 +68,21 @@ def wrk_version(wrk: str) -> str:
         else "?"
 
 
-def run_wrk(wrk: str, port: int, key: str | None, script_dir: Path, *, connections: int,
-            threads: int, duration: float, timeout: float = 5.0) -> LoadResult:
+def _wrk_cmd(wrk: str, port: int, key: str | None, script_dir: Path, connections: int,
+             threads: int, duration: float, timeout: float) -> list[str]:
     auth = f'wrk.headers["Authorization"] = "Bearer {key}"' if key else ""
     script = script_dir / f"chat-{port}.lua"
     script.write_text(_LUA.format(body=chat_body().decode(), auth=auth))
     threads = max(1, min(threads, connections))
-    cmd = [wrk, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s",
-           f"--timeout={max(1, round(timeout))}s", "-s", str(script),
-           f"http://127.0.0.1:{port}{CHAT_PATH}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
-    if out.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed (code {out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return [wrk, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s",
+            f"--timeout={max(1, round(timeout))}s", "-s", str(script),
+            f"http://127.0.0.1:{port}{CHAT_PATH}"]
+
+
+def _wrk_result(code: int | None, stdout: str, stderr: str) -> LoadResult:
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if code != 0 or line is None:
+        raise RuntimeError(f"wrk failed (code {code}):\n{stdout}\n{stderr}")
     s = json.loads(line.split(" ", 1)[1])
     secs = s["duration_us"] / 1e6
     return LoadResult(
@@ -89,6 +92,39 @@ def run_wrk(wrk: str, port: int, key: str | None, script_dir: Path, *, connectio
         mean_ms=s["mean_us"] / 1000, max_ms=s["max_us"] / 1000, bad_status=int(s["status"]),
         socket_errors=int(s["connect"] + s["read"] + s["write"] + s["timeout"]),
     )
+
+
+def run_wrk(wrk: str, port: int, key: str | None, script_dir: Path, *, connections: int,
+            threads: int, duration: float, timeout: float = 5.0) -> LoadResult:
+    cmd = _wrk_cmd(wrk, port, key, script_dir, connections, threads, duration, timeout)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    return _wrk_result(out.returncode, out.stdout, out.stderr)
+
+
+class WrkRun:
+    """wrk in the background, stopped when the caller has seen enough: SIGINT makes wrk end
+    its run early and still print its summary."""
+
+    def __init__(self, wrk: str, port: int, key: str | None, script_dir: Path, *,
+                 connections: int, threads: int, max_duration: float,
+                 timeout: float = 5.0) -> None:
+        cmd = _wrk_cmd(wrk, port, key, script_dir, connections, threads, max_duration, timeout)
+        self.popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> LoadResult:
+        if self.alive():
+            self.popen.send_signal(signal.SIGINT)
+        try:
+            stdout, stderr = self.popen.communicate(timeout=timeout)
+        except BaseException:
+            self.popen.kill()
+            self.popen.wait()
+            raise
+        return _wrk_result(self.popen.returncode, stdout, stderr)
 
 
 def run_python_load(procs: Processes, port: int, key: str | None, script_dir: Path, *,

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os
 import platform
-import re
 import shlex
 import shutil
 import signal
@@ -23,11 +21,23 @@ from pathlib import Path
 from typing import Any
 
 from routstr_addon.localmint import LocalMint
-from routstr_addon.settings import SETTINGS
 
-from . import cashu
+from . import cashu, scaleout, soak
 from .cashu import CashuPlan, CashuResult, MintLog, TokenMaker
-from .client import CHAT_PATH, MODEL, Connection, build_request, chat_body
+from .common import (
+    MODELS,
+    REPO,
+    create_key,
+    flagged_lines,
+    fmt,
+    ledger_state,
+    preflight,
+    proxy_env,
+    table,
+    tool,
+)
+from .hooks import TARGET_US
+from .hooks import render as render_hooks
 from .load import LoadResult, run_python_load, run_wrk, wrk_version
 from .procs import (
     Proc,
@@ -40,10 +50,10 @@ from .procs import (
     read_line,
     wait_port,
 )
+from .scaleout import ScaleResult, run_scaleout
+from .soak import SoakResult, run_soak
 from .stream import StreamResult, run_streams
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 ADDON = REPO / "routstr_addon" / "addon.py"
 
 TARGETS = ("direct", "mitmdump", "serve", "addon")
@@ -54,14 +64,7 @@ LABELS = {
     "addon": "proxy: mitmdump -s addon",
 }
 PROXIES = ("serve", "addon")
-FUNDING_SATS = 100_000_000
-MODELS = {"data": [{
-    "id": MODEL, "context_length": 8192,
-    "pricing": {"prompt": "0.000001", "completion": "0.000002", "request": "0"},
-    "top_provider": {"max_completion_tokens": 1024},
-}]}
-# Log lines worth a look after a run.
-SUSPICIOUS = re.compile(r"traceback|exception|error|critical|warn|fail", re.IGNORECASE)
+PHASES = ("scaleout", "soak", "hooks")
 
 
 @dataclass(slots=True)
@@ -154,7 +157,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "and print req/s, latencies, streaming time to first byte, memory and "
                     "whether every answer was a paid 2xx; then, against a local Nutshell "
                     "FakeWallet mint, the Cashu paths: x-cashu (JSON, streaming), tokens as "
-                    "keys, and the mint's own swap rate as their ceiling.",
+                    "keys, and the mint's own swap rate as their ceiling. Then the phases: "
+                    "scaleout (1 and 2 routstr serve processes on one PostgreSQL ledger, and "
+                    "1 on SQLite), hooks (the addon's own CPU per request, in process) and, "
+                    "with --soak, soak (RSS over 100,000 requests).",
         epilog="Load comes from wrk when it is installed (apt-get install -y wrk), else from "
                "Python worker processes. Results go to bench/results/<time>.json.")
     p.add_argument("--duration", type=float, default=10.0,
@@ -166,8 +172,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="wrk threads (default 1: leaves the cores to what is measured)")
     p.add_argument("--only", action="append", default=[], metavar="TARGET",
-                   help=f"measure only these targets ({', '.join(TARGETS)}); repeat or "
-                        "separate with commas")
+                   help=f"measure only these targets and phases ({', '.join(TARGETS)}, "
+                        f"{', '.join(PHASES)}); repeat or separate with commas")
     p.add_argument("--stream-requests", type=int, default=300,
                    help="measured streaming requests per target (default 300)")
     p.add_argument("--stream-connections", type=int, default=4,
@@ -180,6 +186,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default 1000); one fresh token each, minted before the timing")
     p.add_argument("--xcashu-connections", type=int, default=8, metavar="C",
                    help="concurrent connections for x-cashu and the mint's swaps (default 8)")
+    p.add_argument("--scaleout-connections", type=int, default=16, metavar="C",
+                   help="wrk connections for the scale-out phase (default 16)")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                   help="on a shared machine: before each scale-out setup, wait up to S "
+                        "seconds for a second with under 0.25 cores busy (default 0)")
+    p.add_argument("--soak", action="store_true",
+                   help="also run the RSS soak (not in the default run; about 2 minutes)")
+    p.add_argument("--soak-requests", type=int, default=100_000, metavar="N",
+                   help="answers in the soak (default 100000)")
+    p.add_argument("--soak-every", type=int, default=10_000, metavar="N",
+                   help="answers between RSS samples (default 10000)")
+    p.add_argument("--soak-probe", action="store_true",
+                   help="run the soak's proxy under bench/memserve.py: at each sample also "
+                        "its live objects by type, glibc's heap, SQLite's memory and RSS by "
+                        "kind")
+    p.add_argument("--soak-trace", type=int, nargs="?", const=5, default=0, metavar="FRAMES",
+                   help="run the soak's proxy under tracemalloc (FRAMES deep, default 5) and "
+                        "list what grew by file:line and by object type (about 8x slower: "
+                        "use fewer --soak-requests)")
+    p.add_argument("--hooks-requests", type=int, default=5000, metavar="N",
+                   help="pre-built flows per round in the hooks phase (default 5000)")
+    p.add_argument("--hooks-rounds", type=int, default=5, metavar="R",
+                   help="timed rounds in the hooks phase (default 5)")
     p.add_argument("--python-load", action="store_true",
                    help="use the Python load generator even when wrk is installed")
     p.add_argument("--workers", type=int, default=2,
@@ -193,10 +222,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="keep the temporary folder (logs, ledgers) and print where it is")
     args = p.parse_args(argv)
     only = [t.strip() for item in args.only for t in item.split(",") if t.strip()]
-    unknown = [t for t in only if t not in TARGETS]
+    unknown = [t for t in only if t not in TARGETS + PHASES]
     if unknown:
-        p.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
+        p.error(f"unknown target(s) {', '.join(unknown)}; choose from "
+                f"{', '.join(TARGETS + PHASES)}")
     args.targets = [t for t in TARGETS if not only or t in only]
+    args.soak = args.soak or args.soak_probe or bool(args.soak_trace)
+    args.phases = [ph for ph in PHASES
+                   if ph in only or (ph == "soak" and args.soak)
+                   or (not only and ph != "soak")]
+    if args.soak_requests < 1 or args.soak_every < 1 or args.scaleout_connections < 1:
+        p.error("--soak-requests, --soak-every and --scaleout-connections must be positive")
     if args.connections < 1 or args.duration <= 0:
         p.error("--connections and --duration must be positive")
     if args.xcashu_requests < 1 or args.xcashu_connections < 1:
@@ -205,82 +241,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def tool(name: str) -> str:
-    path = BIN / name
-    if path.is_file():
-        return str(path)
-    found = shutil.which(name)
-    if found is None:
-        raise SystemExit(f"{name} not found next to {sys.executable} nor on PATH")
-    return found
-
-
-def proxy_env(upstream: str, data_dir: Path, models: Path,
-              mint_url: str | None = None) -> dict[str, str]:
-    """The caller's environment without any proxy setting of its own, plus the bench's."""
-    ours = {s.env for s in SETTINGS}
-    env = {k: v for k, v in os.environ.items() if k not in ours}
-    env.update(UPSTREAM_BASE_URL=f"{upstream}/v1", BTC_USD_PRICE="100000",
-               DATA_DIR=str(data_dir), MODELS_PATH=str(models))
-    if mint_url:
-        env["CASHU_MINTS"] = mint_url
-    return env
-
-
-def create_key(env: dict[str, str], cwd: Path) -> str:
-    out = subprocess.run([tool("routstr"), "keys", "create", "--balance-sats", str(FUNDING_SATS)],
-                         env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
-    key = next((ln.strip() for ln in reversed(out.stdout.splitlines())
-                if ln.strip().startswith("sk-")), None)
-    if out.returncode != 0 or key is None:
-        raise RuntimeError(f"routstr keys create failed (code {out.returncode}):\n"
-                           f"{out.stdout}\n{out.stderr}")
-    return key
-
-
-def ledger_state(key: str, env: dict[str, str], cwd: Path) -> dict[str, Any]:
-    out = subprocess.run([tool("routstr"), "keys", "show", key, "--json"], env=env, cwd=cwd,
-                         capture_output=True, text=True, timeout=60)
-    if out.returncode != 0:
-        return {"error": (out.stderr or out.stdout).strip()[:500]}
-    state = json.loads(out.stdout)
-    return {
-        "total_requests": state.get("total_requests"),
-        "spent_sats": state.get("total_spent_msat", 0) / 1000,
-        "balance_sats": state.get("balance_msat", 0) / 1000,
-        "reserved_msat": state.get("reserved_msat"),
-        "open_reservations": len(state.get("open_reservations") or []),
-    }
-
-
-def preflight(port: int, key: str | None) -> dict[str, Any]:
-    """One chat completion, checked: status 200, a `choices` answer, the proxy's cost header."""
-    async def once() -> dict[str, Any]:
-        conn = Connection("127.0.0.1", port)
-        try:
-            resp = await conn.request(build_request("127.0.0.1", port, CHAT_PATH, chat_body(),
-                                                    key))
-        finally:
-            await conn.close()
-        ok = resp.status == 200 and b'"choices"' in resp.body
-        out: dict[str, Any] = {"status": resp.status, "ok": ok,
-                               "cost_msats": resp.headers.get("x-routstr-cost-msats")}
-        if not ok:
-            out["body"] = resp.body[:500].decode(errors="replace")
-        return out
-
-    try:
-        return asyncio.run(once())
-    except Exception as e:
-        return {"status": None, "ok": False, "body": f"{type(e).__name__}: {e}"}
-
 
 def scan_log(proc: Proc, outcome: Outcome) -> None:
-    try:
-        lines = proc.log_path.read_text(errors="replace").splitlines()
-    except OSError:
-        return
-    flagged = [ln for ln in lines if SUSPICIOUS.search(ln)]
+    flagged = flagged_lines(proc)
     outcome.log_flagged_count = len(flagged)
     outcome.log_flagged = flagged[:20]
 
@@ -359,13 +322,52 @@ class Bench:
         self.say(f"{LABELS[name]}: port {port} (pid {proc.pid}): {shlex.join(cmd)}")
         return proc, port, key, env, data_dir
 
-    def run_load(self, port: int, key: str | None, duration: float) -> LoadResult:
+    def run_load(self, port: int, key: str | None, duration: float,
+                 connections: int | None = None) -> LoadResult:
         a = self.args
+        conns = connections or a.connections
         if self.wrk:
-            return run_wrk(self.wrk, port, key, self.tmp, connections=a.connections,
+            return run_wrk(self.wrk, port, key, self.tmp, connections=conns,
                            threads=a.threads, duration=duration)
-        return run_python_load(self.procs, port, key, self.tmp, connections=a.connections,
+        return run_python_load(self.procs, port, key, self.tmp, connections=conns,
                                workers=a.workers, warmup=0, duration=duration)
+
+    def serve_prefix(self) -> list[str]:
+        return (shlex.split(self.args.serve_cmd) if self.args.serve_cmd
+                else [tool("routstr"), "serve"])
+
+    def scaleout(self, upstream: Proc) -> ScaleResult:
+        a = self.args
+        return run_scaleout(self.procs, self.tmp, self.upstream_url, upstream.pid,
+                            self.models, self.serve_prefix(), self.run_load, self.say,
+                            connections=a.scaleout_connections, duration=a.duration,
+                            warmup=a.warmup, quiet_wait=a.wait_quiet)
+
+    def soak(self) -> SoakResult:
+        a = self.args
+        return run_soak(self.procs, self.tmp, self.upstream_url, self.models,
+                        self.serve_prefix(), self.run_load, self.say,
+                        requests=a.soak_requests, every=a.soak_every,
+                        connections=a.connections, wrk=self.wrk, threads=a.threads,
+                        probe=a.soak_probe,
+                        trace_frames=a.soak_trace)
+
+    def hooks(self) -> dict[str, Any]:
+        """``python -m bench.hooks --json`` in a process of its own."""
+        a = self.args
+        proc = self.procs.start("hooks", [sys.executable, "-m", "bench.hooks", "--json",
+                                          "--requests", str(a.hooks_requests),
+                                          "--rounds", str(a.hooks_rounds)],
+                                cwd=REPO, stdout_pipe=True)
+        try:
+            out, _ = proc.popen.communicate(timeout=600)
+        finally:
+            self.procs.stop(proc)
+        if proc.popen.returncode != 0:
+            return {"error": f"bench.hooks exited with code {proc.popen.returncode}:\n"
+                             + proc.log_tail(20)}
+        result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+        return result
 
     def load(self, outcome: Outcome, key: str | None, target_pid: int,
              upstream_pid: int) -> None:
@@ -442,25 +444,6 @@ class Bench:
 
 # --- output -------------------------------------------------------------------------------
 
-
-def fmt(value: float | int | None, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return f"{value:,.{digits}f}"
-
-
-def table(title: str, headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
-
-    out = [title, line(headers), "  ".join("-" * w for w in widths)]
-    out += [line(r) for r in rows]
-    return "\n".join(out)
 
 
 def render(outcomes: dict[str, Outcome], args: argparse.Namespace, generator: str) -> str:
@@ -702,19 +685,35 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     bench = Bench(args, tmp, procs)
     mint_info: dict[str, Any] = {}
+    phases: dict[str, Any] = {}
+    outcomes_upstream_mem: dict[str, int] = {}
     try:
         if args.xcashu:
             bench.start_mint()
-        upstream = bench.start_upstream()
+        if args.targets or "scaleout" in args.phases or "soak" in args.phases:
+            upstream = bench.start_upstream()
         for name in args.targets:
             bench.say(f"== {LABELS[name]}")
             outcomes[name] = bench.measure(name, upstream)
             time.sleep(0.5)
-        outcomes_upstream_mem = memory_kb(upstream.pid)
+        if args.targets:
+            outcomes_upstream_mem = memory_kb(upstream.pid)
+        for phase in args.phases:
+            bench.say(f"== phase: {phase}")
+            try:
+                if phase == "scaleout":
+                    phases[phase] = bench.scaleout(upstream)
+                elif phase == "soak":
+                    phases[phase] = bench.soak()
+                else:
+                    phases[phase] = bench.hooks()
+            except Exception as e:  # the other phases still run
+                bench.say(f"  ERROR ({phase}): {type(e).__name__}: {e}")
+                phases[phase] = {"error": f"{type(e).__name__}: {e}"}
+            time.sleep(0.5)
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: stopping everything", file=sys.stderr)
-        outcomes_upstream_mem = {}
     finally:
         # A second Ctrl-C must not cut the cleanup short and leave servers behind.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -730,17 +729,32 @@ def main(argv: list[str] | None = None) -> int:
             print(f"temporary folder kept: {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    if not outcomes:
+    if not outcomes and not phases:
         return 130 if interrupted else 1
 
     generator = "wrk" if wrk else f"Python generator, {args.workers} processes"
     sys.stderr.flush()
-    print()
-    print(render(outcomes, args, generator))
+    if outcomes:
+        print()
+        print(render(outcomes, args, generator))
     if any(o.cashu for o in outcomes.values()):
         print()
         print(render_cashu(outcomes, args, mint_info))
     problems = report_problems(outcomes)
+    for phase, res in phases.items():
+        print()
+        if isinstance(res, dict) and "addons" not in res:  # a phase that failed outright
+            print(f"{phase}: ERROR: {res.get('error')}")
+            problems.append(f"{phase}: {res.get('error')}")
+        elif isinstance(res, ScaleResult):
+            print(scaleout.render(res, generator))
+            problems += scaleout.problems(res)
+        elif isinstance(res, SoakResult):
+            print(soak.render(res, generator))
+            problems += soak.problems(res)
+        else:
+            print(render_hooks(res))
+            problems += hooks_problems(res)
     if mint_info.get("log_flagged_count"):
         problems.append(f"the mint's log has {mint_info['log_flagged_count']} line(s) that look "
                         f"like errors; first: {mint_info['log_flagged'][0][:200]}")
@@ -754,12 +768,27 @@ def main(argv: list[str] | None = None) -> int:
     result = {"meta": info, "targets": {n: o.as_dict() for n, o in outcomes.items()},
               **ratios(outcomes), "upstream_memory_kb": outcomes_upstream_mem,
               "mint": mint_info,
+              **{phase: res if isinstance(res, dict) else res.as_dict()
+                 for phase, res in phases.items()},
               "problems": problems, "interrupted": interrupted}
     out = args.json_out or REPO / "bench" / "results" / f"{datetime.now():%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(clean(result), indent=1) + "\n")
     print(f"\nJSON: {out}")
     return 130 if interrupted else (1 if problems else 0)
+
+
+def hooks_problems(result: dict[str, Any]) -> list[str]:
+    out = []
+    for a in result.get("addons", []):
+        us = a.get("json_us_per_request")
+        if us is not None and us >= TARGET_US:
+            out.append(f"hooks: the addon's own CPU is {us:.0f} us per JSON request (target < "
+                       f"{TARGET_US:.0f} us)")
+        if a.get("billed") != a.get("sent"):
+            out.append(f"hooks: the ledger billed {a.get('billed')} of the {a.get('sent')} "
+                       "requests timed")
+    return out
 
 
 def ratios(outcomes: dict[str, Outcome]) -> dict[str, dict[str, float]]:
