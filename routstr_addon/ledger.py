@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import secrets
 import socket
 import sqlite3 as _sqlite3
@@ -435,12 +436,37 @@ _PG_SQL = {
 }
 
 
+_PG_TYPES = {"amount": "bigint", "key": "text", "now": "double precision", "rid": "text",
+             "model": "text", "owner": "text", "cost": "bigint", "kind": "text",
+             "count": "bigint", "pt": "integer", "ct": "integer", "note": "text"}
+
+
+def _prepared(name: str, sql: str) -> tuple[str, str, tuple[str, ...]]:
+    """A server-side prepared form of a ``%(name)s`` statement: (PREPARE, EXECUTE, params).
+    Parsing and planning these CTEs took three quarters of their time on every call."""
+    order: list[str] = []
+    for found in re.findall(r"%\((\w+)\)s", sql):
+        if found not in order:
+            order.append(found)
+    text = sql
+    for i, param in enumerate(order, 1):
+        text = text.replace(f"%({param})s", f"${i}::{_PG_TYPES[param]}")
+    types = ", ".join(_PG_TYPES[p] for p in order)
+    marks = ", ".join(["%s"] * len(order))
+    return (f"PREPARE routstr_{name} ({types}) AS {text}", f"EXECUTE routstr_{name} ({marks})",
+            tuple(order))
+
+
+_PG_PREPARED = {name: _prepared(name, sql) for name, sql in _PG_SQL.items()}
+
+
 class Ledger:
     """All balance changes go through here. One instance per process and database."""
 
     def __init__(self, url: str, *, create: bool = True) -> None:
         self.url = url
         self.instance_id: str | None = None
+        self._prepared_on: Any = None  # the PostgreSQL connection our statements are prepared on
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
             path = Path(url.removeprefix("sqlite:///"))
@@ -699,21 +725,33 @@ class Ledger:
         return Settlement(request_id, key_hash, charged, reserved, available)
 
     def _pg(self, name: str, **params: Any) -> list[Any]:
-        """Run one of the single-statement PostgreSQL steps (reconnecting once if needed)."""
+        """Run one of the single-statement PostgreSQL steps, prepared once per connection
+        (reconnecting once if needed)."""
         try:
             cur = self.db.connection().cursor()
         except _CONNECTION_ERRORS:
             cur = self._reconnect().cursor()
         if cur.connection.closed:
             cur = self._reconnect().cursor()
+        _, execute, order = _PG_PREPARED[name]
+        values = tuple(params[p] for p in order)
         try:
-            cur.execute(_PG_SQL[name], params)
+            self._prepare(cur)
+            cur.execute(execute, values)
         except _CONNECTION_ERRORS:
             # The server dropped the connection while it was idle (a restart, a terminated
             # backend): the statement did not run. Once more, on a new connection.
             cur = self._reconnect().cursor()
-            cur.execute(_PG_SQL[name], params)
+            self._prepare(cur)
+            cur.execute(execute, values)
         return list(cur.fetchall())
+
+    def _prepare(self, cur: Any) -> None:
+        if self._prepared_on is cur.connection:
+            return
+        for prepare, _, _ in _PG_PREPARED.values():
+            cur.execute(prepare)
+        self._prepared_on = cur.connection
 
     def _reconnect(self) -> Any:
         self.db.close()
