@@ -13,6 +13,7 @@ usage is estimated when the stream ends without any.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +96,25 @@ def completion_text_length(body: Any) -> int:
     return 0
 
 
+# A JSON string value of a field that carries generated text, in an event's raw bytes.
+_TEXT_FIELD = re.compile(rb'"(?:content|text|delta|arguments|name|refusal|reasoning|'
+                         rb'reasoning_content)"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def _chars(raw: bytes) -> int:
+    """Characters in a JSON string's raw bytes (escapes and UTF-8 decoded when present)."""
+    if raw.isascii() and b"\\" not in raw:
+        return len(raw)
+    try:
+        return len(json.loads(b'"' + raw + b'"'))
+    except ValueError:
+        return len(raw)
+# A Responses API event's type: only its ``….delta`` events carry new text.
+_RESPONSES_TYPE = re.compile(rb'"type"\s*:\s*"(response\.[a-z_.]+)"')
+# Events worth parsing: a usage object, or the Responses API's final events.
+_NEEDS_PARSING = re.compile(rb'"usage"\s*:\s*\{|"response\.(?:completed|incomplete|failed)"')
+
+
 class SSETap:
     """Passes an SSE stream through event by event while reading its usage and text."""
 
@@ -167,6 +187,13 @@ class SSETap:
             return False
         if data == b"[DONE]":
             self.done = True
+            return False
+        # Most events are a few words of text: measure that text from the raw bytes, and
+        # parse JSON only for the events that carry usage or end the answer.
+        if not _NEEDS_PARSING.search(data):
+            kind = _RESPONSES_TYPE.search(data)
+            if kind is None or kind.group(1).endswith(b".delta"):  # not a summary event
+                self.text_chars += sum(map(_chars, _TEXT_FIELD.findall(data)))
             return False
         try:
             obj = json.loads(data)
