@@ -1,4 +1,4 @@
-"""A round-robin TCP load balancer on loopback (a copy of ``tests/balancer.py``): each new
+"""A round-robin TCP load balancer on loopback (the tests use it too): each new
 connection goes to the next backend. Run as a process of its own so its CPU is measured apart:
 
     python -m bench.balancer PORT [PORT ...]

@@ -7,9 +7,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from bench.balancer import Balancer
 from routstr_addon.ecash import token_hash
 
-from .balancer import Balancer
 from .conftest import books_balance, expected_msat, start_proxy
 from .ecash_user import UserWallet
 from .loadgen import burst
