@@ -268,10 +268,8 @@ class Routstr:
             if authorization and (authorization[7:13] in ("cashuA", "cashuB")
                                   or "cashu:" in authorization[:14]):
                 return self._forward_token_key(flow, path, bearer_token(authorization))
-            if encoded:
-                req.decode(strict=False)  # read (and forward) compressed bodies as plain JSON
             self._forward(flow, path, self.meter.admit(
-                flow.id, authorization, _api_path(path), req.raw_content or b""))
+                flow.id, authorization, _api_path(path), _body(req, encoded)))
         except ApiError as e:
             flow.response = e.response()
         except DATABASE_ERRORS as e:
@@ -525,8 +523,10 @@ def _api_path(path: str) -> str:
     return path[3:] if path.startswith("/v1/") else path
 
 
-def _body(req: http.Request) -> bytes:
-    if "content-encoding" in req.headers:
+def _body(req: http.Request, encoded: bool | None = None) -> bytes:
+    """The request body as plain bytes; ``encoded``: whether it has a Content-Encoding, when
+    the caller already knows (saves a header lookup on the funded-key path)."""
+    if encoded if encoded is not None else "content-encoding" in req.headers:
         req.decode(strict=False)  # read (and forward) compressed bodies as plain JSON
     return req.raw_content or b""
 
