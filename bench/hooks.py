@@ -270,7 +270,7 @@ def measure(paths: list[Path], requests: int, rounds: int, web: bool, profile: b
                     raise RuntimeError(f"{paths[i]}: the addon did not configure itself")
                 keys.append(addon.ledger.create_key(FUNDING_MSAT)[0])
                 if web:
-                    from routstr_addon.webview import Scrubber
+                    from routstr_addon.proxy.webview import Scrubber
 
                     addon._web = Scrubber(_View())
             timed: list[dict[str, list[float]]] = [{"json": [], "stream": []} for _ in addons]

@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from routstr_addon.localmint import LocalMint
+from routstr_addon.dev.localmint import LocalMint
 
 from . import cashu, scaleout, soak
 from .cashu import CashuPlan, CashuResult, MintLog, TokenMaker

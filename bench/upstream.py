@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import sys
 
-from routstr_addon.demo import EchoUpstream
+from routstr_addon.dev.demo import EchoUpstream
 
 
 async def serve(port: int) -> None:

@@ -135,8 +135,8 @@ async def _http(job: Job, raws: list[bytes], result: WorkerResult) -> None:
 
 
 async def _swaps(job: Job, result: WorkerResult) -> None:
-    from routstr_addon.ecash import change_friendly_amounts, parse_token
-    from routstr_addon.wallet import MintWallet
+    from routstr_addon.ecash.tokens import change_friendly_amounts, parse_token
+    from routstr_addon.ecash.wallet import MintWallet
 
     mint = MintWallet(job.mint_url)
     await mint.load()

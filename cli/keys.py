@@ -332,7 +332,7 @@ REFUND_HELP = (
 
 
 async def _refund(config: Config, ledger: Ledger, key_hash: str) -> dict[str, Any]:
-    from routstr_addon.payments import Payments
+    from routstr_addon.payments.cashu import Payments
 
     from .wallet import open_wallet
 
@@ -347,9 +347,9 @@ async def _refund(config: Config, ledger: Ledger, key_hash: str) -> dict[str, An
 @keys_app.command("refund", help=REFUND_HELP)
 def keys_refund(key: KeyArg, as_json: JsonOpt = False) -> None:
     """Refund a key as a token (help: REFUND_HELP)."""
+    from routstr_addon.ecash.mint import MintError, MintUnreachable
+    from routstr_addon.ecash.wallet import WalletError
     from routstr_addon.errors import ApiError
-    from routstr_addon.mintapi import MintError, MintUnreachable
-    from routstr_addon.wallet import WalletError
 
     config = load_config()
     mints_of(config)

@@ -23,7 +23,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from routstr_addon.pricing import ModelPrice, Pricing, RateKeeper, load_models
+from routstr_addon.metering.pricing import ModelPrice, Pricing, RateKeeper, load_models
 from routstr_addon.settings import Config
 
 from .common import JsonOpt, console, err, fail, load_config
@@ -40,7 +40,7 @@ PACKAGE_EXAMPLE = Path(__file__).resolve().parent.parent / "models.example.json"
 def quiet_rate_logs() -> Iterator[None]:
     """The rate fetcher logs each failing source; the CLI says it once, its own way (and a
     full-screen dashboard must not be written over)."""
-    log = logging.getLogger("routstr_addon.pricing")
+    log = logging.getLogger("routstr_addon.metering.pricing")
     before, sink = log.propagate, logging.NullHandler()
     log.propagate = False
     log.addHandler(sink)  # else logging's last resort prints to stderr

@@ -20,8 +20,8 @@ payouts_app = typer.Typer(help="Pay the operator's earnings to RECEIVE_LN_ADDRES
 
 
 def _payouts(config: Config, ledger: Ledger) -> Any:
-    from routstr_addon.payouts import Payouts
-    from routstr_addon.wallet import Wallet
+    from routstr_addon.ecash.wallet import Wallet
+    from routstr_addon.payments.payouts import Payouts
 
     mints_of(config)
     return Payouts(ledger, Wallet.from_config(ledger, config), config)

@@ -27,7 +27,7 @@ def providers(
 
     Reads the relays directly, keeps each provider's newest listing and asks its /v1/info
     (.onion ones through TOR_PROXY_URL); those that do not answer are left out."""
-    from routstr_addon import nostr  # nostr-sdk is loaded only for this command
+    from routstr_addon.discovery import nostr  # nostr-sdk is loaded only for this command
 
     settings = load_config().nostr
     if relay:

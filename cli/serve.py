@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from routstr_addon import settings
-from routstr_addon.demo import DEMO_MODEL, EchoUpstream, run_in_thread
+from routstr_addon.dev.demo import DEMO_MODEL, EchoUpstream, run_in_thread
+from routstr_addon.dev.localmint import LocalMint, die_with_parent, mint_token, port_or_free
 from routstr_addon.ledger import Ledger, hash_key
-from routstr_addon.localmint import LocalMint, die_with_parent, mint_token, port_or_free
 
 from .common import err
 

@@ -26,14 +26,14 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from routstr_addon.ecash import UNIT_MSAT, sanitize_mint_url
+from routstr_addon.ecash.tokens import UNIT_MSAT, sanitize_mint_url
 from routstr_addon.ledger import KeyState, Ledger
 from routstr_addon.settings import Config
 
 from .common import JsonOpt, console, err, fail, load_config, mints_of, open_ledger, sats
 
 if TYPE_CHECKING:
-    from routstr_addon.wallet import Redeemed, Wallet
+    from routstr_addon.ecash.wallet import Redeemed, Wallet
 
 __all__ = ["Books", "check_books", "create_key_from_token", "open_wallet", "read_books",
            "wallet_app"]
@@ -48,8 +48,8 @@ CHECK_BATCH = 100  # Ys per NUT-07 request
 
 def open_wallet(ledger: Ledger, config: Config) -> Wallet:
     """The proxy's wallet, with its seed (exit 2 if the mnemonic file is bad)."""
-    from routstr_addon.seed import MnemonicError
-    from routstr_addon.wallet import Wallet
+    from routstr_addon.ecash.seed import MnemonicError
+    from routstr_addon.ecash.wallet import Wallet
 
     try:
         return Wallet.from_config(ledger, config)
@@ -191,8 +191,8 @@ async def mint_states(proofs: Sequence[tuple[str, str, str, int]],
                       progress: Callable[[str], None]) -> tuple[dict[str, tuple[str, str]],
                                                                 list[str]]:
     """Ask each mint for the state of its proofs: {secret: (Y, state)}, and the errors met."""
-    from routstr_addon.ecash import nutshell
-    from routstr_addon.mintapi import MintClient, MintError, MintUnreachable
+    from routstr_addon.ecash.mint import MintClient, MintError, MintUnreachable
+    from routstr_addon.ecash.tokens import nutshell
 
     nutshell()
     from cashu.core.crypto.b_dhke import hash_to_curve
@@ -405,8 +405,8 @@ def wallet_send(
     as_json: JsonOpt = False,
 ) -> None:
     """Withdraw from the margin (help: SEND_HELP)."""
-    from routstr_addon.mintapi import MintError, MintUnreachable
-    from routstr_addon.wallet import WalletError
+    from routstr_addon.ecash.mint import MintError, MintUnreachable
+    from routstr_addon.ecash.wallet import WalletError
 
     config = load_config()
     trusted = mints_of(config)
@@ -457,7 +457,7 @@ def read_token(text: str) -> str:
 
 
 async def _receive(ledger: Ledger, config: Config, text: str) -> Redeemed:
-    from routstr_addon.ecash import parse_token, serialize_token
+    from routstr_addon.ecash.tokens import parse_token, serialize_token
 
     token = parse_token(text)
     wallet = open_wallet(ledger, config)
@@ -490,9 +490,9 @@ def wallet_receive(
     as_json: JsonOpt = False,
 ) -> None:
     """Add float to the pool (help: RECEIVE_HELP)."""
-    from routstr_addon.ecash import TokenError
-    from routstr_addon.mintapi import MintError, MintUnreachable
-    from routstr_addon.wallet import WalletError
+    from routstr_addon.ecash.mint import MintError, MintUnreachable
+    from routstr_addon.ecash.tokens import TokenError
+    from routstr_addon.ecash.wallet import WalletError
 
     config = load_config()
     mints_of(config)
@@ -545,7 +545,7 @@ RESTORE_HELP = (
 def restore_mnemonic(config: Config, given: str | None) -> str:
     """The mnemonic to restore with: given (``-``: from stdin), configured, or the data
     folder's file; never a new one. Exits 2 if there is none or it is invalid."""
-    from routstr_addon.seed import MNEMONIC_FILE, MnemonicError, load_or_create_mnemonic
+    from routstr_addon.ecash.seed import MNEMONIC_FILE, MnemonicError, load_or_create_mnemonic
 
     source = "--mnemonic"
     if given is not None:
@@ -560,7 +560,7 @@ def restore_mnemonic(config: Config, given: str | None) -> str:
     else:
         raise fail(f"no mnemonic: set WALLET_MNEMONIC, pass --mnemonic, or run from where "
                    f"{config.data_dir / MNEMONIC_FILE} is", 2)
-    from routstr_addon.seed import normalize_mnemonic
+    from routstr_addon.ecash.seed import normalize_mnemonic
 
     try:
         return normalize_mnemonic(text)
@@ -570,8 +570,8 @@ def restore_mnemonic(config: Config, given: str | None) -> str:
 
 async def _restore(ledger: Ledger, config: Config, mnemonic: str,
                    progress: Callable[[str], None]) -> dict[str, Any]:
-    from routstr_addon.seed import seed_from_mnemonic
-    from routstr_addon.wallet import Wallet
+    from routstr_addon.ecash.seed import seed_from_mnemonic
+    from routstr_addon.ecash.wallet import Wallet
 
     wallet = Wallet(ledger, config.cashu_mints, seed=seed_from_mnemonic(mnemonic))
     try:
@@ -628,8 +628,8 @@ def wallet_restore(
 
 async def _create(config: Config, ledger: Ledger, text: str, expires_at: float | None,
                   refund_address: str | None, label: str | None) -> tuple[str, KeyState]:
-    from routstr_addon.lightning import Invoices
-    from routstr_addon.payments import Payments
+    from routstr_addon.payments.cashu import Payments
+    from routstr_addon.payments.lightning import Invoices
 
     wallet = open_wallet(ledger, config)
     try:  # as the proxy does: with SWAP_UNTRUSTED_MINTS, other mints' tokens are melted in
@@ -645,9 +645,9 @@ def create_key_from_token(config: Config, ledger: Ledger, token: str, *,
                           label: str | None) -> tuple[str, KeyState]:
     """A new key funded by redeeming a token, as ``POST /v1/balance/create`` makes it.
     Exits 2 without mints, 1 if the token is refused."""
+    from routstr_addon.ecash.mint import MintError, MintUnreachable
+    from routstr_addon.ecash.wallet import WalletError
     from routstr_addon.errors import ApiError
-    from routstr_addon.mintapi import MintError, MintUnreachable
-    from routstr_addon.wallet import WalletError
 
     mints_of(config)
     text = read_token(token)

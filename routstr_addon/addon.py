@@ -25,17 +25,18 @@ try:
 except ImportError:  # loaded by path (mitmdump -s) from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from routstr_addon import routes, settings, webview
+from routstr_addon import settings, web
+from routstr_addon.ecash.wallet import Wallet
 from routstr_addon.errors import ApiError, error_response, install_error_pages
 from routstr_addon.ledger import DATABASE_ERRORS, Ledger, Settlement
-from routstr_addon.lightning import Invoices
-from routstr_addon.metering import Meter, Paid, bearer_token
-from routstr_addon.payments import Payments
-from routstr_addon.payouts import Payouts
-from routstr_addon.pricing import Pricing, RateKeeper, load_models
+from routstr_addon.metering.meter import Meter, Paid, bearer_token
+from routstr_addon.metering.pricing import Pricing, RateKeeper, load_models
+from routstr_addon.metering.sweeper import Sweeper
+from routstr_addon.payments.cashu import Payments
+from routstr_addon.payments.lightning import Invoices
+from routstr_addon.payments.payouts import Payouts
+from routstr_addon.proxy import webview
 from routstr_addon.settings import Config, SettingError
-from routstr_addon.sweeper import Sweeper
-from routstr_addon.wallet import Wallet
 
 __all__ = ["Routstr", "addons"]
 
@@ -61,7 +62,7 @@ class Routstr:
         self.payments: Payments | None = None
         self.invoices: Invoices | None = None
         self.payouts: Payouts | None = None
-        self.services: routes.Services | None = None
+        self.services: web.Services | None = None
         self._env_errors: list[str] = []
         self._tasks: dict[str, asyncio.Task[Any]] = {}
         self._upstream_auth: tuple[tuple[bytes, bytes], ...] = ()
@@ -116,7 +117,7 @@ class Routstr:
         if old_wallet is not None:
             with contextlib.suppress(RuntimeError):  # no loop yet: nothing was opened
                 asyncio.get_running_loop().create_task(old_wallet.close())
-        self.services = routes.Services(config, ledger, pricing, self.wallet, self.payments,
+        self.services = web.Services(config, ledger, pricing, self.wallet, self.payments,
                                         self.invoices)
         # Requests we answer ourselves must not open an upstream connection first.
         ctx.options.update(connection_strategy="lazy", body_size_limit=str(config.max_request_size))
@@ -164,7 +165,7 @@ class Routstr:
         self._tasks["sweeper"] = loop.create_task(Sweeper(ledger, pricing, config).run())
         self._tasks["settlements"] = loop.create_task(self._retry_settlements())
         if config.nostr.secret_key:  # NSEC: list this proxy on the Nostr relays, daily
-            from routstr_addon.nostr import announce_forever
+            from routstr_addon.discovery.nostr import announce_forever
 
             self._tasks["nostr"] = loop.create_task(announce_forever(config))
 
@@ -239,13 +240,13 @@ class Routstr:
         req = flow.request
         path = req.path.split("?", 1)[0]
         try:
-            handlers = routes.lookup(path)
+            handlers = web.lookup(path)
             if handlers is not None:
                 handler = handlers.get(req.method)
                 if handler is None:
                     raise ApiError(405, f"{req.method} is not allowed on {path}.",
                                    code="method_not_allowed")
-                routes.PEER.set(routes.Peer.of(flow.client_conn))
+                web.PEER.set(web.Peer.of(flow.client_conn))
                 answer = handler(self.services, req)
                 if isinstance(answer, http.Response):
                     flow.response = answer
@@ -536,7 +537,7 @@ def _models(config: Config) -> dict[str, Any]:
     if not path.is_file():
         fallback = Path("models.example.json")
         if not fallback.is_file():
-            fallback = Path(__file__).resolve().parent.parent / "models.example.json"
+            fallback = Path(__file__).resolve().parents[1] / "models.example.json"
         if config.model_based_pricing and not fallback.is_file():
             raise SettingError(f"MODELS_PATH: {path} does not exist and there is no "
                                "models.example.json to fall back to")

@@ -228,7 +228,7 @@ def _mnemonic(raw: str) -> str:
     """A BIP39 mnemonic, normalized (lower case, single spaces), or "" when unset."""
     if not raw.strip():
         return ""
-    from .seed import MnemonicError, normalize_mnemonic
+    from routstr_addon.ecash.seed import MnemonicError, normalize_mnemonic
 
     try:
         return normalize_mnemonic(raw)
@@ -387,7 +387,9 @@ class Config:
 
     @classmethod
     def from_options(cls, options: Any) -> Config:
-        from .pricing import parse_sources  # pricing owns the list of known rate sources
+        from routstr_addon.metering.pricing import (
+            parse_sources,  # pricing owns the list of known rate sources
+        )
 
         data_dir = Path(options.data_dir).expanduser()
         database_url = options.database_url or f"sqlite:///{data_dir / 'routstr.sqlite'}"

@@ -24,9 +24,9 @@ import openai
 import psycopg2
 import pytest
 
-from routstr_addon.demo import run_in_thread
+from routstr_addon.dev.demo import run_in_thread
+from routstr_addon.dev.localmint import LocalMint
 from routstr_addon.ledger import KeyState, Ledger
-from routstr_addon.localmint import LocalMint
 
 from .ecash_user import UserWallet
 from .upstream import TestUpstream
@@ -345,7 +345,7 @@ def books_balance(proxy: Proxy, mint_url: str) -> None:
     held_msat = sum(amount * (1000 if unit == "sat" else 1) for _, unit, amount in held)
     assert held_msat >= liabilities, (held_msat, liabilities)
     if held:
-        from routstr_addon.ecash import nutshell
+        from routstr_addon.ecash.tokens import nutshell
 
         nutshell()
         from cashu.core.crypto.b_dhke import hash_to_curve

@@ -9,7 +9,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from routstr_addon.ecash import nutshell
+from routstr_addon.ecash.tokens import nutshell
 
 T = TypeVar("T")
 

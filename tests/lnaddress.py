@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from routstr_addon.demo import MiniServer, Request, Responder
+from routstr_addon.dev.demo import MiniServer, Request, Responder
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import asyncio
 
 import httpx
 
-from routstr_addon.demo import MiniServer, Request, Responder
+from routstr_addon.dev.demo import MiniServer, Request, Responder
 
 
 class MintFront(MiniServer):

@@ -26,12 +26,12 @@ import pytest
 from mitmproxy import http
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
-from routstr_addon import dashboard
-from routstr_addon.adminauth import LoginLimiter, Sessions, password_matches, password_tag
+from routstr_addon.dev.localmint import LocalMint
 from routstr_addon.ledger import Ledger, hash_key
-from routstr_addon.localmint import LocalMint
-from routstr_addon.routes import PEER, Peer, Services, lookup
-from routstr_addon.routes import admin as admin_routes
+from routstr_addon.ledger import reports as dashboard
+from routstr_addon.web import PEER, Peer, Services, lookup
+from routstr_addon.web import admin as admin_routes
+from routstr_addon.web.auth import LoginLimiter, Sessions, password_matches, password_tag
 
 from .conftest import ADDON, ROOT, Proxy, books_balance, raw, start_proxy
 from .ecash_user import UserWallet

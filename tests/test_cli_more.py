@@ -28,8 +28,8 @@ from openai.types.chat import ChatCompletionMessageParam
 from typer.testing import CliRunner, Result
 
 from cli.main import app
+from routstr_addon.dev.localmint import LocalMint
 from routstr_addon.ledger import Ledger, ReserveError, hash_key
-from routstr_addon.localmint import LocalMint
 
 from .conftest import (
     BIN,

@@ -19,9 +19,9 @@ from openai.types.chat import ChatCompletionMessageParam
 from typer.testing import CliRunner, Result
 
 from cli.main import app
-from routstr_addon.ecash import nutshell, sanitize_mint_url, serialize_token
+from routstr_addon.dev.localmint import LocalMint
+from routstr_addon.ecash.tokens import nutshell, sanitize_mint_url, serialize_token
 from routstr_addon.ledger import Ledger
-from routstr_addon.localmint import LocalMint
 
 from .conftest import Proxy, expected_msat, raw
 from .ecash_user import UserWallet

@@ -15,8 +15,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from routstr_addon.ecash import token_hash
-from routstr_addon.localmint import LocalMint
+from routstr_addon.dev.localmint import LocalMint
+from routstr_addon.ecash.tokens import token_hash
 
 from .conftest import Proxy, books_balance, expected_msat, raw
 from .ecash_user import UserWallet

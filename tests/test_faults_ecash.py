@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from routstr_addon.demo import run_in_thread
-from routstr_addon.localmint import LocalMint
+from routstr_addon.dev.demo import run_in_thread
+from routstr_addon.dev.localmint import LocalMint
 
 from .conftest import Proxy, books_balance, expected_msat, raw, start_proxy
 from .ecash_user import UserWallet

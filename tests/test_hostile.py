@@ -18,9 +18,9 @@ import httpx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from routstr_addon.ecash import TokenError, parse_token
-from routstr_addon.pricing import ModelPrice, Pricing
-from routstr_addon.usage import SSETap, usage_from_json
+from routstr_addon.ecash.tokens import TokenError, parse_token
+from routstr_addon.metering.pricing import ModelPrice, Pricing
+from routstr_addon.metering.usage import SSETap, usage_from_json
 
 from .conftest import Proxy, start_proxy
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from routstr_addon.dev.localmint import LocalMint
+from routstr_addon.ecash.wallet import Wallet
 from routstr_addon.ledger import Ledger, hash_key
-from routstr_addon.lightning import Invoices, invoice_key
-from routstr_addon.localmint import LocalMint
-from routstr_addon.wallet import Wallet
+from routstr_addon.payments.lightning import Invoices, invoice_key
 
 from .conftest import Proxy, books_balance, raw, start_proxy
 

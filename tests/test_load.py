@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from routstr_addon.ecash import token_hash
+from routstr_addon.ecash.tokens import token_hash
 from routstr_addon.ledger import hash_key
 
 from .conftest import Proxy, books_balance, expected_msat

@@ -1,4 +1,4 @@
-"""Unit tests of routstr_addon.metering against a real SQLite ledger (no servers, no network)."""
+"""Unit tests of the meter (metering.meter) on a real SQLite ledger: no servers, no network."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import pytest
 
 from routstr_addon.errors import ApiError
 from routstr_addon.ledger import Ledger, hash_key
-from routstr_addon.metering import Meter, Paid, bearer_token
-from routstr_addon.pricing import Pricing, load_models
+from routstr_addon.metering.meter import Meter, Paid, bearer_token
+from routstr_addon.metering.pricing import Pricing, load_models
+from routstr_addon.metering.usage import SSETap, Usage
 from routstr_addon.settings import load_config
-from routstr_addon.usage import SSETap, Usage
 
 REPO = Path(__file__).resolve().parent.parent
 RATE = "100000"

@@ -27,8 +27,14 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from routstr_addon import __version__
-from routstr_addon.localmint import LocalMint
-from routstr_addon.nostr import LISTING_KIND, latest, listing_event, parse_listing, publish
+from routstr_addon.dev.localmint import LocalMint
+from routstr_addon.discovery.nostr import (
+    LISTING_KIND,
+    latest,
+    listing_event,
+    parse_listing,
+    publish,
+)
 from routstr_addon.settings import SettingError, load_config
 
 from .conftest import BIN, Output, Proxy, start_proxy
@@ -200,7 +206,7 @@ def test_the_announcement_is_published_signed_and_parsed_back(
 
 
 def test_private_urls_are_not_announced_to_public_relays(tmp_path: Path) -> None:
-    from routstr_addon.nostr import announce
+    from routstr_addon.discovery.nostr import announce
 
     keys = ns.Keys.generate()
     config = load_config({"NSEC": keys.secret_key().to_hex(), "HTTP_URL": "http://127.0.0.1:8000",

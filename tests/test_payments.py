@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from routstr_addon.ecash import change_friendly_amounts, parse_token, pick_exact
+from routstr_addon.dev.localmint import LocalMint
+from routstr_addon.ecash.tokens import change_friendly_amounts, parse_token, pick_exact
+from routstr_addon.ecash.wallet import Wallet
 from routstr_addon.errors import ApiError
 from routstr_addon.ledger import Ledger
-from routstr_addon.localmint import LocalMint
-from routstr_addon.payments import Payments
-from routstr_addon.wallet import Wallet
+from routstr_addon.payments.cashu import Payments
 
 from .ecash_user import UserWallet
 

@@ -20,16 +20,16 @@ from typing import Any
 import httpx
 import pytest
 
-from routstr_addon.demo import run_in_thread
-from routstr_addon.ecash import parse_token
+from routstr_addon.dev.demo import run_in_thread
+from routstr_addon.dev.localmint import LocalMint
+from routstr_addon.ecash.mint import MintUnreachable
+from routstr_addon.ecash.seed import seed_from_mnemonic
+from routstr_addon.ecash.tokens import parse_token
+from routstr_addon.ecash.wallet import Wallet
 from routstr_addon.ledger import Ledger
-from routstr_addon.localmint import LocalMint
-from routstr_addon.mintapi import MintUnreachable
-from routstr_addon.payments import Payments
-from routstr_addon.payouts import Payouts
-from routstr_addon.seed import seed_from_mnemonic
+from routstr_addon.payments.cashu import Payments
+from routstr_addon.payments.payouts import Payouts
 from routstr_addon.settings import load_config
-from routstr_addon.wallet import Wallet
 
 from .conftest import BIN, books_balance, raw, start_proxy
 from .ecash_user import UserWallet

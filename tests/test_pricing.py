@@ -1,4 +1,4 @@
-"""Unit tests of routstr_addon.pricing: exact msat costs, limits, models.json and BTC/USD rates."""
+"""Unit tests of metering.pricing: exact msat costs, limits, models.json and BTC/USD rates."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from routstr_addon.pricing import (
+from routstr_addon.metering.pricing import (
     DEFAULT_SOURCES,
     ModelPrice,
     Pricing,

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from routstr_addon.localmint import mint_token
+from routstr_addon.dev.localmint import mint_token
 
 from .conftest import BIN, ROOT, Output
 from .upstream import TestUpstream

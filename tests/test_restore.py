@@ -19,10 +19,8 @@ from mnemonic import Mnemonic
 from typer.testing import CliRunner
 
 from cli.main import app
-from routstr_addon.ecash import nutshell, parse_token, serialize_token
-from routstr_addon.ledger import Ledger
-from routstr_addon.localmint import LocalMint
-from routstr_addon.seed import (
+from routstr_addon.dev.localmint import LocalMint
+from routstr_addon.ecash.seed import (
     MNEMONIC_FILE,
     Counters,
     MnemonicError,
@@ -31,8 +29,10 @@ from routstr_addon.seed import (
     load_or_create_mnemonic,
     seed_from_mnemonic,
 )
+from routstr_addon.ecash.tokens import nutshell, parse_token, serialize_token
+from routstr_addon.ecash.wallet import Wallet
+from routstr_addon.ledger import Ledger
 from routstr_addon.settings import SettingError, load_config
-from routstr_addon.wallet import Wallet
 
 from .ecash_user import UserWallet
 
@@ -287,7 +287,7 @@ def test_restore_finds_exactly_the_unspent_proofs_again(mint: LocalMint, user: U
         cur = ledger.db.connection().cursor()
         cur.execute(ledger.sql("SELECT secret, keyset_id, amount, c, dleq FROM proofs "
                                "WHERE secret = ?"), (victim_secret,))
-        from routstr_addon.wallet import _proof
+        from routstr_addon.ecash.wallet import _proof
 
         victim = _proof(cur.fetchone())
         assert user.receive(serialize_token(wallet.primary.url, "sat", [victim])) == \
@@ -312,7 +312,7 @@ def test_restore_finds_exactly_the_unspent_proofs_again(mint: LocalMint, user: U
 
 def test_a_wallet_without_a_seed_still_works_and_cannot_restore(mint: LocalMint, user: UserWallet,
                                                                tmp_path: Path) -> None:
-    from routstr_addon.wallet import WalletError
+    from routstr_addon.ecash.wallet import WalletError
 
     async def scenario() -> None:
         ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")

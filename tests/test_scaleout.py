@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.balancer import Balancer
-from routstr_addon.ecash import token_hash
+from routstr_addon.ecash.tokens import token_hash
 
 from .conftest import books_balance, expected_msat, start_proxy
 from .ecash_user import UserWallet

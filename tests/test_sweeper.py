@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 
 from routstr_addon.ledger import Ledger, hash_key
-from routstr_addon.pricing import Pricing, load_models
+from routstr_addon.metering.pricing import Pricing, load_models
+from routstr_addon.metering.sweeper import Sweeper
 from routstr_addon.settings import load_config
-from routstr_addon.sweeper import Sweeper
 
 from .conftest import MODELS, Proxy, expected_msat, start_proxy
 

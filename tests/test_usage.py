@@ -1,4 +1,4 @@
-"""Unit tests of routstr_addon.usage: usage in JSON answers and in SSE streams."""
+"""Unit tests of routstr_addon.metering.usage: usage in JSON answers and in SSE streams."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from routstr_addon.usage import (
+from routstr_addon.metering.usage import (
     SSETap,
     Usage,
     completion_text_length,

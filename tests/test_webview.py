@@ -17,8 +17,8 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
+from routstr_addon.dev.localmint import LocalMint
 from routstr_addon.ledger import Ledger, hash_key
-from routstr_addon.localmint import LocalMint
 
 from .conftest import BIN, MODELS, RATE, Output
 from .ecash_user import UserWallet
@@ -149,6 +149,6 @@ def test_mitmweb_shows_who_paid_what_and_no_secret(
     ("content-type", "application/json", "application/json"),
 ])
 def test_redact_header(name: str, value: str, shown: str) -> None:
-    from routstr_addon.webview import redact_header
+    from routstr_addon.proxy.webview import redact_header
 
     assert redact_header(name, value) == shown

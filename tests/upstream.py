@@ -21,7 +21,7 @@ import json
 import threading
 from typing import Any
 
-from routstr_addon.demo import EchoUpstream, Request, Responder, sse
+from routstr_addon.dev.demo import EchoUpstream, Request, Responder, sse
 
 
 class TestUpstream(EchoUpstream):

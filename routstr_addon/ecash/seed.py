@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from mnemonic import Mnemonic
 
-from .settings import SettingError
+from routstr_addon.settings import SettingError
 
 if TYPE_CHECKING:
-    from .ledger import Ledger
-    from .settings import Config
+    from routstr_addon.ledger import Ledger
+    from routstr_addon.settings import Config
 
 __all__ = [
     "MNEMONIC_FILE",
@@ -279,7 +279,7 @@ class Counters:
                 cur.execute(self._reserve, (keyset_id, n))
                 end = int(cur.fetchone()[0])
             return end - n
-        from .ledger import _CONNECTION_ERRORS
+        from routstr_addon.ledger.core import _CONNECTION_ERRORS
 
         gone: tuple[type[Exception], ...] = (ConnectionError, *_CONNECTION_ERRORS)
         try:

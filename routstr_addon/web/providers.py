@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
-from ..errors import ApiError, json_response
-from ..settings import Nostr
-from . import Services
+from routstr_addon.errors import ApiError, json_response
+from routstr_addon.settings import Nostr
+from routstr_addon.web import Services
 
 if TYPE_CHECKING:
-    from ..nostr import Directory
+    from routstr_addon.discovery.nostr import Directory
 
 _directory: Directory | None = None
 
@@ -26,7 +26,7 @@ _directory: Directory | None = None
 def _directory_for(n: Nostr) -> Directory:
     global _directory
     if _directory is None or _directory.nostr != n:
-        from ..nostr import Directory  # nostr-sdk is loaded on first use
+        from routstr_addon.discovery.nostr import Directory  # nostr-sdk is loaded on first use
 
         _directory = Directory(n)
     return _directory

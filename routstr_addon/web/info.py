@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from .. import __version__
-from ..errors import json_response
-from . import Services
+from routstr_addon import __version__
+from routstr_addon.errors import json_response
+from routstr_addon.web import Services
 
 
 def info(services: Services, request: http.Request) -> http.Response:

@@ -18,11 +18,11 @@ import secrets
 import time
 from typing import Any
 
-from .ecash import UNIT_MSAT, amounts_for, nutshell
-from .errors import ApiError
-from .ledger import KEY_PREFIX, Ledger, hash_key
-from .mintapi import MintError, MintUnreachable
-from .wallet import MintWallet, Wallet
+from routstr_addon.ecash.mint import MintError, MintUnreachable
+from routstr_addon.ecash.tokens import UNIT_MSAT, amounts_for, nutshell
+from routstr_addon.ecash.wallet import MintWallet, Wallet
+from routstr_addon.errors import ApiError
+from routstr_addon.ledger import KEY_PREFIX, Ledger, hash_key
 
 __all__ = ["Invoices"]
 

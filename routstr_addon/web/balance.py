@@ -14,13 +14,13 @@ from urllib.parse import parse_qs, urlsplit
 
 from mitmproxy import http
 
-from ..ecash import looks_like_token
-from ..errors import ApiError, json_response
-from ..ledger import KeyState, hash_key
-from ..lightning import Invoices
-from ..metering import bearer_token
-from ..payments import Payments
-from . import Services
+from routstr_addon.ecash.tokens import looks_like_token
+from routstr_addon.errors import ApiError, json_response
+from routstr_addon.ledger import KeyState, hash_key
+from routstr_addon.metering.meter import bearer_token
+from routstr_addon.payments.cashu import Payments
+from routstr_addon.payments.lightning import Invoices
+from routstr_addon.web import Services
 
 
 def _payments(services: Services) -> Payments:

@@ -16,7 +16,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .ecash import (
+from routstr_addon.ecash.mint import SPENT_CODE, MintError, MintUnreachable
+from routstr_addon.ecash.tokens import (
     UNIT_MSAT,
     IncomingToken,
     TokenError,
@@ -25,11 +26,10 @@ from .ecash import (
     serialize_token,
     token_hash,
 )
-from .errors import ApiError
-from .ledger import KEY_PREFIX, KeyState, Ledger, hash_key
-from .lightning import Invoices
-from .mintapi import SPENT_CODE, MintError, MintUnreachable
-from .wallet import Redeemed, Wallet, WalletError
+from routstr_addon.ecash.wallet import Redeemed, Wallet, WalletError
+from routstr_addon.errors import ApiError
+from routstr_addon.ledger import KEY_PREFIX, KeyState, Ledger, hash_key
+from routstr_addon.payments.lightning import Invoices
 
 __all__ = ["Payments", "XCashu", "derived_key", "token_error"]
 

@@ -21,13 +21,13 @@ from typing import Any
 
 import httpx
 
-from .ecash import UNIT_MSAT
-from .ledger import Ledger
-from .lnaddress import LnAddressError, invoice_for
-from .mintapi import MintError, MintUnreachable
-from .payments import Payments
-from .settings import Config
-from .wallet import Melted, Wallet, WalletError
+from routstr_addon.ecash.mint import MintError, MintUnreachable
+from routstr_addon.ecash.tokens import UNIT_MSAT
+from routstr_addon.ecash.wallet import Melted, Wallet, WalletError
+from routstr_addon.ledger import Ledger
+from routstr_addon.payments.cashu import Payments
+from routstr_addon.payments.lnurl import LnAddressError, invoice_for
+from routstr_addon.settings import Config
 
 __all__ = ["Payouts"]
 

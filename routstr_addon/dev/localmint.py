@@ -126,8 +126,8 @@ async def mint_token(url: str, amount: int, unit: str = "sat") -> str:
     """A fresh token of ``amount`` from a FakeWallet mint (its invoices pay themselves)."""
     import asyncio
 
-    from .ecash import amounts_for, serialize_token
-    from .wallet import MintWallet
+    from routstr_addon.ecash.tokens import amounts_for, serialize_token
+    from routstr_addon.ecash.wallet import MintWallet
 
     mint = MintWallet(url)
     try:

@@ -26,7 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .ecash import (
+from routstr_addon.ecash.mint import SPENT_CODE, MintClient, MintError, MintUnreachable
+from routstr_addon.ecash.seed import Counters, Seed, load_or_create_mnemonic, seed_from_mnemonic
+from routstr_addon.ecash.tokens import (
     UNIT_MSAT,
     IncomingToken,
     Keyset,
@@ -40,16 +42,14 @@ from .ecash import (
     sanitize_mint_url,
     serialize_token,
 )
-from .ledger import Ledger
-from .mintapi import SPENT_CODE, MintClient, MintError, MintUnreachable
-from .seed import Counters, Seed, load_or_create_mnemonic, seed_from_mnemonic
+from routstr_addon.ledger import Ledger
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from cashu.core.base import Proof
 
-    from .settings import Config
+    from routstr_addon.settings import Config
 
 __all__ = ["Melted", "MintWallet", "Redeemed", "Wallet", "WalletError"]
 

@@ -28,14 +28,14 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from mitmproxy import http
 
-from .. import dashboard
-from ..adminauth import LoginLimiter, Session, Sessions, password_matches, password_tag
-from ..ecash import UNIT_MSAT
-from ..mintapi import MintError, MintUnreachable
-from ..payouts import Payouts
-from ..svgchart import Bar, bar_chart
-from ..wallet import WalletError
-from . import PEER, Handler, Peer, Services
+from routstr_addon.ecash.mint import MintError, MintUnreachable
+from routstr_addon.ecash.tokens import UNIT_MSAT
+from routstr_addon.ecash.wallet import WalletError
+from routstr_addon.ledger import reports as dashboard
+from routstr_addon.payments.payouts import Payouts
+from routstr_addon.web import PEER, Handler, Peer, Services
+from routstr_addon.web.auth import LoginLimiter, Session, Sessions, password_matches, password_tag
+from routstr_addon.web.chart import Bar, bar_chart
 
 __all__ = ["COOKIE", "HANDLERS", "LIMITER", "SESSIONS"]
 
@@ -46,7 +46,7 @@ LOGIN = "/admin/login"
 MAX_FORM = 16 * 1024
 MAX_KEY_SATS = 2_100_000_000_000_000  # 21 million BTC
 _BACK_TO_KEYS = re.compile(r"/admin/keys(\?[A-Za-z0-9_.~%+=&-]{0,300})?")  # a page of keys
-_PACKAGE = Path(__file__).resolve().parent.parent
+_PACKAGE = Path(__file__).resolve().parent
 _STATIC: dict[str, tuple[str, bytes]] = {
     "admin.css": ("text/css; charset=utf-8", (_PACKAGE / "static" / "admin.css").read_bytes()),
 }

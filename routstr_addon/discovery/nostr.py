@@ -29,8 +29,8 @@ from urllib.parse import urlsplit
 import httpx
 import nostr_sdk as nostr
 
-from . import __version__
-from .settings import Config, Nostr
+from routstr_addon import __version__
+from routstr_addon.settings import Config, Nostr
 
 __all__ = [
     "LISTING_KIND",

@@ -6,9 +6,9 @@ from typing import Any
 
 from mitmproxy import http
 
-from ..errors import error_response, json_response
-from ..pricing import ModelPrice
-from . import Services
+from routstr_addon.errors import error_response, json_response
+from routstr_addon.metering.pricing import ModelPrice
+from routstr_addon.web import Services
 
 
 def describe(services: Services, model: ModelPrice) -> dict[str, Any]:

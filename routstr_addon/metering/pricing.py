@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from .settings import SettingError
+from routstr_addon.settings import SettingError
 
 __all__ = [
     "DEFAULT_SOURCES",

@@ -16,12 +16,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ApiError
-from .ledger import Ledger, ReserveError, Settlement, hash_key
-from .payments import XCashu
-from .pricing import ModelPrice, Pricing
-from .settings import Config
-from .usage import (
+from routstr_addon.errors import ApiError
+from routstr_addon.ledger import Ledger, ReserveError, Settlement, hash_key
+from routstr_addon.metering.pricing import ModelPrice, Pricing
+from routstr_addon.metering.usage import (
     SSETap,
     Usage,
     completion_text_length,
@@ -29,6 +27,8 @@ from .usage import (
     prompt_text_length,
     usage_from_json,
 )
+from routstr_addon.payments.cashu import XCashu
+from routstr_addon.settings import Config
 
 __all__ = ["METERED", "Meter", "Paid", "Quote", "bearer_token"]
 

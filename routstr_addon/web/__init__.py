@@ -14,12 +14,12 @@ from typing import Any
 
 from mitmproxy import http
 
-from ..ledger import Ledger
-from ..lightning import Invoices
-from ..payments import Payments
-from ..pricing import Pricing
-from ..settings import Config
-from ..wallet import Wallet
+from routstr_addon.ecash.wallet import Wallet
+from routstr_addon.ledger import Ledger
+from routstr_addon.metering.pricing import Pricing
+from routstr_addon.payments.cashu import Payments
+from routstr_addon.payments.lightning import Invoices
+from routstr_addon.settings import Config
 
 __all__ = ["PEER", "Handler", "Peer", "Services", "lookup"]
 
@@ -60,7 +60,7 @@ PEER: ContextVar[Peer | None] = ContextVar("routstr_peer", default=None)
 
 
 def _table() -> dict[str, dict[str, Handler]]:
-    from . import balance, info, models, providers
+    from routstr_addon.web import balance, info, models, providers
 
     table: dict[str, dict[str, Handler]] = {
         "/": {"GET": info.info},
@@ -91,16 +91,16 @@ def lookup(path: str) -> dict[str, Handler] | None:
         _ROUTES = _table()
     found = _ROUTES.get(path)
     if found is None and path.startswith("/admin"):  # the dashboard; nothing under it goes out
-        from . import admin
+        from routstr_addon.web import admin
 
         return admin.HANDLERS
     if found is None and path.startswith("/v1/models/"):
-        from . import models
+        from routstr_addon.web import models
 
         return {"GET": models.get_model}
     if found is None and path.endswith("/status") and (
             path.startswith(("/v1/balance/lightning/invoice/", "/v1/wallet/lightning/invoice/"))):
-        from . import balance
+        from routstr_addon.web import balance
 
         return {"GET": balance.lightning_status}
     return found

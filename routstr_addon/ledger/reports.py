@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .ledger import KeyState, Ledger
+from routstr_addon.ledger import KeyState, Ledger
 
 __all__ = [
     "KINDS",

@@ -13,10 +13,10 @@ import asyncio
 import logging
 from typing import Any
 
-from .ledger import Ledger, Settlement
-from .pricing import Pricing
-from .settings import Config
-from .usage import estimate_tokens
+from routstr_addon.ledger import Ledger, Settlement
+from routstr_addon.metering.pricing import Pricing
+from routstr_addon.metering.usage import estimate_tokens
+from routstr_addon.settings import Config
 
 __all__ = ["Sweeper"]
 
