@@ -120,30 +120,50 @@ def _flows(key: str, n: int, stream: bool) -> list[tuple[Any, Any]]:
     return out
 
 
+def _hooks(addon: Any, name: str) -> list[Callable[[Any], Any]]:
+    """The addon's hooks of one event, sub-addons included, in the order mitmproxy calls them."""
+    from mitmproxy.addonmanager import traverse
+
+    return [getattr(a, name) for a in traverse([addon]) if callable(getattr(a, name, None))]
+
+
+def _runtime(addon: Any) -> Any:
+    """What the addon runs with (its ledger and meter)."""
+    return addon.serving.runtime
+
+
 def _json_loop(addon: Any, pairs: list[tuple[Any, Any]]) -> float:
-    request, responseheaders, response = addon.request, addon.responseheaders, addon.response
+    requests, headers, responses = (_hooks(addon, n) for n in
+                                    ("request", "responseheaders", "response"))
     t0 = time.perf_counter()
     for flow, resp in pairs:
-        request(flow)
+        for hook in requests:
+            hook(flow)
         flow.response = resp
-        responseheaders(flow)
-        response(flow)
+        for hook in headers:
+            hook(flow)
+        for hook in responses:
+            hook(flow)
     return time.perf_counter() - t0
 
 
 def _stream_loop(addon: Any, pairs: list[tuple[Any, Any]], tails: list[Any]) -> float:
-    request, responseheaders, response = addon.request, addon.responseheaders, addon.response
+    requests, headers, responses = (_hooks(addon, n) for n in
+                                    ("request", "responseheaders", "response"))
     chunks = CHUNKS
     t0 = time.perf_counter()
     for flow, resp in pairs:
-        request(flow)
+        for hook in requests:
+            hook(flow)
         flow.response = resp
-        responseheaders(flow)
+        for hook in headers:
+            hook(flow)
         feed = resp.stream
         for chunk in chunks:
             feed(chunk)
         tails.append(feed(b""))
-        response(flow)
+        for hook in responses:
+            hook(flow)
     return time.perf_counter() - t0
 
 
@@ -169,7 +189,7 @@ def time_round(addon: Any, key: str, n: int, stream: bool,
     """µs per request of one round of N pre-built flows; raises if any was not billed."""
     pairs = _flows(key, n, stream)
     tails: list[Any] = []
-    addon.ledger.checkpoint()  # as the proxy's background task does, once a second
+    _runtime(addon).ledger.checkpoint()  # as the proxy's background task does, once a second
     gc.collect()
     gc.freeze()  # the pre-built flows are not what a live proxy's collector walks
     try:
@@ -214,7 +234,8 @@ def profile_summary(profiler: cProfile.Profile, n: int, top: int) -> dict[str, A
 
     def cum(name: str) -> float:
         return sum(v[3] for k, v in raw.items()
-                   if k[2] == name and k[0].endswith(os.path.join("routstr_addon", "ledger.py")))
+                   if k[2] == name
+                   and k[0].endswith(os.path.join("routstr_addon", "ledger", "core.py")))
 
     by_file: dict[str, float] = {}
     for k, v in raw.items():
@@ -259,20 +280,22 @@ def measure(paths: list[Path], requests: int, rounds: int, web: bool, profile: b
 
     addons = [_load(path).Routstr() for path in paths]
     for i, addon in enumerate(addons):
-        addon.name = f"routstr{i}"  # mitmproxy wants distinct names
+        addon.name = f"routstr{i}"  # mitmproxy wants distinct names, sub-addons' too
+        for sub in addon.addons:
+            sub.name = f"{type(sub).__name__.lower()}{i}"
 
     async def run() -> dict[str, Any]:
         with taddons.context(proxyserver.Proxyserver(), *addons) as tctx:
             keys = []
             for i, addon in enumerate(addons):
                 tctx.configure(addon)
-                if addon.ledger is None or addon.meter is None:
+                if not hasattr(addon.serving, "runtime"):
                     raise RuntimeError(f"{paths[i]}: the addon did not configure itself")
-                keys.append(addon.ledger.create_key(FUNDING_MSAT)[0])
+                keys.append(_runtime(addon).ledger.create_key(FUNDING_MSAT)[0])
                 if web:
                     from routstr_addon.proxy.webview import Scrubber
 
-                    addon._web = Scrubber(_View())
+                    addon.view.scrubber = Scrubber(_View())
             timed: list[dict[str, list[float]]] = [{"json": [], "stream": []} for _ in addons]
             sent = [0] * len(addons)
             # One unmeasured round each: imports, caches and the ledger's first pages.
@@ -300,9 +323,10 @@ def measure(paths: list[Path], requests: int, rounds: int, web: bool, profile: b
             for addon, key in zip(addons, keys, strict=True):
                 from routstr_addon.ledger import hash_key
 
-                state = addon.ledger.key(hash_key(key))
+                ledger = _runtime(addon).ledger
+                state = ledger.key(hash_key(key))
                 billed.append(state.total_requests if state is not None else None)
-                addon.ledger.close()
+                ledger.close()
         return {
             "requests": requests, "rounds": rounds, "web": web,
             "stream_chunks": len(CHUNKS), "completion_tokens": TOKENS,

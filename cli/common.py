@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from routstr_addon import settings
+from routstr_addon.amounts import sats as sats  # the one formatter, for every command
 from routstr_addon.ledger import Ledger
 
 console = Console()
@@ -49,7 +50,3 @@ def open_ledger(config: settings.Config | None = None) -> Iterator[Ledger]:
         yield ledger
     finally:
         ledger.close()
-
-
-def sats(msat: int) -> str:
-    return f"{msat / 1000:,.3f}"

@@ -11,7 +11,16 @@ from collections.abc import Mapping
 
 from mitmproxy import http
 
-__all__ = ["ApiError", "error_body", "error_response", "json_response"]
+__all__ = [
+    "ApiError",
+    "error_body",
+    "error_response",
+    "invalid_api_key",
+    "invalid_json",
+    "json_response",
+    "ledger_unavailable",
+    "no_ecash",
+]
 
 _JSON_HEADERS = ((b"content-type", b"application/json"),)
 
@@ -39,6 +48,34 @@ class ApiError(Exception):
     def response(self) -> http.Response:
         return error_response(self.status, self.message, self.type, self.code, self.param,
                               self.headers)
+
+
+# --- the errors answered from more than one place: one builder each -------------------------
+
+
+def invalid_api_key() -> ApiError:
+    """A key this proxy does not know (401: OpenAI clients raise AuthenticationError)."""
+    return ApiError(401, "Invalid API key.", code="invalid_api_key")
+
+
+def no_ecash() -> ApiError:
+    """Ecash offered (a token as the key, an X-Cashu header, a top-up) to a proxy without mints.
+
+    400, not 401: the request is well-formed and its credential may be good money; this proxy
+    only does not take that kind of payment, and the client should pay another way."""
+    return ApiError(400, "This proxy takes no ecash (no mints are configured); use an API key.",
+                    code="ecash_not_accepted")
+
+
+def invalid_json() -> ApiError:
+    return ApiError(400, "The request body is not valid JSON.", code="invalid_json")
+
+
+def ledger_unavailable() -> ApiError:
+    """The ledger's database cannot take a write now (full disk, database away)."""
+    return ApiError(503, "The ledger is unavailable right now (full disk or database away); "
+                    "nothing was charged. Try again shortly.", type="service_unavailable",
+                    code="ledger_unavailable", headers={"retry-after": "5"})
 
 
 def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> bytes:

@@ -10,6 +10,7 @@ wrong raises ``SettingError`` naming the setting, which stops start-up with one 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,12 +23,16 @@ from urllib.parse import urlsplit
 from dotenv import dotenv_values
 
 __all__ = [
+    "RATE_SOURCES",
     "SETTINGS",
     "Config",
+    "MnemonicError",
     "Setting",
     "SettingError",
     "environment",
     "load_config",
+    "normalize_mnemonic",
+    "parse_sources",
     "register",
 ]
 
@@ -224,12 +229,35 @@ def parse_upstream(raw: str) -> Upstream | None:
     return Upstream(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
 
 
+class MnemonicError(SettingError):
+    """A mnemonic that is not a valid BIP39 English phrase (a setting the proxy cannot run
+    with, so it stops start-up with one clear line like any other)."""
+
+
+@functools.cache
+def _bip39() -> Any:
+    from mnemonic import Mnemonic  # its word list is read once, when a mnemonic is first seen
+
+    return Mnemonic("english")
+
+
+def normalize_mnemonic(text: str) -> str:
+    """The phrase as BIP39 wants it: lower case, single spaces; MnemonicError if invalid."""
+    phrase = " ".join(text.lower().split())
+    try:
+        valid = bool(phrase) and _bip39().check(phrase)
+    except (ValueError, LookupError):
+        valid = False
+    if not valid:
+        raise MnemonicError("not a valid BIP39 mnemonic (12 or 24 English words with a "
+                            "correct checksum)")
+    return phrase
+
+
 def _mnemonic(raw: str) -> str:
     """A BIP39 mnemonic, normalized (lower case, single spaces), or "" when unset."""
     if not raw.strip():
         return ""
-    from routstr_addon.ecash.seed import MnemonicError, normalize_mnemonic
-
     try:
         return normalize_mnemonic(raw)
     except MnemonicError as e:
@@ -263,6 +291,29 @@ def parse_ln_address(raw: str) -> str:
     return address.lower()
 
 
+# Public BTC/USD tickers the live rate can come from, by name (metering.pricing reads each).
+RATE_SOURCES: Mapping[str, str] = {
+    "kraken": "https://api.kraken.com/0/public/Ticker?pair=XBTUSD",
+    "coinbase": "https://api.coinbase.com/v2/prices/BTC-USD/spot",
+    "binance": "https://api.binance.com/api/v3/ticker/price?symbol=BTCUSDT",
+}
+
+
+def parse_sources(raw: str) -> tuple[tuple[str, str], ...]:
+    """``kraken,coinbase`` or ``kraken=http://…``: known source names, optionally re-pointed."""
+    sources: list[tuple[str, str]] = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        name, _, url = item.partition("=")
+        name = name.strip().lower()
+        if name not in RATE_SOURCES:
+            raise SettingError(f"BTC_USD_SOURCES: unknown source {name!r} "
+                               f"(known: {', '.join(RATE_SOURCES)})")
+        sources.append((name, url.strip() or RATE_SOURCES[name]))
+    return tuple(sources)
+
+
 def parse_mints(raw: str) -> tuple[str, ...]:
     mints: list[str] = []
     for item in (part.strip() for part in raw.split(",")):
@@ -291,24 +342,23 @@ class Nostr:
     onion_hostname_file: Path | None = None  # read when onion_url is empty
     tor_proxy_url: str = "socks5h://127.0.0.1:9050"
     providers_refresh_interval: int = 300  # 0: no /v1/providers
+    # The onion URL once read from the hostname file (tor writes it once).
+    _onion: list[str] = field(default_factory=list, compare=False, repr=False)
 
     def onion(self) -> str:
         """``ONION_URL``, else the host tor wrote to ``ONION_HOSTNAME_FILE`` (once it has)."""
         path = self.onion_hostname_file
         if self.onion_url or path is None:
             return self.onion_url
-        if path not in _ONIONS:
+        if not self._onion:
             try:
                 host = path.read_text().strip().lower()
             except OSError:
                 return ""  # tor has not written it yet
             if not host.endswith(".onion") or " " in host:
                 return ""
-            _ONIONS[path] = f"http://{host}"
-        return _ONIONS[path]
-
-
-_ONIONS: dict[Path, str] = {}  # hidden service hostname files read, by path
+            self._onion.append(f"http://{host}")
+        return self._onion[0]
 
 
 def _public_url(name: str, raw: str) -> str:
@@ -387,10 +437,6 @@ class Config:
 
     @classmethod
     def from_options(cls, options: Any) -> Config:
-        from routstr_addon.metering.pricing import (
-            parse_sources,  # pricing owns the list of known rate sources
-        )
-
         data_dir = Path(options.data_dir).expanduser()
         database_url = options.database_url or f"sqlite:///{data_dir / 'routstr.sqlite'}"
         if not database_url.startswith(("sqlite:///", "postgresql://", "postgres://")):

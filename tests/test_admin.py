@@ -29,11 +29,12 @@ from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 from routstr_addon.dev.localmint import LocalMint
 from routstr_addon.ledger import Ledger, hash_key
 from routstr_addon.ledger import reports as dashboard
-from routstr_addon.web import PEER, Peer, Services, lookup
+from routstr_addon.web import AdminState, Peer, Services
 from routstr_addon.web import admin as admin_routes
 from routstr_addon.web.auth import LoginLimiter, Sessions, password_matches, password_tag
+from routstr_addon.web.routes import lookup
 
-from .conftest import ADDON, ROOT, Proxy, books_balance, raw, start_proxy
+from .conftest import ROOT, Proxy, books_balance, raw, start_proxy
 from .ecash_user import UserWallet
 from .upstream import TestUpstream
 
@@ -539,9 +540,6 @@ def test_login_attempts_are_rate_limited(upstream: TestUpstream, tmp_path: Path)
         p.stop()
 
 
-@pytest.mark.skipif("routes.PEER.set(" not in ADDON.read_text(),
-                    reason="addon.py does not tell handlers the client connection (routes.PEER) "
-                           "yet: every client shares one login limit")
 def test_the_login_limit_is_per_client_address(upstream: TestUpstream, tmp_path: Path) -> None:
     p = start_proxy(tmp_path / "per-address", upstream.url,
                     {"UPSTREAM_BASE_URL": f"{upstream.url}/v1", "ADMIN_PASSWORD": PASSWORD})
@@ -611,45 +609,43 @@ def test_login_limiter_counts_failures_per_address_in_a_sliding_window() -> None
 
 def _services(password: str = PASSWORD) -> Services:
     config = SimpleNamespace(admin_password=password, name="Test")
-    return cast(Services, SimpleNamespace(config=config, ledger=None, wallet=None))
+    admin = AdminState(Sessions(), LoginLimiter(attempts=2, window=60))
+    return cast(Services, SimpleNamespace(config=config, ledger=None, wallet=None, admin=admin))
 
 
-def _post(path: str, body: bytes, headers: dict[str, str] | None = None) -> http.Response:
+def _post(services: Services, peer: Peer, path: str, body: bytes,
+          headers: dict[str, str] | None = None) -> http.Response:
     handlers = lookup(path)
     assert handlers is not None
     fields: dict[str | bytes, str | bytes] = {
         "content-type": "application/x-www-form-urlencoded"}
     fields.update(headers or {})
     request = http.Request.make("POST", f"http://proxy{path}", body, fields)
-    answer: Any = handlers["POST"](_services(), request)
+    answer: Any = handlers["POST"](services, request, peer)
     assert isinstance(answer, http.Response)
     return answer
 
 
-def test_the_limit_and_the_secure_flag_follow_the_client_connection(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the addon telling handlers the client's connection (``routes.PEER``): limits are
-    per address, and the cookie is Secure when the browser came over TLS."""
-    monkeypatch.setattr(admin_routes, "LIMITER", LoginLimiter(attempts=2, window=60))
-    monkeypatch.setattr(admin_routes, "SESSIONS", Sessions())
-    token = PEER.set(Peer("10.1.1.1", tls=False))
-    try:
-        for _ in range(2):
-            assert _post("/admin/login", b"password=nope").status_code == 401
-        assert _post("/admin/login", b"password=nope").status_code == 429
-        PEER.set(Peer("10.2.2.2", tls=True))
-        ok = _post("/admin/login", f"password={PASSWORD}".replace(" ", "+").encode())
-        assert ok.status_code == 303
-        cookie = ok.headers["set-cookie"]
-        assert "; Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
-        PEER.set(Peer("10.3.3.3", tls=False))
-        behind = _post("/admin/login", f"password={PASSWORD}".replace(" ", "+").encode(),
-                       {"x-forwarded-proto": "https"})
-        assert "; Secure" in behind.headers["set-cookie"]
-        plain = _post("/admin/login", f"password={PASSWORD}".replace(" ", "+").encode())
-        assert "Secure" not in plain.headers["set-cookie"]
-    finally:
-        PEER.reset(token)
+def test_the_limit_and_the_secure_flag_follow_the_client_connection() -> None:
+    """Handlers are told the client's connection: limits are per address, and the cookie is
+    Secure when the browser came over TLS. Each runtime keeps its own sessions and limits."""
+    services = _services()
+    right = f"password={PASSWORD}".replace(" ", "+").encode()
+    first = Peer("10.1.1.1", tls=False)
+    for _ in range(2):
+        assert _post(services, first, "/admin/login", b"password=nope").status_code == 401
+    assert _post(services, first, "/admin/login", b"password=nope").status_code == 429
+    assert _post(_services(), first, "/admin/login", right).status_code == 303  # another runtime
+    ok = _post(services, Peer("10.2.2.2", tls=True), "/admin/login", right)
+    assert ok.status_code == 303
+    cookie = ok.headers["set-cookie"]
+    assert "; Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert len(services.admin.sessions) == 1
+    plain_peer = Peer("10.3.3.3", tls=False)
+    behind = _post(services, plain_peer, "/admin/login", right, {"x-forwarded-proto": "https"})
+    assert "; Secure" in behind.headers["set-cookie"]
+    plain = _post(services, plain_peer, "/admin/login", right)
+    assert "Secure" not in plain.headers["set-cookie"]
 
 
 def test_every_admin_path_is_answered_locally() -> None:

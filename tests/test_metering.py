@@ -17,6 +17,7 @@ from routstr_addon.errors import ApiError
 from routstr_addon.ledger import Ledger, hash_key
 from routstr_addon.metering.meter import Meter, Paid, bearer_token
 from routstr_addon.metering.pricing import Pricing, load_models
+from routstr_addon.metering.stream import MeteredStream
 from routstr_addon.metering.usage import SSETap, Usage
 from routstr_addon.settings import load_config
 
@@ -304,34 +305,35 @@ def test_estimate_is_never_zero(meter, ledger):
 def test_settle_stream_charges_reported_usage_and_drops_the_injected_chunk(meter, ledger):
     auth, _ = funded(ledger, 10_000)
     paid = meter.admit("req-1", auth, "/chat/completions", chat_body(stream=True))
-    assert meter.upstream_body(paid) is not None
-    tap = meter.open_stream(paid)
+    assert paid.upstream_body is not None and paid.drop_usage
+    stream = MeteredStream(meter, paid)
     content = (b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,'
                b'"delta":{"content":"Bonjour"},"finish_reason":null}],"usage":null}\n\n')
     usage = (b'data: {"id":"c","object":"chat.completion.chunk","choices":[],"usage":'
              b'{"prompt_tokens":13,"completion_tokens":2,"total_tokens":15}}\n\n')
-    out = tap.feed(content + usage[:30]) + tap.feed(usage[30:] + b"data: [DONE]\n\n")
-    out += tap.flush()
+    out = stream.feed(content + usage[:30]) + stream.feed(usage[30:] + b"data: [DONE]\n\n")
     assert out == content + b"data: [DONE]\n\n"
-    done = meter.settle_stream(paid)
+    tail = stream.finish()  # settled as it ends, the cost in a comment clients ignore
+    done = paid.closed
     assert done is not None
     assert done.charged_msat == msat(13 * MINI_PROMPT + 2 * MINI_COMPLETION)
+    assert tail == (b": x-routstr-cost-msats %d x-routstr-balance-msats %d\n\n"
+                    % (done.charged_msat, done.available_msat))
     audit(ledger)
 
 
 def test_stream_cut_short_is_charged_an_estimate_and_unsent_one_released(meter, ledger):
     auth, _ = funded(ledger, 10_000)
     paid = meter.admit("req-1", auth, "/chat/completions", chat_body(stream=True))
-    meter.upstream_body(paid)
-    tap = meter.open_stream(paid)
-    tap.feed(b'data: {"choices":[{"index":0,"delta":{"content":"' + b"y" * 80 + b'"}}]}\n\n')
+    stream = MeteredStream(meter, paid)
+    stream.feed(b'data: {"choices":[{"index":0,"delta":{"content":"' + b"y" * 80 + b'"}}]}\n\n')
     done = meter.abort(paid, "connection reset")
     assert done is not None
     assert done.charged_msat == msat(5 * MINI_PROMPT + 20 * MINI_COMPLETION)
     assert 0 < done.charged_msat < paid.reserved_msat
 
     paid = meter.admit("req-2", auth, "/chat/completions", chat_body(stream=True))
-    meter.open_stream(paid)
+    MeteredStream(meter, paid)
     done = meter.abort(paid, "connection refused")
     assert done is not None and done.charged_msat == 0
     audit(ledger)
@@ -463,7 +465,7 @@ def test_expired_or_disabled_key_is_403(meter, ledger, field, code):
     audit(ledger)
 
 
-# --- upstream_body --------------------------------------------------------------------------
+# --- what the upstream gets ----------------------------------------------------------------
 
 
 def admitted(meter: Meter, ledger: Ledger, path: str = "/chat/completions",
@@ -476,20 +478,21 @@ USAGE_CHUNK = (b'data: {"id":"c","object":"chat.completion.chunk","choices":[],'
                b'"usage":{"prompt_tokens":13,"completion_tokens":2,"total_tokens":15}}\n\n')
 
 
-def tap_output(tap: SSETap) -> bytes:
+def tap_output(paid: Paid) -> bytes:
+    tap = SSETap(drop_usage_chunk=paid.drop_usage)
     return tap.feed(USAGE_CHUNK + b"data: [DONE]\n\n") + tap.flush()
 
 
 @pytest.mark.parametrize("path", ["/chat/completions", "/completions"])
 def test_upstream_body_injects_include_usage(meter, ledger, path):
     paid = admitted(meter, ledger, path, stream=True, temperature=0.5)
-    new = meter.upstream_body(paid)
+    new = paid.upstream_body
     assert new is not None
     assert json.loads(new) == {**json.loads(chat_body(stream=True, temperature=0.5)),
                                "stream_options": {"include_usage": True}}
-    assert not paid.wants_usage
+    assert paid.drop_usage
     # the injected usage chunk is then kept from the client
-    assert tap_output(meter.open_stream(paid)) == b"data: [DONE]\n\n"
+    assert tap_output(paid) == b"data: [DONE]\n\n"
     meter.release(paid, "test")
     audit(ledger)
 
@@ -497,35 +500,35 @@ def test_upstream_body_injects_include_usage(meter, ledger, path):
 def test_upstream_body_keeps_the_clients_other_stream_options(meter, ledger):
     paid = admitted(meter, ledger, stream=True,
                     stream_options={"include_obfuscation": False, "x_custom": [1, 2]})
-    new = meter.upstream_body(paid)
+    new = paid.upstream_body
     assert new is not None
     sent = json.loads(new)
     assert sent["stream_options"] == {"include_obfuscation": False, "x_custom": [1, 2],
                                       "include_usage": True}
     assert {k: v for k, v in sent.items() if k != "stream_options"} == {
         k: v for k, v in json.loads(chat_body(stream=True)).items()}
-    assert not paid.wants_usage
+    assert paid.drop_usage
     meter.release(paid, "test")
     audit(ledger)
 
 
 def test_upstream_body_overrides_include_usage_false(meter, ledger):
     paid = admitted(meter, ledger, stream=True, stream_options={"include_usage": False})
-    new = meter.upstream_body(paid)
+    new = paid.upstream_body
     assert new is not None
     assert json.loads(new)["stream_options"] == {"include_usage": True}
-    assert not paid.wants_usage
-    assert tap_output(meter.open_stream(paid)) == b"data: [DONE]\n\n"
+    assert paid.drop_usage
+    assert tap_output(paid) == b"data: [DONE]\n\n"
     meter.release(paid, "test")
     audit(ledger)
 
 
 def test_upstream_body_unchanged_when_the_client_asked_for_usage(meter, ledger):
     paid = admitted(meter, ledger, stream=True, stream_options={"include_usage": True})
-    assert meter.upstream_body(paid) is None
-    assert paid.wants_usage
+    assert paid.upstream_body is None
+    assert not paid.drop_usage
     # and the client gets the usage chunk it asked for
-    assert tap_output(meter.open_stream(paid)) == USAGE_CHUNK + b"data: [DONE]\n\n"
+    assert tap_output(paid) == USAGE_CHUNK + b"data: [DONE]\n\n"
     meter.release(paid, "test")
     audit(ledger)
 
@@ -541,7 +544,7 @@ def test_upstream_body_unchanged_when_the_client_asked_for_usage(meter, ledger):
 ])
 def test_upstream_body_leaves_other_bodies_alone(meter, ledger, path, body):
     paid = admitted(meter, ledger, path, **body)
-    assert meter.upstream_body(paid) is None
-    assert not paid.wants_usage
+    assert paid.upstream_body is None
+    assert not paid.drop_usage
     meter.release(paid, "test")
     audit(ledger)

@@ -20,15 +20,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from routstr_addon.metering.pricing import (
-    DEFAULT_SOURCES,
     ModelPrice,
     Pricing,
     RateKeeper,
     fetch_rate,
     load_models,
-    parse_sources,
 )
-from routstr_addon.settings import SettingError
+from routstr_addon.settings import RATE_SOURCES as DEFAULT_SOURCES
+from routstr_addon.settings import SettingError, parse_sources
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from routstr_addon.metering.pricing import DEFAULT_SOURCES
+from routstr_addon.settings import RATE_SOURCES as DEFAULT_SOURCES
 from routstr_addon.settings import (
     SETTINGS,
     SettingError,

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from routstr_addon.ledger import Ledger, hash_key
+from routstr_addon.metering.meter import Meter
 from routstr_addon.metering.pricing import Pricing, load_models
 from routstr_addon.metering.sweeper import Sweeper
 from routstr_addon.settings import load_config
@@ -130,7 +131,7 @@ def test_sweeper_leaves_live_processes_alone_and_closes_dead_ones(tmp_path: Path
         ledger.reserve(state.key_hash, 10_000, "dead-silent", MODEL)
         ledger.instance_id = None
 
-        closed = {s.request_id: s for s in Sweeper(ledger, pricing, config).sweep()}
+        closed = {s.request_id: s for s in Sweeper(Meter(config, ledger, pricing)).sweep()}
         assert set(closed) == {"dead-request", "dead-silent"}
         assert closed["dead-request"].charged_msat == expected_msat(MODEL, 3, 10)
         assert closed["dead-silent"].charged_msat == 0

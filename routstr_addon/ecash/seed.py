@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from mnemonic import Mnemonic
 
-from routstr_addon.settings import SettingError
+from routstr_addon.settings import MnemonicError, normalize_mnemonic
 
 if TYPE_CHECKING:
     from routstr_addon.ledger import Ledger
@@ -45,34 +45,6 @@ MNEMONIC_FILE = "wallet-mnemonic.txt"
 _KDF_PREFIX = b"Cashu_KDF_HMAC_SHA256"
 _HARDENED = 0x80000000
 _BIP32_PURPOSE = "m/129372'/0'"  # NUT-13
-
-
-class MnemonicError(SettingError):
-    """A mnemonic that is not a valid BIP39 English phrase (a setting the proxy cannot run
-    with, so it stops start-up with one clear line like any other)."""
-
-
-_wordlist: Mnemonic | None = None
-
-
-def _bip39() -> Mnemonic:
-    global _wordlist
-    if _wordlist is None:
-        _wordlist = Mnemonic("english")
-    return _wordlist
-
-
-def normalize_mnemonic(text: str) -> str:
-    """The phrase as BIP39 wants it: lower case, single spaces; MnemonicError if invalid."""
-    phrase = " ".join(text.lower().split())
-    try:
-        valid = bool(phrase) and _bip39().check(phrase)
-    except (ValueError, LookupError):
-        valid = False
-    if not valid:
-        raise MnemonicError("not a valid BIP39 mnemonic (12 or 24 English words with a "
-                            "correct checksum)")
-    return phrase
 
 
 def seed_from_mnemonic(mnemonic: str) -> bytes:
@@ -129,7 +101,7 @@ def load_or_create_mnemonic(config: Config) -> str:
     if path.exists():
         return _read_mnemonic_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    mnemonic = _bip39().generate(128)
+    mnemonic = Mnemonic("english").generate(128)
     # Written whole to a temporary file, then linked into place: two processes starting at
     # once agree on one mnemonic (the second link fails and that process reads the first's).
     tmp = path.with_name(f".{MNEMONIC_FILE}.{os.getpid()}.{secrets.token_hex(4)}.tmp")

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from routstr_addon.errors import ApiError
+from routstr_addon.amounts import sats
+from routstr_addon.errors import ApiError, invalid_api_key, invalid_json
 from routstr_addon.ledger import Ledger, ReserveError, Settlement, hash_key
 from routstr_addon.metering.pricing import ModelPrice, Pricing
 from routstr_addon.metering.usage import (
@@ -27,10 +29,9 @@ from routstr_addon.metering.usage import (
     prompt_text_length,
     usage_from_json,
 )
-from routstr_addon.payments.cashu import XCashu
 from routstr_addon.settings import Config
 
-__all__ = ["METERED", "Meter", "Paid", "Quote", "bearer_token"]
+__all__ = ["METERED", "Meter", "Paid", "Payer", "Quote", "bearer_token"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +64,20 @@ def bearer_token(authorization: str | None) -> str:
     return token
 
 
-def _sats(msat: int) -> str:
-    return f"{msat / 1000:,.3f}".rstrip("0").rstrip(".")
+class Payer(Protocol):
+    """What pays a request instead of a key's balance (an X-Cashu token, redeemed into a key of
+    its own): once the request's reservation is closed, what is left goes back as change.
+
+    Implemented by ``payments``; the meter only calls it, so metering needs no Cashu."""
+
+    @property
+    def key_hash(self) -> str:
+        """The key the payment was credited to, which the request is reserved on."""
+        ...
+
+    def change(self) -> str | None:
+        """The change, as a token for the client (None: nothing to give back)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,15 +93,15 @@ class Quote:
     def model_name(self) -> str | None:
         return self.model.id if self.model else _model_name(self.body)
 
-    def paid(self, request_id: str, key_hash: str, available_msat: int) -> Paid:
-        return Paid(request_id, key_hash, self.amount_msat, available_msat, self.endpoint,
-                    self.model, self.body,
-                    stream=bool(self.body and self.body.get("stream") is True))
 
-
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Paid:
-    """A forwarded request's money state, from its reservation to its settlement."""
+    """A forwarded request's money state, from its reservation to its settlement.
+
+    The one object a flow carries (``flow.metadata``) for its whole life. A copy of the flow
+    (mitmproxy copies metadata to save, export or duplicate a flow) gets ``facts()`` instead:
+    plain values, never the live state with its timer and payer.
+    """
 
     request_id: str
     key_hash: str
@@ -97,12 +110,14 @@ class Paid:
     endpoint: str | None  # chat | completions | embeddings | responses; None: fixed price
     model: ModelPrice | None
     body: dict[str, Any] | None
-    stream: bool = False
-    wants_usage: bool = False  # the client itself asked for the usage chunk
-    tap: SSETap | None = None
+    upstream_body: bytes | None = None  # what the upstream gets instead of the client's body
+    drop_usage: bool = False  # a stream's usage chunk was asked for by us, not the client
+    payer: Payer | None = None  # paid by an X-Cashu token rather than a key
+    tap: SSETap | None = None  # a streamed answer: what it delivered
     closed: Settlement | None = None
     usage: Usage | None = None
-    xcashu: XCashu | None = None  # paid by an X-Cashu token rather than a key
+    change: str | None = None  # the payer's change, once closed
+    retrying: bool = False  # the ledger could not take its settlement: retried in the background
     prompt_estimate: int | None = None
     timer: Any = None  # asyncio.TimerHandle of the upstream timeout
 
@@ -110,12 +125,31 @@ class Paid:
     def settled(self) -> bool:
         return self.closed is not None
 
+    def facts(self) -> dict[str, Any]:
+        """Who paid what, as plain values: for mitmweb and saved flows."""
+        closed = self.closed
+        return {"key_id": self.key_hash[:16], "model": self.model.id if self.model else None,
+                "reserved_msat": self.reserved_msat,
+                "charged_msat": closed.charged_msat if closed is not None else None,
+                "paid_by": "key" if self.payer is None else "x-cashu"}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
+        return self.facts()
+
+
+Settle = Callable[..., Settlement | None]
+
 
 class Meter:
+    """Admits requests (price, reserve) and closes their reservations (charge or release)."""
+
     def __init__(self, config: Config, ledger: Ledger, pricing: Pricing) -> None:
         self.config = config
         self.ledger = ledger
         self.pricing = pricing
+        # How often a flowing stream records its progress: well inside the sweeper's timeout.
+        self.touch_every = min(15.0, config.reservation_timeout / 3)
+        self._unsettled: list[tuple[Paid, Settle, tuple[Any, ...]]] = []
 
     # -- before forwarding -----------------------------------------------------------------
 
@@ -143,23 +177,30 @@ class Meter:
         except ApiError:
             self._known_key(key_hash)  # a bad key is answered 401 first, whatever the body
             raise
+        return self.reserve(q, request_id, key_hash)
+
+    def reserve(self, q: Quote, request_id: str, key_hash: str,
+                payer: Payer | None = None) -> Paid:
+        """Hold a quote's amount on a key (every reservation is made here): the request's
+        money state, with what its upstream request needs. Raises ApiError if refused."""
         try:
             held = self.ledger.reserve(key_hash, q.amount_msat, request_id, q.model_name)
         except ReserveError as e:
             raise _reserve_error(e) from None
-        return q.paid(request_id, key_hash, held.available_msat)
+        upstream_body, drop_usage = _for_upstream(q.endpoint, q.body)
+        return Paid(request_id, key_hash, q.amount_msat, held.available_msat, q.endpoint,
+                    q.model, q.body, upstream_body, drop_usage, payer)
 
     def _known_key(self, key_hash: str) -> None:
         if self.ledger.key(key_hash) is None:
-            raise ApiError(401, "Invalid API key.", code="invalid_api_key")
+            raise invalid_api_key()
 
     @staticmethod
     def _parse(body: bytes) -> dict[str, Any]:
         try:
             parsed = json.loads(body)
         except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "The request body is not valid JSON.",
-                           code="invalid_json") from None
+            raise invalid_json() from None
         if not isinstance(parsed, dict):
             raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
         return parsed
@@ -199,30 +240,25 @@ class Meter:
             max_tokens = 0  # embeddings generate no tokens
         return self.pricing.max_cost(model, max_tokens, prompt_bound)
 
-    def upstream_body(self, paid: Paid) -> bytes | None:
-        """The body to send upstream, if it must differ from the client's (None: unchanged).
+    # -- the cost rule ---------------------------------------------------------------------
 
-        A streamed chat or completion request is made to report usage in its last chunk;
-        the client's own stream options are kept.
-        """
-        body = paid.body
-        if not paid.stream or body is None or paid.endpoint not in ("chat", "completions"):
-            return None
-        options = body.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage") is True:
-            paid.wants_usage = True
-            return None
-        new_options = dict(options) if isinstance(options, dict) else {}
-        new_options["include_usage"] = True
-        return json.dumps({**body, "stream_options": new_options}).encode()
-
-    # -- after forwarding ------------------------------------------------------------------
-
-    def cost(self, paid: Paid, usage: Usage) -> int:
-        if paid.model is None:
+    def cost(self, model: ModelPrice | None, usage: Usage) -> int:
+        """What usage costs: the model's token prices, or COST_PER_REQUEST when no model prices
+        the request (fixed pricing, or an endpoint without token usage)."""
+        if model is None:
             return self.config.cost_per_request_msat
-        return self.pricing.cost(paid.model, usage.prompt_tokens, usage.completion_tokens,
+        return self.pricing.cost(model, usage.prompt_tokens, usage.completion_tokens,
                                  usage.cached_tokens)
+
+    def cost_by_name(self, model_name: str | None, usage: Usage, ceiling: int) -> int:
+        """The same rule for a request known only by what the ledger kept of it (its model's
+        name): ``ceiling``, what the client agreed to at most, when no price is known now."""
+        if not self.config.model_based_pricing or not model_name:
+            return self.cost(None, usage)
+        model = self.pricing.resolve(model_name)
+        if model is None or self.pricing.rate is None:
+            return ceiling
+        return self.cost(model, usage)
 
     def estimate(self, paid: Paid, completion_chars: int) -> Usage:
         """Usage for an answer that reported none: from the prompt sent and the text delivered."""
@@ -230,12 +266,14 @@ class Meter:
         return Usage(max(1, estimate_tokens(prompt_chars)), estimate_tokens(completion_chars),
                      estimated=True)
 
+    # -- after forwarding: what to charge --------------------------------------------------
+
     def settle(self, paid: Paid, usage: Usage, note: str | None = None) -> Settlement | None:
         """Charge a request's usage, once; None if it was already settled or released."""
         if paid.closed is not None:
             return None
         paid.usage = usage
-        cost = self.cost(paid, usage)
+        cost = self.cost(paid.model, usage)
         if usage.estimated:
             note = note or "usage estimated"
         model = paid.model.id if paid.model else None
@@ -281,11 +319,6 @@ class Meter:
                            paid.request_id)
         return self.settle(paid, usage)
 
-    def open_stream(self, paid: Paid) -> SSETap:
-        paid.tap = SSETap(drop_usage_chunk=paid.stream and not paid.wants_usage
-                          and paid.endpoint in ("chat", "completions"))
-        return paid.tap
-
     def settle_stream(self, paid: Paid) -> Settlement | None:
         """Settle a stream that ended: its reported usage, or an estimate from what it carried."""
         tap = paid.tap
@@ -306,6 +339,85 @@ class Meter:
             return self.settle_stream(paid)
         return self.release(paid, reason[:200])
 
+    # -- after forwarding: the one way a reservation ends ----------------------------------
+
+    def finish(self, paid: Paid, status: int, body: bytes) -> Settlement | None:
+        """The answer is complete: settle it (a stream from what it carried, else its body)."""
+        if paid.tap is not None:
+            return self.conclude(paid, self.settle_stream)
+        return self.conclude(paid, self.settle_body, status, body)
+
+    def fail(self, paid: Paid, reason: str) -> Settlement | None:
+        """The flow failed (upstream gone, client gone, our own error): charge what was
+        delivered, release the rest."""
+        return self.conclude(paid, self.abort, reason)
+
+    def conclude(self, paid: Paid, settle: Settle, *args: Any) -> Settlement | None:
+        """Close a reservation with ``settle(paid, *args)``, then give a payer its change.
+
+        If the ledger cannot take it now (disk full, database away), the same call is kept and
+        tried again by ``retry_unsettled`` until it can, so the charge is exact once the ledger
+        is back; meanwhile nothing else settles this request."""
+        if paid.retrying:
+            return None
+        try:
+            done = settle(paid, *args)
+        except Exception:
+            logger.exception("request %s: settlement failed; retrying", paid.request_id)
+            paid.retrying = True
+            self._unsettled.append((paid, settle, args))
+            return None
+        self._pay_back(paid)
+        return done
+
+    def retry_unsettled(self) -> None:
+        """Try the settlements the ledger could not take again (a background task's step)."""
+        waiting, self._unsettled = self._unsettled, []
+        for paid, settle, args in waiting:
+            try:
+                settle(paid, *args)
+            except Exception as e:
+                logger.warning("request %s: settlement still failing: %s", paid.request_id, e)
+                self._unsettled.append((paid, settle, args))
+                continue
+            logger.info("request %s: settled after a retry", paid.request_id)
+            paid.retrying = False
+            self._pay_back(paid)
+
+    def take_unsettled(self, other: Meter) -> None:
+        """Take over the settlements another meter still waits to retry (it is replaced)."""
+        self._unsettled += other._unsettled
+        other._unsettled = []
+
+    def _pay_back(self, paid: Paid) -> None:
+        """A closed x-cashu request: its change, cut now (kept for ``POST /v1/balance/refund``
+        with the same X-Cashu header if the client cannot read it)."""
+        payer = paid.payer
+        if payer is None or paid.closed is None or paid.change is not None:
+            return
+        try:
+            paid.change = payer.change()
+        except Exception:
+            logger.exception("request %s: cutting the change failed; the value stays on its "
+                             "payment key", paid.request_id)
+
+
+def _for_upstream(endpoint: str | None, body: dict[str, Any] | None) -> tuple[bytes | None, bool]:
+    """What a request's upstream body must be, if not the client's (None: unchanged), and
+    whether its stream's usage chunk is ours to drop.
+
+    A streamed chat or completion request is made to report usage in its last chunk; the
+    client's own stream options are kept, and if it asked for usage itself it gets it.
+    """
+    if body is None or endpoint not in ("chat", "completions") or body.get("stream") is not True:
+        return None, False
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return None, False
+    new_options = dict(options) if isinstance(options, dict) else {}
+    new_options["include_usage"] = True
+    return json.dumps({**body, "stream_options": new_options}).encode(), True
+
 
 def _model_name(body: dict[str, Any] | None) -> str | None:
     name = body.get("model") if body else None
@@ -314,7 +426,7 @@ def _model_name(body: dict[str, Any] | None) -> str | None:
 
 def _reserve_error(e: ReserveError) -> ApiError:
     if e.reason == "unknown_key":
-        return ApiError(401, "Invalid API key.", code="invalid_api_key")
+        return invalid_api_key()
     if e.reason == "expired":
         return ApiError(403, "This API key has expired.", type="permission_error",
                         code="key_expired")
@@ -323,7 +435,7 @@ def _reserve_error(e: ReserveError) -> ApiError:
                         code="key_disabled")
     return ApiError(
         402,
-        f"Insufficient balance: this request needs up to {_sats(e.required_msat)} sats "
-        f"and the key has {_sats(e.available_msat)} sats available.",
+        f"Insufficient balance: this request needs up to {sats(e.required_msat)} sats "
+        f"and the key has {sats(e.available_msat)} sats available.",
         type="insufficient_quota", code="insufficient_balance",
     )

@@ -23,29 +23,18 @@ from typing import Any
 
 import httpx
 
-from routstr_addon.settings import SettingError
-
 __all__ = [
-    "DEFAULT_SOURCES",
     "ModelPrice",
     "Pricing",
     "RateKeeper",
     "load_models",
-    "parse_sources",
 ]
 
 logger = logging.getLogger(__name__)
 
 MSAT_PER_BTC = 10**11
 
-# Public BTC/USD tickers and how to read each one's answer.
-DEFAULT_SOURCES: dict[str, str] = {
-    "kraken": "https://api.kraken.com/0/public/Ticker?pair=XBTUSD",
-    "coinbase": "https://api.coinbase.com/v2/prices/BTC-USD/spot",
-    "binance": "https://api.binance.com/api/v3/ticker/price?symbol=BTCUSDT",
-}
-
-
+# How to read each rate source's answer (settings.RATE_SOURCES names them and their URLs).
 def _read_kraken(data: Any) -> str:
     return str(next(iter(data["result"].values()))["c"][0])
 
@@ -59,21 +48,6 @@ def _read_binance(data: Any) -> str:
 
 
 _READERS = {"kraken": _read_kraken, "coinbase": _read_coinbase, "binance": _read_binance}
-
-
-def parse_sources(raw: str) -> tuple[tuple[str, str], ...]:
-    """``kraken,coinbase`` or ``kraken=http://…``: known source names, optionally re-pointed."""
-    sources: list[tuple[str, str]] = []
-    for item in (part.strip() for part in raw.split(",")):
-        if not item:
-            continue
-        name, _, url = item.partition("=")
-        name = name.strip().lower()
-        if name not in _READERS:
-            raise SettingError(f"BTC_USD_SOURCES: unknown source {name!r} "
-                               f"(known: {', '.join(_READERS)})")
-        sources.append((name, url.strip() or DEFAULT_SOURCES[name]))
-    return tuple(sources)
 
 
 # --- models ---------------------------------------------------------------------------------

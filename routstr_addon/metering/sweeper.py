@@ -13,10 +13,9 @@ import asyncio
 import logging
 from typing import Any
 
-from routstr_addon.ledger import Ledger, Settlement
-from routstr_addon.metering.pricing import Pricing
-from routstr_addon.metering.usage import estimate_tokens
-from routstr_addon.settings import Config
+from routstr_addon.ledger import Settlement
+from routstr_addon.metering.meter import Meter
+from routstr_addon.metering.usage import Usage, estimate_tokens
 
 __all__ = ["Sweeper"]
 
@@ -24,11 +23,10 @@ logger = logging.getLogger(__name__)
 
 
 class Sweeper:
-    def __init__(self, ledger: Ledger, pricing: Pricing, config: Config) -> None:
-        self.ledger = ledger
-        self.pricing = pricing
-        self.config = config
-        self.timeout = float(config.reservation_timeout)
+    def __init__(self, meter: Meter) -> None:
+        self.meter = meter
+        self.ledger = meter.ledger
+        self.timeout = float(meter.config.reservation_timeout)
         self.heartbeat_every = max(0.5, min(5.0, self.timeout / 4))
         self.stale_after = 6 * self.heartbeat_every
 
@@ -54,21 +52,15 @@ class Sweeper:
                 logger.warning("released orphaned reservation %s (%d msat)", request_id,
                                done.reserved_msat)
             return done
-        completion = estimate_tokens(delivered)
-        prompt = max(1, int(held["prompt_tokens"] or 0))
-        model = self.pricing.resolve(held["model"] or "") if held["model"] else None
-        if self.config.model_based_pricing and model is not None and self.pricing.rate:
-            cost = self.pricing.cost(model, prompt, completion)
-        elif not self.config.model_based_pricing:
-            cost = self.config.cost_per_request_msat
-        else:
-            cost = held["amount_msat"]  # no price known now: what the client agreed to at most
-        done = self.ledger.settle(request_id, cost, prompt_tokens=prompt,
-                                  completion_tokens=completion,
+        usage = Usage(max(1, int(held["prompt_tokens"] or 0)), estimate_tokens(delivered),
+                      estimated=True)
+        cost = self.meter.cost_by_name(held["model"], usage, ceiling=held["amount_msat"])
+        done = self.ledger.settle(request_id, cost, prompt_tokens=usage.prompt_tokens,
+                                  completion_tokens=usage.completion_tokens,
                                   note="swept: estimated from what was delivered")
         if done is not None:
             logger.warning("settled orphaned reservation %s: %d msat for ~%d tokens delivered",
-                           request_id, done.charged_msat, completion)
+                           request_id, done.charged_msat, usage.completion_tokens)
         return done
 
     async def run(self) -> None:

@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from routstr_addon.amounts import sats
 from routstr_addon.ecash.mint import SPENT_CODE, MintError, MintUnreachable
 from routstr_addon.ecash.tokens import (
     UNIT_MSAT,
@@ -27,11 +28,11 @@ from routstr_addon.ecash.tokens import (
     token_hash,
 )
 from routstr_addon.ecash.wallet import Redeemed, Wallet, WalletError
-from routstr_addon.errors import ApiError
+from routstr_addon.errors import ApiError, invalid_api_key
 from routstr_addon.ledger import KEY_PREFIX, KeyState, Ledger, hash_key
 from routstr_addon.payments.lightning import Invoices
 
-__all__ = ["Payments", "XCashu", "derived_key", "token_error"]
+__all__ = ["Payments", "XCashu", "XCashuPayer", "derived_key", "token_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,23 @@ class XCashu:
     change: str | None = None
     change_msat: int = 0
     closed: bool = False
+
+
+@dataclass(slots=True)
+class XCashuPayer:
+    """An x-cashu request's payer, as the meter sees it (``metering.meter.Payer``): the key
+    its token was redeemed into, and the change once the request is settled."""
+
+    payments: Payments
+    payment: XCashu
+    request_id: str
+
+    @property
+    def key_hash(self) -> str:
+        return self.payment.key_hash
+
+    def change(self) -> str | None:
+        return self.payments.close_xcashu(self.payment, self.request_id).change
 
 
 class Payments:
@@ -194,7 +212,7 @@ class Payments:
     async def topup(self, key_hash: str, text: str) -> int:
         """``POST /v1/balance/topup``: credit a token to an existing key; the msat credited."""
         if self.ledger.key(key_hash) is None:
-            raise ApiError(401, "Invalid API key.", code="invalid_api_key")
+            raise invalid_api_key()
         token = self.parse(text)
         if self.seen(token):
             raise ApiError(400, "This token has already been spent.", code="token_already_spent")
@@ -289,7 +307,7 @@ class Payments:
         same balance cannot be refunded twice; asking again returns the same token."""
         state = self.ledger.key(key_hash)
         if state is None:
-            raise ApiError(401, "Invalid API key.", code="invalid_api_key")
+            raise invalid_api_key()
         mint = self.wallet.primary
         unit = "sat" if "sat" in mint.units or not mint.units else sorted(mint.units)[0]
         per_unit = UNIT_MSAT[unit]
@@ -394,10 +412,10 @@ class Payments:
             amount += -(-(ppk * max(1, amount.bit_length())) // 1000)
         return amount, unit
 
-    async def open_xcashu(self, text: str, request_id: str, required_msat: int,
-                          model: str | None) -> tuple[XCashu, int]:
-        """Redeem an x-cashu token and reserve the request's maximum cost on it.
-        Returns the payment and the available msat after the reservation."""
+    async def open_xcashu(self, text: str, request_id: str, required_msat: int) -> XCashuPayer:
+        """Redeem an x-cashu token, worth at least ``required_msat``, into a key of its own
+        (the meter then reserves the request on it, as on any key). Returns the payer that
+        gives the change back once the request is settled."""
         token = self.parse(text)
         if self.seen(token):
             raise ApiError(400, "This token has already been spent.", code="token_already_spent",
@@ -414,12 +432,11 @@ class Payments:
         net_msat = (token.amount - mint.input_fee(token.proofs)) * per_unit
         if net_msat < required_msat:
             raise self.payment_required(
-                required_msat, f"The token is worth {net_msat / 1000:g} sats after the mint's "
-                f"fee; this request needs up to {required_msat / 1000:g} sats.")
+                required_msat, f"The token is worth {sats(net_msat)} sats after the mint's "
+                f"fee; this request needs up to {sats(required_msat)} sats.")
         redeemed = await self._redeem(token, keep_variable=-(-required_msat // per_unit))
         key_hash = hash_key(f"xcashu:{request_id}:{token.hash}")
         payment = XCashu(token.hash, key_hash, redeemed.mint, redeemed.unit, redeemed.msat)
-        available: list[int] = []
 
         def write() -> None:
             with self.ledger.transaction(durable=True) as cur:
@@ -429,12 +446,9 @@ class Payments:
                 self.ledger.create_key_in(cur, key_hash, redeemed.msat,
                                           note=f"x-cashu: token of {token.amount} {token.unit}",
                                           label="x-cashu", backed=True)
-                left = self.ledger.reserve_in(cur, key_hash, required_msat, request_id, model)
-                assert left is not None
-                available.append(left)
 
         self._stored_or_returned(redeemed, write)
-        return payment, available[0]
+        return XCashuPayer(self, payment, request_id)
 
     def payment_required(self, required_msat: int, message: str) -> ApiError:
         """402 with a NUT-18 payment request for what this request needs."""

@@ -1,7 +1,8 @@
 """What mitmweb (and saved flows) show of the proxy's traffic: who paid what, and no secrets.
 
-Each paid flow gets a comment and ``flow.metadata["routstr"]``: the key id (the start of the
-key's hash, as ``routstr keys`` shows it), the model, and the reserved and charged msat.
+Each paid flow gets a comment, and its copies (saved, exported) ``flow.metadata["routstr"]`` as
+plain facts: the key id (the start of the key's hash, as ``routstr keys`` shows it), the model,
+and the reserved and charged msat.
 
 Credentials must reach the wire intact (the client's key or token, the upstream key we put in,
 the change token we hand back), yet mitmweb shows a flow as it is when the hooks run. So, where
@@ -26,7 +27,8 @@ from typing import Any
 
 from mitmproxy import http
 
-__all__ = ["SECRET_FIELDS", "SECRET_HEADERS", "Scrubber", "install", "redact_header", "shown"]
+__all__ = ["SECRET_FIELDS", "SECRET_HEADERS", "FlowView", "Scrubber", "install", "redact_header",
+           "show"]
 
 REDACTED = "[redacted]"
 SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "x-cashu", "cookie",
@@ -37,14 +39,12 @@ _BODY_PATHS = ("/v1/balance", "/v1/wallet", "/admin")
 _MAX_BODY = 1 << 20
 
 
-def shown(flow: http.HTTPFlow, key_hash: str, model: str | None, reserved_msat: int,
-          charged_msat: int | None, xcashu: bool) -> dict[str, Any]:
-    """Set the flow's comment; the same facts as a dict for ``flow.metadata``."""
-    charged = "unsettled" if charged_msat is None else f"{charged_msat} msat"
-    flow.comment = (f"{'x-cashu' if xcashu else 'key'} {key_hash[:16]} · {model or '-'} · "
-                    f"reserved {reserved_msat} msat · charged {charged}")
-    return {"key_id": key_hash[:16], "model": model, "reserved_msat": reserved_msat,
-            "charged_msat": charged_msat, "paid_by": "x-cashu" if xcashu else "key"}
+def show(flow: http.HTTPFlow, facts: dict[str, Any]) -> None:
+    """Set a paid flow's comment from its facts (``Paid.facts``)."""
+    charged = facts["charged_msat"]
+    flow.comment = (f"{facts['paid_by']} {facts['key_id']} · {facts['model'] or '-'} · "
+                    f"reserved {facts['reserved_msat']} msat · "
+                    f"charged {'unsettled' if charged is None else f'{charged} msat'}")
 
 
 def redact_header(name: str, value: str) -> str:
@@ -149,3 +149,23 @@ def install(master: Any) -> Scrubber | None:
         flow_to_json.routstr_redacts = True  # type: ignore[attr-defined]
         app.flow_to_json = flow_to_json
     return Scrubber(view)
+
+
+class FlowView:
+    """The addon part that keeps secrets off mitmweb's page (nothing to do under mitmdump)."""
+
+    def __init__(self) -> None:
+        self.scrubber: Scrubber | None = None
+
+    def running(self) -> None:
+        from mitmproxy import ctx
+
+        self.scrubber = install(ctx.master)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if self.scrubber is not None:
+            self.scrubber.done(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        if self.scrubber is not None:
+            self.scrubber.done(flow, sent=True)

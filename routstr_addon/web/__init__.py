@@ -1,16 +1,16 @@
 """Endpoints the addon answers itself; they are never forwarded upstream.
 
-A handler takes the proxy's services and the request and returns a response. ``lookup`` is a
-dictionary lookup on the exact path (plus ``/v1/models/{id}`` and everything under ``/admin``),
-cheap enough for every request.
+A handler takes the proxy's services, the request and the client connection it came on
+(``Peer``), and returns a response or an awaitable of one. ``routes.lookup`` finds the
+handlers of a path.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from mitmproxy import http
 
@@ -20,13 +20,28 @@ from routstr_addon.metering.pricing import Pricing
 from routstr_addon.payments.cashu import Payments
 from routstr_addon.payments.lightning import Invoices
 from routstr_addon.settings import Config
+from routstr_addon.web.auth import LoginLimiter, Sessions
 
-__all__ = ["PEER", "Handler", "Peer", "Services", "lookup"]
+if TYPE_CHECKING:
+    from routstr_addon.discovery.nostr import Directory
+
+__all__ = ["AdminState", "Handler", "Peer", "Services"]
+
+
+@dataclass(slots=True)
+class AdminState:
+    """What ``/admin`` keeps between requests: open sessions, failed logins per address, and
+    the lock that lets one withdrawal run at a time (the margin is read, then spent)."""
+
+    sessions: Sessions = field(default_factory=Sessions)
+    limiter: LoginLimiter = field(default_factory=lambda: LoginLimiter(attempts=5, window=60.0))
+    withdrawing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass(slots=True)
 class Services:
-    """What local endpoints read: settings, ledger and prices."""
+    """What local endpoints read and keep: settings, ledger, prices, ecash, the dashboard's
+    sessions and the providers found on Nostr."""
 
     config: Config
     ledger: Ledger
@@ -34,9 +49,8 @@ class Services:
     wallet: Wallet | None = None
     payments: Payments | None = None
     invoices: Invoices | None = None
-
-
-Handler = Callable[[Services, http.Request], http.Response | Awaitable[http.Response]]
+    admin: AdminState = field(default_factory=AdminState)
+    directory: Directory | None = None  # made on the first /v1/providers
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,53 +68,5 @@ class Peer:
         return cls(str(peername[0]) if peername else "", tls)
 
 
-# The connection of the request a handler is answering, set by the addon just before it calls
-# the handler (read it in the handler's synchronous part); None when the addon did not set it.
-PEER: ContextVar[Peer | None] = ContextVar("routstr_peer", default=None)
-
-
-def _table() -> dict[str, dict[str, Handler]]:
-    from routstr_addon.web import balance, info, models, providers
-
-    table: dict[str, dict[str, Handler]] = {
-        "/": {"GET": info.info},
-        "/health": {"GET": info.health},
-        "/v1/info": {"GET": info.info},
-        "/v1/models": {"GET": models.list_models},
-        "/v1/providers": {"GET": providers.providers},
-        "/v1/providers/": {"GET": providers.providers},
-    }
-    for base in ("/v1/balance", "/v1/wallet"):
-        table[f"{base}/info"] = {"GET": balance.info}
-        table[f"{base}/"] = {"GET": balance.info}
-        table[base] = {"GET": balance.info}
-        table[f"{base}/create"] = {"POST": balance.create, "GET": balance.create}
-        table[f"{base}/topup"] = {"POST": balance.topup}
-        table[f"{base}/refund"] = {"POST": balance.refund}
-        table[f"{base}/lightning/invoice"] = {"POST": balance.lightning_invoice}
-    return table
-
-
-_ROUTES: dict[str, dict[str, Handler]] | None = None
-
-
-def lookup(path: str) -> dict[str, Handler] | None:
-    """The handlers (by method) for a local path, or None if the path is forwarded."""
-    global _ROUTES
-    if _ROUTES is None:
-        _ROUTES = _table()
-    found = _ROUTES.get(path)
-    if found is None and path.startswith("/admin"):  # the dashboard; nothing under it goes out
-        from routstr_addon.web import admin
-
-        return admin.HANDLERS
-    if found is None and path.startswith("/v1/models/"):
-        from routstr_addon.web import models
-
-        return {"GET": models.get_model}
-    if found is None and path.endswith("/status") and (
-            path.startswith(("/v1/balance/lightning/invoice/", "/v1/wallet/lightning/invoice/"))):
-        from routstr_addon.web import balance
-
-        return {"GET": balance.lightning_status}
-    return found
+Handler = Callable[[Services, http.Request, Peer],
+                   http.Response | Awaitable[http.Response]]

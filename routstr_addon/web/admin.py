@@ -14,7 +14,6 @@ logged.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -28,16 +27,17 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from mitmproxy import http
 
+from routstr_addon.amounts import sats
 from routstr_addon.ecash.mint import MintError, MintUnreachable
 from routstr_addon.ecash.tokens import UNIT_MSAT
 from routstr_addon.ecash.wallet import WalletError
 from routstr_addon.ledger import reports as dashboard
 from routstr_addon.payments.payouts import Payouts
-from routstr_addon.web import PEER, Handler, Peer, Services
-from routstr_addon.web.auth import LoginLimiter, Session, Sessions, password_matches, password_tag
+from routstr_addon.web import Handler, Peer, Services
+from routstr_addon.web.auth import Session, password_matches, password_tag
 from routstr_addon.web.chart import Bar, bar_chart
 
-__all__ = ["COOKIE", "HANDLERS", "LIMITER", "SESSIONS"]
+__all__ = ["COOKIE", "HANDLERS"]
 
 logger = logging.getLogger("routstr.admin")
 
@@ -59,22 +59,8 @@ _SECURITY_HEADERS = {
                                 "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
 }
 
-SESSIONS = Sessions()
-LIMITER = LoginLimiter(attempts=5, window=60.0)
-_withdrawing = asyncio.Lock()  # one withdrawal at a time: the margin is read, then spent
-
 
 # --- rendering ------------------------------------------------------------------------------
-
-
-def sats(msat: int | None) -> str:
-    """msat as sats, to the msat: 1,234.5"""
-    if msat is None:
-        return "-"
-    sign = "-" if msat < 0 else ""
-    whole, rest = divmod(abs(int(msat)), 1000)
-    fraction = f".{rest:03d}".rstrip("0") if rest else ""
-    return f"{sign}{whole:,}{fraction}"
 
 
 def when(ts: float | None) -> str:
@@ -144,10 +130,6 @@ def _form(request: http.Request) -> dict[str, str]:
     return {k: v[0] for k, v in fields.items()}
 
 
-def _peer() -> Peer:
-    return PEER.get() or Peer("", False)
-
-
 def _secure(request: http.Request, peer: Peer) -> bool:
     """Whether the browser reached us over https: on the connection itself, or through a
     reverse proxy in front that says so (a client lying here only hurts its own cookie)."""
@@ -162,7 +144,7 @@ def _session_id(request: http.Request) -> str | None:
 def _session(services: Services, request: http.Request) -> tuple[str | None, Session | None]:
     session_id = _session_id(request)
     tag = password_tag(services.config.admin_password)
-    return session_id, SESSIONS.get(session_id, tag)
+    return session_id, services.admin.sessions.get(session_id, tag)
 
 
 def _cookie(value: str, max_age: int, secure: bool) -> str:
@@ -181,7 +163,7 @@ def _int(value: str | None, default: int, low: int, high: int) -> int:
 # --- GET --------------------------------------------------------------------------------------
 
 
-def get(services: Services, request: http.Request) -> http.Response:
+def get(services: Services, request: http.Request, peer: Peer) -> http.Response:
     path, query = _split(request)
     if path.startswith("/admin/static/"):
         found = _STATIC.get(path.removeprefix("/admin/static/"))
@@ -272,12 +254,13 @@ _VIEWS: dict[str, View] = {
 # --- POST -------------------------------------------------------------------------------------
 
 
-def post(services: Services, request: http.Request) -> http.Response | Awaitable[http.Response]:
+def post(services: Services, request: http.Request,
+         peer: Peer) -> http.Response | Awaitable[http.Response]:
     path, _ = _split(request)
     if not services.config.admin_password:
         return _render(services, "setup.html", 403, title="Turn the dashboard on")
     if path == LOGIN:
-        return _login(services, request)
+        return _login(services, request, peer)
     session_id, session = _session(services, request)
     if session is None:
         return _redirect(LOGIN)
@@ -293,25 +276,25 @@ def post(services: Services, request: http.Request) -> http.Response | Awaitable
     return action(services, form, session, session_id or "")
 
 
-def _login(services: Services, request: http.Request) -> http.Response:
-    peer = _peer()
+def _login(services: Services, request: http.Request, peer: Peer) -> http.Response:
     address = peer.address or "unknown"
-    wait = LIMITER.retry_after(address)
+    sessions, limiter = services.admin.sessions, services.admin.limiter
+    wait = limiter.retry_after(address)
     if wait:
         return _render(services, "login.html", 429, title="Log in",
                        headers={"retry-after": str(wait)},
                        error=f"Too many failed attempts. Try again in {wait} seconds.")
     form = _form(request)
     if not password_matches(form.get("password", ""), services.config.admin_password):
-        LIMITER.failed(address)
+        limiter.failed(address)
         logger.warning("admin: failed login from %s", address)
         return _render(services, "login.html", 401, title="Log in",
                        error="Wrong password.")
-    LIMITER.succeeded(address)
-    SESSIONS.drop(_session_id(request))  # a new id on every login
-    session_id, _ = SESSIONS.create(password_tag(services.config.admin_password))
+    limiter.succeeded(address)
+    sessions.drop(_session_id(request))  # a new id on every login
+    session_id, _ = sessions.create(password_tag(services.config.admin_password))
     logger.info("admin: login from %s", address)
-    return _redirect("/admin", _cookie(session_id, int(SESSIONS.lifetime),
+    return _redirect("/admin", _cookie(session_id, int(sessions.lifetime),
                                        _secure(request, peer)))
 
 
@@ -321,7 +304,7 @@ Action = Callable[[Services, dict[str, str], Session, str],
 
 def _logout(services: Services, form: dict[str, str], session: Session,
             session_id: str) -> http.Response:
-    SESSIONS.drop(session_id)
+    services.admin.sessions.drop(session_id)
     return _redirect(LOGIN, _cookie("", 0, False))
 
 
@@ -391,7 +374,7 @@ async def _withdraw_later(services: Services, session: Session, amount: int,
                           mint_url: str) -> http.Response:
     wallet = services.wallet
     assert wallet is not None
-    async with _withdrawing:
+    async with services.admin.withdrawing:  # one at a time: the margin is read, then spent
         books = Payouts(services.ledger, wallet, services.config).books()
         margin = books["profit_msat"]
         if amount * UNIT_MSAT["sat"] > margin:

@@ -15,18 +15,17 @@ from urllib.parse import parse_qs, urlsplit
 from mitmproxy import http
 
 from routstr_addon.ecash.tokens import looks_like_token
-from routstr_addon.errors import ApiError, json_response
+from routstr_addon.errors import ApiError, invalid_api_key, invalid_json, json_response, no_ecash
 from routstr_addon.ledger import KeyState, hash_key
 from routstr_addon.metering.meter import bearer_token
 from routstr_addon.payments.cashu import Payments
 from routstr_addon.payments.lightning import Invoices
-from routstr_addon.web import Services
+from routstr_addon.web import Peer, Services
 
 
 def _payments(services: Services) -> Payments:
     if services.payments is None:
-        raise ApiError(400, "This proxy takes no ecash (no mints are configured).",
-                       code="ecash_not_accepted")
+        raise no_ecash()
     return services.payments
 
 
@@ -37,7 +36,7 @@ async def _key(services: Services, request: http.Request) -> tuple[str, KeyState
         key = await _payments(services).key_for_token(key)
     state = services.ledger.key(hash_key(key))
     if state is None:
-        raise ApiError(401, "Invalid API key.", code="invalid_api_key")
+        raise invalid_api_key()
     return key, state
 
 
@@ -55,13 +54,14 @@ def _describe(key: str, state: KeyState) -> dict[str, Any]:
     }
 
 
-def info(services: Services, request: http.Request) -> http.Response | Awaitable[http.Response]:
+def info(services: Services, request: http.Request,
+         peer: Peer) -> http.Response | Awaitable[http.Response]:
     key = bearer_token(request.headers.get("authorization"))
     if looks_like_token(key):
         return _info_later(services, request)
     state = services.ledger.key(hash_key(key))
     if state is None:
-        raise ApiError(401, "Invalid API key.", code="invalid_api_key")
+        raise invalid_api_key()
     return json_response(200, _describe(key, state))
 
 
@@ -77,8 +77,7 @@ def _field(request: http.Request, *names: str) -> str:
         try:
             body = json.loads(request.get_content(strict=False) or b"{}")
         except ValueError:
-            raise ApiError(400, "The request body is not valid JSON.",
-                           code="invalid_json") from None
+            raise invalid_json() from None
     query = parse_qs(urlsplit(request.path).query)
     for name in names:
         value = body.get(name) if isinstance(body, dict) else None
@@ -90,7 +89,7 @@ def _field(request: http.Request, *names: str) -> str:
                    code="missing_token")
 
 
-async def create(services: Services, request: http.Request) -> http.Response:
+async def create(services: Services, request: http.Request, peer: Peer) -> http.Response:
     payments = _payments(services)
     token = _field(request, "initial_balance_token", "cashu_token", "token")
     expiry = request.headers.get("key-expiry-time")
@@ -106,7 +105,7 @@ async def create(services: Services, request: http.Request) -> http.Response:
     return json_response(200, {**_describe(api_key, state), "balance": state.balance_msat})
 
 
-async def topup(services: Services, request: http.Request) -> http.Response:
+async def topup(services: Services, request: http.Request, peer: Peer) -> http.Response:
     payments = _payments(services)
     token = _field(request, "cashu_token", "token")
     _, state = await _key(services, request)
@@ -114,7 +113,7 @@ async def topup(services: Services, request: http.Request) -> http.Response:
     return json_response(200, {"msats": credited})
 
 
-async def refund(services: Services, request: http.Request) -> http.Response:
+async def refund(services: Services, request: http.Request, peer: Peer) -> http.Response:
     payments = _payments(services)
     original = request.headers.get("x-cashu")
     if original:  # the change of an x-cashu request, for a client that could not read it
@@ -129,19 +128,19 @@ async def refund(services: Services, request: http.Request) -> http.Response:
 
 def _invoices(services: Services) -> Invoices:
     if services.invoices is None:
-        raise ApiError(400, "This proxy takes no ecash (no mints are configured).",
-                       code="ecash_not_accepted")
+        raise no_ecash()
     return services.invoices
 
 
-async def lightning_invoice(services: Services, request: http.Request) -> http.Response:
+async def lightning_invoice(services: Services, request: http.Request,
+                            peer: Peer) -> http.Response:
     """``POST /v1/balance/lightning/invoice {"amount_sats", "purpose"}``: a bolt11 invoice
     that, once paid, creates a key (``create``) or tops up the caller's (``topup``)."""
     invoices = _invoices(services)
     try:
         body = json.loads(request.get_content(strict=False) or b"{}")
     except ValueError:
-        raise ApiError(400, "The request body is not valid JSON.", code="invalid_json") from None
+        raise invalid_json() from None
     amount = body.get("amount_sats") if isinstance(body, dict) else None
     purpose = body.get("purpose", "create") if isinstance(body, dict) else None
     if not isinstance(amount, int) or isinstance(amount, bool):
@@ -157,7 +156,8 @@ async def lightning_invoice(services: Services, request: http.Request) -> http.R
     return json_response(200, answer)
 
 
-async def lightning_status(services: Services, request: http.Request) -> http.Response:
+async def lightning_status(services: Services, request: http.Request,
+                           peer: Peer) -> http.Response:
     invoice_id = request.path.split("?", 1)[0].split("/lightning/invoice/", 1)[1]
     invoice_id = invoice_id.removesuffix("/status")
     return json_response(200, await _invoices(services).status(invoice_id))

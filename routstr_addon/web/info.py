@@ -6,10 +6,10 @@ from mitmproxy import http
 
 from routstr_addon import __version__
 from routstr_addon.errors import json_response
-from routstr_addon.web import Services
+from routstr_addon.web import Peer, Services
 
 
-def info(services: Services, request: http.Request) -> http.Response:
+def info(services: Services, request: http.Request, peer: Peer) -> http.Response:
     config, pricing = services.config, services.pricing
     return json_response(200, {
         "name": config.name,
@@ -29,5 +29,5 @@ def info(services: Services, request: http.Request) -> http.Response:
     })
 
 
-def health(services: Services, request: http.Request) -> http.Response:
+def health(services: Services, request: http.Request, peer: Peer) -> http.Response:
     return json_response(200, {"status": "ok"})

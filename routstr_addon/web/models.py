@@ -8,7 +8,7 @@ from mitmproxy import http
 
 from routstr_addon.errors import error_response, json_response
 from routstr_addon.metering.pricing import ModelPrice
-from routstr_addon.web import Services
+from routstr_addon.web import Peer, Services
 
 
 def describe(services: Services, model: ModelPrice) -> dict[str, Any]:
@@ -23,12 +23,12 @@ def describe(services: Services, model: ModelPrice) -> dict[str, Any]:
     return entry
 
 
-def list_models(services: Services, request: http.Request) -> http.Response:
+def list_models(services: Services, request: http.Request, peer: Peer) -> http.Response:
     models = services.pricing.models.values()
     return json_response(200, {"object": "list", "data": [describe(services, m) for m in models]})
 
 
-def get_model(services: Services, request: http.Request) -> http.Response:
+def get_model(services: Services, request: http.Request, peer: Peer) -> http.Response:
     name = request.path.split("?", 1)[0].removeprefix("/v1/models/")
     model = services.pricing.resolve(name)
     if model is None:

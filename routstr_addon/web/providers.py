@@ -14,32 +14,31 @@ from typing import TYPE_CHECKING
 from mitmproxy import http
 
 from routstr_addon.errors import ApiError, json_response
-from routstr_addon.settings import Nostr
-from routstr_addon.web import Services
+from routstr_addon.web import Peer, Services
 
 if TYPE_CHECKING:
     from routstr_addon.discovery.nostr import Directory
 
-_directory: Directory | None = None
+
+def _directory_for(services: Services) -> Directory:
+    """The runtime's directory of providers, made on first use (it loads nostr-sdk)."""
+    n = services.config.nostr
+    if services.directory is None or services.directory.nostr != n:
+        from routstr_addon.discovery.nostr import Directory
+
+        services.directory = Directory(n)
+    return services.directory
 
 
-def _directory_for(n: Nostr) -> Directory:
-    global _directory
-    if _directory is None or _directory.nostr != n:
-        from routstr_addon.discovery.nostr import Directory  # nostr-sdk is loaded on first use
-
-        _directory = Directory(n)
-    return _directory
-
-
-def providers(services: Services, request: http.Request) -> Awaitable[http.Response]:
+def providers(services: Services, request: http.Request,
+              peer: Peer) -> Awaitable[http.Response]:
     n = services.config.nostr
     if n.providers_refresh_interval == 0:
         raise ApiError(404, "Provider discovery is off here (PROVIDERS_REFRESH_INTERVAL=0).",
                        code="not_found")
     pubkey = request.query.get("pubkey") or None
     include_json = request.query.get("include_json", "").lower() in ("1", "true", "yes")
-    return _answer(_directory_for(n), pubkey, include_json)
+    return _answer(_directory_for(services), pubkey, include_json)
 
 
 async def _answer(directory: Directory, pubkey: str | None,
