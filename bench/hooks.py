@@ -132,22 +132,9 @@ def _runtime(addon: Any) -> Any:
     return addon.serving.runtime
 
 
-def _json_loop(addon: Any, pairs: list[tuple[Any, Any]]) -> float:
-    requests, headers, responses = (_hooks(addon, n) for n in
-                                    ("request", "responseheaders", "response"))
-    t0 = time.perf_counter()
-    for flow, resp in pairs:
-        for hook in requests:
-            hook(flow)
-        flow.response = resp
-        for hook in headers:
-            hook(flow)
-        for hook in responses:
-            hook(flow)
-    return time.perf_counter() - t0
-
-
-def _stream_loop(addon: Any, pairs: list[tuple[Any, Any]], tails: list[Any]) -> float:
+def _loop(addon: Any, pairs: list[tuple[Any, Any]], tails: list[Any] | None) -> float:
+    """Seconds to run the hooks over the flows; ``tails``: None for JSON answers, else where
+    each stream's last bytes go (its chunks fed through the stream callable)."""
     requests, headers, responses = (_hooks(addon, n) for n in
                                     ("request", "responseheaders", "response"))
     chunks = CHUNKS
@@ -158,10 +145,11 @@ def _stream_loop(addon: Any, pairs: list[tuple[Any, Any]], tails: list[Any]) -> 
         flow.response = resp
         for hook in headers:
             hook(flow)
-        feed = resp.stream
-        for chunk in chunks:
-            feed(chunk)
-        tails.append(feed(b""))
+        if tails is not None:
+            feed = resp.stream
+            for chunk in chunks:
+                feed(chunk)
+            tails.append(feed(b""))
         for hook in responses:
             hook(flow)
     return time.perf_counter() - t0
@@ -196,7 +184,7 @@ def time_round(addon: Any, key: str, n: int, stream: bool,
         if profiler is not None:
             profiler.enable()
         try:
-            secs = (_stream_loop(addon, pairs, tails) if stream else _json_loop(addon, pairs))
+            secs = _loop(addon, pairs, tails if stream else None)
         finally:
             if profiler is not None:
                 profiler.disable()

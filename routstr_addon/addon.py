@@ -25,7 +25,7 @@ except ImportError:  # loaded by path (mitmdump -s) from a checkout that is not 
 
 from routstr_addon import settings
 from routstr_addon.background import Background
-from routstr_addon.errors import error_response, install_error_pages
+from routstr_addon.errors import ApiError, install_error_pages
 from routstr_addon.proxy.forward import PaidForward
 from routstr_addon.proxy.local import LocalEndpoints
 from routstr_addon.proxy.webview import FlowView
@@ -72,8 +72,8 @@ class NotConfigured:
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is None:
-            flow.response = error_response(503, "The proxy is not configured.",
-                                           "server_error", "not_configured")
+            flow.response = ApiError(503, "The proxy is not configured.", "server_error",
+                                     "not_configured").response()
 
 
 class Routstr:

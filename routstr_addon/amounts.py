@@ -6,13 +6,10 @@ __all__ = ["sats"]
 
 
 def sats(msat: int | None) -> str:
-    """msat as sats, exact to the msat and without trailing zeros: ``1,234.5``; ``-`` for None.
-
-    Integer arithmetic, so no amount is ever rounded on its way to a person.
-    """
+    """msat as sats, always to the msat: ``1,234.500`` (columns of them line up); ``-`` for
+    None. Integer arithmetic, so no amount is ever rounded on its way to a person."""
     if msat is None:
         return "-"
     sign = "-" if msat < 0 else ""
     whole, rest = divmod(abs(int(msat)), 1000)
-    fraction = f".{rest:03d}".rstrip("0") if rest else ""
-    return f"{sign}{whole:,}{fraction}"
+    return f"{sign}{whole:,}.{rest:03d}"

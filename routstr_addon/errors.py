@@ -14,7 +14,6 @@ from mitmproxy import http
 __all__ = [
     "ApiError",
     "error_body",
-    "error_response",
     "invalid_api_key",
     "invalid_json",
     "json_response",
@@ -46,8 +45,12 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
 
     def response(self) -> http.Response:
-        return error_response(self.status, self.message, self.type, self.code, self.param,
-                              self.headers)
+        """The answer: this error as OpenAI's JSON, with its status and headers."""
+        resp = http.Response.make(self.status, error_body(self.message, self.type, self.code,
+                                                          self.param), _JSON_HEADERS)
+        if self.headers:
+            resp.headers.update(self.headers)
+        return resp
 
 
 # --- the errors answered from more than one place: one builder each -------------------------
@@ -82,20 +85,6 @@ def error_body(message: str, type: str, code: str | None = None, param: str | No
     return json.dumps(
         {"error": {"message": message, "type": type, "param": param, "code": code}}
     ).encode()
-
-
-def error_response(
-    status: int,
-    message: str,
-    type: str = "invalid_request_error",
-    code: str | None = None,
-    param: str | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> http.Response:
-    resp = http.Response.make(status, error_body(message, type, code, param), _JSON_HEADERS)
-    if headers:
-        resp.headers.update(headers)
-    return resp
 
 
 def json_response(status: int, data: object,

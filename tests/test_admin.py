@@ -156,8 +156,8 @@ def log_in(page: Page) -> str:
 
 
 def in_sats(msat: int) -> str:
-    """msat as the pages write sats: 1,234.5"""
-    return f"{Decimal(msat) / 1000:,f}"
+    """msat as the pages write sats: 1,234.500"""
+    return f"{Decimal(msat) / 1000:,.3f}"
 
 
 def key_id(key: str) -> str:

@@ -72,7 +72,7 @@ def test_balance_below_the_reservation_is_402_with_required_and_available_sats(
     upstream.clear()
     error = assert_openai_error(post(proxy, key, json=BODY), 402, "insufficient_balance",
                                 "insufficient_quota")
-    assert "1.5 sats available" in error["message"]
+    assert "1.500 sats available" in error["message"]
     assert "needs up to" in error["message"]
     assert upstream.seen() == []
     state = proxy.key_state(key)

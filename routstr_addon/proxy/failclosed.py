@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from mitmproxy import http
 
-from routstr_addon.errors import ApiError, error_response, ledger_unavailable
+from routstr_addon.errors import ApiError, ledger_unavailable
 from routstr_addon.ledger import DATABASE_ERRORS
 
 __all__ = ["answer_error", "decide_later"]
@@ -32,8 +32,8 @@ def answer_error(flow: http.HTTPFlow, e: Exception, on_failure: OnFailure | None
         logger.error("request %s failed inside the proxy", flow.id, exc_info=e)
         if on_failure is not None:
             on_failure(flow)
-        flow.response = error_response(500, "The proxy failed to handle this request.",
-                                       "server_error", "proxy_error")
+        flow.response = ApiError(500, "The proxy failed to handle this request.",
+                                 "server_error", "proxy_error").response()
 
 
 async def decide_later(flow: http.HTTPFlow, pending: Awaitable[object],

@@ -6,7 +6,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from routstr_addon.errors import error_response, json_response
+from routstr_addon.errors import ApiError, json_response
 from routstr_addon.metering.pricing import ModelPrice
 from routstr_addon.web import Peer, Services
 
@@ -32,6 +32,6 @@ def get_model(services: Services, request: http.Request, peer: Peer) -> http.Res
     name = request.path.split("?", 1)[0].removeprefix("/v1/models/")
     model = services.pricing.resolve(name)
     if model is None:
-        return error_response(404, f"The model {name!r} is not offered here.",
-                              code="model_not_found", param="model")
+        return ApiError(404, f"The model {name!r} is not offered here.",
+                        code="model_not_found", param="model").response()
     return json_response(200, describe(services, model))
