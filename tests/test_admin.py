@@ -322,7 +322,7 @@ def test_the_keys_view_shows_a_key_made_through_the_api(page: Page, admin: Proxy
     log_in(page)
     page.goto("/admin/keys")
     row = page.locator(f"tr[data-key='{key_id(key)}']")
-    assert row.locator("td.balance").inner_text() == "50"
+    assert row.locator("td.balance").inner_text() == "50.000"
     assert "ecash" in row.inner_text() and "active" in row.inner_text()
     assert key not in page.content()
     page.fill("input[name=q]", key_id(key)[:10])  # search by the start of its id
