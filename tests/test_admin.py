@@ -33,7 +33,7 @@ from routstr_addon.web import PEER, Peer, Services, lookup
 from routstr_addon.web import admin as admin_routes
 from routstr_addon.web.auth import LoginLimiter, Sessions, password_matches, password_tag
 
-from .conftest import ADDON, ROOT, Proxy, books_balance, raw, start_proxy
+from .conftest import ROOT, Proxy, books_balance, raw, start_proxy
 from .ecash_user import UserWallet
 from .upstream import TestUpstream
 
@@ -539,9 +539,6 @@ def test_login_attempts_are_rate_limited(upstream: TestUpstream, tmp_path: Path)
         p.stop()
 
 
-@pytest.mark.skipif("routes.PEER.set(" not in ADDON.read_text(),
-                    reason="addon.py does not tell handlers the client connection (routes.PEER) "
-                           "yet: every client shares one login limit")
 def test_the_login_limit_is_per_client_address(upstream: TestUpstream, tmp_path: Path) -> None:
     p = start_proxy(tmp_path / "per-address", upstream.url,
                     {"UPSTREAM_BASE_URL": f"{upstream.url}/v1", "ADMIN_PASSWORD": PASSWORD})
