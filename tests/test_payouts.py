@@ -135,7 +135,7 @@ def test_below_the_minimum_nothing_moves(mint: LocalMint, user: UserWallet,
         return result
 
     result = asyncio.run(scenario())
-    assert result["payout"] is None and result["books"]["profit_msat"] == 100_000
+    assert result["payout"] is None and result["books"]["margin_msat"] == 100_000
     assert ln_server.requests_for(operator) == []
     assert books.pool_msat() == 300_000
 
