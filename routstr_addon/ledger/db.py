@@ -9,31 +9,17 @@ with peewee query objects took 406 µs a request, with fixed SQL strings 66 µs)
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
 import peewee
 
-from routstr_addon.ledger.dialects import CONNECTION_ERRORS, Dialect, dialect_for
+from routstr_addon.ledger.dialects import CONNECTION_ERRORS, DATABASE_ERRORS, Dialect, dialect_for
 
 __all__ = ["CONNECTION_ERRORS", "DATABASE_ERRORS", "Cursor", "Database", "Tx"]
 
 logger = logging.getLogger(__name__)
-
-
-def _psycopg2_errors() -> tuple[type[Exception], ...]:
-    try:
-        import psycopg2
-    except ImportError:  # pragma: no cover
-        return ()
-    return (psycopg2.DatabaseError,)
-
-
-# What the database can raise when it cannot take a write (full disk, locked, away).
-DATABASE_ERRORS: tuple[type[Exception], ...] = (peewee.DatabaseError, sqlite3.DatabaseError,
-                                                *CONNECTION_ERRORS, *_psycopg2_errors())
 
 
 class Cursor(Protocol):
@@ -182,8 +168,6 @@ class Database:
 
         from routstr_addon.ledger.schema import Reservation
 
-        # On SQLite the open reservations are their primary key's b-tree alone (WITHOUT
-        # ROWID): one page less written per commit on the request path.
         Reservation._meta.without_rowid = self.dialect.compact_reservations
         with self.peewee.bind_ctx(models):
             self.peewee.create_tables(models, safe=True)
