@@ -26,8 +26,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from routstr_addon.ledger.schema import MODELS, ApiKey, LedgerEntry, Reservation
-
 if TYPE_CHECKING:
     from routstr_addon.ledger.db import Cursor, Database, Tx
     from routstr_addon.ledger.instances import Instances
@@ -105,6 +103,8 @@ KEY_COLUMNS = ("key_hash", "balance_msat", "reserved_msat", "total_spent_msat",
                "disabled", "backed")
 ENTRY_COLUMNS = ("id", "created_at", "key_hash", "kind", "amount_msat", "reserved_msat",
                  "request_id", "model", "prompt_tokens", "completion_tokens", "note")
+RESERVATION_COLUMNS = ("request_id", "key_hash", "amount_msat", "model", "created_at",
+                       "touched_at", "owner", "delivered", "prompt_tokens")
 
 
 def key_state(row: Sequence[Any]) -> KeyState:
@@ -382,24 +382,24 @@ class Accounts:
 
     def find_keys(self, prefix: str) -> list[KeyState]:
         """Keys whose hash starts with ``prefix`` (how people name keys: a short hash)."""
-        with self._db.peewee.bind_ctx(MODELS):
-            query = (ApiKey.select().where(ApiKey.key_hash.startswith(prefix.lower()))
-                     .order_by(ApiKey.created_at).limit(50).tuples())
-            return [key_state(row) for row in query.execute()]
+        prefix = prefix.lower()
+        # Hashes starting with the prefix are those in [prefix, prefix + "g"): every hex digit
+        # sorts below "g". A range uses the primary key's index on any database.
+        return [key_state(r) for r in self._db.reader().rows(
+            f"SELECT {', '.join(KEY_COLUMNS)} FROM api_keys WHERE key_hash >= ? "
+            "AND key_hash < ? ORDER BY created_at LIMIT 50", (prefix, prefix + "g"))]
 
     def keys(self, limit: int = 1000) -> list[KeyState]:
-        with self._db.peewee.bind_ctx(MODELS):
-            query = ApiKey.select().order_by(ApiKey.created_at.desc()).limit(limit).tuples()
-            return [key_state(row) for row in query.execute()]
+        return [key_state(r) for r in self._db.reader().rows(
+            f"SELECT {', '.join(KEY_COLUMNS)} FROM api_keys ORDER BY created_at DESC LIMIT ?",
+            (limit,))]
 
     def entries(self, key_hash: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-        """The newest journal rows, newest last."""
-        with self._db.peewee.bind_ctx(MODELS):
-            query = LedgerEntry.select().order_by(LedgerEntry.id.desc()).limit(limit)
-            if key_hash:
-                query = query.where(LedgerEntry.key_hash == key_hash)
-            rows: list[dict[str, Any]] = list(query.dicts().execute())
-            return rows[::-1]
+        """The newest journal rows (of one key, or all), newest last."""
+        where, params = ("WHERE key_hash = ?", (key_hash, limit)) if key_hash else ("", (limit,))
+        rows = self._db.reader().rows(f"SELECT {', '.join(ENTRY_COLUMNS)} FROM ledger_entries "
+                                      f"{where} ORDER BY id DESC LIMIT ?", params)
+        return [dict(zip(ENTRY_COLUMNS, r, strict=True)) for r in reversed(rows)]
 
     def expired_with_balance(self, now: float) -> list[KeyState]:
         """Keys funded with ecash, expired by ``now``, with at least a sat on them and no
@@ -410,9 +410,7 @@ class Accounts:
             "AND balance_msat >= 1000", (now,))]
 
     def open_reservations(self, key_hash: str | None = None) -> list[dict[str, Any]]:
-        with self._db.peewee.bind_ctx(MODELS):
-            query = Reservation.select().order_by(Reservation.created_at)
-            if key_hash:
-                query = query.where(Reservation.key_hash == key_hash)
-            held: list[dict[str, Any]] = list(query.dicts().execute())
-            return held
+        where, params = ("WHERE key_hash = ?", (key_hash,)) if key_hash else ("", ())
+        return [dict(zip(RESERVATION_COLUMNS, r, strict=True)) for r in self._db.reader().rows(
+            f"SELECT {', '.join(RESERVATION_COLUMNS)} FROM reservations {where} "
+            "ORDER BY created_at", params)]

@@ -169,17 +169,24 @@ class Database:
         from routstr_addon.ledger.schema import Reservation
 
         Reservation._meta.without_rowid = self.dialect.compact_reservations
-        with self.peewee.bind_ctx(models):
-            self.peewee.create_tables(models, safe=True)
-            migrator = self.dialect.migrator(self.peewee)
-            for model in models:
-                table = model._meta.table_name
-                present = {c.name for c in self.peewee.get_columns(table)}
-                missing = [f for f in model._meta.sorted_fields if f.column_name not in present]
-                if missing:
-                    logger.info("ledger: adding %s to %s",
-                                ", ".join(f.column_name for f in missing), table)
-                    migrate(*(migrator.add_column(table, f.column_name, f) for f in missing))
+        tables = set(self.peewee.get_tables())
+        new = [m for m in models if m._meta.table_name not in tables]
+        if new:
+            # Binding models to a database is global to the process: done only when there is
+            # something to make (a process opening an existing ledger binds nothing).
+            with self.peewee.bind_ctx(models):
+                self.peewee.create_tables(new, safe=True)
+        migrator = self.dialect.migrator(self.peewee)
+        for model in models:
+            if model in new:
+                continue
+            table = model._meta.table_name
+            present = {c.name for c in self.peewee.get_columns(table)}
+            missing = [f for f in model._meta.sorted_fields if f.column_name not in present]
+            if missing:
+                logger.info("ledger: adding %s to %s", ", ".join(f.column_name for f in missing),
+                            table)
+                migrate(*(migrator.add_column(table, f.column_name, f) for f in missing))
 
     def defer_checkpoints(self) -> None:
         self.dialect.defer_checkpoints(self.peewee)
