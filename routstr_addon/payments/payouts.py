@@ -2,9 +2,9 @@
 
 Profit is the operator's margin (``Ledger.books``: what the wallet holds less backed key
 balances, refunds not yet handed out and payouts under way). When it reaches ``MINIMUM_PAYOUT``
-it is paid to
-``RECEIVE_LN_ADDRESS``: an invoice is asked of the address for the profit less the Lightning fee
-reserve and the mint's input fee, and paid by melting pool proofs at the primary mint.
+it is paid to ``RECEIVE_LN_ADDRESS``: an invoice is asked of the address for the profit less the
+Lightning fee reserve and the mint's input fee, and paid by melting pool proofs at the primary
+mint.
 
 Every payment is a ``payouts`` row written before the mint is asked. If the answer is lost the
 row stays ``pending`` and is settled from the mint's quote state on the next run: never paid
