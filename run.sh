@@ -58,7 +58,8 @@ if [ ! -x .venv/bin/routstr ] || [ uv.lock -nt .venv/.synced ] || [ pyproject.to
 fi
 
 # What the tests drive that is not Python: Debian's Chromium (the /admin browser tests), tor (the
-# hidden-service torrc), docker-compose (compose.yml is validated) and curl (the README's commands).
+# hidden-service torrc), docker-compose (compose.yml is validated), curl (the README's commands) and
+# Node.js with npm (cashu-ts, the interop tests in tests/js; Node 20.19 or newer).
 # Installed with apt-get when missing; elsewhere, install them yourself.
 need_system_packages() {
     local need=() sudo=""
@@ -66,6 +67,7 @@ need_system_packages() {
     command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
     command -v tor >/dev/null 2>&1 || need+=(tor)
     command -v curl >/dev/null 2>&1 || need+=(curl)
+    command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
     [ ${#need[@]} -gt 0 ] || return 0
     if ! command -v apt-get >/dev/null 2>&1; then
         say "the tests need: ${need[*]} (no apt-get here: install them, then run this again)"

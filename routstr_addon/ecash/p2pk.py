@@ -203,9 +203,6 @@ class Lock:
     sigflag: str
     n_sigs: int | None
 
-    def values(self, name: str) -> list[str]:
-        return [v for tag in self.tags if tag[0] == name for v in tag[1:]]
-
     @property
     def tag_names(self) -> set[str]:
         return {tag[0] for tag in self.tags}
@@ -239,7 +236,7 @@ def parse_lock(secret: str) -> Lock:
     """
     try:
         decoded = json.loads(secret, object_pairs_hook=_no_duplicate_keys)
-    except ValueError:  # JSONDecodeError, or a duplicate key
+    except (ValueError, RecursionError):  # JSONDecodeError, a duplicate key, deep nesting
         if looks_locked(secret):
             raise _refuse(Refusal.MALFORMED_SECRET, "The proof's secret is not valid NUT-10 "
                           "JSON.") from None
