@@ -69,7 +69,26 @@ from cashu.core.nuts import nut18  # noqa: E402
 MNEMONIC = ("abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon "
             "abandon about")
 KEY = PaymentKey.from_mnemonic(MNEMONIC)
-OTHER = PaymentKey(bytes.fromhex("07" * 32))
+OTHER_PRIVATE = bytes.fromhex("07" * 32)
+OTHER = PaymentKey(OTHER_PRIVATE)
+
+
+def key_private() -> bytes:
+    """KEY's private key, derived here independently of PaymentKey."""
+    from bip32 import BIP32
+
+    from routstr_addon.ecash.seed import seed_from_mnemonic
+
+    return bytes(BIP32.from_seed(seed_from_mnemonic(MNEMONIC)).get_privkey_from_path(
+        "m/1381192786'/0'/0'"))
+
+
+def witness_by(private: bytes, secret: str) -> str:
+    """A NUT-11 witness made with nutshell's own Schnorr signing, whatever the secret."""
+    from cashu.core.p2pk import schnorr_sign
+
+    signature = schnorr_sign(secret.encode(), NutshellPrivateKey(private)).hex()
+    return json.dumps({"signatures": [signature]})
 POLICY = LockPolicy(KEY.public_hex)
 DAY = 86400
 
@@ -225,10 +244,10 @@ def test_payment_key_comes_from_the_mnemonic_at_its_own_path() -> None:
     nutshell_key = BIP32.from_seed(seed_from_mnemonic(MNEMONIC)).get_pubkey_from_path(
         "m/129372'/0'/0'/0'")
     assert bytes(nutshell_key).hex() != KEY.public_hex
-    # Never shown: not in repr, not in the witness.
-    private_hex = BIP32.from_seed(seed_from_mnemonic(MNEMONIC)).get_privkey_from_path(
-        PAYMENT_KEY_PATH.format(index=0)).hex()
-    assert private_hex not in repr(KEY) and KEY.public_hex in repr(KEY)
+    # The private key is the path's, and never shown.
+    private = key_private()
+    assert NutshellPrivateKey(private).public_key.format().hex() == KEY.public_hex
+    assert private.hex() not in repr(KEY) and KEY.public_hex in repr(KEY)
     with pytest.raises(ValueError):
         PaymentKey.from_mnemonic(MNEMONIC, index=2**31)
 
@@ -332,7 +351,7 @@ def test_every_lock_we_accept_only_we_can_spend_at_a_nutshell_mint(secret: str) 
     proof = Proof(id="00ad268c4d1f5826", amount=1, secret=secret, C="02" + "11" * 32)
     assert mint_rules._verify_input_spending_conditions(
         proof.model_copy(update={"witness": KEY.witness(secret)}))
-    foreign = json.dumps({"signatures": [OTHER.sign(secret)]})
+    foreign = witness_by(OTHER_PRIVATE, secret)
     for witness in (None, foreign):
         with pytest.raises(Exception):  # noqa: B017 - nutshell raises several types
             mint_rules._verify_input_spending_conditions(
@@ -630,7 +649,7 @@ def test_our_witnesses_spend_the_locked_proofs_at_the_mint(minted: dict[str, Pro
 
     with pytest.raises(MintError):  # no witness
         asyncio.run(swap(locked))
-    foreign = [p.model_copy(update={"witness": json.dumps({"signatures": [OTHER.sign(p.secret)]})})
+    foreign = [p.model_copy(update={"witness": witness_by(OTHER_PRIVATE, p.secret)})
                for p in locked]
     with pytest.raises(MintError):  # another key's signatures
         asyncio.run(swap(foreign))
@@ -648,8 +667,7 @@ def test_the_mint_will_not_spend_what_we_refuse_as_malformed(minted: dict[str, P
                                                              mint: LocalMint) -> None:
     """A duplicate "data" key: our key is the last one, yet the mint refuses the proof."""
     proof = minted["duplicate_key"]
-    signed = proof.model_copy(update={"witness": json.dumps(
-        {"signatures": [KEY.sign(proof.secret)]})})
+    signed = proof.model_copy(update={"witness": witness_by(key_private(), proof.secret)})
 
     async def swap() -> None:
         wallet = MintWallet(mint.url)

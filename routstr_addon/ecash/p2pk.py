@@ -160,7 +160,7 @@ class PaymentKey:
     def __repr__(self) -> str:  # never the private key
         return f"PaymentKey(public_hex={self.public_hex!r}, index={self.index})"
 
-    def sign(self, message: str) -> str:
+    def _sign(self, message: str) -> str:
         """NUT-11: a BIP-340 Schnorr signature (hex) over SHA-256 of the message's UTF-8."""
         digest = _SHA256(message.encode()).digest()
         return self._private.sign_schnorr(digest).hex()
@@ -175,7 +175,7 @@ class PaymentKey:
             raise _refuse(Refusal.WRONG_KEY, "The proof is not locked to this key.")
         if lock.sigflag != "SIG_INPUTS":
             raise _refuse(Refusal.SIG_ALL, "SIG_ALL proofs are signed over the whole swap.")
-        return json.dumps({"signatures": [self.sign(secret)]}, separators=(",", ":"))
+        return json.dumps({"signatures": [self._sign(secret)]}, separators=(",", ":"))
 
 
 def sign_witnesses(proofs: Iterable[Proof], key: PaymentKey) -> list[Proof]:
