@@ -57,10 +57,34 @@ if [ ! -x .venv/bin/routstr ] || [ uv.lock -nt .venv/.synced ] || [ pyproject.to
     touch .venv/.synced
 fi
 
+# What the tests drive that is not Python: Debian's Chromium (the /admin browser tests), tor (the
+# hidden-service torrc), docker-compose (compose.yml is validated), curl (the README's commands) and
+# Node.js with npm (cashu-ts, the interop tests in tests/js; Node 20.19 or newer).
+# Installed with apt-get when missing; elsewhere, install them yourself.
+need_system_packages() {
+    local need=() sudo=""
+    command -v chromium >/dev/null 2>&1 || need+=(chromium)
+    command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+    command -v tor >/dev/null 2>&1 || need+=(tor)
+    command -v curl >/dev/null 2>&1 || need+=(curl)
+    command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
+    [ ${#need[@]} -gt 0 ] || return 0
+    if ! command -v apt-get >/dev/null 2>&1; then
+        say "the tests need: ${need[*]} (no apt-get here: install them, then run this again)"
+        return 0
+    fi
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    say "installing ${need[*]} (Debian packages the tests drive)"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get install -y -q "${need[@]}" >/dev/null \
+        || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q "${need[@]}" >/dev/null; }
+}
+
 cmd=${1:-serve}
 [ $# -gt 0 ] && shift
 case "$cmd" in
     test)
+        need_system_packages
         say "ruff"; .venv/bin/ruff check routstr_addon cli tests bench example.py
         say "mypy"; .venv/bin/mypy
         say "pytest"; exec .venv/bin/pytest "$@"

@@ -220,10 +220,10 @@ def profile_summary(profiler: cProfile.Profile, n: int, top: int) -> dict[str, A
     sqlite = sum(v[2] for k, v in raw.items() if _is_sqlite(k))
     rows = sorted(raw.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
 
+    facade = os.path.join("routstr_addon", "ledger", "core.py")  # the Ledger's entry points
+
     def cum(name: str) -> float:
-        return sum(v[3] for k, v in raw.items()
-                   if k[2] == name
-                   and k[0].endswith(os.path.join("routstr_addon", "ledger", "core.py")))
+        return sum(v[3] for k, v in raw.items() if k[2] == name and k[0].endswith(facade))
 
     by_file: dict[str, float] = {}
     for k, v in raw.items():

@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from routstr_addon.ledger import KEY_PREFIX, MODELS, KeyState, Ledger, LedgerEntry, hash_key
+from routstr_addon.ledger import KEY_PREFIX, KeyState, Ledger, hash_key
 from routstr_addon.settings import Config
 
 from .common import JsonOpt, console, err, fail, load_config, mints_of, open_ledger, sats
@@ -249,15 +249,9 @@ def keys_topup(
     """Credit a key (help: TOPUP_HELP)."""
     with open_ledger() as ledger:
         state = resolve_key(ledger, key)
-        with ledger.transaction(durable=True) as cur:
-            if ledger.credit_in(cur, state.key_hash, amount_sats * 1000, note) is None:
-                raise fail("no such key", 1)
-            cur.execute(ledger.sql("SELECT MAX(id) FROM ledger_entries WHERE key_hash = ?"),
-                        (state.key_hash,))
-            entry_id = int(cur.fetchone()[0])
-        with ledger.db.bind_ctx(MODELS):
-            entry: dict[str, Any] = LedgerEntry.select().where(  # type: ignore[assignment]
-                LedgerEntry.id == entry_id).dicts().get()
+        entry = ledger.accounts.credit_entry(state.key_hash, amount_sats * 1000, note)
+        if entry is None:
+            raise fail("no such key", 1)
         after = ledger.key(state.key_hash)
     assert after is not None
     if after.backed:
@@ -275,19 +269,14 @@ def keys_topup(
 # --- disable, enable ------------------------------------------------------------------------
 
 
-def set_disabled(ledger: Ledger, key_hash: str, disabled: bool) -> bool:
-    """Switch a key off (requests get 403 key_disabled) or on; whether anything changed.
-    Requests already in flight finish and are charged."""
-    with ledger.transaction() as cur:
-        cur.execute(ledger.sql("UPDATE api_keys SET disabled = ? WHERE key_hash = ? "
-                               "AND disabled <> ?"), (disabled, key_hash, disabled))
-        return bool(cur.rowcount)
-
-
 def _switch(key: str, disabled: bool, as_json: bool) -> None:
+    """Switch a key off (requests get 403 key_disabled) or on. Requests already in flight
+    finish and are charged."""
     with open_ledger() as ledger:
         state = resolve_key(ledger, key)
-        changed = set_disabled(ledger, state.key_hash, disabled)
+        changed = ledger.set_disabled(state.key_hash, disabled)
+        if changed is None:
+            raise fail("no such key", 1)
         after = ledger.key(state.key_hash)
     assert after is not None
     if as_json:

@@ -148,15 +148,18 @@ def ledger_check(as_json: JsonOpt = False) -> None:
         if config.cashu_mints:
             books = read_books(ledger, config.cashu_mints, with_proofs=True)
             checked = check_books(ledger, books)
-            spendable = books.proofs_msat - checked.spent_msat
+            # What may cover users: unspent at the mint, and not promised to a payout.
+            spendable = books.proofs_msat - checked.spent_msat - books.payouts_msat
             wallet = {"proofs_msat": books.proofs_msat, "liabilities_msat": books.liabilities_msat,
+                      "pending_payouts_msat": books.payouts_msat,
                       "margin_msat": books.margin_msat, "check": checked.as_json()}
             problems += [f"{p['amount']} {p['unit']} at {p['mint']} counted but spent at the mint"
                          for p in checked.spent]
             problems += [f"could not ask a mint: {e}" for e in checked.errors]
             if spendable < books.liabilities_msat:
-                problems.append(f"the wallet holds {sats(spendable)} sats of unspent ecash, less "
-                                f"than the {sats(books.liabilities_msat)} sats users are owed")
+                problems.append(f"the wallet holds {sats(spendable)} sats of unspent ecash not "
+                                f"paying out, less than the {sats(books.liabilities_msat)} sats "
+                                "users are owed")
     if as_json:
         print(json.dumps({"ok": not problems, "problems": problems, "wallet": wallet}))
     elif problems:

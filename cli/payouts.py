@@ -81,8 +81,10 @@ def payouts_run(
         print(json.dumps(result, default=str))
     else:
         books = result["books"]
-        console.print(f"held {sats(books['held_msat'])} sats, owed {sats(books['owed_msat'])}, "
-                      f"profit [bold]{sats(books['profit_msat'])}[/bold] sats")
+        console.print(f"held {sats(books['proofs_msat'])} sats, owed "
+                      f"{sats(books['liabilities_msat'])}, under way "
+                      f"{sats(books['pending_payouts_msat'])}, margin "
+                      f"[bold]{sats(books['margin_msat'])}[/bold] sats")
         if result.get("skipped"):
             console.print(f"nothing paid: {result['skipped']}")
         if result.get("would_pay_sats"):

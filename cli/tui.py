@@ -42,12 +42,13 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from routstr_addon.ledger import Ledger
+from routstr_addon.ledger import Books, Ledger, Tx
 from routstr_addon.settings import Config
 
 from .common import JsonOpt, console, err, load_config, open_ledger, sats
 from .models import Rate, age_text, configured_rate, fetch_live_rate
-from .stats import DAY, bucket_sql, first_id_since, id_bounds
+from .stats import DAY
+from .wallet import read_books
 
 __all__ = ["RateWatcher", "Snapshot", "Tally", "read_snapshot", "render", "tui"]
 
@@ -79,36 +80,6 @@ class Recent:
 
 
 @dataclass(frozen=True, slots=True)
-class MintRow:
-    """The proofs held at one mint in one unit (unspent, held for change, reserved)."""
-
-    mint: str
-    unit: str
-    proofs: int
-    amount: int
-    msat: int
-    trusted: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Books:
-    mints: tuple[MintRow, ...] = ()
-    proofs_msat: int = 0
-    keys_msat: int = 0  # backed key balances: owed in ecash
-    refunds_msat: int = 0  # refunds not yet handed out
-    credit_msat: int = 0  # operator-granted balances: spendable, not owed in ecash
-    read_at: float = 0.0
-
-    @property
-    def liabilities_msat(self) -> int:
-        return self.keys_msat + self.refunds_msat
-
-    @property
-    def margin_msat(self) -> int:
-        return self.proofs_msat - self.liabilities_msat
-
-
-@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything the dashboard shows, at one moment."""
 
@@ -127,6 +98,7 @@ class Snapshot:
     reserved_msat: int
     oldest_reservation: float | None
     books: Books
+    books_at: float  # when the books were read (they are read every BOOKS_EVERY seconds)
     rate: Rate
     read_seconds: float = 0.0
     problem: str | None = None  # the last read failed (the figures are the previous read's)
@@ -142,9 +114,7 @@ class Snapshot:
     def as_json(self) -> dict[str, Any]:
         data = {name: getattr(self, name) for name in self.__dataclass_fields__}
         data["recent"] = [asdict(r) for r in self.recent]
-        data["books"] = {**asdict(self.books), "mints": [asdict(m) for m in self.books.mints],
-                         "liabilities_msat": self.books.liabilities_msat,
-                         "margin_msat": self.books.margin_msat}
+        data["books"] = self.books.as_json()
         data["rate"] = self.rate.as_json()
         data["per_minute"] = list(self.per_minute)
         data["per_second"] = list(self.per_second)
@@ -160,6 +130,7 @@ class Tally:
     days: dict[int, list[int]] = field(default_factory=dict)  # day -> [charges, revenue msat]
     minutes: dict[int, int] = field(default_factory=dict)  # minute -> finished requests
     books: Books | None = None
+    books_at: float = 0.0
 
     def absorb(self, other: Tally) -> None:
         """Add ``other``'s counts to these."""
@@ -180,55 +151,33 @@ class Tally:
         self.minutes = {m: n for m, n in self.minutes.items() if m >= first_minute}
 
 
-def _count(ledger: Ledger, cur: Any, tally: Tally, low: int, high: int,
+def _count(ledger: Ledger, tx: Tx, tally: Tally, low: int, high: int,
            minute_since: float) -> None:
     """Add the journal rows with ids in [low, high] to ``tally``: charges per day, finished
     requests per minute (those since ``minute_since``)."""
     if high < low:
         return
-    day, minute = bucket_sql(ledger, DAY), bucket_sql(ledger, 60)
-    cur.execute(ledger.sql(
-        f"SELECT {day}, COUNT(*), COALESCE(SUM(-amount_msat), 0) FROM ledger_entries "
-        f"WHERE id >= ? AND id <= ? AND kind = 'charge' GROUP BY {day}"), (low, high))
-    for d, n, revenue in cur.fetchall():
-        counted = tally.days.setdefault(int(d), [0, 0])
-        counted[0] += int(n)
-        counted[1] += int(revenue)
-    start = first_id_since(ledger, cur, minute_since, low, high)
-    cur.execute(ledger.sql(
-        f"SELECT {minute}, COUNT(*) FROM ledger_entries WHERE id >= ? AND id <= ? "
-        f"AND kind IN ('charge', 'release') AND created_at >= ? GROUP BY {minute}"),
-        (start, high, minute_since))
-    for m, n in cur.fetchall():
-        tally.minutes[int(m)] = tally.minutes.get(int(m), 0) + int(n)
+    reports = ledger.reports
+    for d, (n, revenue) in reports.charges_per_day(tx, low, high).items():
+        counted = tally.days.setdefault(d, [0, 0])
+        counted[0] += n
+        counted[1] += revenue
+    start = reports.first_id_at(minute_since, low, high + 1, tx)
+    for m, n in reports.finished_per_minute(tx, start, high, minute_since).items():
+        tally.minutes[m] = tally.minutes.get(m, 0) + n
 
 
-def _recent(ledger: Ledger, cur: Any, high: int, limit: int) -> tuple[Recent, ...]:
-    cur.execute(ledger.sql(
-        "SELECT id, created_at, request_id, key_hash, model, prompt_tokens, completion_tokens, "
-        "amount_msat, kind, note FROM ledger_entries WHERE id > ? "
-        "AND kind IN ('charge', 'release') ORDER BY id DESC LIMIT ?"),
-        (high - RECENT_SCAN, limit))
+def _recent(ledger: Ledger, tx: Tx, high: int, limit: int) -> tuple[Recent, ...]:
     found = []
-    for rid, at, request_id, key_hash, model, pt, ct, amount, kind, note in cur.fetchall():
-        status = ("released" if kind == "release"
+    for row in ledger.reports.recent_finished(tx, high, limit, RECENT_SCAN):
+        note = row.note
+        status = ("released" if row.kind == "release"
                   else "swept" if (note or "").startswith(("swept", "after its reservation"))
                   else "charged")
-        found.append(Recent(int(rid), float(at), request_id, key_hash[:12], model,
-                            None if pt is None else int(pt), None if ct is None else int(ct),
-                            -int(amount), status, note))
+        found.append(Recent(row.id, row.at, row.request_id, row.key_hash[:12], row.model,
+                            row.prompt_tokens, row.completion_tokens, -row.amount_msat, status,
+                            note))
     return tuple(found)
-
-
-def read_books(ledger: Ledger, mints: Sequence[str], now: float) -> Books:
-    """The proofs held per mint and what is owed, from the ledger alone (no mint is asked)."""
-    from .wallet import read_books as books_of
-
-    books = books_of(ledger, mints)
-    rows = tuple(MintRow(h.mint, h.unit, h.count, h.amount, h.msat, h.trusted)
-                 for h in books.holdings)
-    return Books(rows, books.proofs_msat, books.keys_msat, books.refunds_msat, books.credit_msat,
-                 now)
 
 
 def read_snapshot(ledger: Ledger, *, mints: Sequence[str] = (), rate: Rate | None = None,
@@ -238,8 +187,6 @@ def read_snapshot(ledger: Ledger, *, mints: Sequence[str] = (), rate: Rate | Non
 
     Pass the same ``tally`` to every call: the first read counts the revenue window once,
     later ones only what was added since. ``mints``: the trusted mints (CASHU_MINTS)."""
-    from .wallet import snapshot
-
     started = time.perf_counter()
     now = time.time() if now is None else now
     tally = Tally() if tally is None else tally
@@ -247,38 +194,35 @@ def read_snapshot(ledger: Ledger, *, mints: Sequence[str] = (), rate: Rate | Non
     first_day = today - WINDOW_DAYS + 1
     this_minute = int(now // 60)
     first_minute = this_minute - RATE_MINUTES + 1
-    with snapshot(ledger) as cur:
-        low, high = id_bounds(ledger, cur)
+    reports = ledger.reports
+    with ledger.snapshot() as tx:
+        low, high = reports.id_bounds(tx)
         # Counted so far: up to the mark; on the first read, up to the window's first row.
         mark = (tally.mark if tally.mark >= 0
-                else first_id_since(ledger, cur, first_day * DAY, low, high) - 1)
+                else reports.first_id_at(first_day * DAY, low, high + 1, tx) - 1)
         # Rows older than a few seconds are counted once and for all; younger ones again on
         # every read (on PostgreSQL a row may commit after rows with larger ids).
-        settled = max(mark, first_id_since(ledger, cur, now - SETTLE_SECONDS, mark + 1, high) - 1)
+        settled = max(mark, reports.first_id_at(now - SETTLE_SECONDS, mark + 1, high + 1,
+                                                 tx) - 1)
         newly = Tally(mark=settled)
-        _count(ledger, cur, newly, mark + 1, settled, first_minute * 60)
+        _count(ledger, tx, newly, mark + 1, settled, first_minute * 60)
         fresh = Tally(mark=high)
-        _count(ledger, cur, fresh, settled + 1, high, first_minute * 60)
-        start = first_id_since(ledger, cur, now - 60, max(low, high - RECENT_SCAN * 10), high)
-        cur.execute(ledger.sql("SELECT COUNT(*) FROM ledger_entries WHERE id >= ? "
-                               "AND kind IN ('charge', 'release') AND created_at >= ?"),
-                    (start, now - 60))
-        last_minute = int(cur.fetchone()[0])
-        recent_rows = _recent(ledger, cur, high, recent)
-        cur.execute("SELECT COUNT(*), COALESCE(SUM(amount_msat), 0), MIN(created_at) "
-                    "FROM reservations")
-        held, held_msat, oldest = cur.fetchone()
+        _count(ledger, tx, fresh, settled + 1, high, first_minute * 60)
+        start = reports.first_id_at(now - 60, max(low, high - RECENT_SCAN * 10), high + 1, tx)
+        last_minute = reports.finished_since(tx, start, now - 60)
+        recent_rows = _recent(ledger, tx, high, recent)
+        held, held_msat, oldest = reports.in_flight(tx)
     tally.absorb(newly)  # only now that every query succeeded: never counted twice
     tally.mark = settled
     tally.forget_before(first_day, first_minute)
-    if tally.books is None or now - tally.books.read_at >= books_every:
-        tally.books = read_books(ledger, mints, now)
+    if tally.books is None or now - tally.books_at >= books_every:
+        tally.books, tally.books_at = read_books(ledger, mints), now
     counted = tally.merged(fresh)
     week = [counted.days.get(d, [0, 0]) for d in range(first_day, today + 1)]
     return Snapshot(
         at=now,
         name=name,
-        database="sqlite" if ledger.is_sqlite else "postgresql",
+        database=ledger.database.name,
         journal_rows=high,
         requests_last_minute=last_minute,
         per_minute=tuple(counted.minutes.get(m, 0)
@@ -288,10 +232,11 @@ def read_snapshot(ledger: Ledger, *, mints: Sequence[str] = (), rate: Rate | Non
         requests_week=sum(n for n, _ in week),
         revenue_week_msat=sum(r for _, r in week),
         recent=recent_rows,
-        reservations=int(held),
-        reserved_msat=int(held_msat),
-        oldest_reservation=None if oldest is None else float(oldest),
+        reservations=held,
+        reserved_msat=held_msat,
+        oldest_reservation=oldest,
         books=tally.books,
+        books_at=tally.books_at,
         rate=rate or Rate(None, "none", error="not fetched"),
         read_seconds=time.perf_counter() - started,
     )
@@ -403,10 +348,10 @@ def _wallet_panel(s: Snapshot) -> Panel:
     table.add_column("unit")
     table.add_column("proofs", justify="right")
     table.add_column("sats", justify="right")
-    for m in b.mints:
+    for m in b.holdings:
         name = escape(m.mint) + ("" if m.trusted else " [yellow](untrusted)[/yellow]")
-        table.add_row(name, m.unit, f"{m.proofs:,}", sats(m.msat))
-    if not b.mints:
+        table.add_row(name, m.unit, f"{m.count:,}", sats(m.msat))
+    if not b.holdings:
         table.add_row("[dim]no ecash (CASHU_MINTS is empty)[/dim]", "", "", "")
     colour = "green" if b.margin_msat >= 0 else "red"
     totals = Table.grid(padding=(0, 1))
@@ -416,11 +361,13 @@ def _wallet_panel(s: Snapshot) -> Panel:
     totals.add_row("proofs", f"{sats(b.proofs_msat)} sats", "held by the wallet")
     totals.add_row("liabilities", f"{sats(b.liabilities_msat)} sats",
                    f"keys {sats(b.keys_msat)} + refunds {sats(b.refunds_msat)}")
+    if b.payouts:
+        totals.add_row("payouts", f"{sats(b.payouts_msat)} sats", "under way")
     totals.add_row("margin", f"[bold {colour}]{sats(b.margin_msat)} sats[/]",
-                   "proofs − liabilities")
+                   "proofs − liabilities − payouts")
     if b.credit_msat:
         totals.add_row("operator credit", f"{sats(b.credit_msat)} sats", "not owed in ecash")
-    age = f" [dim]as of {_clock(b.read_at)}[/dim]" if b.read_at else ""
+    age = f" [dim]as of {_clock(s.books_at)}[/dim]" if s.books_at else ""
     return Panel(Group(table, totals), title=f"wallet: proofs vs liabilities{age}",
                  border_style="green" if b.margin_msat >= 0 else "red")
 
@@ -435,7 +382,8 @@ def render(s: Snapshot) -> Layout:
         f"{s.read_seconds * 1000:.0f} ms ·[/dim] [bold]q[/bold] quit"
         + (f"  [bold red]{escape(s.problem)}[/bold red]" if s.problem else ""))
     # borders 2, table header 2, one line per mint, totals 3 (+ operator credit)
-    bottom_height = 7 + max(1, len(s.books.mints)) + (1 if s.books.credit_msat else 0)
+    bottom_height = (7 + max(1, len(s.books.holdings)) + (1 if s.books.credit_msat else 0)
+                     + (1 if s.books.payouts else 0))
     layout.split_column(Layout(header, name="header", size=1),
                         Layout(name="top", size=6),
                         Layout(_recent_panel(s), name="recent", ratio=1, minimum_size=5),
@@ -538,7 +486,7 @@ def run_dashboard(ledger: Ledger, config: Config, rate: Callable[[], Rate],
                                  recent=_visible_rows(len(config.cashu_mints)),
                                  name=config.name)
         except Exception as e:  # the database went away: keep the screen, say so, retry
-            ledger.db.close()  # reconnected on the next read
+            ledger.disconnect()  # reconnected on the next read
             if not last:
                 raise
             problem = f"reading the ledger failed: {e}".splitlines()[0][:120]

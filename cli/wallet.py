@@ -3,8 +3,9 @@
 The proxy keeps its Cashu proofs in the ledger database (table ``proofs``): ``unspent`` ones are
 the pool, ``held`` and ``reserved`` ones are on their way to a user as change or refund but still
 the proxy's. It owes the balance of every key funded with ecash, and every refund recorded but
-not yet handed out. Proofs minus liabilities is the margin, the operator's own: ``send``
-withdraws from it and never more, ``receive`` adds float to the pool.
+not yet handed out. Proofs minus liabilities and payouts under way is the margin, the
+operator's own (``Ledger.books``, as /admin and the payouts read it): ``send`` withdraws from it
+and never more, ``receive`` adds float to the pool.
 
 Every command works on the running proxy's database: reads are one snapshot, writes go through
 the same wallet code and transactions as the proxy's. cashu (slow to import) is imported only by
@@ -17,8 +18,7 @@ import asyncio
 import json
 import sys
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -27,7 +27,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from routstr_addon.ecash.tokens import UNIT_MSAT, sanitize_mint_url
-from routstr_addon.ledger import KeyState, Ledger
+from routstr_addon.ledger import POOL_STATES, Books, CountedProof, KeyState, Ledger
 from routstr_addon.settings import Config
 
 from .common import JsonOpt, console, err, fail, load_config, mints_of, open_ledger, sats
@@ -35,14 +35,12 @@ from .common import JsonOpt, console, err, fail, load_config, mints_of, open_led
 if TYPE_CHECKING:
     from routstr_addon.ecash.wallet import Redeemed, Wallet
 
-__all__ = ["Books", "check_books", "create_key_from_token", "open_wallet", "read_books",
-           "wallet_app"]
+__all__ = ["check_books", "create_key_from_token", "open_wallet", "read_books", "wallet_app"]
 
 wallet_app = typer.Typer(
     help="The ecash the proxy holds: balance against what users are owed, withdraw the "
          "margin, add float.", no_args_is_help=True)
 
-POOL_STATES = ("unspent", "held", "reserved")
 CHECK_BATCH = 100  # Ys per NUT-07 request
 
 
@@ -60,110 +58,9 @@ def open_wallet(ledger: Ledger, config: Config) -> Wallet:
 # --- the books ------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class Holding:
-    """The proofs the proxy holds at one mint in one unit."""
-
-    mint: str
-    unit: str
-    trusted: bool
-    count: int = 0
-    by_state: dict[str, int] = field(default_factory=dict)  # amount in the unit, per state
-
-    @property
-    def amount(self) -> int:
-        return sum(self.by_state.values())
-
-    @property
-    def msat(self) -> int:
-        return self.amount * UNIT_MSAT.get(self.unit, 0)
-
-    def as_json(self) -> dict[str, Any]:
-        return {"mint": self.mint, "unit": self.unit, "trusted": self.trusted,
-                "proofs": self.count, "amount": self.amount, "msat": self.msat,
-                **{state: self.by_state.get(state, 0) for state in POOL_STATES}}
-
-
-@dataclass(slots=True)
-class Books:
-    """One consistent reading of what the proxy holds and owes."""
-
-    holdings: list[Holding]
-    keys_msat: int  # the balances of keys funded with ecash (all keys on an older ledger)
-    keys: int  # with a balance
-    refunds_msat: int  # refunds debited from their key whose token is not made yet
-    refunds: int
-    credit_msat: int  # balances the operator granted by hand: spendable, not withdrawable
-    credit_keys: int
-    proofs: list[tuple[str, str, str, int]] = field(default_factory=list, repr=False)
-    # (secret, mint, unit, amount) of every proof counted, when asked for
-
-    @property
-    def proofs_msat(self) -> int:
-        return sum(h.msat for h in self.holdings)
-
-    @property
-    def liabilities_msat(self) -> int:
-        return self.keys_msat + self.refunds_msat
-
-    @property
-    def margin_msat(self) -> int:
-        return self.proofs_msat - self.liabilities_msat
-
-
-@contextmanager
-def snapshot(ledger: Ledger) -> Iterator[Any]:
-    """A cursor in a read-only transaction: every query in it sees the same moment, however
-    the proxy writes meanwhile."""
-    cur = ledger.db.connection().cursor()
-    cur.execute("BEGIN" if ledger.is_sqlite else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-    try:
-        yield cur
-    finally:
-        cur.execute("ROLLBACK")
-
-
 def read_books(ledger: Ledger, trusted: Sequence[str], with_proofs: bool = False) -> Books:
-    """The proofs held per (mint, unit) and the liabilities, read in one snapshot."""
-    trusted_urls = [sanitize_mint_url(m) for m in trusted]
-    pool = ", ".join(f"'{s}'" for s in POOL_STATES)
-    columns = {c.name for c in ledger.db.get_columns("api_keys")}
-    if "backed" in columns:
-        keys_sql = ("SELECT COALESCE(SUM(CASE WHEN backed THEN balance_msat ELSE 0 END), 0), "
-                    "COALESCE(SUM(CASE WHEN backed AND balance_msat > 0 THEN 1 ELSE 0 END), 0), "
-                    "COALESCE(SUM(CASE WHEN backed THEN 0 ELSE balance_msat END), 0), "
-                    "COALESCE(SUM(CASE WHEN backed OR balance_msat = 0 THEN 0 ELSE 1 END), 0) "
-                    "FROM api_keys")
-    else:  # a ledger from before keys knew how they were funded: all of it is owed
-        keys_sql = ("SELECT COALESCE(SUM(balance_msat), 0), "
-                    "COALESCE(SUM(CASE WHEN balance_msat > 0 THEN 1 ELSE 0 END), 0), 0, 0 "
-                    "FROM api_keys")
-    with snapshot(ledger) as cur:
-        cur.execute(f"SELECT mint, unit, state, COUNT(*), SUM(amount) FROM proofs "
-                    f"WHERE state IN ({pool}) GROUP BY mint, unit, state")
-        grouped = cur.fetchall()
-        cur.execute(keys_sql)
-        keys_msat, keys, credit_msat, credit_keys = (int(v) for v in cur.fetchone())
-        cur.execute("SELECT COALESCE(SUM(msat), 0), COUNT(*) FROM refunds "
-                    "WHERE state = 'pending'")
-        refunds_msat, refunds = (int(v) for v in cur.fetchone())
-        proofs: list[tuple[str, str, str, int]] = []
-        if with_proofs:
-            cur.execute(f"SELECT secret, mint, unit, amount FROM proofs WHERE state IN ({pool})")
-            proofs = [(s, m, u, int(a)) for s, m, u, a in cur.fetchall()]
-    holdings: dict[tuple[str, str], Holding] = {}
-    for mint, unit, state, count, total in grouped:
-        h = holdings.setdefault((mint, unit), Holding(mint, unit, mint in trusted_urls))
-        h.count += int(count)
-        h.by_state[state] = int(total)
-    for url in trusted_urls:  # every trusted mint is listed, holding nothing or not
-        if not any(m == url for m, _ in holdings):
-            holdings[(url, "sat")] = Holding(url, "sat", True)
-    order = {url: i for i, url in enumerate(trusted_urls)}
-    listed = sorted(holdings.values(),
-                    key=lambda h: (order.get(h.mint, len(order)), h.mint, h.unit))
-    return Books(listed, keys_msat, keys, refunds_msat, refunds, credit_msat, credit_keys,
-                 proofs)
+    """The operator's books, with the trusted mints (CASHU_MINTS) as the wallet names them."""
+    return ledger.books([sanitize_mint_url(m) for m in trusted], with_proofs)
 
 
 # --- asking the mints (NUT-07) --------------------------------------------------------------
@@ -187,7 +84,7 @@ class Check:
                 "spent_msat": self.spent_msat, "errors": self.errors}
 
 
-async def mint_states(proofs: Sequence[tuple[str, str, str, int]],
+async def mint_states(proofs: Sequence[CountedProof],
                       progress: Callable[[str], None]) -> tuple[dict[str, tuple[str, str]],
                                                                 list[str]]:
     """Ask each mint for the state of its proofs: {secret: (Y, state)}, and the errors met."""
@@ -198,8 +95,8 @@ async def mint_states(proofs: Sequence[tuple[str, str, str, int]],
     from cashu.core.crypto.b_dhke import hash_to_curve
 
     by_mint: dict[str, list[str]] = {}
-    for secret, mint, _, _ in proofs:
-        by_mint.setdefault(mint, []).append(secret)
+    for proof in proofs:
+        by_mint.setdefault(proof.mint, []).append(proof.secret)
     states: dict[str, tuple[str, str]] = {}
     errors: list[str] = []
     for mint, secrets in by_mint.items():
@@ -224,20 +121,6 @@ async def mint_states(proofs: Sequence[tuple[str, str, str, int]],
     return states, errors
 
 
-def still_held(ledger: Ledger, secrets: Sequence[str]) -> set[str]:
-    """Which of these proofs the ledger still counts (the proxy may have spent some since)."""
-    held: set[str] = set()
-    cur = ledger.db.connection().cursor()
-    for start in range(0, len(secrets), CHECK_BATCH):
-        batch = list(secrets[start:start + CHECK_BATCH])
-        marks = ", ".join("?" * len(batch))
-        pool = ", ".join("?" * len(POOL_STATES))
-        cur.execute(ledger.sql(f"SELECT secret FROM proofs WHERE secret IN ({marks}) "
-                               f"AND state IN ({pool})"), (*batch, *POOL_STATES))
-        held.update(row[0] for row in cur.fetchall())
-    return held
-
-
 def check_books(ledger: Ledger, books: Books) -> Check:
     """Ask the mints which of the counted proofs are really unspent (with a spinner)."""
     check = Check(checked=len(books.proofs))
@@ -246,14 +129,14 @@ def check_books(ledger: Ledger, books: Books) -> Check:
     with err.status("asking the mints which proofs are unspent…") as status:
         states, check.errors = asyncio.run(
             mint_states(books.proofs, lambda text: status.update(escape(text))))
-    odd = [p for p in books.proofs if states.get(p[0], ("", "UNSPENT"))[1] != "UNSPENT"]
+    odd = [p for p in books.proofs if states.get(p.secret, ("", "UNSPENT"))[1] != "UNSPENT"]
     # A proof the proxy spent between the snapshot and the mint's answer is no finding.
-    kept = still_held(ledger, [p[0] for p in odd])
-    for secret, mint, unit, amount in odd:
-        if secret not in kept:
+    kept = ledger.proofs.still_held([p.secret for p in odd])
+    for p in odd:
+        if p.secret not in kept:
             continue
-        y, state = states[secret]
-        found = {"mint": mint, "unit": unit, "amount": amount, "y": y, "state": state}
+        y, state = states[p.secret]
+        found = {"mint": p.mint, "unit": p.unit, "amount": p.amount, "y": y, "state": state}
         (check.spent if state == "SPENT" else check.pending).append(found)
     return check
 
@@ -264,11 +147,13 @@ def check_books(ledger: Ledger, books: Books) -> Check:
 BALANCE_HELP = (
     "What the proxy holds in ecash, what it owes, and the operator's margin.\n\n"
     "Per mint and unit: the proofs held (unspent, held for an x-cashu request's change, "
-    "reserved for a refund). Owed: the balances of keys funded with ecash, and refunds not yet "
-    "handed out. The margin, proofs − liabilities, is the operator's. Keys funded by hand "
+    "reserved for a refund or payout). Owed: the balances of keys funded with ecash, and "
+    "refunds not yet handed out. The margin, proofs − liabilities − payouts under way, is the "
+    "operator's (the figure /admin and the payouts use). Keys funded by hand "
     "(keys create --balance-sats) are shown apart: spendable credit, not withdrawable, not "
     "counted. Amounts in sats, to the msat.\n\n"
-    "Exit codes: 0 the proofs cover the liabilities (and, with --check, every one is unspent at "
+    "Exit codes: 0 the proofs cover the liabilities and payouts under way (and, with --check, "
+    "every one is unspent at "
     "its mint); 1 they do not, a proof is spent, or a mint could not be asked; 2 bad settings "
     "or no CASHU_MINTS."
 )
@@ -287,25 +172,11 @@ def wallet_balance(
     with open_ledger(config) as ledger:
         books = read_books(ledger, trusted, with_proofs=check)
         result = check_books(ledger, books) if check else None
-    good_msat = books.proofs_msat - (result.spent_msat if result else 0)
-    covered = good_msat >= books.liabilities_msat
+    covered = books.margin_msat - (result.spent_msat if result else 0) >= 0
     ok = covered and (result is None or not (result.spent or result.errors))
     if as_json:
-        print(json.dumps({
-            "mints": [h.as_json() for h in books.holdings],
-            "proofs_msat": books.proofs_msat,
-            "keys_msat": books.keys_msat,
-            "keys": books.keys,
-            "pending_refunds_msat": books.refunds_msat,
-            "pending_refunds": books.refunds,
-            "liabilities_msat": books.liabilities_msat,
-            "margin_msat": books.margin_msat,
-            "operator_credit_msat": books.credit_msat,
-            "operator_credit_keys": books.credit_keys,
-            "covered": covered,
-            "check": result.as_json() if result else None,
-            "ok": ok,
-        }))
+        print(json.dumps({**books.as_json(), "covered": covered,
+                          "check": result.as_json() if result else None, "ok": ok}))
         raise typer.Exit(0 if ok else 1)
     print_books(books, result, covered)
     raise typer.Exit(0 if ok else 1)
@@ -330,9 +201,12 @@ def print_books(books: Books, result: Check | None, covered: bool) -> None:
                     f"{books.keys} key(s) funded with ecash")
     summary.add_row("pending refunds", f"{sats(books.refunds_msat)} sats",
                     f"{books.refunds} refund(s)")
+    if books.payouts:
+        summary.add_row("payouts under way", f"{sats(books.payouts_msat)} sats",
+                        f"{books.payouts} payment(s) whose outcome is not known yet")
     colour = "green" if books.margin_msat >= 0 else "red"
     summary.add_row("[bold]margin[/bold]", f"[{colour}]{sats(books.margin_msat)} sats[/]",
-                    "the operator's: proofs − liabilities")
+                    "the operator's: proofs − liabilities − payouts under way")
     if books.credit_keys:
         summary.add_row("operator credit", f"{sats(books.credit_msat)} sats",
                         f"{books.credit_keys} key(s) funded by hand: spendable, not "
@@ -356,7 +230,7 @@ def print_books(books: Books, result: Check | None, covered: bool) -> None:
     if covered:
         console.print("[green]✓ the proofs cover what users are owed[/green]")
     else:
-        short = books.liabilities_msat - books.proofs_msat + (result.spent_msat if result else 0)
+        short = (result.spent_msat if result else 0) - books.margin_msat
         console.print(f"[red]✗ the proofs do not cover what users are owed: short by "
                       f"{sats(short)} sats[/red]")
 
@@ -418,7 +292,8 @@ def wallet_send(
     with open_ledger(config) as ledger:
         books = read_books(ledger, trusted)
         if amount * per_unit > books.margin_msat:
-            raise fail(f"refusing to send {amount:,} {unit}: the margin (proofs − liabilities) "
+            raise fail(f"refusing to send {amount:,} {unit}: the margin (proofs − liabilities − "
+                       "payouts under way) "
                        f"is {sats(books.margin_msat)} sats; the rest is owed to users", 1)
         try:
             with err.status(f"withdrawing {amount:,} {unit} at {escape(mint_url)}…"):
@@ -464,8 +339,8 @@ async def _receive(ledger: Ledger, config: Config, text: str) -> Redeemed:
     try:
         redeemed = await wallet.redeem(token)
         try:
-            with ledger.transaction(durable=True) as cur:
-                wallet.store_in(cur, redeemed.mint, redeemed.unit, redeemed.proofs, "unspent")
+            with ledger.transaction(durable=True) as tx:
+                wallet.store_in(tx, redeemed.mint, redeemed.unit, redeemed.proofs, "unspent")
         except Exception as e:
             raise Unrecorded(serialize_token(redeemed.mint, redeemed.unit,
                                              redeemed.proofs)) from e

@@ -28,6 +28,7 @@ from routstr_addon.dev.demo import run_in_thread
 from routstr_addon.dev.localmint import LocalMint
 from routstr_addon.ledger import KeyState, Ledger
 
+from .cashu_ts import CashuTs
 from .ecash_user import UserWallet
 from .upstream import TestUpstream
 
@@ -353,3 +354,9 @@ def books_balance(proxy: Proxy, mint_url: str) -> None:
         ys = [hash_to_curve(secret.encode()).format().hex() for secret, _, _ in held]
         states = httpx.post(f"{mint_url}/v1/checkstate", json={"Ys": ys}, timeout=30).json()
         assert {s["state"] for s in states["states"]} == {"UNSPENT"}
+
+
+@pytest.fixture(scope="session")
+def cashu_ts() -> CashuTs:
+    """cashu-ts at its pinned version, installed once per session (``npm ci``)."""
+    return CashuTs().install()

@@ -27,8 +27,7 @@ from mitmproxy import http
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
 from routstr_addon.dev.localmint import LocalMint
-from routstr_addon.ledger import Ledger, hash_key
-from routstr_addon.ledger import reports as dashboard
+from routstr_addon.ledger import Ledger, PayoutTotals, hash_key
 from routstr_addon.web import AdminState, Peer, Services
 from routstr_addon.web import admin as admin_routes
 from routstr_addon.web.auth import LoginLimiter, Sessions, password_matches, password_tag
@@ -658,8 +657,8 @@ def test_every_admin_path_is_answered_locally() -> None:
 
 def _journal(tmp_path: Path, times: list[float]) -> Ledger:
     ledger = Ledger(f"sqlite:///{tmp_path / 'journal.sqlite'}")
-    with ledger.transaction() as cur:
-        cur.executemany("INSERT INTO ledger_entries (id, created_at, key_hash, kind, amount_msat, "
+    with ledger.transaction() as tx:
+        tx.executemany("INSERT INTO ledger_entries (id, created_at, key_hash, kind, amount_msat, "
                         "reserved_msat) VALUES (?, ?, 'k', ?, ?, 0)",
                         [(3 * i + 7, t, "charge" if i % 2 else "reserve", -(i % 13) * 10)
                          for i, t in enumerate(times)])
@@ -675,7 +674,7 @@ def test_the_moment_search_is_a_bounded_binary_search(tmp_path: Path) -> None:
     try:
         for moment in (0, 1_000_000, 1_000_000.25, 1_050_000, 1_099_999.5, 2_000_000):
             statements.clear()
-            found = dashboard.first_id_at(ledger, moment)
+            found = ledger.reports.first_id_at(moment)
             # A boundary: every id below it is before the moment, every id from it on is not.
             assert bisect_left(ids, found) == bisect_left(times, moment), moment
             assert found <= ids[-1] + 1
@@ -688,55 +687,52 @@ def test_daily_revenue_matches_a_plain_count(tmp_path: Path) -> None:
     now = 1_700_000_000.0
     times = [now - 40 * DAY + i * 97.3 for i in range(int(40 * DAY / 97.3))]
     ledger = _journal(tmp_path, times)
-    dashboard.DAYS.clear()
     try:
         for _ in range(2):  # the second time, the days that are over come from memory
-            days = dashboard.daily_revenue(ledger, 30, now)
+            days = ledger.reports.daily_revenue(30, now)
             assert len(days) == 30 and days[-1].start == now - now % DAY
             for day in days:
                 mine = range(bisect_left(times, day.start), bisect_left(times, day.start + DAY))
                 assert day.requests == sum(1 for i in mine if i % 2 == 0)
                 assert day.revenue_msat == sum((i % 13) * 10 for i in mine if i % 2)
     finally:
-        dashboard.DAYS.clear()
         ledger.close()
 
 
 def test_the_dashboard_queries_on_both_databases(database_url: str) -> None:
     ledger = Ledger(database_url)
-    dashboard.DAYS.clear()
     try:
         key, state = ledger.create_key(5000, label="Alice_100%")
         ledger.create_key(7000, label="bob")
         ledger.reserve(state.key_hash, 1200, "r1", "test/model")
         ledger.settle("r1", 1000, model="test/model")
-        assert [k.label for k in dashboard.keys_page(ledger, "alice_100%").rows] == ["Alice_100%"]
-        assert dashboard.keys_page(ledger, "lice_1").rows[0].key_hash == state.key_hash
+        assert [k.label for k in ledger.reports.keys_page("alice_100%").rows] == ["Alice_100%"]
+        assert ledger.reports.keys_page("lice_1").rows[0].key_hash == state.key_hash
         # LIKE's wildcards are taken literally
-        assert [k.label for k in dashboard.keys_page(ledger, "%").rows] == ["Alice_100%"]
-        assert dashboard.keys_page(ledger, "b_b").rows == []
-        assert [k.key_hash for k in dashboard.keys_page(ledger, state.key_hash[:9]).rows] == \
+        assert [k.label for k in ledger.reports.keys_page("%").rows] == ["Alice_100%"]
+        assert ledger.reports.keys_page("b_b").rows == []
+        assert [k.key_hash for k in ledger.reports.keys_page(state.key_hash[:9]).rows] == \
             [state.key_hash]
-        both = dashboard.keys_page(ledger, "", per_page=1)
+        both = ledger.reports.keys_page("", per_page=1)
         assert len(both.rows) == 1 and both.has_more and both.next == 2
-        assert dashboard.set_disabled(ledger, state.key_hash, True)
-        assert not dashboard.set_disabled(ledger, "f" * 64, True)
+        assert ledger.set_disabled(state.key_hash, True)
+        assert ledger.set_disabled(state.key_hash, True) is False  # it already was
+        assert ledger.set_disabled("f" * 64, True) is None
         assert ledger.key(state.key_hash).disabled  # type: ignore[union-attr]
-        charges = dashboard.journal_page(ledger, state.key_hash[:8], "charge")
+        charges = ledger.reports.journal_page(state.key_hash[:8], "charge")
         assert [e["amount_msat"] for e in charges.rows] == [-1000]
-        everything = dashboard.journal_page(ledger, per_page=2)
+        everything = ledger.reports.journal_page(per_page=2)
         assert len(everything.rows) == 2 and everything.has_more
-        rest = dashboard.journal_page(ledger, before=everything.next)
+        rest = ledger.reports.journal_page(before=everything.next)
         assert [e["kind"] for e in everything.rows] == ["charge", "reserve"]
         assert [e["kind"] for e in rest.rows] == ["credit", "credit"] and not rest.has_more
-        assert dashboard.journal_page(ledger, kind="charge").rows[0]["key_hash"] == state.key_hash
-        today = dashboard.daily_revenue(ledger, 30)[-1]
+        assert ledger.reports.journal_page(kind="charge").rows[0]["key_hash"] == state.key_hash
+        today = ledger.reports.daily_revenue(30)[-1]
         assert (today.revenue_msat, today.requests) == (1000, 1)
-        stats = dashboard.key_stats(ledger)
-        assert (stats["keys"], stats["balance_msat"], stats["disabled_keys"]) == (2, 11_000, 1)
-        assert dashboard.payouts_page(ledger).rows == []
-        assert dashboard.payout_totals(ledger) == {"pending": 0}
+        stats = ledger.reports.key_stats()
+        assert (stats.keys, stats.balance_msat, stats.disabled_keys) == (2, 11_000, 1)
+        assert ledger.reports.payouts_page().rows == []
+        assert ledger.reports.payout_totals() == PayoutTotals({}, 0)
         assert key.startswith("sk-")
     finally:
-        dashboard.DAYS.clear()
         ledger.close()

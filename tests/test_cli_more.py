@@ -105,8 +105,8 @@ def charges_in_db(proxy: Proxy, since: float) -> dict[str | None, tuple[int, int
     ledger = proxy.ledger()
     try:
         cur = ledger.db.connection().cursor()
-        cur.execute(ledger.sql("SELECT model, COUNT(*), SUM(-amount_msat) FROM ledger_entries "
-                               "WHERE kind = 'charge' AND created_at >= ? GROUP BY model"),
+        cur.execute("SELECT model, COUNT(*), SUM(-amount_msat) FROM ledger_entries "
+                               "WHERE kind = 'charge' AND created_at >= ? GROUP BY model",
                     (since,))
         return {m: (int(n), int(s)) for m, n, s in cur.fetchall()}
     finally:
@@ -172,11 +172,11 @@ def test_stats_on_sqlite_and_postgresql_counts_only_the_window(
     now = time.time()
     try:
         _, state = ledger.create_key(100_000)
-        with ledger.transaction() as cur:  # an old charge: 40 days ago, outside a 30-day window
-            cur.execute(ledger.sql(
+        with ledger.transaction() as tx:  # an old charge: 40 days ago, outside a 30-day window
+            tx.execute(
                 "INSERT INTO ledger_entries (created_at, key_hash, kind, amount_msat, "
                 "reserved_msat, request_id, model, prompt_tokens, completion_tokens, note) "
-                "VALUES (?, ?, 'charge', -777, 0, 'old', 'a/model', 1, 1, NULL)"),
+                "VALUES (?, ?, 'charge', -777, 0, 'old', 'a/model', 1, 1, NULL)",
                 (now - 40 * 86400, state.key_hash))
         costs = {"a/model": [1234, 1], "b/model": [999]}
         n = 0

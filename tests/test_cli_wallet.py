@@ -171,8 +171,8 @@ def test_balance_check_finds_a_proof_spent_behind_the_ledgers_back(
     finally:  # put the books right for the tests that follow
         ledger = proxy.ledger()
         try:
-            with ledger.transaction() as cur:
-                cur.execute(ledger.sql("UPDATE proofs SET state = 'spent' WHERE secret = ?"),
+            with ledger.transaction() as tx:
+                tx.execute("UPDATE proofs SET state = 'spent' WHERE secret = ?",
                             (secret,))
         finally:
             ledger.close()
@@ -368,25 +368,25 @@ def test_balance_reads_one_snapshot_on_sqlite_and_postgresql(
     try:
         ledger.create_key(7_000)
         now = time.time()
-        with ledger.transaction() as cur:
+        with ledger.transaction() as tx:
             for i, (mint, unit, amount, state) in enumerate([
                     ("http://127.0.0.1:9", "sat", 8, "unspent"),
                     ("http://127.0.0.1:9", "sat", 2, "held"),
                     ("http://127.0.0.1:9", "sat", 64, "sent"),  # handed out: not counted
                     ("http://127.0.0.1:9", "msat", 512, "reserved"),
                     ("http://old-mint.example", "sat", 1, "unspent")]):
-                cur.execute(ledger.sql(
+                tx.execute(
                     "INSERT INTO proofs (secret, mint, unit, keyset_id, amount, c, dleq, state, "
                     "owner, created_at, updated_at) VALUES (?, ?, ?, '00', ?, '02', NULL, ?, "
-                    "NULL, ?, ?)"), (f"secret-{i}", mint, unit, amount, state, now, now))
-            cur.execute(ledger.sql(
+                    "NULL, ?, ?)", (f"secret-{i}", mint, unit, amount, state, now, now))
+            tx.execute(
                 "INSERT INTO refunds (id, key_hash, msat, mint, unit, token, fee, state, "
                 "created_at, updated_at) VALUES (?, 'k', ?, 'http://127.0.0.1:9', 'sat', NULL, "
-                "0, ?, ?, ?)"), ("r1", 3_000, "pending", now, now))
-            cur.execute(ledger.sql(
+                "0, ?, ?, ?)", ("r1", 3_000, "pending", now, now))
+            tx.execute(
                 "INSERT INTO refunds (id, key_hash, msat, mint, unit, token, fee, state, "
                 "created_at, updated_at) VALUES (?, 'k', ?, 'http://127.0.0.1:9', 'sat', 't', "
-                "0, ?, ?, ?)"), ("r2", 5_000, "done", now, now))
+                "0, ?, ?, ?)", ("r2", 5_000, "done", now, now))
     finally:
         ledger.close()
     data = books()

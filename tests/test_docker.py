@@ -108,7 +108,7 @@ def test_the_image_runs_as_non_root_with_what_it_copies() -> None:
 
 def test_compose_config_is_valid_and_agrees_with_the_images(tmp_path: Path) -> None:
     compose = shutil.which("docker-compose")
-    assert compose, "docker-compose is missing (.ci/run installs Debian's)"
+    assert compose, "docker-compose is missing (./run.sh test installs Debian's)"
     for name in ("compose.yml", "Dockerfile", "docker"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)

@@ -126,16 +126,17 @@ def test_minting_interrupted_after_the_mint_signed_is_recovered(mint: LocalMint,
         row = invoices._row(hashlib.sha256(created["invoice_id"].encode()).hexdigest())
         assert row is not None
         for _ in range(50):
-            quote = await wallet.primary.client.mint_quote_state(row["quote"])
+            quote = await wallet.primary.client.mint_quote_state(row.quote)
             if quote["state"] == "PAID":
                 break
             await asyncio.sleep(0.1)
         lost = await invoices._mint(wallet.primary, row)  # signed, then the process "dies"
         assert sum(p.amount for p in lost) == 55
-        assert invoices._row(row["id_hash"])["state"] == "minting"  # type: ignore[index]
+        again = invoices._row(row.id_hash)
+        assert again is not None and again.state == "minting"
         restarted = Invoices(ledger, wallet)
-        settled = await restarted.settle(invoices._row(row["id_hash"]) or {})
-        assert settled is not None and settled["state"] == "credited"
+        settled = await restarted.settle(again)
+        assert settled is not None and settled.state == "credited"
         key = invoice_key(created["invoice_id"])
         state = ledger.key(hash_key(key))
         assert state is not None and state.balance_msat == 55_000

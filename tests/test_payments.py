@@ -120,13 +120,13 @@ def test_two_wallets_on_one_ledger_never_claim_the_same_proof(
             await w.start()
         for token in tokens:  # the pool: three 16-sat proofs
             redeemed = await wallets[0].redeem(parse_token(token))
-            with ledgers[0].transaction() as cur:
-                wallets[0].store_in(cur, redeemed.mint, redeemed.unit, redeemed.proofs,
+            with ledgers[0].transaction() as tx:
+                wallets[0].store_in(tx, redeemed.mint, redeemed.unit, redeemed.proofs,
                                     "unspent")
         mint_wallet = wallets[0].primary
         other: list[list[str]] = []
-        with ledgers[0].transaction() as cur:  # the first claim, held open…
-            first, _ = wallets[0]._pick_in(cur, mint_wallet, "sat", 16, "first")
+        with ledgers[0].transaction() as tx:  # the first claim, held open…
+            first, _ = wallets[0]._pick_in(tx, mint_wallet, "sat", 16, "first")
             rival = threading.Thread(target=lambda: other.append(
                 [p.secret for p in wallets[1]._claim(wallets[1].primary, "sat", 16,
                                                      "second")[0]]))

@@ -76,8 +76,8 @@ class Books:
 async def receive(wallet: Wallet, ledger: Ledger, token: str) -> None:
     """Ecash into the pool (as if users had paid: the operator's earnings)."""
     redeemed = await wallet.redeem(parse_token(token))
-    with ledger.transaction() as cur:
-        wallet.store_in(cur, redeemed.mint, redeemed.unit, redeemed.proofs, "unspent")
+    with ledger.transaction() as tx:
+        wallet.store_in(tx, redeemed.mint, redeemed.unit, redeemed.proofs, "unspent")
 
 
 def melt_quote_state(mint: LocalMint, quote: str) -> dict[str, Any]:
@@ -128,14 +128,14 @@ def test_below_the_minimum_nothing_moves(mint: LocalMint, user: UserWallet,
         await receive(wallet, books.ledger, user.token(300))
         # Users are owed 200 of the 300: a profit of 100.
         books.ledger.create_key(200_000, key="sk-" + secrets.token_hex(8))
-        with books.ledger.transaction() as cur:
-            cur.execute("UPDATE api_keys SET backed = ?", (True,))
+        with books.ledger.transaction() as tx:
+            tx.execute("UPDATE api_keys SET backed = ?", (True,))
         result = await payouts.run()
         await wallet.close()
         return result
 
     result = asyncio.run(scenario())
-    assert result["payout"] is None and result["books"]["profit_msat"] == 100_000
+    assert result["payout"] is None and result["books"]["margin_msat"] == 100_000
     assert ln_server.requests_for(operator) == []
     assert books.pool_msat() == 300_000
 
@@ -266,9 +266,9 @@ def test_kill_9_during_a_payout_then_restart_pays_exactly_once(
         created = raw(proxy, "POST", "/v1/balance/create",
                       json={"initial_balance_token": owner.token(300)}).json()
         ledger = proxy.ledger()
-        with ledger.transaction() as cur:
-            cur.execute("UPDATE api_keys SET balance_msat = 0")  # …as if all of it was spent
-            cur.execute("DELETE FROM ledger_entries")
+        with ledger.transaction() as tx:
+            tx.execute("UPDATE api_keys SET balance_msat = 0")  # …as if all of it was spent
+            tx.execute("DELETE FROM ledger_entries")
         ledger.close()
         assert created["balance"] == 300_000
         proxy.stop()

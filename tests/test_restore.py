@@ -22,7 +22,6 @@ from cli.main import app
 from routstr_addon.dev.localmint import LocalMint
 from routstr_addon.ecash.seed import (
     MNEMONIC_FILE,
-    Counters,
     MnemonicError,
     bip32_path,
     derive,
@@ -31,7 +30,7 @@ from routstr_addon.ecash.seed import (
 )
 from routstr_addon.ecash.tokens import nutshell, parse_token, serialize_token
 from routstr_addon.ecash.wallet import Wallet
-from routstr_addon.ledger import Ledger
+from routstr_addon.ledger import Ledger, ProofRecord
 from routstr_addon.settings import SettingError, load_config
 
 from .ecash_user import UserWallet
@@ -179,7 +178,7 @@ def test_counters_are_never_handed_out_twice(database_url: str) -> None:
 
     def reserve(slot: int) -> None:
         ledger = Ledger(database_url)
-        counters = Counters(ledger)
+        counters = ledger.counters
         rng = random.Random(slot)
         try:
             for _ in range(150):
@@ -202,7 +201,7 @@ def test_counters_are_never_handed_out_twice(database_url: str) -> None:
     assert sorted(handed) == list(range(len(handed)))  # and none skipped
     ledger = Ledger(database_url)
     try:
-        counters = Counters(ledger)
+        counters = ledger.counters
         assert counters.current(V01_KEYSET) == len(handed)
         assert counters.current("01" + "00" * 32) == 0
         counters.advance(V01_KEYSET, 5)  # never backwards
@@ -243,8 +242,8 @@ def test_restore_finds_exactly_the_unspent_proofs_again(mint: LocalMint, user: U
 
     async def receive(ledger: Ledger, wallet: Wallet, token: str) -> None:
         redeemed = await wallet.redeem(parse_token(token))
-        with ledger.transaction() as cur:
-            wallet.store_in(cur, redeemed.mint, redeemed.unit, redeemed.proofs, "unspent")
+        with ledger.transaction() as tx:
+            wallet.store_in(tx, redeemed.mint, redeemed.unit, redeemed.proofs, "unspent")
 
     async def run(ledger: Ledger, wallet: Wallet) -> None:
         for token in tokens:
@@ -255,15 +254,15 @@ def test_restore_finds_exactly_the_unspent_proofs_again(mint: LocalMint, user: U
             assert fee == 0
             assert user.receive(token) > 0  # spent at the mint: must not come back
         keyset = wallet.primary.active("sat")
-        counters = Counters(ledger)
+        counters = ledger.counters
         used = counters.current(keyset.id)
         held = unspent(ledger)
         balance = wallet.balances()[(wallet.primary.url, "sat")]
         assert balance == 506 - 117 == sum(held.values())
 
-        with ledger.transaction() as cur:  # the loss
-            cur.execute("DELETE FROM proofs")
-            cur.execute("DELETE FROM keyset_counters")
+        with ledger.transaction() as tx:  # the loss
+            tx.execute("DELETE FROM proofs")
+            tx.execute("DELETE FROM keyset_counters")
         assert wallet.balances() == {} and counters.current(keyset.id) == 0
 
         messages: list[str] = []
@@ -284,12 +283,12 @@ def test_restore_finds_exactly_the_unspent_proofs_again(mint: LocalMint, user: U
 
         # A proof spent behind the ledger's back is marked spent; the rest is known already.
         victim_secret, victim_amount = next(iter(unspent(ledger).items()))
-        cur = ledger.db.connection().cursor()
-        cur.execute(ledger.sql("SELECT secret, keyset_id, amount, c, dleq FROM proofs "
-                               "WHERE secret = ?"), (victim_secret,))
+        with ledger.snapshot() as tx:
+            row = tx.row("SELECT secret, keyset_id, amount, c, dleq FROM proofs "
+                         "WHERE secret = ?", (victim_secret,))
         from routstr_addon.ecash.wallet import _proof
 
-        victim = _proof(cur.fetchone())
+        victim = _proof(ProofRecord(*row))
         assert user.receive(serialize_token(wallet.primary.url, "sat", [victim])) == \
             victim_amount
         again = await wallet.restore()
@@ -320,7 +319,7 @@ def test_a_wallet_without_a_seed_still_works_and_cannot_restore(mint: LocalMint,
         try:
             redeemed = await wallet.redeem(parse_token(user.token(9)))
             assert redeemed.amount == 9
-            assert Counters(ledger).current(wallet.primary.active("sat").id) == 0
+            assert ledger.counters.current(wallet.primary.active("sat").id) == 0
             with pytest.raises(WalletError):
                 await wallet.restore()
         finally:
@@ -361,8 +360,8 @@ def test_cli_restore(mint: LocalMint, user: UserWallet, tmp_path: Path,
 
     ledger = Ledger(database_url)
     try:
-        with ledger.transaction() as cur:
-            cur.execute("DELETE FROM proofs")
+        with ledger.transaction() as tx:
+            tx.execute("DELETE FROM proofs")
     finally:
         ledger.close()
 

@@ -122,8 +122,8 @@ def test_sweeper_leaves_live_processes_alone_and_closes_dead_ones(tmp_path: Path
         other.register_instance()  # a live process (this one)
         other.reserve(state.key_hash, 10_000, "live-request", MODEL)
         # A process of this host that is gone (no such pid), with a request that delivered text.
-        with ledger.transaction() as cur:
-            cur.execute("INSERT INTO instances VALUES ('dead', ?, 999999999, 0, ?)",
+        with ledger.transaction() as tx:
+            tx.execute("INSERT INTO instances VALUES ('dead', ?, 999999999, 0, ?)",
                         (socket.gethostname(), time.time()))
         ledger.instance_id = "dead"
         ledger.reserve(state.key_hash, 10_000, "dead-request", MODEL)

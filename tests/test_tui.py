@@ -29,7 +29,7 @@ from cli.main import app
 from cli.models import Rate
 from cli.stats import DAY
 from cli.tui import Snapshot, Tally, read_snapshot, render
-from routstr_addon.ledger import Ledger
+from routstr_addon.ledger import Ledger, Tx
 
 from .conftest import BIN
 
@@ -44,31 +44,31 @@ def text_of(snapshot: Snapshot, width: int = 160, height: int = 48) -> str:
     return console.export_text()
 
 
-def add_proof(ledger: Ledger, cur: Any, secret: str, amount: int, state: str,
+def add_proof(ledger: Ledger, tx: Tx, secret: str, amount: int, state: str,
               mint: str = MINT, unit: str = "sat") -> None:
     now = time.time()
-    cur.execute(ledger.sql(
+    tx.execute(
         "INSERT INTO proofs (secret, mint, unit, keyset_id, amount, c, dleq, state, owner, "
-        "created_at, updated_at) VALUES (?, ?, ?, '00', ?, '02', NULL, ?, NULL, ?, ?)"),
+        "created_at, updated_at) VALUES (?, ?, ?, '00', ?, '02', NULL, ?, NULL, ?, ?)",
         (secret, mint, unit, amount, state, now, now))
 
 
 def populate(ledger: Ledger) -> dict[str, Any]:
     """Keys, charged and released requests, open reservations and proofs; what was made."""
-    with ledger.transaction() as cur:  # an old charge first (ids grow with time)
-        cur.execute(ledger.sql(
+    with ledger.transaction() as tx:  # an old charge first (ids grow with time)
+        tx.execute(
             "INSERT INTO ledger_entries (created_at, key_hash, kind, amount_msat, reserved_msat, "
             "request_id, model, prompt_tokens, completion_tokens, note) "
-            "VALUES (?, 'gone', 'charge', -50000, 0, 'old', 'old/model', 1, 1, NULL)"),
+            "VALUES (?, 'gone', 'charge', -50000, 0, 'old', 'old/model', 1, 1, NULL)",
             (time.time() - 20 * DAY,))
     _, operator_key = ledger.create_key(200_000, label="operator")
-    with ledger.transaction(durable=True) as cur:
-        ledger.create_key_in(cur, "b" * 64, 300_000, note="token", backed=True)
-        add_proof(ledger, cur, "p1", 256, "unspent")
-        add_proof(ledger, cur, "p2", 64, "held")
-        add_proof(ledger, cur, "p3", 16, "reserved")
-        add_proof(ledger, cur, "p4", 1024, "sent")  # handed out: not the proxy's any more
-        add_proof(ledger, cur, "p5", 2000, "unspent", mint="http://other.test", unit="msat")
+    with ledger.transaction(durable=True) as tx:
+        ledger.create_key_in(tx, "b" * 64, 300_000, note="token", backed=True)
+        add_proof(ledger, tx, "p1", 256, "unspent")
+        add_proof(ledger, tx, "p2", 64, "held")
+        add_proof(ledger, tx, "p3", 16, "reserved")
+        add_proof(ledger, tx, "p4", 1024, "sent")  # handed out: not the proxy's any more
+        add_proof(ledger, tx, "p5", 2000, "unspent", mint="http://other.test", unit="msat")
     charges = [("test/alpha", 1234, 10, 20), ("test/alpha", 2000, 30, 40),
                ("test/beta", 777, 5, 6)]
     for i, (model, cost, pt, ct) in enumerate(charges):
@@ -103,7 +103,7 @@ def test_snapshot_and_screen_show_the_ledger(database_url: str) -> None:
     assert (snap.recent[1].model, snap.recent[1].prompt_tokens) == ("test/beta", 5)
     assert (snap.reservations, snap.reserved_msat) == (2, 10_000)
     books = snap.books
-    assert [(m.mint, m.unit, m.proofs, m.amount, m.trusted) for m in books.mints] == [
+    assert [(m.mint, m.unit, m.count, m.amount, m.trusted) for m in books.holdings] == [
         (MINT, "sat", 3, 336, True), ("http://other.test", "msat", 1, 2000, False)]
     assert books.proofs_msat == 336_000 + 2_000
     backed = 300_000 - 1234 - 777  # the token-funded key paid requests 0 and 2

@@ -1,7 +1,7 @@
 """The wallet's seed: deterministic secrets (NUT-13) so that its ecash can be restored (NUT-09).
 
 Every secret and blinding factor the proxy's wallet makes is derived from one BIP39 mnemonic,
-a keyset id and a counter. The counters live in the ledger (``keyset_counters``) and are
+a keyset id and a counter. The counters live in the ledger (``ledger.counters``) and are
 reserved durably before outputs go to the mint, so no two outputs ever share a secret, whatever
 the number of processes on the database. With the mnemonic alone, ``Wallet.restore`` asks each
 mint to sign again what it signed for those secrets, and so finds the wallet's proofs again.
@@ -27,12 +27,10 @@ from mnemonic import Mnemonic
 from routstr_addon.settings import MnemonicError, normalize_mnemonic
 
 if TYPE_CHECKING:
-    from routstr_addon.ledger import Ledger
     from routstr_addon.settings import Config
 
 __all__ = [
     "MNEMONIC_FILE",
-    "Counters",
     "MnemonicError",
     "Seed",
     "derive",
@@ -213,62 +211,3 @@ class Seed:
         r = node.get_privkey_from_path([counter | _HARDENED, 1])
         return bytes(secret).hex(), bytes(r)
 
-
-# --- counters -------------------------------------------------------------------------------
-
-
-class Counters:
-    """The next unused derivation counter of each keyset, in the ledger (``keyset_counters``).
-
-    A reservation is one upsert that adds ``n`` and returns the new value, in a durable
-    transaction: the counters it hands out are never handed out again, by this process or any
-    other on the database, even after a crash.
-    """
-
-    def __init__(self, ledger: Ledger) -> None:
-        self.ledger = ledger
-        upsert = ("ON CONFLICT (keyset_id) DO UPDATE SET counter = keyset_counters.counter "
-                  "+ excluded.counter RETURNING counter")
-        self._reserve = ledger.sql(
-            f"INSERT INTO keyset_counters (keyset_id, counter) VALUES (?, ?) {upsert}")
-        # PostgreSQL: one autocommit statement that asks for its own commit to be flushed
-        # (the session commits with synchronous_commit off): durable in one round trip.
-        self._pg_reserve = (
-            "INSERT INTO keyset_counters (keyset_id, counter) SELECT %s, %s "
-            "FROM (SELECT set_config('synchronous_commit', 'on', true)) AS durable "
-            f"{upsert}")
-        self._advance = ledger.sql(
-            "INSERT INTO keyset_counters (keyset_id, counter) VALUES (?, ?) "
-            "ON CONFLICT (keyset_id) DO UPDATE SET counter = excluded.counter "
-            "WHERE keyset_counters.counter < excluded.counter")
-
-    def reserve(self, keyset_id: str, n: int) -> int:
-        """Reserve ``n`` consecutive counters of a keyset; returns the first."""
-        if n < 1:
-            raise ValueError("reserve at least one counter")
-        if self.ledger.is_sqlite:
-            with self.ledger.transaction(durable=True) as cur:
-                cur.execute(self._reserve, (keyset_id, n))
-                end = int(cur.fetchone()[0])
-            return end - n
-        from routstr_addon.ledger.core import _CONNECTION_ERRORS
-
-        gone: tuple[type[Exception], ...] = (ConnectionError, *_CONNECTION_ERRORS)
-        try:
-            cur = self.ledger.db.connection().cursor()
-            if cur.connection.closed:
-                raise ConnectionError
-        except gone:  # the server went away between requests: nothing was sent, reconnect
-            cur = self.ledger._reconnect().cursor()
-        cur.execute(self._pg_reserve, (keyset_id, n))
-        return int(cur.fetchone()[0]) - n
-
-    def current(self, keyset_id: str) -> int:
-        """The next counter a reservation would hand out (0 for a keyset never used)."""
-        row = self.ledger.one("keyset_counters", ("counter",), "keyset_id = ?", (keyset_id,))
-        return int(row["counter"]) if row else 0
-
-    def advance(self, keyset_id: str, at_least: int) -> None:
-        """Make sure no counter below ``at_least`` is handed out again."""
-        with self.ledger.transaction(durable=True) as cur:
-            cur.execute(self._advance, (keyset_id, at_least))

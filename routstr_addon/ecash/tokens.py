@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from routstr_addon.ledger.schema import UNIT_MSAT  # the units the proxy takes, in msat
+
 if TYPE_CHECKING:
     from cashu.core.base import Proof
     from cashu.core.crypto.secp import PublicKey
@@ -33,8 +35,6 @@ __all__ = [
     "serialize_token",
     "token_hash",
 ]
-
-UNIT_MSAT = {"sat": 1000, "msat": 1}  # the units this proxy takes, in msat
 
 
 def nutshell() -> None:

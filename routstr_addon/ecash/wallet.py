@@ -21,13 +21,12 @@ import asyncio
 import json
 import logging
 import secrets
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from routstr_addon.ecash.mint import SPENT_CODE, MintClient, MintError, MintUnreachable
-from routstr_addon.ecash.seed import Counters, Seed, load_or_create_mnemonic, seed_from_mnemonic
+from routstr_addon.ecash.seed import Seed, load_or_create_mnemonic, seed_from_mnemonic
 from routstr_addon.ecash.tokens import (
     UNIT_MSAT,
     IncomingToken,
@@ -42,13 +41,14 @@ from routstr_addon.ecash.tokens import (
     sanitize_mint_url,
     serialize_token,
 )
-from routstr_addon.ledger import Ledger
+from routstr_addon.ledger import Ledger, ProofRecord, Tx
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from cashu.core.base import Proof
 
+    from routstr_addon.ledger.counters import KeysetCounters
     from routstr_addon.settings import Config
 
 __all__ = ["Melted", "MintWallet", "Redeemed", "Wallet", "WalletError"]
@@ -95,7 +95,7 @@ class MintWallet:
     """What the proxy knows of one mint: its keysets and keys, and a client to reach it."""
 
     def __init__(self, url: str, timeout: float = 15.0, seed: Seed | None = None,
-                 counters: Counters | None = None) -> None:
+                 counters: KeysetCounters | None = None) -> None:
         self.url = sanitize_mint_url(url)
         self.client = MintClient(self.url, timeout)
         self.keysets: dict[str, Keyset] = {}
@@ -277,7 +277,7 @@ class Wallet:
             raise ValueError("at least one mint is needed")
         self.ledger = ledger
         self.seed = Seed(seed) if seed is not None else None
-        self.counters = Counters(ledger) if seed is not None else None
+        self.counters = ledger.counters if seed is not None else None
         self.mints = {w.url: w for w in (MintWallet(u, timeout, self.seed, self.counters)
                                          for u in mint_urls)}
         self.primary = next(iter(self.mints.values()))
@@ -365,11 +365,8 @@ class Wallet:
                    else change_friendly_amounts(net, keep_variable))
 
         def lost(outputs_json: str) -> None:
-            with self.ledger.transaction(durable=True) as cur:
-                cur.execute(self.ledger.sql(
-                    "INSERT INTO pending_swaps (token_hash, mint, unit, amount, fee, outputs, "
-                    "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)"),
-                    (token.hash, mint.url, token.unit, net, fee, outputs_json, time.time()))
+            self.ledger.proofs.save_lost_swap(token.hash, mint.url, token.unit, net, fee,
+                                              outputs_json)
 
         try:
             proofs = await mint.swap(token.proofs, amounts, token.unit, lost)
@@ -385,11 +382,10 @@ class Wallet:
         did it (NUT-09 restore of its outputs); None if there was none or it never happened."""
         from cashu.core.crypto.secp import PrivateKey
 
-        pending = self.ledger.one("pending_swaps", ("outputs",), "token_hash = ?",
-                                  (token.hash,))
+        pending = self.ledger.proofs.lost_swap(token.hash)
         if pending is None:
             return None
-        saved = json.loads(pending["outputs"])
+        saved = json.loads(pending)
         outputs = saved["outputs"]
         signed, signatures = await mint.client.restore(outputs)
         proofs = None
@@ -401,44 +397,28 @@ class Wallet:
                                       [PrivateKey(bytes.fromhex(r)) for r in saved["rs"]])
                 logger.info("recovered the lost swap of a token of %d %s", token.amount,
                             token.unit)
-        with self.ledger.transaction() as cur:
-            cur.execute(self.ledger.sql("DELETE FROM pending_swaps WHERE token_hash = ?"),
-                        (token.hash,))
+        self.ledger.proofs.forget_lost_swap(token.hash)
         return proofs
 
     # -- the pool ----------------------------------------------------------------------------
 
-    def store_in(self, cur: Any, mint: str, unit: str, proofs: Sequence[Proof], state: str,
+    def store_in(self, tx: Tx, mint: str, unit: str, proofs: Sequence[Proof], state: str,
                  owner: str | None = None) -> None:
-        """Record proofs inside a ledger transaction."""
-        now = time.time()
-        sql = self.ledger.sql("INSERT INTO proofs (secret, mint, unit, keyset_id, amount, c, dleq, "
-                              "state, owner, created_at, updated_at) "
-                              "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-        for p in proofs:
-            dleq = json.dumps(p.dleq.model_dump()) if p.dleq is not None else None
-            cur.execute(sql, (p.secret, mint, unit, p.id, p.amount, p.C, dleq, state, owner,
-                              now, now))
+        """Record proofs inside a ledger transaction (with what they fund, if anything)."""
+        self.ledger.proofs.add(tx, mint, unit, [_record(p) for p in proofs], state, owner)
 
-    def owned_in(self, cur: Any, owner: str) -> list[Proof]:
-        cur.execute(self.ledger.sql("SELECT secret, keyset_id, amount, c, dleq FROM proofs "
-                                    "WHERE owner = ? AND state IN ('held', 'reserved')"),
-                    (owner,))
-        return [_proof(row) for row in cur.fetchall()]
+    def owned_in(self, tx: Tx, owner: str) -> list[Proof]:
+        return [_proof(r) for r in self.ledger.proofs.owned(tx, owner)]
 
-    def set_state_in(self, cur: Any, proofs: Sequence[Proof], state: str,
+    def set_state_in(self, tx: Tx, proofs: Sequence[Proof], state: str,
                      owner: str | None) -> None:
-        sql = self.ledger.sql("UPDATE proofs SET state = ?, owner = ?, updated_at = ? "
-                              "WHERE secret = ?")
-        now = time.time()
-        for p in proofs:
-            cur.execute(sql, (state, owner, now, p.secret))
+        self.ledger.proofs.set_state(tx, [p.secret for p in proofs], state, owner)
 
-    def cut_in(self, cur: Any, owner: str, mint: str, unit: str, amount: int) -> str | None:
+    def cut_in(self, tx: Tx, owner: str, mint: str, unit: str, amount: int) -> str | None:
         """Hand back ``amount`` (in the unit) of the proofs ``owner`` holds, as a token;
         the rest join the pool. No mint call: the proofs were shaped for this when redeemed.
         Returns None for nothing to hand back. Raises WalletError if no exact subset exists."""
-        held = self.owned_in(cur, owner)
+        held = self.owned_in(tx, owner)
         token = None
         if amount > 0:
             chosen = pick_exact([p.amount for p in held], amount)
@@ -446,22 +426,16 @@ class Wallet:
                 raise WalletError(f"no exact change of {amount} {unit} in the held proofs")
             picked = [held[i] for i in chosen]
             token = serialize_token(mint, unit, picked)
-            self.set_state_in(cur, picked, "sent", owner)
+            self.set_state_in(tx, picked, "sent", owner)
             keep = [p for i, p in enumerate(held) if i not in set(chosen)]
         else:
             keep = held
-        self.set_state_in(cur, keep, "unspent", None)
+        self.set_state_in(tx, keep, "unspent", None)
         return token
 
     def balances(self) -> dict[tuple[str, str], int]:
         """What the proxy holds per (mint, unit), in the unit: proofs not handed out or spent."""
-        cur = self.ledger.db.connection().cursor()
-        cur.execute("SELECT mint, unit, SUM(amount) FROM proofs "
-                    "WHERE state IN ('unspent', 'held', 'reserved') GROUP BY mint, unit")
-        return {(m, u): int(total) for m, u, total in cur.fetchall()}
-
-    def held_msat(self) -> int:
-        return sum(v * UNIT_MSAT.get(u, 1000) for (_, u), v in self.balances().items())
+        return self.ledger.proofs.balances()
 
     async def send(self, mint_url: str, unit: str, amount: int, owner: str) -> tuple[str, int]:
         """A token of ``amount`` (in the unit) from the pool: exact proofs if the pool has
@@ -477,8 +451,8 @@ class Wallet:
         async with self._spending:
             inputs, exact = self._claim(mint, unit, amount, owner)
             if exact:
-                with self.ledger.transaction() as cur:
-                    self.set_state_in(cur, inputs, "sent", owner)
+                with self.ledger.transaction() as tx:
+                    self.set_state_in(tx, inputs, "sent", owner)
                 return serialize_token(mint.url, unit, inputs), 0
             total = sum(p.amount for p in inputs)
             fee = mint.input_fee(inputs)
@@ -497,10 +471,10 @@ class Wallet:
                 raise
             send_part = fresh[: len(amounts_for(send_amount))]
             keep_part = fresh[len(send_part):]
-            with self.ledger.transaction() as cur:
-                self.set_state_in(cur, inputs, "spent", owner)
-                self.store_in(cur, mint.url, unit, send_part, "sent", owner)
-                self.store_in(cur, mint.url, unit, keep_part, "unspent")
+            with self.ledger.transaction() as tx:
+                self.set_state_in(tx, inputs, "spent", owner)
+                self.store_in(tx, mint.url, unit, send_part, "sent", owner)
+                self.store_in(tx, mint.url, unit, keep_part, "unspent")
             return serialize_token(mint.url, unit, send_part), fee
 
     async def melt(self, mint_url: str, unit: str, quote: dict[str, Any], owner: str,
@@ -553,10 +527,7 @@ class Wallet:
         mint = self.mints[mint_url]
         await mint.ensure_loaded()
         answer = await mint.client.melt_quote_state(quote_id)
-        with self.ledger.transaction() as cur:
-            cur.execute(self.ledger.sql("SELECT secret, keyset_id, amount, c, dleq FROM proofs "
-                                        "WHERE owner = ? AND state = 'reserved'"), (owner,))
-            inputs = [_proof(row) for row in cur.fetchall()]
+        inputs = [_proof(r) for r in self.ledger.proofs.reserved_for(owner)]
         blank = json.loads(blank_json) if blank_json else None
         return self._melt_outcome(mint, unit, owner, inputs, answer, blank)
 
@@ -577,9 +548,9 @@ class Wallet:
             change = mint.unblind(signatures, outputs, secret_list, rs, blank=True)
         spent = sum(p.amount for p in inputs)
         back = sum(p.amount for p in change)
-        with self.ledger.transaction() as cur:
-            self.set_state_in(cur, inputs, "spent", owner)
-            self.store_in(cur, mint.url, unit, change, "unspent")
+        with self.ledger.transaction() as tx:
+            self.set_state_in(tx, inputs, "spent", owner)
+            self.store_in(tx, mint.url, unit, change, "unspent")
         amount = int(answer.get("amount") or 0)
         return Melted("PAID", amount, fee_reserve, spent - back - amount, back)
 
@@ -589,18 +560,15 @@ class Wallet:
         another process claimed one of them first."""
         for _ in range(5):
             try:
-                with self.ledger.transaction() as cur:
-                    return self._pick_in(cur, mint, unit, amount, owner)
+                with self.ledger.transaction() as tx:
+                    return self._pick_in(tx, mint, unit, amount, owner)
             except _Contended:
                 continue
         raise WalletError("the wallet's proofs are busy; try again")
 
-    def _pick_in(self, cur: Any, mint: MintWallet, unit: str, amount: int,
+    def _pick_in(self, tx: Tx, mint: MintWallet, unit: str, amount: int,
                  owner: str) -> tuple[list[Proof], bool]:
-        cur.execute(self.ledger.sql("SELECT secret, keyset_id, amount, c, dleq FROM proofs "
-                                    "WHERE mint = ? AND unit = ? AND state = 'unspent' "
-                                    "ORDER BY amount DESC"), (mint.url, unit))
-        pool = [_proof(row) for row in cur.fetchall()]
+        pool = [_proof(r) for r in self.ledger.proofs.pool(tx, mint.url, unit)]
         chosen = pick_exact([p.amount for p in pool], amount)
         exact = chosen is not None
         if chosen is None:  # the smallest proofs that cover it, with room for the fee
@@ -614,23 +582,13 @@ class Wallet:
                 raise WalletError(f"the wallet holds {total} {unit} at {mint.url}, "
                                   f"less than {amount}")
         picked = [pool[i] for i in chosen]
-        claim = self.ledger.sql("UPDATE proofs SET state = 'reserved', owner = ?, updated_at = ? "
-                                "WHERE secret = ? AND state = 'unspent'")
-        now = time.time()
-        for p in picked:
-            cur.execute(claim, (owner, now, p.secret))
-            if cur.rowcount != 1:
-                raise _Contended  # rolls the whole claim back
+        if not self.ledger.proofs.claim(tx, [p.secret for p in picked], owner):
+            raise _Contended  # rolls the whole claim back
         return picked, exact
 
     def _unclaim(self, proofs: Sequence[Proof], owner: str) -> None:
         """Give claimed proofs back to the pool, only those still reserved for ``owner``."""
-        sql = self.ledger.sql("UPDATE proofs SET state = 'unspent', owner = NULL, updated_at = ? "
-                              "WHERE secret = ? AND state = 'reserved' AND owner = ?")
-        with self.ledger.transaction() as cur:
-            now = time.time()
-            for p in proofs:
-                cur.execute(sql, (now, p.secret, owner))
+        self.ledger.proofs.unclaim([p.secret for p in proofs], owner)
 
     # -- restore (NUT-09) ------------------------------------------------------------------
 
@@ -694,14 +652,10 @@ class Wallet:
             e["found_proofs"] += len(proofs)
             found.extend((keyset, p) for p in proofs)
 
-        cur = self.ledger.db.connection().cursor()
-        cur.execute(self.ledger.sql("SELECT secret, unit, amount FROM proofs "
-                                    "WHERE mint = ? AND state = 'unspent'"), (mint.url,))
-        pool = [(str(s), str(u), int(a)) for s, u, a in cur.fetchall()]
+        pool = self.ledger.proofs.unspent_at(mint.url)
         # Outputs of Lightning invoices being minted: the invoice stores them when it credits.
-        cur.execute(self.ledger.sql("SELECT outputs FROM invoices WHERE mint = ? AND "
-                                    "state = 'minting' AND outputs IS NOT NULL"), (mint.url,))
-        minting = {s for (saved,) in cur.fetchall() for s in json.loads(saved)["secrets"]}
+        minting = {s for saved in self.ledger.invoices.minting_outputs(mint.url)
+                   for s in json.loads(saved)["secrets"]}
         secrets_to_check = list(dict.fromkeys([p.secret for _, p in found]
                                               + [s for s, _, _ in pool]))
         states: dict[str, str] = {}
@@ -715,14 +669,7 @@ class Wallet:
                 if secret is not None:
                     states[secret] = str(answer.get("state"))
 
-        insert = self.ledger.sql(
-            "INSERT INTO proofs (secret, mint, unit, keyset_id, amount, c, dleq, state, owner, "
-            "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'unspent', NULL, ?, ?) "
-            "ON CONFLICT (secret) DO NOTHING")
-        mark = self.ledger.sql("UPDATE proofs SET state = 'spent', updated_at = ? "
-                               "WHERE secret = ? AND state = 'unspent'")
-        now = time.time()
-        with self.ledger.transaction(durable=True) as cur:
+        with self.ledger.transaction(durable=True) as tx:
             for keyset, p in found:
                 e = entry(keyset.unit)
                 state = states.get(p.secret)
@@ -735,22 +682,17 @@ class Wallet:
                 if p.secret in minting:
                     e["skipped"] += p.amount
                     continue
-                dleq = json.dumps(p.dleq.model_dump()) if p.dleq is not None else None
-                cur.execute(insert, (p.secret, mint.url, keyset.unit, p.id, p.amount, p.C, dleq,
-                                     now, now))
-                if cur.rowcount == 1:
+                if self.ledger.proofs.add_found(tx, mint.url, keyset.unit, _record(p)):
                     e["restored"] += p.amount
                     e["restored_proofs"] += 1
                 else:
                     e["known"] += p.amount
                     e["known_proofs"] += 1
             for secret, unit, amount in pool:
-                if states.get(secret) == "SPENT":
-                    cur.execute(mark, (now, secret))
-                    if cur.rowcount == 1:
-                        e = entry(unit)
-                        e["marked_spent"] += amount
-                        e["marked_spent_proofs"] += 1
+                if states.get(secret) == "SPENT" and self.ledger.proofs.mark_spent(tx, secret):
+                    e = entry(unit)
+                    e["marked_spent"] += amount
+                    e["marked_spent_proofs"] += 1
         for e in entries.values():
             e["restored_msat"] = e["restored"] * UNIT_MSAT.get(e["unit"], 0)
         return list(entries.values())
@@ -803,9 +745,13 @@ class _Contended(Exception):
     """Another process claimed a proof between our read and our update."""
 
 
-def _proof(row: Sequence[Any]) -> Proof:
+def _proof(record: ProofRecord) -> Proof:
     from cashu.core.base import DLEQWallet, Proof
 
-    secret, keyset_id, amount, c, dleq = row
-    return Proof(id=keyset_id, amount=int(amount), secret=secret, C=c,
-                 dleq=DLEQWallet(**json.loads(dleq)) if dleq else None)
+    return Proof(id=record.keyset_id, amount=record.amount, secret=record.secret, C=record.c,
+                 dleq=DLEQWallet(**json.loads(record.dleq)) if record.dleq else None)
+
+
+def _record(proof: Proof) -> ProofRecord:
+    dleq = json.dumps(proof.dleq.model_dump()) if proof.dleq is not None else None
+    return ProofRecord(proof.secret, proof.id, proof.amount, proof.C, dleq)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +28,7 @@ from routstr_addon.ecash.tokens import (
 )
 from routstr_addon.ecash.wallet import Redeemed, Wallet, WalletError
 from routstr_addon.errors import ApiError, invalid_api_key
-from routstr_addon.ledger import KEY_PREFIX, KeyState, Ledger, hash_key
+from routstr_addon.ledger import KEY_PREFIX, KeyState, Ledger, RefundRecord, Tx, hash_key
 from routstr_addon.payments.lightning import Invoices
 
 __all__ = ["Payments", "XCashu", "XCashuPayer", "derived_key", "token_error"]
@@ -126,14 +125,11 @@ class Payments:
                            code="ledger_unavailable",
                            headers={"x-cashu": token, "retry-after": RETRY_AFTER}) from None
 
-    def _payment_in(self, cur: Any, kind: str, token: IncomingToken, redeemed: Redeemed,
+    def _payment_in(self, tx: Tx, kind: str, token: IncomingToken, redeemed: Redeemed,
                     key_hash: str, request_id: str | None = None) -> None:
-        cur.execute(self.ledger.sql(
-            "INSERT INTO payments (token_hash, kind, key_hash, mint, unit, amount, fee, msat, "
-            "request_id, change, change_msat, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, 0, ?)"),
-            (token.hash, kind, key_hash, redeemed.mint, redeemed.unit, token.amount,
-             redeemed.fee, redeemed.msat, request_id, time.time()))
+        self.ledger.payments.record(tx, token.hash, kind, key_hash, redeemed.mint,
+                                    redeemed.unit, token.amount, redeemed.fee, redeemed.msat,
+                                    request_id)
 
     def parse(self, text: str) -> IncomingToken:
         try:
@@ -142,7 +138,7 @@ class Payments:
             raise token_error(e) from None
 
     def seen(self, token: IncomingToken) -> bool:
-        return self.ledger.one("payments", ("kind",), "token_hash = ?", (token.hash,)) is not None
+        return self.ledger.payments.seen(token.hash)
 
     async def key_for_token(self, text: str) -> str:
         """The API key for a token used as one: on first use the token is redeemed into it.
@@ -184,11 +180,11 @@ class Payments:
             raise
 
         def write() -> None:
-            with self.ledger.transaction(durable=True) as cur:
-                self._payment_in(cur, kind, token, redeemed, key_hash)
-                self.wallet.store_in(cur, redeemed.mint, redeemed.unit, redeemed.proofs,
+            with self.ledger.transaction(durable=True) as tx:
+                self._payment_in(tx, kind, token, redeemed, key_hash)
+                self.wallet.store_in(tx, redeemed.mint, redeemed.unit, redeemed.proofs,
                                      "unspent")
-                self.ledger.create_key_in(cur, key_hash, redeemed.msat,
+                self.ledger.create_key_in(tx, key_hash, redeemed.msat,
                                           note=f"{kind}: token of {token.amount} {token.unit}",
                                           expires_at=expires_at, refund_address=refund_address,
                                           label=label, backed=True)
@@ -221,11 +217,11 @@ class Payments:
         redeemed = await self._redeem(token)
 
         def write() -> None:
-            with self.ledger.transaction(durable=True) as cur:
-                self._payment_in(cur, "topup", token, redeemed, key_hash)
-                self.wallet.store_in(cur, redeemed.mint, redeemed.unit, redeemed.proofs,
+            with self.ledger.transaction(durable=True) as tx:
+                self._payment_in(tx, "topup", token, redeemed, key_hash)
+                self.wallet.store_in(tx, redeemed.mint, redeemed.unit, redeemed.proofs,
                                      "unspent")
-                if self.ledger.credit_in(cur, key_hash, redeemed.msat,
+                if self.ledger.credit_in(tx, key_hash, redeemed.msat,
                                          f"topup: token of {token.amount} {token.unit}") is None:
                     raise KeyError(key_hash)
 
@@ -325,47 +321,38 @@ class Payments:
             raise ApiError(400, "Nothing to refund: the balance is below one "
                            f"{unit}.", code="nothing_to_refund")
         refund_id = uuid.uuid4().hex
-        now = time.time()
-        with self.ledger.transaction(durable=True) as cur:
-            if self.ledger.debit_in(cur, key_hash, amount * per_unit, "refund",
+        with self.ledger.transaction(durable=True) as tx:
+            if self.ledger.debit_in(tx, key_hash, amount * per_unit, "refund",
                                     request_id=refund_id, kind="refund") is None:
                 raise ApiError(409, "The balance changed; try again.", code="balance_changed")
-            cur.execute(self.ledger.sql(
-                "INSERT INTO refunds (id, key_hash, msat, mint, unit, token, fee, state, "
-                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, NULL, 0, 'pending', ?, ?)"),
-                (refund_id, key_hash, amount * per_unit, mint.url, unit, now, now))
-        return await self._finish_refund(
-            {"id": refund_id, "msat": amount * per_unit, "mint": mint.url, "unit": unit,
-             "token": None, "fee": 0})
+            refund = self.ledger.refunds.add(tx, refund_id, key_hash, amount * per_unit,
+                                             mint.url, unit)
+        return await self._finish_refund(refund)
 
-    def _last_refund(self, key_hash: str) -> dict[str, Any] | None:
-        return self.ledger.one("refunds", ("id", "msat", "mint", "unit", "token", "fee"),
-                               "key_hash = ?", (key_hash,), order="ORDER BY created_at DESC")
+    def _last_refund(self, key_hash: str) -> RefundRecord | None:
+        return self.ledger.refunds.last(key_hash)
 
-    async def _finish_refund(self, refund: dict[str, Any]) -> dict[str, Any]:
+    async def _finish_refund(self, refund: RefundRecord) -> dict[str, Any]:
         """Make (or return the already made) token of a refund."""
-        token = refund["token"]
-        fee = int(refund["fee"])
+        token = refund.token
+        fee = refund.fee
         if token is None:
-            per_unit = UNIT_MSAT[refund["unit"]]
+            per_unit = UNIT_MSAT[refund.unit]
             try:
-                token, fee = await self.wallet.send(refund["mint"], refund["unit"],
-                                                    refund["msat"] // per_unit, refund["id"])
+                token, fee = await self.wallet.send(refund.mint, refund.unit,
+                                                    refund.msat // per_unit, refund.id)
             except MintUnreachable as e:
                 raise mint_down(e) from None
             except (MintError, WalletError) as e:
-                logger.error("refund %s could not be made: %s", refund["id"], e)
+                logger.error("refund %s could not be made: %s", refund.id, e)
                 raise ApiError(503, "The refund is recorded but its token could not be made "
                                "yet; ask again shortly.", type="service_unavailable",
                                code="refund_pending", headers={"retry-after": RETRY_AFTER}) from e
-            with self.ledger.transaction(durable=True) as cur:
-                cur.execute(self.ledger.sql(
-                    "UPDATE refunds SET token = ?, fee = ?, state = 'done', updated_at = ? "
-                    "WHERE id = ?"), (token, fee, time.time(), refund["id"]))
-        per_unit = UNIT_MSAT[refund["unit"]]
-        return {"token": token, "msats": refund["msat"], "sats": refund["msat"] // 1000,
-                "unit": refund["unit"], "mint": refund["mint"],
-                "fee": fee, "amount": refund["msat"] // per_unit - fee}
+            self.ledger.refunds.made(refund.id, token, fee)
+        per_unit = UNIT_MSAT[refund.unit]
+        return {"token": token, "msats": refund.msat, "sats": refund.msat // 1000,
+                "unit": refund.unit, "mint": refund.mint,
+                "fee": fee, "amount": refund.msat // per_unit - fee}
 
     async def stored_change(self, text: str) -> dict[str, Any] | None:
         """The change of an x-cashu payment, for a client that could not read it.
@@ -373,29 +360,26 @@ class Payments:
         If the change could not be cut when the request ended, what is left on the payment's
         key is paid out now, from the pool (a mint swap if the pool has no exact proofs)."""
         hashed = token_hash(text)
-        row = self.ledger.one("payments", ("change", "change_msat", "unit", "mint", "key_hash",
-                                           "request_id", "msat"),
-                              "token_hash = ? AND kind = 'xcashu'", (hashed,))
+        row = self.ledger.payments.xcashu(hashed)
         if row is None:
             return None
-        change, change_msat, unit, mint, key_hash, request_id, msat = row.values()
+        change, change_msat, unit, mint, key_hash, request_id = (
+            row.change, row.change_msat, row.unit, row.mint, row.key_hash, row.request_id)
         state = self.ledger.key(key_hash)
         if change is None and state is not None and not state.reserved_msat and \
                 state.available_msat >= UNIT_MSAT[unit]:
-            payment = XCashu(hashed, key_hash, mint, unit, int(msat))
+            payment = XCashu(hashed, key_hash, mint, unit, row.msat)
             try:  # cut from the proofs the token was swapped into, as at the end of a request
                 closed = self.close_xcashu(payment, request_id)
                 change, change_msat = closed.change, closed.change_msat
             except WalletError:  # they cannot make it: pay it out of the pool
-                with self.ledger.transaction() as cur:
-                    self.wallet.set_state_in(cur, self.wallet.owned_in(cur, request_id),
+                with self.ledger.transaction() as tx:
+                    self.wallet.set_state_in(tx, self.wallet.owned_in(tx, request_id),
                                              "unspent", None)
                 made = await self.refund(key_hash)
                 change, change_msat = made["token"], made["msats"]
-                with self.ledger.transaction() as cur:
-                    cur.execute(self.ledger.sql("UPDATE payments SET change = ?, "
-                                                "change_msat = ? WHERE token_hash = ?"),
-                                (change, change_msat, hashed))
+                with self.ledger.transaction() as tx:
+                    self.ledger.payments.set_change(tx, hashed, change, change_msat)
         return {"token": change, "msats": int(change_msat), "unit": unit, "mint": mint}
 
     # -- x-cashu -------------------------------------------------------------------------------
@@ -439,11 +423,11 @@ class Payments:
         payment = XCashu(token.hash, key_hash, redeemed.mint, redeemed.unit, redeemed.msat)
 
         def write() -> None:
-            with self.ledger.transaction(durable=True) as cur:
-                self._payment_in(cur, "xcashu", token, redeemed, key_hash, request_id)
-                self.wallet.store_in(cur, redeemed.mint, redeemed.unit, redeemed.proofs, "held",
+            with self.ledger.transaction(durable=True) as tx:
+                self._payment_in(tx, "xcashu", token, redeemed, key_hash, request_id)
+                self.wallet.store_in(tx, redeemed.mint, redeemed.unit, redeemed.proofs, "held",
                                      request_id)
-                self.ledger.create_key_in(cur, key_hash, redeemed.msat,
+                self.ledger.create_key_in(tx, key_hash, redeemed.msat,
                                           note=f"x-cashu: token of {token.amount} {token.unit}",
                                           label="x-cashu", backed=True)
 
@@ -470,24 +454,23 @@ class Payments:
         if payment.closed:
             return payment
         per_unit = UNIT_MSAT[payment.unit]
-        with self.ledger.transaction() as cur:
+        with self.ledger.transaction() as tx:
             state = self.ledger.key(payment.key_hash)
             assert state is not None
             if state.reserved_msat:
                 raise RuntimeError("close_xcashu before the request was settled")
             change_units = state.available_msat // per_unit
-            change = self.wallet.cut_in(cur, request_id, payment.mint, payment.unit,
+            change = self.wallet.cut_in(tx, request_id, payment.mint, payment.unit,
                                         change_units)
             if change_units:
-                self.ledger.debit_in(cur, payment.key_hash, change_units * per_unit,
+                self.ledger.debit_in(tx, payment.key_hash, change_units * per_unit,
                                      "x-cashu change", request_id, kind="change")
             rounding = state.available_msat - change_units * per_unit
             if rounding:
-                self.ledger.debit_in(cur, payment.key_hash, rounding, "rounding to the unit",
+                self.ledger.debit_in(tx, payment.key_hash, rounding, "rounding to the unit",
                                      request_id, kind="charge")
-            cur.execute(self.ledger.sql("UPDATE payments SET change = ?, change_msat = ? "
-                                        "WHERE token_hash = ?"),
-                        (change, change_units * per_unit, payment.token_hash))
+            self.ledger.payments.set_change(tx, payment.token_hash, change,
+                                            change_units * per_unit)
         payment.change, payment.change_msat, payment.closed = (change, change_units * per_unit,
                                                                True)
         return payment

@@ -22,7 +22,7 @@ from routstr_addon.ecash.mint import MintError, MintUnreachable
 from routstr_addon.ecash.tokens import UNIT_MSAT, amounts_for, nutshell
 from routstr_addon.ecash.wallet import MintWallet, Wallet
 from routstr_addon.errors import ApiError
-from routstr_addon.ledger import KEY_PREFIX, Ledger, hash_key
+from routstr_addon.ledger import KEY_PREFIX, InvoiceRecord, Ledger, hash_key
 
 __all__ = ["Invoices"]
 
@@ -80,62 +80,54 @@ class Invoices:
         if purpose == "create" and key_hash is None:
             key_hash = hash_key(invoice_key(invoice_id))
         assert key_hash is not None
-        now = time.time()
         expires_at = float(quote["expiry"]) if quote.get("expiry") else None
-        with self.ledger.transaction(durable=True) as cur:
-            cur.execute(self.ledger.sql(
-                "INSERT INTO invoices (id_hash, quote, mint, unit, amount, bolt11, purpose, "
-                "key_hash, state, outputs, expires_at, created_at, updated_at) "
-                "VALUES (?, ?, ?, 'sat', ?, ?, ?, ?, 'unpaid', NULL, ?, ?, ?)"),
-                (_id_hash(invoice_id), quote["quote"], mint.url, amount_sats, quote["request"],
-                 purpose, key_hash, expires_at, now, now))
+        self.ledger.invoices.add(_id_hash(invoice_id), quote["quote"], mint.url, amount_sats,
+                                 quote["request"], purpose, key_hash, expires_at)
         return {"invoice_id": invoice_id, "bolt11": quote["request"], "amount_sats": amount_sats,
                 "purpose": purpose, "expires_at": expires_at, "state": "unpaid"}
 
-    def _row(self, id_hash: str) -> dict[str, Any] | None:
-        return self.ledger.one("invoices", ("id_hash", "quote", "mint", "unit", "amount",
-                                            "purpose", "key_hash", "state", "outputs",
-                                            "expires_at"), "id_hash = ?", (id_hash,))
+    def _row(self, id_hash: str) -> InvoiceRecord | None:
+        return self.ledger.invoices.get(id_hash)
 
     async def status(self, invoice_id: str) -> dict[str, Any]:
         """The invoice's state; checks the mint and credits the key if it has been paid."""
         row = self._row(_id_hash(invoice_id))
         if row is None:
             raise ApiError(404, "No such invoice.", code="invoice_not_found")
-        if row["state"] in ("unpaid", "minting"):
+        if row.state in ("unpaid", "minting"):
             try:
                 row = await self.settle(row) or row
             except (MintUnreachable, MintError) as e:
                 logger.warning("invoice check: %s", e)
-        answer: dict[str, Any] = {"state": row["state"], "amount_sats": row["amount"],
-                                  "purpose": row["purpose"]}
-        if row["state"] == "credited":
-            answer["msats"] = row["amount"] * UNIT_MSAT[row["unit"]]
-            if row["purpose"] == "create":
+        answer: dict[str, Any] = {"state": row.state, "amount_sats": row.amount,
+                                  "purpose": row.purpose}
+        if row.state == "credited":
+            answer["msats"] = row.amount * UNIT_MSAT[row.unit]
+            if row.purpose == "create":
                 key = invoice_key(invoice_id)
                 state = self.ledger.key(hash_key(key))
                 answer["api_key"] = key
                 answer["balance"] = state.balance_msat if state else 0
         return answer
 
-    async def settle(self, row: dict[str, Any]) -> dict[str, Any] | None:
+    async def settle(self, row: InvoiceRecord) -> InvoiceRecord | None:
         """Mint and credit a paid invoice (once); the updated row, or None if not paid yet."""
-        lock = self._locks.setdefault(row["id_hash"], asyncio.Lock())
+        lock = self._locks.setdefault(row.id_hash, asyncio.Lock())
         async with lock:
-            row = self._row(row["id_hash"]) or row
-            if row["state"] not in ("unpaid", "minting"):
+            row = self._row(row.id_hash) or row
+            if row.state not in ("unpaid", "minting"):
                 return row
-            mint = self.wallet.mint(row["mint"])
+            mint = self.wallet.mint(row.mint)
             if mint is None:
-                logger.error("invoice at %s, a mint no longer trusted", row["mint"])
+                logger.error("invoice at %s, a mint no longer trusted", row.mint)
                 return None
             await mint.ensure_loaded()
-            if row["state"] == "unpaid":
-                quote = await mint.client.mint_quote_state(row["quote"])
+            if row.state == "unpaid":
+                quote = await mint.client.mint_quote_state(row.quote)
                 if quote.get("state") not in ("PAID", "ISSUED"):
-                    if row["expires_at"] and row["expires_at"] < time.time():
-                        self._set_state(row["id_hash"], "unpaid", "expired")
-                        row["state"] = "expired"
+                    if row.expires_at and row.expires_at < time.time():
+                        self.ledger.invoices.move(row.id_hash, "unpaid", "expired")
+                        row.state = "expired"
                         return row
                     return None
             try:
@@ -144,73 +136,56 @@ class Invoices:
             except (_Busy, _AlreadyCredited):
                 pass  # another process got there first
             finally:
-                self._locks.pop(row["id_hash"], None)
-            return self._row(row["id_hash"])
+                self._locks.pop(row.id_hash, None)
+            return self._row(row.id_hash)
 
-    async def _mint(self, mint: MintWallet, row: dict[str, Any]) -> list[Any]:
+    async def _mint(self, mint: MintWallet, row: InvoiceRecord) -> list[Any]:
         nutshell()
         from cashu.core.crypto.secp import PrivateKey
 
-        if row["state"] == "minting" and row["outputs"]:  # asked before: get the signatures back
-            saved = json.loads(row["outputs"])
+        if row.state == "minting" and row.outputs:  # asked before: get the signatures back
+            saved = json.loads(row.outputs)
             outputs, secret_list = saved["outputs"], saved["secrets"]
             rs = [PrivateKey(bytes.fromhex(r)) for r in saved["rs"]]
             try:
-                signatures = await mint.client.mint(row["quote"], outputs)
+                signatures = await mint.client.mint(row.quote, outputs)
             except MintError:  # already issued to these outputs: restore them
                 _, signatures = await mint.client.restore(outputs)
             return mint.unblind(signatures, outputs, secret_list, rs)
-        keyset = mint.active(row["unit"])
-        outputs, secret_list, rs = mint.blind(amounts_for(row["amount"]), keyset)
+        keyset = mint.active(row.unit)
+        outputs, secret_list, rs = mint.blind(amounts_for(row.amount), keyset)
         saved_json = json.dumps({"outputs": outputs, "secrets": secret_list,
                                  "rs": [r.to_hex() for r in rs]})
-        with self.ledger.transaction(durable=True) as cur:
-            cur.execute(self.ledger.sql(
-                "UPDATE invoices SET state = 'minting', outputs = ?, updated_at = ? "
-                "WHERE id_hash = ? AND state = 'unpaid'"),
-                (saved_json, time.time(), row["id_hash"]))
-            claimed = cur.rowcount == 1
-        if not claimed:  # another process is minting it: use its outputs
-            current = self._row(row["id_hash"])
-            if current is None or current["state"] != "minting":
+        if not self.ledger.invoices.start_minting(row.id_hash, saved_json):
+            # another process is minting it: use its outputs
+            current = self._row(row.id_hash)
+            if current is None or current.state != "minting":
                 raise _Busy
-            row.update(current)
-            return await self._mint(mint, row)
-        row["state"], row["outputs"] = "minting", saved_json
-        signatures = await mint.client.mint(row["quote"], outputs)
+            return await self._mint(mint, current)
+        row.state, row.outputs = "minting", saved_json
+        signatures = await mint.client.mint(row.quote, outputs)
         return mint.unblind(signatures, outputs, secret_list, rs)
 
-    def _credit(self, row: dict[str, Any], mint: MintWallet, proofs: list[Any]) -> None:
-        msat = sum(p.amount for p in proofs) * UNIT_MSAT[row["unit"]]
-        with self.ledger.transaction(durable=True) as cur:
-            cur.execute(self.ledger.sql(
-                "UPDATE invoices SET state = 'credited', outputs = NULL, updated_at = ? "
-                "WHERE id_hash = ? AND state = 'minting'"), (time.time(), row["id_hash"]))
-            if cur.rowcount != 1:
+    def _credit(self, row: InvoiceRecord, mint: MintWallet, proofs: list[Any]) -> None:
+        msat = sum(p.amount for p in proofs) * UNIT_MSAT[row.unit]
+        with self.ledger.transaction(durable=True) as tx:
+            if not self.ledger.invoices.credited_in(tx, row.id_hash):
                 raise _AlreadyCredited  # rolled back: nothing changes
-            self.wallet.store_in(cur, mint.url, row["unit"], proofs, "unspent")
-            note = f"lightning: invoice of {row['amount']} {row['unit']}"
-            if row["purpose"] == "create":
-                self.ledger.create_key_in(cur, row["key_hash"], msat, note=note, backed=True)
-            elif self.ledger.credit_in(cur, row["key_hash"], msat, note) is None:
+            self.wallet.store_in(tx, mint.url, row.unit, proofs, "unspent")
+            note = f"lightning: invoice of {row.amount} {row.unit}"
+            if row.purpose == "create":
+                self.ledger.create_key_in(tx, row.key_hash, msat, note=note, backed=True)
+            elif self.ledger.credit_in(tx, row.key_hash, msat, note) is None:
                 raise RuntimeError("the key of a top-up invoice is gone")
 
     def cancel(self, invoice_id: str) -> None:
         """Forget an unpaid invoice (it will not be credited even if paid later)."""
-        self._set_state(_id_hash(invoice_id), "unpaid", "expired")
-
-    def _set_state(self, id_hash: str, old: str, new: str) -> None:
-        with self.ledger.transaction() as cur:
-            cur.execute(self.ledger.sql("UPDATE invoices SET state = ?, updated_at = ? "
-                                        "WHERE id_hash = ? AND state = ?"),
-                        (new, time.time(), id_hash, old))
+        self.ledger.invoices.move(_id_hash(invoice_id), "unpaid", "expired")
 
     async def watch(self, every: float = 5.0) -> None:
         """Credit paid invoices nobody asked about, and finish interrupted ones (restart)."""
         while True:
-            cur = self.ledger.db.connection().cursor()
-            cur.execute("SELECT id_hash FROM invoices WHERE state IN ('unpaid', 'minting')")
-            for (id_hash,) in cur.fetchall():
+            for id_hash in self.ledger.invoices.open_ids():
                 row = self._row(id_hash)
                 if row is None:
                     continue

@@ -1,9 +1,10 @@
 """The operator's money loop: earnings paid out to a Lightning address, expired keys refunded.
 
-Profit is what the wallet holds less what it owes (backed key balances, refunds not yet handed
-out, payouts under way). When it reaches ``MINIMUM_PAYOUT`` it is paid to
-``RECEIVE_LN_ADDRESS``: an invoice is asked of the address for the profit less the Lightning fee
-reserve and the mint's input fee, and paid by melting pool proofs at the primary mint.
+Profit is the operator's margin (``Ledger.books``: what the wallet holds less backed key
+balances, refunds not yet handed out and payouts under way). When it reaches ``MINIMUM_PAYOUT``
+it is paid to ``RECEIVE_LN_ADDRESS``: an invoice is asked of the address for the profit less the
+Lightning fee reserve and the mint's input fee, and paid by melting pool proofs at the primary
+mint.
 
 Every payment is a ``payouts`` row written before the mint is asked. If the answer is lost the
 row stays ``pending`` and is settled from the mint's quote state on the next run: never paid
@@ -24,7 +25,7 @@ import httpx
 from routstr_addon.ecash.mint import MintError, MintUnreachable
 from routstr_addon.ecash.tokens import UNIT_MSAT
 from routstr_addon.ecash.wallet import Melted, Wallet, WalletError
-from routstr_addon.ledger import Ledger
+from routstr_addon.ledger import Books, Ledger, PayoutRecord
 from routstr_addon.payments.cashu import Payments
 from routstr_addon.payments.lnurl import LnAddressError, invoice_for
 from routstr_addon.settings import Config
@@ -32,11 +33,6 @@ from routstr_addon.settings import Config
 __all__ = ["Payouts"]
 
 logger = logging.getLogger(__name__)
-
-_COLUMNS = ("id", "kind", "key_hash", "destination", "mint", "unit", "amount", "fee_reserve",
-            "fee_paid", "msat", "bolt11", "quote", "outputs", "state", "error", "created_at",
-            "updated_at")
-
 
 class Payouts:
     def __init__(self, ledger: Ledger, wallet: Wallet, config: Config,
@@ -48,27 +44,12 @@ class Payouts:
 
     # -- the books -----------------------------------------------------------------------------
 
-    def books(self) -> dict[str, int]:
-        """What the wallet holds, what it owes, and the difference (all msat)."""
-        held = self.wallet.held_msat()
-        cur = self.ledger.db.connection().cursor()
-        cur.execute("SELECT COALESCE(SUM(balance_msat), 0) FROM api_keys WHERE backed")
-        owed = int(cur.fetchone()[0])
-        cur.execute("SELECT COALESCE(SUM(msat), 0) FROM refunds WHERE state = 'pending'")
-        owed += int(cur.fetchone()[0])
-        # Proofs claimed for a payment under way are still counted as held until it is
-        # settled: what it may take is not profit.
-        cur.execute("SELECT unit, COALESCE(SUM(amount + fee_reserve), 0) FROM payouts "
-                    "WHERE state = 'pending' GROUP BY unit")
-        outgoing = sum(int(total) * UNIT_MSAT.get(unit, 1000) for unit, total in cur.fetchall())
-        return {"held_msat": held, "owed_msat": owed, "outgoing_msat": outgoing,
-                "profit_msat": held - owed - outgoing}
+    def books(self) -> Books:
+        """The operator's books, as every other reader sees them."""
+        return self.ledger.books(list(self.wallet.mints))
 
     def recent(self, limit: int = 100) -> list[dict[str, Any]]:
-        cur = self.ledger.db.connection().cursor()
-        cur.execute(self.ledger.sql(f"SELECT {', '.join(_COLUMNS)} FROM payouts "
-                                    "ORDER BY created_at DESC LIMIT ?"), (limit,))
-        rows = [dict(zip(_COLUMNS, row, strict=True)) for row in cur.fetchall()]
+        rows = [p.as_dict() for p in self.ledger.payouts.recent(limit)]
         for row in rows:
             row.pop("outputs")
         return rows
@@ -79,17 +60,18 @@ class Payouts:
         """Settle what is pending, then pay the profit out if it reaches the minimum."""
         settled = await self.reconcile()
         books = self.books()
-        result: dict[str, Any] = {"books": books, "settled": settled, "payout": None}
+        result: dict[str, Any] = {"books": books.as_json(), "settled": settled, "payout": None}
         address = self.config.receive_ln_address
         if not address:
             result["skipped"] = "no RECEIVE_LN_ADDRESS"
             return result
         minimum = self.config.minimum_payout_sats * 1000
         mint = self.wallet.primary
-        pool = self.wallet.balances().get((mint.url, "sat"), 0) * 1000
-        available = min(books["profit_msat"], self._unspent_msat(mint.url, "sat"), pool)
+        pool = books.held(mint.url, "sat") * UNIT_MSAT["sat"]
+        unspent = self.ledger.proofs.unspent_total(mint.url, "sat") * UNIT_MSAT["sat"]
+        available = min(books.margin_msat, unspent, pool)
         if available < minimum:
-            result["skipped"] = (f"profit {books['profit_msat'] / 1000:g} sats is below "
+            result["skipped"] = (f"profit {books.margin_msat / 1000:g} sats is below "
                                  f"MINIMUM_PAYOUT ({self.config.minimum_payout_sats})")
             return result
         if dry_run:
@@ -97,13 +79,6 @@ class Payouts:
             return result
         result["payout"] = await self.pay(address, available // 1000, kind="payout")
         return result
-
-    def _unspent_msat(self, mint_url: str, unit: str) -> int:
-        cur = self.ledger.db.connection().cursor()
-        cur.execute(self.ledger.sql("SELECT COALESCE(SUM(amount), 0) FROM proofs WHERE "
-                                    "mint = ? AND unit = ? AND state = 'unspent'"),
-                    (mint_url, unit))
-        return int(cur.fetchone()[0]) * UNIT_MSAT[unit]
 
     async def pay(self, address: str, budget_sats: int, kind: str,
                   key_hash: str | None = None, msat: int = 0) -> dict[str, Any]:
@@ -130,26 +105,18 @@ class Payouts:
             else:
                 raise WalletError("the Lightning fees keep changing; try again later")
         payout_id = uuid.uuid4().hex
-        now = time.time()
-        with self.ledger.transaction(durable=True) as cur:
+        with self.ledger.transaction(durable=True) as tx:
             debited = (kind != "refund" or key_hash is None or self.ledger.debit_in(
-                cur, key_hash, msat, f"refund to {address}", request_id=payout_id,
+                tx, key_hash, msat, f"refund to {address}", request_id=payout_id,
                 kind="refund") is not None)
             if not debited:
                 raise WalletError("the key's balance changed")
-            cur.execute(self.ledger.sql(
-                "INSERT INTO payouts (id, kind, key_hash, destination, mint, unit, amount, "
-                "fee_reserve, fee_paid, msat, bolt11, quote, outputs, state, error, created_at, "
-                "updated_at) VALUES (?, ?, ?, ?, ?, 'sat', ?, ?, 0, ?, ?, ?, NULL, 'pending', "
-                "NULL, ?, ?)"),
-                (payout_id, kind, key_hash, address, mint.url, int(quote["amount"]),
-                 int(quote.get("fee_reserve") or 0), msat, bolt11, quote["quote"], now, now))
+            self.ledger.payouts.add(tx, payout_id, kind, key_hash, address, mint.url,
+                                    int(quote["amount"]), int(quote.get("fee_reserve") or 0),
+                                    msat, bolt11, quote["quote"])
 
         def record_outputs(outputs_json: str | None) -> None:
-            with self.ledger.transaction(durable=True) as cur:
-                cur.execute(self.ledger.sql("UPDATE payouts SET outputs = ?, updated_at = ? "
-                                            "WHERE id = ?"), (outputs_json, time.time(),
-                                                              payout_id))
+            self.ledger.payouts.set_outputs(payout_id, outputs_json)
 
         try:
             melted = await self.wallet.melt(mint.url, "sat", quote, payout_id, record_outputs)
@@ -177,53 +144,46 @@ class Payouts:
     def _fail(self, payout_id: str, error: str) -> dict[str, Any]:
         """A payment that did not happen: its proofs are the pool's again, and a refund's
         amount goes back on its key."""
-        row = self._row(payout_id)
-        with self.ledger.transaction(durable=True) as cur:
-            cur.execute(self.ledger.sql("UPDATE payouts SET state = 'failed', error = ?, "
-                                        "updated_at = ? WHERE id = ? AND state = 'pending'"),
-                        (error[:500], time.time(), payout_id))
-            if cur.rowcount == 1 and row["kind"] == "refund" and row["key_hash"]:
-                self.ledger.credit_in(cur, row["key_hash"], row["msat"],
-                                      f"refund to {row['destination']} failed",
+        row = self._record_of(payout_id)
+        with self.ledger.transaction(durable=True) as tx:
+            if self.ledger.payouts.fail_in(tx, payout_id, error) and row.kind == "refund" \
+                    and row.key_hash:
+                self.ledger.credit_in(tx, row.key_hash, row.msat,
+                                      f"refund to {row.destination} failed",
                                       request_id=payout_id)
-        logger.warning("%s %s to %s failed: %s", row["kind"], payout_id, row["destination"],
-                       error)
+        logger.warning("%s %s to %s failed: %s", row.kind, payout_id, row.destination, error)
         return self._row(payout_id)
 
     def _set(self, payout_id: str, state: str, fee_paid: int = 0,
              error: str | None = None) -> None:
-        with self.ledger.transaction(durable=True) as cur:
-            cur.execute(self.ledger.sql("UPDATE payouts SET state = ?, fee_paid = ?, error = ?, "
-                                        "updated_at = ? WHERE id = ?"),
-                        (state, fee_paid, error, time.time(), payout_id))
+        self.ledger.payouts.set_state(payout_id, state, fee_paid, error)
 
-    def _row(self, payout_id: str) -> dict[str, Any]:
-        row = self.ledger.one("payouts", _COLUMNS, "id = ?", (payout_id,))
+    def _record_of(self, payout_id: str) -> PayoutRecord:
+        row = self.ledger.payouts.get(payout_id)
         assert row is not None
         return row
 
+    def _row(self, payout_id: str) -> dict[str, Any]:
+        return self._record_of(payout_id).as_dict()
+
     async def reconcile(self) -> list[dict[str, Any]]:
         """Settle pending payments from the mint's quote states."""
-        cur = self.ledger.db.connection().cursor()
-        cur.execute("SELECT id FROM payouts WHERE state = 'pending'")
         settled = []
-        for (payout_id,) in cur.fetchall():
-            row = self._row(payout_id)
-            if row["quote"] is None:
+        for payout_id in self.ledger.payouts.pending_ids():
+            row = self._record_of(payout_id)
+            if row.quote is None:
                 settled.append(self._fail(payout_id, "interrupted before the melt"))
                 continue
             try:
-                if self.ledger.one("proofs", ("secret",), "owner = ? AND state = 'reserved'",
-                                   (payout_id,)) is None:
+                if not self.ledger.proofs.has_reserved(payout_id):
                     # Nothing left claimed: the outcome was applied, or no proof was taken.
-                    mint = self.wallet.mints[row["mint"]]
-                    state = (await mint.client.melt_quote_state(row["quote"]))["state"]
-                    melted = Melted(str(state).upper(), row["amount"], row["fee_reserve"],
-                                    row["fee_paid"], 0)
+                    mint = self.wallet.mints[row.mint]
+                    state = (await mint.client.melt_quote_state(row.quote))["state"]
+                    melted = Melted(str(state).upper(), row.amount, row.fee_reserve,
+                                    row.fee_paid, 0)
                 else:
-                    melted = await self.wallet.finish_melt(row["mint"], row["unit"],
-                                                           row["quote"], payout_id,
-                                                           row["outputs"])
+                    melted = await self.wallet.finish_melt(row.mint, row.unit, row.quote,
+                                                           payout_id, row.outputs)
             except (MintUnreachable, MintError) as e:
                 logger.info("payout %s still pending: %s", payout_id, e)
                 continue
@@ -235,14 +195,9 @@ class Payouts:
     async def refund_expired(self) -> list[dict[str, Any]]:
         """Expired keys with a balance: paid to their refund address, or, without one, made
         into a token their owner can claim (``POST /v1/balance/refund``). Once each."""
-        now = time.time()
-        cur = self.ledger.db.connection().cursor()
-        cur.execute(self.ledger.sql(
-            "SELECT key_hash, refund_address, balance_msat FROM api_keys WHERE backed "
-            "AND expires_at IS NOT NULL AND expires_at <= ? AND reserved_msat = 0 "
-            "AND balance_msat >= 1000"), (now,))
         done = []
-        for key_hash, address, balance in cur.fetchall():
+        for key in self.ledger.accounts.expired_with_balance(time.time()):
+            key_hash, address, balance = key.key_hash, key.refund_address, key.balance_msat
             try:
                 if address and "@" in address:
                     sats = int(balance) // 1000

@@ -31,8 +31,7 @@ from routstr_addon.amounts import sats
 from routstr_addon.ecash.mint import MintError, MintUnreachable
 from routstr_addon.ecash.tokens import UNIT_MSAT
 from routstr_addon.ecash.wallet import WalletError
-from routstr_addon.ledger import reports as dashboard
-from routstr_addon.payments.payouts import Payouts
+from routstr_addon.ledger import KINDS, is_hex_prefix
 from routstr_addon.web import Handler, Peer, Services
 from routstr_addon.web.auth import Session, password_matches, password_tag
 from routstr_addon.web.chart import Bar, bar_chart
@@ -188,12 +187,11 @@ def get(services: Services, request: http.Request, peer: Peer) -> http.Response:
 def _overview(services: Services, query: dict[str, str], session: Session) -> http.Response:
     ledger, wallet = services.ledger, services.wallet
     now = time.time()
-    days = dashboard.daily_revenue(ledger, 30, now)
-    stats = dashboard.key_stats(ledger)
-    books = holdings = None
-    if wallet is not None:
-        books = Payouts(ledger, wallet, services.config).books()
-        holdings = sorted(wallet.balances().items())
+    days = ledger.reports.daily_revenue(30, now)
+    stats = ledger.reports.key_stats()
+    books = ledger.books(list(wallet.mints)) if wallet is not None else None
+    holdings = sorted((h for h in books.holdings if h.count),
+                      key=lambda h: (h.mint, h.unit)) if books else None
     today = days[-1]
     bars = [Bar(d.label[5:], d.revenue_msat / 1000,
                 f"{d.label}: {sats(d.revenue_msat)} sats charged, {d.requests:,} requests"
@@ -204,13 +202,13 @@ def _overview(services: Services, query: dict[str, str], session: Session) -> ht
                    today=today, month_msat=sum(d.revenue_msat for d in days),
                    month_requests=sum(d.requests for d in days), chart=chart,
                    mints=list(wallet.mints) if wallet is not None else [],
-                   withdrawable=max(0, books["profit_msat"]) // 1000 if books else 0)
+                   withdrawable=max(0, books.margin_msat) // 1000 if books else 0)
 
 
 def _keys(services: Services, query: dict[str, str], session: Session) -> http.Response:
     q = query.get("q", "").strip()[:100]
     page_no = _int(query.get("page"), 1, 1, 100_000)
-    page = dashboard.keys_page(services.ledger, q, page_no)
+    page = services.ledger.reports.keys_page(q, page_no)
     return _render(services, "keys.html", session=session, title="Keys", active="keys",
                    q=q, page=page, page_no=page_no, now=time.time(),
                    link=lambda n: "/admin/keys?" + urlencode({"q": q, "page": n}))
@@ -219,24 +217,24 @@ def _keys(services: Services, query: dict[str, str], session: Session) -> http.R
 def _journal(services: Services, query: dict[str, str], session: Session) -> http.Response:
     key = query.get("key", "").strip().lower()[:64]
     kind = query.get("kind", "")
-    if kind not in dashboard.KINDS:
+    if kind not in KINDS:
         kind = ""
     before = _int(query.get("before"), 0, 0, 2**63 - 1) or None
-    page = dashboard.journal_page(services.ledger, key, kind, before)
+    page = services.ledger.reports.journal_page(key, kind, before)
     older = ("/admin/ledger?" + urlencode({"key": key, "kind": kind, "before": page.next})
              if page.has_more else None)
     return _render(services, "ledger.html", session=session, title="Ledger", active="ledger",
-                   key=key, kind=kind, kinds=dashboard.KINDS, page=page, older=older,
+                   key=key, kind=kind, kinds=KINDS, page=page, older=older,
                    newest="/admin/ledger?" + urlencode({"key": key, "kind": kind})
                    if before else None)
 
 
 def _payouts(services: Services, query: dict[str, str], session: Session) -> http.Response:
     page_no = _int(query.get("page"), 1, 1, 100_000)
-    page = dashboard.payouts_page(services.ledger, page_no)
+    page = services.ledger.reports.payouts_page(page_no)
     return _render(services, "payouts.html", session=session, title="Payouts",
                    active="payouts", page=page, page_no=page_no,
-                   totals=dashboard.payout_totals(services.ledger),
+                   totals=services.ledger.reports.payout_totals(),
                    address=services.config.receive_ln_address,
                    link=lambda n: f"/admin/payouts?page={n}")
 
@@ -338,8 +336,8 @@ def _set_disabled(disabled: bool) -> Action:
     def action(services: Services, form: dict[str, str], session: Session,
                session_id: str) -> http.Response:
         key_hash = form.get("key_hash", "").strip().lower()
-        done = dashboard.is_hex_prefix(key_hash) and len(key_hash) == 64 and \
-            dashboard.set_disabled(services.ledger, key_hash, disabled)
+        done = is_hex_prefix(key_hash) and len(key_hash) == 64 and \
+            services.ledger.set_disabled(key_hash, disabled) is not None
         word = "disabled" if disabled else "enabled again"
         if done:
             logger.info("admin: key %s… %s", key_hash[:12], word)
@@ -375,8 +373,7 @@ async def _withdraw_later(services: Services, session: Session, amount: int,
     wallet = services.wallet
     assert wallet is not None
     async with services.admin.withdrawing:  # one at a time: the margin is read, then spent
-        books = Payouts(services.ledger, wallet, services.config).books()
-        margin = books["profit_msat"]
+        margin = services.ledger.books(list(wallet.mints)).margin_msat
         if amount * UNIT_MSAT["sat"] > margin:
             return _message(services, 400, "Refused",
                             f"Refused: {amount:,} sats is more than the margin, "
