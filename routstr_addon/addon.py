@@ -27,6 +27,7 @@ from routstr_addon import settings
 from routstr_addon.background import Background
 from routstr_addon.errors import ApiError, install_error_pages
 from routstr_addon.proxy.forward import PaidForward
+from routstr_addon.proxy.listen import ListenBacklog
 from routstr_addon.proxy.local import LocalEndpoints
 from routstr_addon.proxy.webview import FlowView
 from routstr_addon.runtime import Runtime
@@ -46,13 +47,16 @@ class Serving:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.background = Background(runtime)
+        self.backlog = ListenBacklog(runtime.config.listen_backlog)
         self.addons = [LocalEndpoints(runtime.services), PaidForward(runtime)]
 
     def running(self) -> None:
         self.background.start()
+        self.backlog.start()
 
     async def done(self) -> None:
         self.background.stop()
+        self.backlog.stop()
         await self.runtime.close()
 
     def retire(self, successor: Runtime) -> None:
@@ -60,6 +64,7 @@ class Serving:
         waiting for the ledger, and let the old connections go (a request still in flight on
         them reopens its ledger's connection to settle)."""
         self.background.stop()
+        self.backlog.stop()
         successor.meter.take_unsettled(self.runtime.meter)
         self.runtime.ledger.close()
         if self.runtime.wallet is not None:

@@ -105,6 +105,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RESERVATION_TIMEOUT", int, 600,
             "Seconds without activity after which a request's reservation is swept (released, "
             "or charged for what it delivered). Flowing streams stay active."),
+    Setting("LISTEN_BACKLOG", int, 1024,
+            "Connections the kernel queues for the proxy before it accepts them (asyncio's "
+            "default of 100 resets clients in a burst); capped by net.core.somaxconn."),
     Setting("MAX_REQUEST_SIZE", str, "32m",
             "Largest request body accepted (k/m/g suffixes); also bounds buffered responses."),
     Setting("NAME", str, "Routstr Proxy", "Name shown in /v1/info."),
@@ -421,6 +424,7 @@ class Config:
     exchange_fee: Decimal
     upstream_provider_fee: Decimal
     max_request_size: int
+    listen_backlog: int
     receive_ln_address: str
     minimum_payout_sats: int
     payout_interval: int
@@ -467,6 +471,7 @@ class Config:
             upstream_provider_fee=_decimal("UPSTREAM_PROVIDER_FEE", options.upstream_provider_fee,
                                            minimum=Decimal(1)),
             max_request_size=parse_size("MAX_REQUEST_SIZE", options.max_request_size),
+            listen_backlog=_at_least("LISTEN_BACKLOG", options.listen_backlog, 1),
             receive_ln_address=parse_ln_address(options.receive_ln_address),
             minimum_payout_sats=_at_least("MINIMUM_PAYOUT", options.minimum_payout, 1),
             payout_interval=_at_least("PAYOUT_INTERVAL", options.payout_interval, 1),

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
 import time
+from pathlib import Path
 
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
-from .conftest import Proxy, expected_msat, raw
+from .conftest import Proxy, expected_msat, raw, start_proxy
 from .upstream import TestUpstream, body_json
 
 MODEL = "test/model"
@@ -250,3 +252,26 @@ def test_gzip_request_body_is_read(proxy: Proxy) -> None:
                         "content-type": "application/json"})
     assert resp.status_code == 200, resp.text
     assert int(resp.headers["x-routstr-cost-msats"]) > 0
+
+
+def _listen_backlog(port: int) -> int:
+    """The backlog of the TCP listener on ``port``, as the kernel reports it (ss's Send-Q)."""
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True,
+                         check=True).stdout.split()
+    return int(out[2])
+
+
+def test_the_listener_queues_a_burst_of_connections(upstream: TestUpstream,
+                                                    tmp_path: Path) -> None:
+    """asyncio listens with a backlog of 100; a burst of clients beyond it was reset."""
+    p = start_proxy(tmp_path / "backlog", upstream.url,
+                    {"UPSTREAM_BASE_URL": f"{upstream.url}/v1", "LISTEN_BACKLOG": "777"})
+    try:
+        port = int(p.url.rsplit(":", 1)[1])
+        wanted = min(777, int(Path("/proc/sys/net/core/somaxconn").read_text()))
+        deadline = time.monotonic() + 10  # mitmproxy says it listens before its running hook
+        while _listen_backlog(port) != wanted and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _listen_backlog(port) == wanted
+    finally:
+        p.stop()
