@@ -23,6 +23,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from routstr_addon.amounts import sats
 from routstr_addon.metering.pricing import ModelPrice, Pricing, RateKeeper, load_models
 from routstr_addon.settings import Config
 
@@ -211,7 +212,7 @@ def print_models(entries: list[dict[str, Any]], rate: Rate, config: Config,
     fees = f"fees ×{config.exchange_fee} ×{config.upstream_provider_fee}"
     title = (f"{len(entries)} model(s) from {path} — BTC/USD {describe_rate(rate)}, {fees}"
              if config.model_based_pricing else
-             f"{len(entries)} model(s) — fixed price {config.cost_per_request_msat / 1000:g} "
+             f"{len(entries)} model(s) — fixed price {sats(config.cost_per_request_msat)} "
              "sats per request")
     table = Table(title=title, title_justify="left")
     table.add_column("model", overflow="fold", min_width=22)

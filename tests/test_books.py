@@ -102,7 +102,8 @@ def test_wallet_balance_admin_and_payouts_agree_while_a_payout_is_pending(
         assert ran["payout"] is None and ran["settled"] == []  # still pending: nobody answered
         assert ran["books"] == {k: v for k, v in books.items()
                                 if k not in ("covered", "check", "ok")}
-        assert ran["skipped"] == (f"profit {margin / 1000:g} sats is below MINIMUM_PAYOUT "
+        assert ran["skipped"] == (f"profit {margin // 1000:,}.{margin % 1000:03d} sats is below "
+                                  "MINIMUM_PAYOUT "
                                   "(1000)")
         assert ledger.payouts.get("p1").state == "pending"  # type: ignore[union-attr]
     finally:

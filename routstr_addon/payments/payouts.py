@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from routstr_addon.amounts import sats
 from routstr_addon.ecash.mint import MintError, MintUnreachable
 from routstr_addon.ecash.tokens import UNIT_MSAT
 from routstr_addon.ecash.wallet import Melted, Wallet, WalletError
@@ -71,7 +72,7 @@ class Payouts:
         unspent = self.ledger.proofs.unspent_total(mint.url, "sat") * UNIT_MSAT["sat"]
         available = min(books.margin_msat, unspent, pool)
         if available < minimum:
-            result["skipped"] = (f"profit {books.margin_msat / 1000:g} sats is below "
+            result["skipped"] = (f"profit {sats(books.margin_msat)} sats is below "
                                  f"MINIMUM_PAYOUT ({self.config.minimum_payout_sats})")
             return result
         if dry_run:
