@@ -88,6 +88,7 @@ class Quote:
     body: dict[str, Any] | None
     model: ModelPrice | None
     amount_msat: int
+    offers: tuple[ModelPrice, ...] = ()  # the providers that may serve it, in order
 
     @property
     def model_name(self) -> str | None:
@@ -120,6 +121,10 @@ class Paid:
     retrying: bool = False  # the ledger could not take its settlement: retried in the background
     prompt_estimate: int | None = None
     timer: Any = None  # asyncio.TimerHandle of the upstream timeout
+    # The providers that may serve it, in the order they are tried; ``model`` becomes the
+    # offer of the one that answered, whose price is charged.
+    offers: tuple[ModelPrice, ...] = ()
+    provider: str | None = None  # the provider that answered, once known
 
     @property
     def settled(self) -> bool:
@@ -164,8 +169,11 @@ class Meter:
         if self.config.model_based_pricing and endpoint is not None:
             assert parsed is not None
             model = self._model(parsed)
-            amount = self._max_cost(model, endpoint, parsed, body if body_bound else None)
-            return Quote(endpoint, parsed, model, amount)
+            raw = body if body_bound else None
+            offers = self.pricing.candidates(model)
+            # Reserved at the dearest provider that may answer: failover never outruns it.
+            amount = max(self._max_cost(offer, endpoint, parsed, raw) for offer in offers)
+            return Quote(endpoint, parsed, offers[0], amount, offers)
         return Quote(endpoint, parsed, None, self.config.cost_per_request_msat)
 
     def admit(self, request_id: str, authorization: str | None, path: str,
@@ -189,7 +197,7 @@ class Meter:
             raise _reserve_error(e) from None
         upstream_body, drop_usage = _for_upstream(q.endpoint, q.body)
         return Paid(request_id, key_hash, q.amount_msat, held.available_msat, q.endpoint,
-                    q.model, q.body, upstream_body, drop_usage, payer)
+                    q.model, q.body, upstream_body, drop_usage, payer, offers=q.offers)
 
     def _known_key(self, key_hash: str) -> None:
         if self.ledger.key(key_hash) is None:

@@ -22,6 +22,7 @@ from routstr_addon.metering.stream import MeteredStream
 from routstr_addon.payments.cashu import Payments
 from routstr_addon.proxy import webview
 from routstr_addon.proxy.failclosed import answer_error, decide_later
+from routstr_addon.proxy.route import Route
 from routstr_addon.runtime import Runtime
 
 __all__ = ["STATE", "PaidForward"]
@@ -37,12 +38,8 @@ class PaidForward:
         config = runtime.config
         self.meter: Meter = runtime.meter
         self.payments: Payments | None = runtime.payments  # None: no mints, no ecash
-        self.upstream = config.upstream
         self.upstream_timeout = config.upstream_timeout
-        # Off go the client's key or token; on goes the operator's upstream key.
-        self.upstream_auth: tuple[tuple[bytes, bytes], ...] = (
-            ((b"authorization", f"Bearer {config.upstream_api_key}".encode()),)
-            if config.upstream_api_key else ())
+        self.route: Route = runtime.route  # which provider, its key, failover
 
     # -- the request -----------------------------------------------------------------------
 
@@ -117,15 +114,10 @@ class PaidForward:
         req = flow.request
         if paid.upstream_body is not None:
             req.content = paid.upstream_body
+        # Off go the client's key or token; the provider's key goes on in `aim`.
         req.headers.fields = tuple(
-            field for field in req.headers.fields
-            if field[0].lower() not in _CLIENT_SECRETS) + self.upstream_auth
-        upstream = self.upstream
-        if upstream is not None:
-            if req.host != upstream.host or req.port != upstream.port:
-                req.scheme, req.host, req.port = upstream.scheme, upstream.host, upstream.port
-            query = req.path[len(path):]
-            req.path = upstream.base_path + _api_path(path) + query
+            field for field in req.headers.fields if field[0].lower() not in _CLIENT_SECRETS)
+        self.route.aim(flow, paid, _api_path(path), req.path[len(path):])
         if self.upstream_timeout:
             paid.timer = asyncio.get_running_loop().call_later(
                 self.upstream_timeout, _upstream_silent, flow)
@@ -145,6 +137,7 @@ class PaidForward:
             return
         if paid.timer is not None:
             paid.timer.cancel()
+        self.route.answered(flow, paid)
         fields = resp.headers.fields
         is_sse = any(name.lower() == b"content-type" and b"text/event-stream" in value
                      for name, value in fields)
@@ -179,6 +172,7 @@ class PaidForward:
             return
         if paid.timer is not None:
             paid.timer.cancel()
+        self.route.failed(flow, paid)
         self.meter.fail(paid, flow.error.msg if flow.error else "flow failed")
         webview.show(flow, paid.facts())
 

@@ -1,0 +1,120 @@
+"""Which provider a paid request goes to, and what it is told there: the forward calls
+``Route.aim`` once a request is admitted, and ``answered``/``failed`` when it ends.
+
+A request has the offers the meter reserved for, best first. With one, mitmproxy connects to
+that provider itself (no cost added). With several, the request goes through the failover hop,
+which tries them in turn before any byte reaches the client. Either way the model id is
+rewritten to the provider's own name for it, its key and headers are put on, and the answer
+names the provider (``x-routstr-provider``, never its URL or key) and is charged at its price.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from mitmproxy import http
+
+from routstr_addon.metering.meter import Paid
+from routstr_addon.metering.pricing import ModelPrice
+from routstr_addon.upstreams.catalog import provider_headers
+from routstr_addon.upstreams.failover import PLAN_HEADER, PROVIDER_HEADER, Attempt, Failover
+from routstr_addon.upstreams.health import Health
+from routstr_addon.upstreams.providers import ProviderSpec
+
+__all__ = ["Route", "body_for"]
+
+logger = logging.getLogger("routstr")
+
+_PROVIDER = PROVIDER_HEADER.encode()
+
+
+class Route:
+    def __init__(self, providers: tuple[ProviderSpec, ...], health: Health,
+                 failover: Failover | None) -> None:
+        self.providers = {p.name: p for p in providers}
+        # Requests no model prices (fixed pricing, other endpoints): the preferred provider.
+        self.default = max(providers, key=lambda p: p.priority)
+        self.health = health
+        self.failover = failover
+        self.auth = {p.name: tuple((k.encode(), v.encode()) for k, v in provider_headers(p))
+                     for p in providers}
+
+    def aim(self, flow: http.HTTPFlow, paid: Paid, api_path: str, query: str) -> None:
+        """Point an admitted request (client secrets already off) at its provider(s)."""
+        req = flow.request
+        offers = paid.offers
+        failover = self.failover
+        if len(offers) > 1 and failover is not None and failover.port:
+            fields = req.headers.fields
+            attempts = tuple(
+                Attempt(o.provider, self._url(o.provider, api_path, query),
+                        self._headers(o.provider),
+                        body_for(paid.body, paid.upstream_body, o) or req.raw_content or b"")
+                for o in offers)
+            failover.arm(paid.request_id, attempts)
+            req.scheme, req.host, req.port = "http", "127.0.0.1", failover.port
+            req.path = api_path + query
+            req.headers.fields = (*fields, (PLAN_HEADER.encode(), paid.request_id.encode()))
+            return
+        offer = offers[0] if offers else None
+        provider = self.providers.get(offer.provider) if offer else None
+        provider = provider or self.default
+        paid.provider = provider.name
+        req.headers.fields += self.auth[provider.name]
+        upstream = provider.upstream
+        if upstream is not None:
+            if req.host != upstream.host or req.port != upstream.port:
+                req.scheme, req.host, req.port = upstream.scheme, upstream.host, upstream.port
+            req.path = upstream.base_path + api_path + query
+        if offer is not None and paid.body is not None:
+            body = body_for(paid.body, paid.upstream_body, offer)
+            if body is not paid.upstream_body and body is not None:
+                req.content = body
+
+    def answered(self, flow: http.HTTPFlow, paid: Paid) -> None:
+        """The answer's headers: who answered (the hop says), its price, its health."""
+        resp = flow.response
+        assert resp is not None
+        if paid.provider is None:  # through the hop: it named the provider
+            name = next((v for k, v in resp.headers.fields if k.lower() == _PROVIDER), b"")
+            paid.provider = name.decode() or None
+        else:
+            status = resp.status_code
+            if status == 429 or status >= 500:
+                self.health.failure(paid.provider, f"HTTP {status}")
+            elif flow.request.timestamp_end is not None:
+                self.health.success(paid.provider,
+                                    (resp.timestamp_start or 0) - flow.request.timestamp_end)
+            resp.headers.fields = (*resp.headers.fields, (_PROVIDER, paid.provider.encode()))
+        model = paid.model
+        if model is not None and paid.provider and model.provider != paid.provider:
+            paid.model = next((o for o in paid.offers if o.provider == paid.provider), model)
+
+    def failed(self, flow: http.HTTPFlow, paid: Paid) -> None:
+        """The flow failed: a direct provider that could not be reached is marked so."""
+        if self.failover is not None:
+            self.failover.disarm(paid.request_id)
+        if flow.response is None and paid.provider is not None and flow.error is not None:
+            message = flow.error.msg
+            refused = "connect" in message.lower() or "refused" in message.lower()
+            if flow.server_conn.timestamp_start is None or refused:
+                self.health.failure(paid.provider, message, refused=refused)
+
+    def _url(self, name: str, api_path: str, query: str) -> str:
+        return f"{self.providers[name].base_url}{api_path}{query}"
+
+    def _headers(self, name: str) -> tuple[tuple[str, str], ...]:
+        return tuple(provider_headers(self.providers[name]))
+
+
+def body_for(body: dict[str, Any] | None, upstream_body: bytes | None,
+             offer: ModelPrice) -> bytes | None:
+    """The body a provider gets: the one built for upstream, with the model named as that
+    provider names it (None: the client's body as is)."""
+    wanted = offer.upstream_id
+    if body is None or not wanted or body.get("model") == wanted:
+        return upstream_body
+    base = json.loads(upstream_body) if upstream_body is not None else body
+    return json.dumps({**base, "model": wanted}).encode()
