@@ -179,6 +179,13 @@ def test_failing_providers_are_skipped_before_the_first_byte(
         state = proxy.key_state(key)
         assert state.total_spent_msat == charged and state.reserved_msat == 0
         assert [s["model"] for s in healthy.seen()] == ["healthy-model"]
+        # The journal says who was paid, after how many attempts.
+        ledger = proxy.ledger()
+        try:
+            notes = [e.get("note") or "" for e in ledger.entries(limit=10)]
+        finally:
+            ledger.close()
+        assert any("provider healthy (attempt 5)" in n for n in notes), notes
         assert [s["model"] for s in err500.seen()] == ["err500-model"]
         assert [s["model"] for s in err429.seen()] == ["err429-model"]
         # The log names each attempt (never a key).
@@ -195,10 +202,31 @@ def test_failing_providers_are_skipped_before_the_first_byte(
         proxy.stop()
 
 
-def test_every_provider_failing_is_a_502_and_nothing_charged(
-        tmp_path: Path, providers: Any) -> None:
-    a, b = providers("error-503"), providers("error-500")
+def test_client_cannot_name_a_plan_or_provider(tmp_path: Path, providers: Any) -> None:
+    a, b = providers(), providers()
     proxy = start(tmp_path, [provider("a", a.url, CHEAP), provider("b", b.url, DEAR)])
+    try:
+        key = proxy.new_key(sats=1000)
+        resp = httpx.post(f"{proxy.v1}/chat/completions", timeout=30,
+                          headers={"authorization": f"Bearer {key}",
+                                   "x-routstr-plan": "someone-elses-request",
+                                   "x-routstr-provider": "b"},
+                          json={"model": MODEL, "messages": MSG})
+        assert resp.status_code == 200
+        assert resp.headers.get_list("x-routstr-provider") == ["a"]
+        assert len(a.seen()) == 1 and b.seen() == []
+    finally:
+        proxy.stop()
+
+
+def test_every_provider_failing_charges_nothing(tmp_path: Path, providers: Any) -> None:
+    a, b = providers("error-503"), providers("error-500")
+    gone = f"http://127.0.0.1:{closed_port()}"
+    proxy = start(tmp_path, [provider("a", a.url, CHEAP), provider("b", b.url, DEAR),
+                             {**provider("gone", gone, CHEAP), "models": [
+                                 {**CHEAP, "id": "only/unreachable"}]},
+                             {**provider("gone2", gone, DEAR), "models": [
+                                 {**DEAR, "id": "only/unreachable"}]}])
     try:
         key = proxy.new_key(sats=1000)
         resp = httpx.post(f"{proxy.v1}/chat/completions", timeout=30,
@@ -206,6 +234,11 @@ def test_every_provider_failing_is_a_502_and_nothing_charged(
                           json={"model": MODEL, "messages": MSG})
         assert resp.status_code == 500  # the last provider's own answer, passed on
         assert resp.headers["x-routstr-provider"] == "b"
+        resp = httpx.post(f"{proxy.v1}/chat/completions", timeout=30,
+                          headers={"authorization": f"Bearer {key}"},
+                          json={"model": "only/unreachable", "messages": MSG, "stream": True})
+        assert resp.status_code == 502
+        assert resp.json()["error"]["code"] == "upstream_unreachable"
         state = proxy.key_state(key)
         assert state.total_spent_msat == 0 and state.reserved_msat == 0
     finally:

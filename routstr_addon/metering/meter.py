@@ -125,6 +125,7 @@ class Paid:
     # offer of the one that answered, whose price is charged.
     offers: tuple[ModelPrice, ...] = ()
     provider: str | None = None  # the provider that answered, once known
+    attempts: int = 1  # providers tried for it (more than one: failover happened)
 
     @property
     def settled(self) -> bool:
@@ -284,6 +285,10 @@ class Meter:
         cost = self.cost(paid.model, usage)
         if usage.estimated:
             note = note or "usage estimated"
+        if len(paid.offers) > 1 and paid.provider:  # which provider was paid for, and why
+            served = f"provider {paid.provider}" + (
+                f" (attempt {paid.attempts})" if paid.attempts > 1 else "")
+            note = f"{served}; {note}" if note else served
         model = paid.model.id if paid.model else None
         paid.closed = self.ledger.settle(
             paid.request_id, cost, model=model,

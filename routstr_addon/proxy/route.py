@@ -19,7 +19,13 @@ from mitmproxy import http
 from routstr_addon.metering.meter import Paid
 from routstr_addon.metering.pricing import ModelPrice
 from routstr_addon.upstreams.catalog import provider_headers
-from routstr_addon.upstreams.failover import PLAN_HEADER, PROVIDER_HEADER, Attempt, Failover
+from routstr_addon.upstreams.failover import (
+    ATTEMPTS_HEADER,
+    PLAN_HEADER,
+    PROVIDER_HEADER,
+    Attempt,
+    Failover,
+)
 from routstr_addon.upstreams.health import Health
 from routstr_addon.upstreams.providers import ProviderSpec
 
@@ -28,6 +34,8 @@ __all__ = ["Route", "body_for"]
 logger = logging.getLogger("routstr")
 
 _PROVIDER = PROVIDER_HEADER.encode()
+_PLAN = PLAN_HEADER.encode()
+_ATTEMPTS = ATTEMPTS_HEADER.encode()
 
 
 class Route:
@@ -47,7 +55,8 @@ class Route:
         offers = paid.offers
         failover = self.failover
         if len(offers) > 1 and failover is not None and failover.port:
-            fields = req.headers.fields
+            # A client's own plan header would pick another request's plan: never passed on.
+            fields = tuple(f for f in req.headers.fields if f[0].lower() != _PLAN)
             attempts = tuple(
                 Attempt(o.provider, self._url(o.provider, api_path, query),
                         self._headers(o.provider),
@@ -56,7 +65,7 @@ class Route:
             failover.arm(paid.request_id, attempts)
             req.scheme, req.host, req.port = "http", "127.0.0.1", failover.port
             req.path = api_path + query
-            req.headers.fields = (*fields, (PLAN_HEADER.encode(), paid.request_id.encode()))
+            req.headers.fields = (*fields, (_PLAN, paid.request_id.encode()))
             return
         offer = offers[0] if offers else None
         provider = self.providers.get(offer.provider) if offer else None
@@ -77,9 +86,16 @@ class Route:
         """The answer's headers: who answered (the hop says), its price, its health."""
         resp = flow.response
         assert resp is not None
-        if paid.provider is None:  # through the hop: it named the provider
-            name = next((v for k, v in resp.headers.fields if k.lower() == _PROVIDER), b"")
+        if paid.provider is None:  # through the hop: it named the provider (and counted)
+            name = attempts = b""
+            for k, v in resp.headers.fields:
+                low = k.lower()
+                if low == _PROVIDER:
+                    name = v
+                elif low == _ATTEMPTS:
+                    attempts = v
             paid.provider = name.decode() or None
+            paid.attempts = int(attempts) if attempts.isdigit() else 1
         else:
             status = resp.status_code
             if status == 429 or status >= 500:
@@ -87,7 +103,10 @@ class Route:
             elif flow.request.timestamp_end is not None:
                 self.health.success(paid.provider,
                                     (resp.timestamp_start or 0) - flow.request.timestamp_end)
-            resp.headers.fields = (*resp.headers.fields, (_PROVIDER, paid.provider.encode()))
+            # The provider's own x-routstr-* headers never reach the client: ours are the truth.
+            resp.headers.fields = (*(f for f in resp.headers.fields
+                                     if f[0].lower() not in (_PROVIDER, _ATTEMPTS)),
+                                   (_PROVIDER, paid.provider.encode()))
         model = paid.model
         if model is not None and paid.provider and model.provider != paid.provider:
             paid.model = next((o for o in paid.offers if o.provider == paid.provider), model)

@@ -27,7 +27,7 @@ import httpx
 from routstr_addon.errors import error_body
 from routstr_addon.upstreams.health import Health
 
-__all__ = ["PLAN_HEADER", "PROVIDER_HEADER", "Attempt", "Failover"]
+__all__ = ["ATTEMPTS_HEADER", "PLAN_HEADER", "PROVIDER_HEADER", "Attempt", "Failover"]
 
 logger = logging.getLogger("routstr")
 
@@ -38,6 +38,10 @@ ATTEMPTS_HEADER = "x-routstr-attempts"
 _SKIP = frozenset((b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer",
                    b"upgrade", b"proxy-connection", b"host", b"content-length",
                    PLAN_HEADER.encode(), PROVIDER_HEADER.encode(), ATTEMPTS_HEADER.encode()))
+
+
+_PRUNE_AT = 10_000  # armed plans before the stale ones are looked for
+_PLAN_LIFETIME = 600.0  # seconds: a flow takes well under this to reach the hop
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +92,12 @@ class Failover:
             self._client = None
 
     def arm(self, request_id: str, attempts: tuple[Attempt, ...]) -> None:
-        self.plans[request_id] = Plan(attempts)
+        plans = self.plans
+        if len(plans) >= _PRUNE_AT:  # plans of flows that never reached the hop
+            stale = time.monotonic() - _PLAN_LIFETIME
+            for key in [k for k, p in plans.items() if p.armed < stale]:
+                del plans[key]
+        plans[request_id] = Plan(attempts)
 
     def disarm(self, request_id: str) -> None:
         self.plans.pop(request_id, None)
