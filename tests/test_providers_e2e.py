@@ -202,6 +202,29 @@ def test_failing_providers_are_skipped_before_the_first_byte(
         proxy.stop()
 
 
+def test_after_the_first_byte_the_answer_is_that_providers(tmp_path: Path,
+                                                           providers: Any) -> None:
+    cutter, spare = providers("cut"), providers()
+    proxy = start(tmp_path, [provider("cutter", cutter.url, CHEAP),
+                             provider("spare", spare.url, DEAR)])
+    try:
+        key = proxy.new_key(sats=1000)
+        with httpx.stream("POST", f"{proxy.v1}/chat/completions", timeout=30,
+                          headers={"authorization": f"Bearer {key}"},
+                          json={"model": MODEL, "messages": MSG, "stream": True}) as resp:
+            assert resp.headers["x-routstr-provider"] == "cutter"
+            with pytest.raises(httpx.HTTPError):  # cut short: not switched to the spare
+                b"".join(resp.iter_raw())
+        assert spare.seen() == []
+        time.sleep(0.5)
+        state = proxy.key_state(key)  # what was delivered (at least the prompt) is charged
+        assert state.reserved_msat == 0 and state.total_spent_msat > 0
+        # ... at the price of the provider that answered
+        assert state.total_spent_msat < expected(DEAR, "1.05", 100, 100)
+    finally:
+        proxy.stop()
+
+
 def test_client_cannot_name_a_plan_or_provider(tmp_path: Path, providers: Any) -> None:
     a, b = providers(), providers()
     proxy = start(tmp_path, [provider("a", a.url, CHEAP), provider("b", b.url, DEAR)])

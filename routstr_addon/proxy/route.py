@@ -57,11 +57,7 @@ class Route:
         if len(offers) > 1 and failover is not None and failover.port:
             # A client's own plan header would pick another request's plan: never passed on.
             fields = tuple(f for f in req.headers.fields if f[0].lower() != _PLAN)
-            attempts = tuple(
-                Attempt(o.provider, self._url(o.provider, api_path, query),
-                        self._headers(o.provider),
-                        body_for(paid.body, paid.upstream_body, o) or req.raw_content or b"")
-                for o in offers)
+            attempts = tuple(self._attempt(o, api_path + query, paid, req) for o in offers)
             failover.arm(paid.request_id, attempts)
             req.scheme, req.host, req.port = "http", "127.0.0.1", failover.port
             req.path = api_path + query
@@ -121,11 +117,14 @@ class Route:
             if flow.server_conn.timestamp_start is None or refused:
                 self.health.failure(paid.provider, message, refused=refused)
 
-    def _url(self, name: str, api_path: str, query: str) -> str:
-        return f"{self.providers[name].base_url}{api_path}{query}"
-
-    def _headers(self, name: str) -> tuple[tuple[str, str], ...]:
-        return tuple(provider_headers(self.providers[name]))
+    def _attempt(self, offer: ModelPrice, target: str, paid: Paid,
+                 req: http.Request) -> Attempt:
+        provider = self.providers[offer.provider]
+        up = provider.upstream
+        assert up is not None  # several providers: each has its URL
+        return Attempt(offer.provider, up.scheme, up.host, up.port, up.base_path + target,
+                       tuple(provider_headers(provider)),
+                       body_for(paid.body, paid.upstream_body, offer) or req.raw_content or b"")
 
 
 def body_for(body: dict[str, Any] | None, upstream_body: bytes | None,
