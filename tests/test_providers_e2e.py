@@ -156,7 +156,7 @@ def test_failing_providers_are_skipped_before_the_first_byte(
         provider("err429", err429.url, cheapest[2]),
         provider("hang", hang.url, cheapest[3]),
         provider("healthy", healthy.url, DEAR, fee="1.2"),
-    ], UPSTREAM_CONNECT_TIMEOUT="1")
+    ], UPSTREAM_CONNECT_TIMEOUT="1", ADMIN_PASSWORD="providers-admin")
     try:
         key = proxy.new_key(sats=1000)
         client = proxy.client(key)
@@ -198,6 +198,15 @@ def test_failing_providers_are_skipped_before_the_first_byte(
                                                                  max_tokens=5)
         assert again.headers["x-routstr-provider"] == "healthy"
         assert "\n".join(proxy.output.lines).count("provider refusing failed") == 1
+        # /admin shows each provider's state (the refusing one skipped), never a key.
+        with httpx.Client(base_url=proxy.url, timeout=10) as admin:
+            admin.post("/admin/login", data={"password": "providers-admin"})
+            page = admin.get("/admin/providers").text
+        rows = {name: page.split(f"<td>{name}</td>", 1)[1].split("</tr>", 1)[0]
+                for name in ("refusing", "err500", "healthy")}
+        assert "skipped" in rows["refusing"] and "in use" in rows["healthy"]
+        assert "HTTP 500" in rows["err500"]
+        assert "sk-" not in page
     finally:
         proxy.stop()
 

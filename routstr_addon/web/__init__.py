@@ -24,6 +24,7 @@ from routstr_addon.web.auth import LoginLimiter, Sessions
 
 if TYPE_CHECKING:
     from routstr_addon.discovery.nostr import Directory
+    from routstr_addon.upstreams.health import Health
 
 __all__ = ["AdminState", "Handler", "Peer", "Services"]
 
@@ -51,6 +52,7 @@ class Services:
     invoices: Invoices | None = None
     admin: AdminState = field(default_factory=AdminState)
     directory: Directory | None = None  # made on the first /v1/providers
+    health: Health | None = None  # the upstream providers' breakers (set by the runtime)
 
 
 @dataclass(frozen=True, slots=True)
