@@ -27,6 +27,7 @@ from routstr_addon import settings
 from routstr_addon.background import Background
 from routstr_addon.errors import ApiError, install_error_pages
 from routstr_addon.proxy.forward import PaidForward
+from routstr_addon.proxy.gate import Gate
 from routstr_addon.proxy.listen import ListenBacklog
 from routstr_addon.proxy.local import LocalEndpoints
 from routstr_addon.proxy.webview import FlowView
@@ -41,14 +42,15 @@ _OUR_OPTIONS = frozenset(s.option for s in settings.SETTINGS)
 
 
 class Serving:
-    """One runtime's hooks: the local endpoints first, then the paid forward, and the
-    background work that starts when mitmproxy runs and ends when it stops."""
+    """One runtime's hooks: the gate (what no endpoint takes), the local endpoints, then the
+    paid forward, and the background work that starts when mitmproxy runs and ends when it
+    stops."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.background = Background(runtime)
         self.backlog = ListenBacklog(runtime.config.listen_backlog)
-        self.addons = [LocalEndpoints(runtime.services), PaidForward(runtime)]
+        self.addons = [Gate(), LocalEndpoints(runtime.services), PaidForward(runtime)]
 
     def running(self) -> None:
         self.background.start()

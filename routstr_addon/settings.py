@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from types import SimpleNamespace
+from types import MappingProxyType, SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -71,6 +71,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Price requests from models.json and token usage; false charges COST_PER_REQUEST."),
     Setting("COST_PER_REQUEST", int, 1,
             "Sats per request in fixed mode, and for forwarded endpoints without token usage."),
+    Setting("FIXED_PRICE_ENDPOINTS", str, "",
+            "Endpoints forwarded at a fixed price besides the metered ones, as name=sats pairs "
+            "(images/generations=50,audio/speech=10). Empty: only chat/completions, "
+            "completions, embeddings, responses and messages are forwarded."),
     Setting("MODELS_PATH", str, "models.json",
             "Model list in OpenRouter's shape; falls back to models.example.json."),
     Setting("BTC_USD_PRICE", str, "",
@@ -276,6 +280,16 @@ def _admin_password(raw: str) -> str:
     return password
 
 
+def _fixed_prices(raw: str) -> Mapping[str, int]:
+    from routstr_addon.metering.surface import parse_fixed_prices
+
+    try:
+        return MappingProxyType({name: sats * 1000
+                                 for name, sats in parse_fixed_prices(raw).items()})
+    except ValueError as e:
+        raise SettingError(f"FIXED_PRICE_ENDPOINTS: {e}") from None
+
+
 def _at_least(name: str, value: int, minimum: int) -> int:
     if value < minimum:
         raise SettingError(f"{name}: must be at least {minimum}, got {value}")
@@ -425,6 +439,7 @@ class Config:
     upstream_provider_fee: Decimal
     max_request_size: int
     listen_backlog: int
+    fixed_price_endpoints: Mapping[str, int]  # endpoint name below /v1 → msat per request
     receive_ln_address: str
     minimum_payout_sats: int
     payout_interval: int
@@ -471,6 +486,7 @@ class Config:
             upstream_provider_fee=_decimal("UPSTREAM_PROVIDER_FEE", options.upstream_provider_fee,
                                            minimum=Decimal(1)),
             max_request_size=parse_size("MAX_REQUEST_SIZE", options.max_request_size),
+            fixed_price_endpoints=_fixed_prices(options.fixed_price_endpoints),
             listen_backlog=_at_least("LISTEN_BACKLOG", options.listen_backlog, 1),
             receive_ln_address=parse_ln_address(options.receive_ln_address),
             minimum_payout_sats=_at_least("MINIMUM_PAYOUT", options.minimum_payout, 1),
