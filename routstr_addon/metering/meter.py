@@ -95,6 +95,7 @@ class Quote:
     amount_msat: int
     path: str = ""  # the endpoint's name below /v1, from which the upstream path is built
     bounds: tuple[int, int] | None = None  # the most prompt and completion tokens possible
+    fallbacks: tuple[ModelPrice, ...] = ()  # other models that may run (OpenRouter's models)
 
     @property
     def model_name(self) -> str | None:
@@ -129,6 +130,7 @@ class Paid:
     timer: Any = None  # asyncio.TimerHandle of the upstream timeout
     path: str = ""  # the endpoint's name below /v1 (the upstream path is built from it)
     bounds: tuple[int, int] | None = None  # the most prompt and completion tokens possible
+    fallbacks: tuple[ModelPrice, ...] = ()  # other models that may run: charged the dearest
 
     @property
     def settled(self) -> bool:
@@ -196,7 +198,7 @@ class Meter:
             if cost > amount:
                 amount = cost
             bounds = (max(bounds[0], most[0]), max(bounds[1], most[1]))
-        return Quote(kind, parsed, models[0], amount, name, bounds)
+        return Quote(kind, parsed, models[0], amount, name, bounds, tuple(models[1:]))
 
     def admit(self, request_id: str, authorization: str | None, path: str,
               body: bytes, content_encoding: str = "") -> Paid:
@@ -221,7 +223,8 @@ class Meter:
                                  if q.endpoint is not None and q.body is not None
                                  else (None, False))
         return Paid(request_id, key_hash, q.amount_msat, held.available_msat, q.endpoint,
-                    q.model, q.body, forwarded, drop_usage, payer, path=q.path, bounds=q.bounds)
+                    q.model, q.body, forwarded, drop_usage, payer, path=q.path, bounds=q.bounds,
+                    fallbacks=q.fallbacks)
 
     def _known_key(self, key_hash: str) -> None:
         if self.ledger.key(key_hash) is None:
@@ -302,6 +305,8 @@ class Meter:
             return (paid.reserved_msat if paid.endpoint is None
                     else self.cost(None, usage)), None
         cost = self.cost(paid.model, usage)
+        for model in paid.fallbacks:  # whichever ran, the usage is paid at the dearest price
+            cost = max(cost, self.cost(model, usage))
         note = None
         if usage.suspect:
             floor = self.cost(paid.model, self.estimate(paid, delivered_chars))
