@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from routstr_addon.amounts import sats
-from routstr_addon.ecash.mint import SPENT_CODE, MintError, MintUnreachable
+from routstr_addon.ecash.mint import SPENT_CODE, MintBusy, MintError, MintUnreachable
 from routstr_addon.ecash.tokens import (
     UNIT_MSAT,
     IncomingToken,
@@ -49,6 +49,10 @@ def token_error(e: TokenError) -> ApiError:
 
 def mint_down(e: MintUnreachable) -> ApiError:
     logger.warning("mint unreachable: %s", e)
+    if isinstance(e, MintBusy):
+        return ApiError(503, "The mint is busy and did not take your token, which is still "
+                        "yours. Try again in a few seconds.", type="service_unavailable",
+                        code="mint_unavailable", headers={"retry-after": RETRY_AFTER})
     message = ("The mint did not answer; your token was not redeemed and is still yours. "
                "Try again shortly.") if not e.sent else (
                "The mint did not answer in time. If it redeemed your token, the value is kept: "
@@ -250,39 +254,35 @@ class Payments:
                            code="unsupported_unit", param="token")
         available = token.amount - stranger.input_fee(token.proofs)
         target = available - max(2, available // 100)  # a first guess at the Lightning fee
-        for _ in range(3):
-            if target <= 0:
-                raise ApiError(400, f"The token ({token.amount} sat) is too small to move from "
-                               f"{token.mint} to this proxy's mint over Lightning.",
-                               code="token_too_small", param="token")
-            invoice = await self.invoices.create(target, purpose, key_hash)
+        last_refusal = ""
+        for _ in range(3):  # a melt the mint refuses (route not found…) is quoted again
+            invoice, target = await self._melt_quote(stranger, token, purpose, key_hash,
+                                                     available, target)
             try:
-                quote = await stranger.client.melt_quote(invoice["bolt11"], "sat")
-            except (MintError, MintUnreachable) as e:
-                self.invoices.cancel(invoice["invoice_id"])
-                raise ApiError(502, f"The token's mint cannot pay out: {e}",
-                               type="upstream_error", code="mint_error") from None
-            needed = int(quote["amount"]) + int(quote.get("fee_reserve") or 0)
-            if needed <= available:
+                await stranger.client.melt(invoice["melt_quote"],
+                                           [proof_to_dict(p) for p in token.proofs])
                 break
-            self.invoices.cancel(invoice["invoice_id"])
-            target -= needed - available
-        else:
-            raise ApiError(400, "The Lightning fees to move this token keep changing; try again.",
-                           code="token_too_small", param="token")
-        try:
-            await stranger.client.melt(quote["quote"], [proof_to_dict(p) for p in token.proofs])
-        except MintError as e:
-            self.invoices.cancel(invoice["invoice_id"])
-            if e.code == SPENT_CODE or "spent" in e.detail.lower():
-                raise ApiError(400, "This token has already been spent.",
-                               code="token_already_spent", param="token") from None
-            raise ApiError(400, f"The token's mint refused it: {e.detail}",
-                           code="invalid_token", param="token") from None
-        except MintUnreachable as e:
-            if not e.sent:
+            except MintError as e:
                 self.invoices.cancel(invoice["invoice_id"])
-            raise mint_down(e) from None  # if it paid, the invoice watcher credits the key
+                if e.code == SPENT_CODE or "spent" in e.detail.lower():
+                    raise ApiError(400, "This token has already been spent.",
+                                   code="token_already_spent", param="token") from None
+                last_refusal = e.detail
+                if not await self._unspent(stranger, token):
+                    raise ApiError(502, f"The token's mint refused to pay out ({e.detail}) "
+                                   "and could not confirm the token unspent; send the same "
+                                   "token again shortly.", type="upstream_error",
+                                   code="mint_error") from None
+                logger.info("melt at %s refused (%s); quoting again", token.mint, e.detail)
+            except MintUnreachable as e:
+                if not e.sent:
+                    self.invoices.cancel(invoice["invoice_id"])
+                raise mint_down(e) from None  # if it paid, the invoice watcher credits the key
+        else:
+            raise ApiError(502, f"The token's mint could not pay out over Lightning "
+                           f"({last_refusal}). Your token was not spent and is still yours.",
+                           type="upstream_error", code="swap_failed", param="token",
+                           headers={"retry-after": RETRY_AFTER})
         for _ in range(100):
             status = await self.invoices.status(invoice["invoice_id"])
             if status["state"] == "credited":
@@ -293,6 +293,45 @@ class Payments:
         raise ApiError(503, "The token was paid out by its mint; the credit follows as soon as "
                        "the payment settles.", type="service_unavailable", code="swap_pending",
                        headers={"retry-after": RETRY_AFTER})
+
+    async def _melt_quote(self, stranger: Any, token: IncomingToken, purpose: str,
+                          key_hash: str, available: int,
+                          target: int) -> tuple[dict[str, Any], int]:
+        """An invoice of ours for ``target`` sats (lowered until the token's mint can pay it
+        with its fees from ``available``) and the mint's melt quote for it, as
+        ``invoice["melt_quote"]``."""
+        assert self.invoices is not None
+        for _ in range(3):
+            if target <= 0:
+                raise ApiError(400, f"The token ({token.amount} sat) is too small to move from "
+                               f"{token.mint} to this proxy's mint over Lightning.",
+                               code="token_too_small", param="token")
+            invoice = await self.invoices.create(target, purpose, key_hash)
+            try:
+                quote = await stranger.client.melt_quote(invoice["bolt11"], "sat")
+            except (MintError, MintUnreachable) as e:
+                self.invoices.cancel(invoice["invoice_id"])
+                raise ApiError(502, f"The token's mint cannot pay out: {e}. Your token was not "
+                               "spent and is still yours.", type="upstream_error",
+                               code="mint_error", headers={"retry-after": RETRY_AFTER}) from None
+            needed = int(quote["amount"]) + int(quote.get("fee_reserve") or 0)
+            if needed <= available:
+                invoice["melt_quote"] = quote["quote"]
+                return invoice, target
+            self.invoices.cancel(invoice["invoice_id"])
+            target -= needed - available
+        raise ApiError(400, "The Lightning fees to move this token keep changing; try again.",
+                       code="token_too_small", param="token")
+
+    async def _unspent(self, stranger: Any, token: IncomingToken) -> bool:
+        """Whether every proof of the token is still unspent at its mint (NUT-07)."""
+        from routstr_addon.ecash.p2pk import y_hex
+
+        try:
+            states = await stranger.client.check_state([y_hex(p.secret) for p in token.proofs])
+        except (MintError, MintUnreachable):
+            return False
+        return bool(states) and all(s.get("state") == "UNSPENT" for s in states)
 
     # -- paying back -------------------------------------------------------------------------
 
