@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from routstr_addon.datadir import exposed, private_dir, sqlite_files
+from routstr_addon.ecash.seed import MNEMONIC_FILE
 from routstr_addon.ecash.wallet import Wallet
 from routstr_addon.ledger import Ledger
 from routstr_addon.metering.meter import Meter
@@ -47,6 +49,10 @@ class Runtime:
         pricing = Pricing(_models(config), config.exchange_fee, config.upstream_provider_fee)
         if config.btc_usd_price is not None:
             pricing.set_rate(config.btc_usd_price)
+        private_dir(config.data_dir)
+        for line in exposed([config.data_dir, *sqlite_files(config.database_url),
+                             config.data_dir / MNEMONIC_FILE]):
+            logger.warning("routstr: %s", line)
         ledger = Ledger(config.database_url)
         try:
             wallet = Wallet.from_config(ledger, config) if config.cashu_mints else None
