@@ -66,7 +66,7 @@ class Runtime:
             payments = Payments(ledger, wallet, invoices, config.swap_untrusted_mints)
             payouts = Payouts(ledger, wallet, config, payments)
         services = Services(config, ledger, pricing, wallet, payments, invoices,
-                            admin or AdminState())
+                            admin or AdminState(), payouts=payouts)
         return cls(config, ledger, pricing, Meter(config, ledger, pricing), services, wallet,
                    payments, invoices, payouts)
 

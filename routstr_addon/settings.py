@@ -134,6 +134,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ADMIN_PASSWORD", str, "",
             "Password of the /admin dashboard (at least 8 characters). Empty: the dashboard "
             "is off and only says how to turn it on.", secret=True),
+    # -- what users may make the proxy do, and who is believed (issue 11 items 6 and 10) --
+    Setting("ALLOW_PRIVATE_LN_ADDRESSES", bool, False,
+            "Let users' refund addresses (Lightning addresses, LNURLs and their callbacks) be "
+            "plain http and reach loopback or private networks. false: https (or .onion via "
+            "Tor) to public addresses only, checked on the address connected to."),
+    Setting("INVOICES_PER_MINUTE", int, 10,
+            "Lightning invoices one client address may create per minute (then 429)."),
+    Setting("FORWARDED_ALLOW_IPS", str, "",
+            "Reverse proxies (IPs or networks, comma-separated; * for any) whose "
+            "X-Forwarded-For names the real client, as uvicorn's option. Empty: none."),
+    Setting("CORS_ORIGINS", str, "*",
+            "Origins browsers may call the proxy from, comma-separated; * for any."),
 )
 
 _BY_ENV = {s.env: s for s in SETTINGS}
@@ -420,6 +432,40 @@ def parse_nostr(options: Any) -> Nostr:
                  Path(hostname_file).expanduser() if hostname_file else None, tor, interval)
 
 
+def parse_networks(name: str, raw: str) -> tuple[str, ...]:
+    """IP addresses or networks (``10.0.0.0/8``), comma-separated, or ``*`` for any."""
+    import ipaddress
+
+    found: list[str] = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        if item == "*":
+            return ("*",)
+        try:
+            found.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise SettingError(f"{name}: expected IP addresses or networks such as 127.0.0.1 "
+                               f"or 10.0.0.0/8 (or *), got {item!r}") from None
+    return tuple(found)
+
+
+def parse_origins(raw: str) -> tuple[str, ...]:
+    """``*``, or origins such as ``https://app.example.com`` (no path)."""
+    origins: list[str] = []
+    for item in (part.strip().rstrip("/") for part in raw.split(",")):
+        if not item:
+            continue
+        if item == "*":
+            return ("*",)
+        parts = urlsplit(item)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path:
+            raise SettingError(f"CORS_ORIGINS: expected origins such as "
+                               f"https://app.example.com (or *), got {item!r}")
+        origins.append(f"{parts.scheme}://{parts.netloc.lower()}")
+    return tuple(origins)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The validated settings the proxy runs with."""
@@ -453,6 +499,11 @@ class Config:
     wallet_mnemonic: str = field(default="", repr=False)  # "": the data folder's file
     nostr: Nostr = field(default_factory=Nostr)  # discovery (NSEC, RELAYS…)
     admin_password: str = field(default="", repr=False)  # "": no /admin dashboard
+    # -- what users may make the proxy do, and who is believed --
+    allow_private_ln_addresses: bool = False
+    invoices_per_minute: int = 10
+    forwarded_allow_ips: tuple[str, ...] = ()  # networks, or ("*",)
+    cors_origins: tuple[str, ...] = ("*",)
 
     @classmethod
     def from_options(cls, options: Any) -> Config:
@@ -502,6 +553,11 @@ class Config:
             wallet_mnemonic=_mnemonic(options.wallet_mnemonic),
             nostr=parse_nostr(options),
             admin_password=_admin_password(options.admin_password),
+            allow_private_ln_addresses=options.allow_private_ln_addresses,
+            invoices_per_minute=_at_least("INVOICES_PER_MINUTE", options.invoices_per_minute, 1),
+            forwarded_allow_ips=parse_networks("FORWARDED_ALLOW_IPS",
+                                               options.forwarded_allow_ips),
+            cors_origins=parse_origins(options.cors_origins),
         )
 
 

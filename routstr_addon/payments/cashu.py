@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +32,9 @@ from routstr_addon.ecash.wallet import Redeemed, Wallet, WalletError
 from routstr_addon.errors import ApiError, invalid_api_key
 from routstr_addon.ledger import KEY_PREFIX, KeyState, Ledger, RefundRecord, Tx, hash_key
 from routstr_addon.payments.lightning import Invoices
+from routstr_addon.payments.lnurl import LnAddressError, check_refund_address
 
-__all__ = ["Payments", "XCashu", "XCashuPayer", "derived_key", "token_error"]
+__all__ = ["KeyTerms", "Payments", "XCashu", "XCashuPayer", "derived_key", "token_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,45 @@ RETRY_AFTER = "5"
 def derived_key(token_text: str) -> str:
     """The API key a token becomes: ``sk-`` + its hash, usable in its place afterwards."""
     return KEY_PREFIX + token_hash(token_text)
+
+
+MAX_KEY_LIFETIME = 10 * 365.25 * 86400  # seconds: a Key-Expiry-Time further out is refused
+
+
+@dataclass(frozen=True, slots=True)
+class KeyTerms:
+    """What a user may ask of the key a token becomes (headers ``Key-Expiry-Time`` and
+    ``Refund-LNURL``, as routstr-core takes them): when it expires and where its balance is
+    refunded then."""
+
+    expires_at: float | None = None
+    refund_address: str | None = None
+
+    @classmethod
+    def parse(cls, expiry: str | None, refund: str | None,
+              now: float | None = None) -> KeyTerms:
+        """From the raw header values; 400 for an expiry that is not a finite Unix time in the
+        next ten years, or a refund address that is no Lightning address or LNURL."""
+        expires_at = None
+        if expiry is not None and expiry.strip():
+            now = time.time() if now is None else now
+            try:
+                expires_at = float(expiry.strip())
+            except ValueError:
+                expires_at = math.nan
+            if not math.isfinite(expires_at) or not now < expires_at <= now + MAX_KEY_LIFETIME:
+                raise ApiError(400, "Key-Expiry-Time must be a Unix time (seconds) in the "
+                               "future and at most ten years ahead.", param="Key-Expiry-Time",
+                               code="invalid_expiry")
+        address = None
+        if refund is not None and refund.strip():
+            try:
+                address = check_refund_address(refund)
+            except LnAddressError as e:
+                raise ApiError(400, f"Refund-LNURL must be a Lightning address (user@domain) or "
+                               f"an LNURL: {e}", param="Refund-LNURL",
+                               code="invalid_refund_address") from None
+        return cls(expires_at, address)
 
 
 def token_error(e: TokenError) -> ApiError:
@@ -144,9 +186,12 @@ class Payments:
     def seen(self, token: IncomingToken) -> bool:
         return self.ledger.payments.seen(token.hash)
 
-    async def key_for_token(self, text: str) -> str:
+    async def key_for_token(self, text: str, expiry: str | None = None,
+                            refund: str | None = None) -> str:
         """The API key for a token used as one: on first use the token is redeemed into it.
-        Concurrent first uses wait for one redeem; across processes the mint decides."""
+        Concurrent first uses wait for one redeem; across processes the mint decides.
+        ``expiry`` and ``refund`` (the raw ``Key-Expiry-Time`` and ``Refund-LNURL`` headers)
+        set the key's terms on first use, as at ``/v1/balance/create``."""
         api_key = derived_key(text)
         key_hash = hash_key(api_key)
         if self.ledger.key(key_hash) is not None:
@@ -159,7 +204,9 @@ class Payments:
         self._first_use[key_hash] = future
         try:
             if self.ledger.key(key_hash) is None:
-                await self._open_key(text, key_hash, "key")
+                terms = KeyTerms.parse(expiry, refund)
+                await self._open_key(text, key_hash, "key", terms.expires_at,
+                                     terms.refund_address)
             future.set_result(None)
         except BaseException as e:
             future.set_exception(e)

@@ -108,7 +108,9 @@ class PaidForward:
         """``Authorization: Bearer cashuB…``: the token is the key (redeemed on first use)."""
         if self.payments is None:
             raise no_ecash()
-        api_key = await self.payments.key_for_token(token)
+        headers = flow.request.headers
+        api_key = await self.payments.key_for_token(token, headers.get("key-expiry-time"),
+                                                    headers.get("refund-lnurl"))
         self._forward(flow, self.meter.admit(flow.id, f"Bearer {api_key}", endpoint,
                                              flow.request.raw_content or b"", coding))
 
