@@ -97,6 +97,10 @@ def _models(config: Config) -> dict[str, Any]:
             return {}
         path = fallback
     try:
-        return load_models(path)
+        models = load_models(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SettingError(f"MODELS_PATH: cannot read {path}: {e}") from None
+    if config.model_based_pricing and not models:
+        raise SettingError(f"MODELS_PATH: {path} holds no model (model-based pricing needs "
+                           "at least one)")
+    return models

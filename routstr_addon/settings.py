@@ -29,11 +29,13 @@ __all__ = [
     "MnemonicError",
     "Setting",
     "SettingError",
+    "StartupReport",
     "environment",
     "load_config",
     "normalize_mnemonic",
     "parse_sources",
     "register",
+    "startup_report",
 ]
 
 
@@ -151,14 +153,45 @@ SETTINGS: tuple[Setting, ...] = (
 _BY_ENV = {s.env: s for s in SETTINGS}
 
 
-def environment(cwd: Path | None = None) -> dict[str, str]:
-    """The settings' raw values: ``.env`` in the working folder, overridden by the process env."""
+def _dotenv(cwd: Path | None) -> dict[str, str]:
     env_file = (cwd or Path.cwd()) / ".env"
-    values: dict[str, str] = {}
-    if env_file.is_file():
-        values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    if not env_file.is_file():
+        return {}
+    return {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+
+
+def environment(cwd: Path | None = None) -> dict[str, str]:
+    """The settings' raw values: ``.env`` in the working folder, overridden by the process env;
+    routstr-core's names for them read as ours (``core_settings``) where ours are not set."""
+    from routstr_addon.core_settings import translate
+
+    file_values = _dotenv(cwd)
+    values = dict(file_values)
     values.update({k: v for k, v in os.environ.items() if k in _BY_ENV})
+    values.update(translate({**file_values, **os.environ}, _BY_ENV).values)
     return values
+
+
+@dataclass(slots=True)
+class StartupReport:
+    """What start-up says about the environment, once: routstr-core names mapped (``notes``),
+    names that look like ours but are not (``warnings``), and values it cannot run with."""
+
+    notes: list[str]
+    warnings: list[str]
+    errors: list[str]
+    log_level: str | None
+
+
+def startup_report(cwd: Path | None = None) -> StartupReport:
+    from routstr_addon.core_settings import translate, unknown_settings
+
+    file_values = _dotenv(cwd)
+    raw = {**file_values, **os.environ}
+    translation = translate(raw, _BY_ENV)
+    warnings = unknown_settings(os.environ, _BY_ENV, from_file=file_values)
+    return StartupReport(translation.notes, warnings, translation.errors,
+                         translation.log_level)
 
 
 def parse_value(setting: Setting, raw: str) -> Any:
@@ -466,6 +499,17 @@ def parse_origins(raw: str) -> tuple[str, ...]:
     return tuple(origins)
 
 
+def core_database_url(url: str) -> str:
+    """routstr-core's SQLAlchemy URLs as ours: ``sqlite+aiosqlite:///…`` and
+    ``postgresql+asyncpg://…`` (any ``+driver``) name the same databases."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "+" in scheme:
+        base = scheme.split("+", 1)[0]
+        if base in ("sqlite", "postgresql", "postgres"):
+            return f"{base}://{rest}"
+    return url
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The validated settings the proxy runs with."""
@@ -508,7 +552,8 @@ class Config:
     @classmethod
     def from_options(cls, options: Any) -> Config:
         data_dir = Path(options.data_dir).expanduser()
-        database_url = options.database_url or f"sqlite:///{data_dir / 'routstr.sqlite'}"
+        database_url = core_database_url(options.database_url.strip()) \
+            or f"sqlite:///{data_dir / 'routstr.sqlite'}"
         if not database_url.startswith(("sqlite:///", "postgresql://", "postgres://")):
             raise SettingError("DATABASE_URL: expected sqlite:///path or postgresql://…, "
                                f"got {database_url.split('://')[0]!r}://…")

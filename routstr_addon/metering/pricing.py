@@ -103,12 +103,29 @@ class ModelPrice:
 
 
 def load_models(path: Path) -> dict[str, ModelPrice]:
-    """Read models.json: ``{"data": [...]}`` as OpenRouter serves it, or a bare list."""
+    """Read models.json in any shape operators have: routstr-core's ``{"models": [...]}``,
+    OpenRouter's ``{"data": [...]}``, or a bare list. An entry that cannot be priced raises
+    ValueError naming it (by id, else by its position), never a model silently left out."""
     data = json.loads(path.read_text())
-    entries = data.get("data", []) if isinstance(data, dict) else data
+    if isinstance(data, list):
+        entries = data
+    elif isinstance(data, dict) and isinstance(data.get("models"), list):
+        entries = data["models"]
+    elif isinstance(data, dict) and isinstance(data.get("data"), list):
+        entries = data["data"]
+    else:
+        raise ValueError('expected {"models": [...]} (routstr-core), {"data": [...]} '
+                         "(OpenRouter) or a list of models")
     models: dict[str, ModelPrice] = {}
-    for entry in entries:
-        price = ModelPrice.from_entry(entry)
+    for number, entry in enumerate(entries, 1):
+        name = entry.get("id") if isinstance(entry, dict) else None
+        label = repr(name) if isinstance(name, str) and name else f"#{number}"
+        try:
+            if not isinstance(entry, dict) or not isinstance(name, str) or not name:
+                raise ValueError("no model id")
+            price = ModelPrice.from_entry(entry)
+        except (ValueError, TypeError, KeyError, ArithmeticError) as e:
+            raise ValueError(f"entry {label} cannot be priced: {e}") from None
         models[price.id] = price
     return models
 
