@@ -157,3 +157,5 @@ def test_default_cors_allows_any_origin_and_exposes_the_payment_headers(
                        headers={"origin": "https://anywhere.example"})
     assert unauthorized.status_code == 401  # only the preflight goes without a key
     assert unauthorized.headers["access-control-allow-origin"] == "*"
+    admin = raw(proxy, "GET", "/admin", headers={"origin": "https://anywhere.example"})
+    assert "access-control-allow-origin" not in admin.headers  # the dashboard: same origin

@@ -30,7 +30,7 @@ FEES = ("1.005", "1.05")
 
 @pytest.mark.parametrize("header", [
     None, "", "sk-abc", "Basic dXNlcjpwYXNz", "Bearer", "Bearer ", "Bearer    ",
-    "Bearer sk-a sk-b", "Token sk-abc", "Bearersk-abc", "Bearer " + "x" * 5000,
+    "Bearer sk-a sk-b", "Token sk-abc", "Bearersk-abc",
 ])
 def test_bearer_token_rejects(header):
     with pytest.raises(ApiError) as raised:
@@ -44,6 +44,9 @@ def test_bearer_token_rejects(header):
     ("bearer sk-abc", "sk-abc"),
     ("BEARER sk-abc", "sk-abc"),
     ("  Bearer   sk-abc  ", "sk-abc"),
+    # nutshell's tokens of many proofs with DLEQ run to 5-9k characters: no length bound here
+    # (the request's headers as a whole are bounded)
+    ("Bearer cashuB" + "x" * 9000, "cashuB" + "x" * 9000),
 ])
 def test_bearer_token_accepts(header, key):
     assert bearer_token(header) == key

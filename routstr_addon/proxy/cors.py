@@ -4,7 +4,8 @@ A preflight (``OPTIONS`` with an ``Origin``) is answered here, before any key is
 every answer to a request with an ``Origin`` the operator allows (``CORS_ORIGINS``, ``*`` by
 default, as routstr-core) says so and exposes the headers Routstr clients read: ``X-Cashu``
 (change, payment requests), the ``x-routstr-*`` cost and balance headers, ``Retry-After``.
-No credentials (cookies) are ever allowed across origins: keys travel in headers.
+No credentials (cookies) are ever allowed across origins: keys travel in headers. The
+``/admin`` dashboard is same-origin only: it gets no CORS headers at all.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ class Cors:
         self.any = "*" in origins
         self.origins = frozenset(origins)
 
-    def allowed_origin(self, origin: str | None) -> str | None:
+    def allowed_origin(self, origin: str | None, path: str = "/") -> str | None:
         """The value of ``Access-Control-Allow-Origin`` for a request from ``origin``."""
-        if not origin:
+        if not origin or path.startswith("/admin"):
             return None
         if self.any:
             return "*"
@@ -41,7 +42,7 @@ class Cors:
         if req.method != "OPTIONS" or flow.response is not None or "origin" not in req.headers:
             return
         response = http.Response.make(204)
-        allowed = self.allowed_origin(req.headers.get("origin"))
+        allowed = self.allowed_origin(req.headers.get("origin"), req.path)
         if allowed is not None:
             response.headers["access-control-allow-origin"] = allowed
             response.headers["access-control-allow-methods"] = ALLOWED_METHODS
@@ -64,7 +65,7 @@ class Cors:
         response = flow.response
         if response is None or "origin" not in flow.request.headers:
             return
-        allowed = self.allowed_origin(flow.request.headers.get("origin"))
+        allowed = self.allowed_origin(flow.request.headers.get("origin"), flow.request.path)
         if allowed is None:
             return
         headers = response.headers
