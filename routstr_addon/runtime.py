@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from routstr_addon.datadir import exposed, private_dir, sqlite_files
+from routstr_addon.ecash.seed import MNEMONIC_FILE
 from routstr_addon.ecash.wallet import Wallet
 from routstr_addon.ledger import Ledger
 from routstr_addon.metering.meter import Meter
@@ -64,6 +66,10 @@ class Runtime:
         failover = (Failover(router.health, config.upstream_connect_timeout,
                              config.upstream_timeout) if len(config.providers) > 1 else None)
         route = Route(config.providers, router.health, failover)
+        private_dir(config.data_dir)
+        for line in exposed([config.data_dir, *sqlite_files(config.database_url),
+                             config.data_dir / MNEMONIC_FILE]):
+            logger.warning("routstr: %s", line)
         ledger = Ledger(config.database_url)
         try:
             wallet = Wallet.from_config(ledger, config) if config.cashu_mints else None
@@ -77,7 +83,7 @@ class Runtime:
             payments = Payments(ledger, wallet, invoices, config.swap_untrusted_mints)
             payouts = Payouts(ledger, wallet, config, payments)
         services = Services(config, ledger, pricing, wallet, payments, invoices,
-                            admin or AdminState(), health=router.health)
+                            admin or AdminState(), payouts=payouts, health=router.health)
         return cls(config, ledger, pricing, Meter(config, ledger, pricing), services, wallet,
                    payments, invoices, payouts, catalog, router, route, failover)
 
@@ -110,6 +116,10 @@ def _models(config: Config) -> dict[str, Any]:
             return {}
         path = fallback
     try:
-        return load_models(path)
+        models = load_models(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SettingError(f"MODELS_PATH: cannot read {path}: {e}") from None
+    if config.model_based_pricing and not models:
+        raise SettingError(f"MODELS_PATH: {path} holds no model (model-based pricing needs "
+                           "at least one)")
+    return models

@@ -225,12 +225,11 @@ def test_aliases_and_model_rewrite(tmp_path: Path) -> None:
     _, pricing = catalog(tmp_path, specs)
     offer = pricing.resolve("big")
     assert offer is not None and offer.id == "vendor/big"
-    body = {"model": "big", "messages": []}
-    assert json.loads(body_for(body, None, offer) or b"") == {"model": "big-v2", "messages": []}
-    upstream = json.dumps({**body, "stream": True}).encode()
-    assert json.loads(body_for(body, upstream, offer) or b"")["stream"] is True
+    body = {"model": "big", "messages": [], "stream": True}
+    built = json.loads(body_for("chat", body, b"{}", offer) or b"")
+    assert built["model"] == "big-v2" and built["stream_options"] == {"include_usage": True}
     same = ModelPrice.from_entry(entry("x/y", "0.000001"))
-    assert body_for({"model": "x/y"}, None, same) is None  # nothing to rewrite: as sent
+    assert body_for("chat", {"model": "x/y"}, b"as built", same) == b"as built"
 
 
 def test_refresh_takes_new_prices_keeps_last_good_and_snapshot_serves_offline(

@@ -10,7 +10,6 @@ names the provider (``x-routstr-provider``, never its URL or key) and is charged
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -18,6 +17,7 @@ from mitmproxy import http
 
 from routstr_addon.metering.meter import Paid
 from routstr_addon.metering.pricing import ModelPrice
+from routstr_addon.metering.surface import upstream_body
 from routstr_addon.upstreams.catalog import provider_headers
 from routstr_addon.upstreams.failover import (
     ATTEMPTS_HEADER,
@@ -49,18 +49,27 @@ class Route:
         self.auth = {p.name: tuple((k.encode(), v.encode()) for k, v in provider_headers(p))
                      for p in providers}
 
-    def aim(self, flow: http.HTTPFlow, paid: Paid, api_path: str, query: str) -> None:
-        """Point an admitted request (client secrets already off) at its provider(s)."""
+    def body(self, paid: Paid) -> bytes | None:
+        """The body the first provider gets: the one built from what was priced, with the
+        model named as that provider names it (None: a body the proxy does not rebuild)."""
+        offer = paid.offers[0] if paid.offers else None
+        if offer is None:
+            return paid.upstream_body
+        return body_for(paid.endpoint, paid.body, paid.upstream_body, offer)
+
+    def aim(self, flow: http.HTTPFlow, paid: Paid) -> None:
+        """Point an admitted request (client secrets off, body rebuilt) at its provider(s)."""
         req = flow.request
+        target = f"/{paid.path}"
         offers = paid.offers
         failover = self.failover
         if len(offers) > 1 and failover is not None and failover.port:
             # A client's own plan header would pick another request's plan: never passed on.
             fields = tuple(f for f in req.headers.fields if f[0].lower() != _PLAN)
-            attempts = tuple(self._attempt(o, api_path + query, paid, req) for o in offers)
+            attempts = tuple(self._attempt(o, target, paid, req) for o in offers)
             failover.arm(paid.request_id, attempts)
             req.scheme, req.host, req.port = "http", "127.0.0.1", failover.port
-            req.path = api_path + query
+            req.path = f"/v1{target}"
             req.headers.fields = (*fields, (_PLAN, paid.request_id.encode()))
             return
         offer = offers[0] if offers else None
@@ -69,14 +78,12 @@ class Route:
         paid.provider = provider.name
         req.headers.fields += self.auth[provider.name]
         upstream = provider.upstream
-        if upstream is not None:
-            if req.host != upstream.host or req.port != upstream.port:
-                req.scheme, req.host, req.port = upstream.scheme, upstream.host, upstream.port
-            req.path = upstream.base_path + api_path + query
-        if offer is not None and paid.body is not None:
-            body = body_for(paid.body, paid.upstream_body, offer)
-            if body is not paid.upstream_body and body is not None:
-                req.content = body
+        if upstream is None:  # the reverse mode's own target
+            req.path = f"/v1{target}"
+            return
+        if req.host != upstream.host or req.port != upstream.port:
+            req.scheme, req.host, req.port = upstream.scheme, upstream.host, upstream.port
+        req.path = upstream.base_path + target
 
     def answered(self, flow: http.HTTPFlow, paid: Paid) -> None:
         """The answer's headers: who answered (the hop says), its price, its health."""
@@ -124,15 +131,15 @@ class Route:
         assert up is not None  # several providers: each has its URL
         return Attempt(offer.provider, up.scheme, up.host, up.port, up.base_path + target,
                        tuple(provider_headers(provider)),
-                       body_for(paid.body, paid.upstream_body, offer) or req.raw_content or b"")
+                       body_for(paid.endpoint, paid.body, paid.upstream_body, offer)
+                       or req.raw_content or b"")
 
 
-def body_for(body: dict[str, Any] | None, upstream_body: bytes | None,
+def body_for(kind: str | None, body: dict[str, Any] | None, built: bytes | None,
              offer: ModelPrice) -> bytes | None:
-    """The body a provider gets: the one built for upstream, with the model named as that
-    provider names it (None: the client's body as is)."""
+    """The body a provider gets: the one built from what was priced (``built``), with the
+    model named as that provider names it, rebuilt the same way."""
     wanted = offer.upstream_id
-    if body is None or not wanted or body.get("model") == wanted:
-        return upstream_body
-    base = json.loads(upstream_body) if upstream_body is not None else body
-    return json.dumps({**base, "model": wanted}).encode()
+    if kind is None or body is None or not wanted or body.get("model") == wanted:
+        return built
+    return upstream_body(kind, {**body, "model": wanted})[0]

@@ -199,8 +199,9 @@ def _provider(raw: Any, index: int, folder: Path,
 
 
 def _models_file(label: str, file: Path) -> tuple[ModelSpec, ...]:
-    """A provider's models file: OpenRouter's shape (``{"data": [...]}``) or a bare list, in
-    JSON or YAML; entries without prices take OpenRouter's."""
+    """A provider's models file in any shape models.json takes (routstr-core's
+    ``{"models": [...]}``, OpenRouter's ``{"data": [...]}``, a bare list), JSON or YAML;
+    entries without prices take OpenRouter's."""
     from ruamel.yaml import YAML
     from ruamel.yaml.error import YAMLError
 
@@ -210,7 +211,8 @@ def _models_file(label: str, file: Path) -> tuple[ModelSpec, ...]:
         raise ProviderError(f"{label}: models_path: cannot read {file}: {e.strerror}") from None
     except YAMLError:
         raise ProviderError(f"{label}: models_path: {file} is not valid JSON or YAML") from None
-    entries = data.get("data") if isinstance(data, dict) else data
+    entries = (data.get("models") if isinstance(data, dict) and "models" in data
+               else data.get("data") if isinstance(data, dict) else data)
     if not isinstance(entries, list) or not entries:
         raise ProviderError(f"{label}: models_path: {file} holds no list of models")
     specs = (_model(f"{label}: {file.name}", m, i) for i, m in enumerate(entries))
