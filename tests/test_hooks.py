@@ -259,7 +259,7 @@ def test_a_json_answer_is_charged_its_usage_exactly(proxy: Hooks) -> None:
     saved = copy.deepcopy(flow.metadata)["routstr"]
     assert saved == {"key_id": hash_key(key)[:16], "model": MODEL,
                      "reserved_msat": paid.reserved_msat, "charged_msat": cost,
-                     "paid_by": "key"}
+                     "paid_by": "key", "provider": None}
     assert b"charged_msat" in tnetstring.dumps(flow.get_state())
 
 

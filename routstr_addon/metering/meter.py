@@ -150,7 +150,9 @@ class Paid:
         return {"key_id": self.key_hash[:16], "model": self.model.id if self.model else None,
                 "reserved_msat": self.reserved_msat,
                 "charged_msat": closed.charged_msat if closed is not None else None,
-                "paid_by": "key" if self.payer is None else "x-cashu"}
+                "paid_by": "key" if self.payer is None else "x-cashu",
+                # which of several providers answered (mitmweb shows the failover hop's address)
+                "provider": self.provider if len(self.offers) > 1 else None}
 
     def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
         return self.facts()

@@ -44,7 +44,8 @@ _MAX_BODY = 1 << 20
 def show(flow: http.HTTPFlow, facts: dict[str, Any]) -> None:
     """Set a paid flow's comment from its facts (``Paid.facts``)."""
     charged = facts["charged_msat"]
-    flow.comment = (f"{facts['paid_by']} {facts['key_id']} · {facts['model'] or '-'} · "
+    via = f" via {facts['provider']}" if facts.get("provider") else ""
+    flow.comment = (f"{facts['paid_by']} {facts['key_id']} · {facts['model'] or '-'}{via} · "
                     f"reserved {facts['reserved_msat']} msat · "
                     f"charged {'unsettled' if charged is None else f'{charged} msat'}")
 
