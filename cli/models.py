@@ -52,6 +52,23 @@ def quiet_rate_logs() -> Iterator[None]:
         log.propagate = before
 
 
+def provider_models(config: Config, pricing: Pricing) -> bool:
+    """With providers configured (PROVIDERS_PATH, OPENAI_API_KEY…): put their catalog into
+    ``pricing`` as the proxy builds it (each model's offers, best first; models priced from
+    OpenRouter's list as last saved in DATA_DIR). False with UPSTREAM_BASE_URL alone."""
+    if all(p.shorthand for p in config.providers):
+        return False
+    from routstr_addon.upstreams.catalog import Catalog, Router
+
+    router = Router(pricing, config.providers)
+    static = {p.name: read_models(config)[1] for p in config.providers if p.shorthand}
+    catalog = Catalog(config.providers, router, config.data_dir, config.openrouter_models_url,
+                      static)
+    catalog.load_snapshot()
+    catalog.publish()
+    return True
+
+
 def read_models(config: Config) -> tuple[Path | None, dict[str, ModelPrice]]:
     """The models the proxy would offer, and the file they came from (as the addon finds it:
     MODELS_PATH, else models.example.json here, else the one shipped). Exits 2 on a bad file."""
@@ -163,8 +180,12 @@ def models_list(
     Exit codes: 0 listed; 1 no BTC/USD rate could be fetched (the list is still printed);
     2 bad settings, models file or --rate."""
     config = load_config()
-    path, models = read_models(config)
-    pricing = Pricing(models, config.exchange_fee, config.upstream_provider_fee)
+    pricing = Pricing({}, config.exchange_fee, config.upstream_provider_fee)
+    if provider_models(config, pricing):
+        path, models = None, pricing.models
+    else:
+        path, models = read_models(config)
+        pricing = Pricing(models, config.exchange_fee, config.upstream_provider_fee)
     current = Rate(_parse_rate(rate), "given") if rate is not None else configured_rate(config)
     if current is None and config.model_based_pricing:
         with err.status("fetching the BTC/USD rate…"):
@@ -175,6 +196,9 @@ def models_list(
         pricing.set_rate(current.btc_usd)
     missing = config.model_based_pricing and current.btc_usd is None
     entries = [model_json(m, pricing, config) for m in models.values()]
+    if path is None and models:  # from providers: who serves each, and who else offers it
+        for entry in entries:
+            entry["providers"] = [o.provider for o in pricing.offers[entry["id"]]]
     if as_json:
         print(json.dumps({"models_path": str(path) if path else None,
                           "pricing": "model_based" if config.model_based_pricing else "fixed",
@@ -210,12 +234,16 @@ def age_text(seconds: float) -> str:
 def print_models(entries: list[dict[str, Any]], rate: Rate, config: Config,
                  path: Path | None) -> None:
     fees = f"fees ×{config.exchange_fee} ×{config.upstream_provider_fee}"
-    title = (f"{len(entries)} model(s) from {path} — BTC/USD {describe_rate(rate)}, {fees}"
+    source = path if path is not None else "the providers (cheapest first)"
+    title = (f"{len(entries)} model(s) from {source} — BTC/USD {describe_rate(rate)}, {fees}"
              if config.model_based_pricing else
              f"{len(entries)} model(s) — fixed price {sats(config.cost_per_request_msat)} "
              "sats per request")
     table = Table(title=title, title_justify="left")
     table.add_column("model", overflow="fold", min_width=22)
+    by_provider = any("providers" in e for e in entries)
+    if by_provider:
+        table.add_column("providers", overflow="fold")
     table.add_column("context", justify="right")
     for col in ("in $/M", "out $/M", "in sats/M", "out sats/M", "sats/req", "max sats"):
         table.add_column(col, justify="right", style="green" if "sats" in col else None)
@@ -229,7 +257,10 @@ def print_models(entries: list[dict[str, Any]], rate: Rate, config: Config,
             except (InvalidOperation, ValueError):
                 return escape(str(usd.get(name)))
 
-        table.add_row(escape(e["id"]), f"{e['context_length']:,}", usd_m("prompt"),
+        first = [escape(e["id"])]
+        if by_provider:
+            first.append(escape(", ".join(e.get("providers", []))))
+        table.add_row(*first, f"{e['context_length']:,}", usd_m("prompt"),
                       usd_m("completion"),
                       *((_per_million(sp["prompt"]), _per_million(sp["completion"]),
                          f"{sp['request']:,.3f}", f"{sp['max_cost']:,.3f}") if sp

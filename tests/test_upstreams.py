@@ -288,3 +288,24 @@ def test_breaker_opens_after_failures_or_one_refusal_and_probes_after_cooldown()
     assert health.breakers["b"].state == "closed"
     facts = {f["name"]: f for f in health.facts()}
     assert facts["a"]["error_rate"] == 1.0 and facts["b"]["latency_ms"] == 10.0
+
+
+def test_models_list_shows_each_model_once_with_its_providers(tmp_path: Path) -> None:
+    import subprocess
+
+    from .conftest import BIN
+
+    cheap, dear = entry("test/model", "0.000001"), entry("test/model", "0.000003")
+    (tmp_path / "providers.yaml").write_text(json.dumps([
+        {"name": "dear", "base_url": "http://127.0.0.1:1/v1", "models": [dear]},
+        {"name": "cheap", "base_url": "http://127.0.0.1:2/v1", "fee": 1.1,
+         "models": [{**cheap, "upstream_id": "tm"}]}]))
+    out = subprocess.run([str(BIN / "routstr"), "models", "list", "--json", "--rate", "100000"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                         env={"PATH": "", "HOME": str(tmp_path), "DATA_DIR": str(tmp_path),
+                              "PROVIDERS_PATH": str(tmp_path / "providers.yaml")})
+    assert out.returncode == 0, out.stderr
+    (model,) = json.loads(out.stdout)["models"]
+    assert model["id"] == "test/model" and model["providers"] == ["cheap", "dear"]
+    # priced by the provider that would serve it: $0.000001 × 1.005 × 1.1 at $100,000/BTC
+    assert model["sats_pricing"]["prompt"] == pytest.approx(0.000001 * 1.005 * 1.1 * 1e3)
