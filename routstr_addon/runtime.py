@@ -56,7 +56,7 @@ class Runtime:
         pricing = Pricing({}, config.exchange_fee, config.upstream_provider_fee)
         if config.btc_usd_price is not None:
             pricing.set_rate(config.btc_usd_price)
-        router = Router(pricing, config.providers)
+        router = Router(pricing, config.providers, config.upstream_cooldown)
         static = {p.name: _models(config) for p in config.providers if p.shorthand}
         catalog = Catalog(config.providers, router, config.data_dir,
                           config.openrouter_models_url, static)

@@ -88,6 +88,9 @@ SETTINGS: tuple[Setting, ...] = (
             "With several providers for a model: seconds one may take to connect and send its "
             "answer's headers before the request goes to the next (the last gets "
             "UPSTREAM_TIMEOUT)."),
+    Setting("UPSTREAM_COOLDOWN", int, 30,
+            "Seconds a provider that failed (three times in a row, or refused a connection) is "
+            "tried last, before it is probed (its GET /models) to be taken back."),
     Setting("PROVIDERS_PATH", str, "",
             "YAML (or JSON) file listing the upstream providers: name, base_url, api_key or "
             "api_key_env, fee, priority, headers, models / models_path / models: fetch."),
@@ -587,6 +590,7 @@ class Config:
     # Upstream providers (the shorthand UPSTREAM_BASE_URL alone: one, named "upstream").
     providers: tuple[ProviderSpec, ...] = ()
     upstream_connect_timeout: int = 10
+    upstream_cooldown: int = 30
     models_refresh_interval: int = 360
     openrouter_models_url: str = "https://openrouter.ai/api/v1/models"
 
@@ -660,6 +664,7 @@ class Config:
             providers=providers,
             upstream_connect_timeout=_at_least("UPSTREAM_CONNECT_TIMEOUT",
                                                options.upstream_connect_timeout, 1),
+            upstream_cooldown=_at_least("UPSTREAM_COOLDOWN", options.upstream_cooldown, 1),
             models_refresh_interval=_at_least("MODELS_REFRESH_INTERVAL",
                                               options.models_refresh_interval, 10),
             openrouter_models_url=openrouter,

@@ -1,5 +1,6 @@
 """One provider as its own process, for routing tests: the test upstream (tests/upstream.py)
-with one behaviour for every request, started with ``python -m tests.provider_proc MODE``.
+with one behaviour for every request, started with ``python -m tests.provider_proc MODE
+[PORT]``.
 
 MODE: ``ok``, ``error-500``, ``error-429``, ``error-503``, ``hang`` (no answer for 30 s).
 It prints ``listening <port>`` once ready. ``GET /seen`` lists what it was asked (path, the
@@ -42,12 +43,13 @@ def _model(request: Request) -> str:
     return str(body.get("model", "")) if isinstance(body, dict) else ""
 
 
-async def main(mode: str) -> None:
+async def main(mode: str, port: int) -> None:
     server = Provider(mode)
+    server.port = port
     await server.start()
     print(f"listening {server.port}", flush=True)
     await asyncio.Event().wait()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1]))
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0))

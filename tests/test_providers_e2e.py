@@ -52,8 +52,9 @@ def expected(entry: dict[str, Any], fee: str, prompt: int, completion: int) -> i
 
 
 class ProviderProc:
-    def __init__(self, mode: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.provider_proc", mode],
+    def __init__(self, mode: str, port: int = 0) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.provider_proc", mode,
+                                      str(port)],
                                      cwd=ROOT, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -75,8 +76,8 @@ class ProviderProc:
 def providers() -> Iterator[Any]:
     started: list[ProviderProc] = []
 
-    def start(mode: str = "ok") -> ProviderProc:
-        p = ProviderProc(mode)
+    def start(mode: str = "ok", port: int = 0) -> ProviderProc:
+        p = ProviderProc(mode, port)
         started.append(p)
         return p
 
@@ -305,6 +306,35 @@ def test_provider_killed_mid_burst_costs_no_request(tmp_path: Path, providers: A
         time.sleep(0.5)
         state = proxy.key_state(key)
         assert state.reserved_msat == 0 and state.total_requests == 200
+    finally:
+        proxy.stop()
+
+
+def test_a_provider_back_from_an_outage_is_probed_and_taken_back(
+        tmp_path: Path, providers: Any) -> None:
+    cheap, dear = providers(), providers()
+    proxy = start(tmp_path, [provider("cheap", cheap.url, CHEAP),
+                             provider("dear", dear.url, DEAR)], UPSTREAM_COOLDOWN="1")
+    try:
+        key = proxy.new_key(sats=1000)
+
+        def served_by() -> str:
+            resp = httpx.post(f"{proxy.v1}/chat/completions", timeout=30,
+                              headers={"authorization": f"Bearer {key}"},
+                              json={"model": MODEL, "messages": MSG})
+            assert resp.status_code == 200
+            return resp.headers["x-routstr-provider"]
+
+        assert served_by() == "cheap"
+        cheap.kill()
+        assert served_by() == "dear"  # refused: skipped at once, the client saw nothing
+        providers("ok", cheap.port)  # back, on the same address
+        deadline = time.monotonic() + 15
+        while served_by() != "cheap":
+            assert time.monotonic() < deadline, "the provider was not taken back"
+            time.sleep(0.5)
+        text = "\n".join(proxy.output.lines)
+        assert "provider cheap answers again; back in use" in text
     finally:
         proxy.stop()
 

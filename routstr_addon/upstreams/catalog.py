@@ -47,10 +47,11 @@ def provider_headers(provider: ProviderSpec) -> list[tuple[str, str]]:
 class Router:
     """Orders each model's offers and keeps ``pricing`` in that order."""
 
-    def __init__(self, pricing: Pricing, providers: Iterable[ProviderSpec]) -> None:
+    def __init__(self, pricing: Pricing, providers: Iterable[ProviderSpec],
+                 cooldown: float = 30.0) -> None:
         self.pricing = pricing
         self.priority = {p.name: p.priority for p in providers}
-        self.health = Health(self.priority, self.reorder)
+        self.health = Health(self.priority, self.reorder, cooldown=cooldown)
 
     def set_offers(self, offers: Mapping[str, list[ModelPrice]],
                    aliases: Mapping[str, str]) -> None:
