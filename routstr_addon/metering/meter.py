@@ -325,11 +325,13 @@ class Meter:
         return cost, note
 
     def settle(self, paid: Paid, usage: Usage, note: str | None = None,
-               delivered_chars: int = 0) -> Settlement | None:
+               delivered_chars: int = 0, late: bool = True) -> Settlement | None:
         """Charge a request's usage, once; None if it was already settled or released.
 
         A cost above the reservation (an under-reservation: a pricing rule missed something)
-        is charged on top, as far as the key can pay, and recorded as an 'overrun' row."""
+        is charged on top, as far as the key can pay, and recorded as an 'overrun' row.
+        ``late``: if the sweeper closed the reservation meanwhile, charge anyway (reported
+        usage is work done; an estimate for a request the upstream left silent is not)."""
         if paid.closed is not None:
             return None
         paid.usage = usage
@@ -342,7 +344,9 @@ class Meter:
             paid.request_id, cost, model=model,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             note=note)
-        if closed is None:  # swept while it ran (no activity for RESERVATION_TIMEOUT)
+        if closed is None and not late:
+            paid.closed = Settlement(paid.request_id, paid.key_hash, 0, 0, paid.available_msat)
+        elif closed is None:  # swept while it ran (no activity for RESERVATION_TIMEOUT)
             charged = self.ledger.late_charge(paid.key_hash, paid.request_id, cost, model)
             logger.warning("request %s outlived its reservation; charged %d of %d msat late",
                            paid.request_id, charged, cost)
@@ -417,7 +421,7 @@ class Meter:
         if reached:
             delivered = paid.tap.text_chars if paid.tap is not None else 0
             return self.settle(paid, self.estimate(paid, delivered),
-                               note=f"client gone: {reason[:150]}")
+                               note=f"client gone: {reason[:150]}", late=False)
         return self.release(paid, reason[:200])
 
     # -- after forwarding: the one way a reservation ends ----------------------------------
