@@ -27,6 +27,7 @@ from routstr_addon.metering.surface import (
     ENDPOINTS,
     ResponseDecoder,
     canonical_endpoint,
+    check_raw,
     decode_body,
     parse_fixed_prices,
     parse_json,
@@ -244,6 +245,7 @@ CHAT_BODY: dict[str, Any] = {"model": "m", "messages": []}
     ("chat", {"plugins": [{"id": "web"}]}, "plugins"),
     ("chat", {"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     ("chat", {"modalities": ["text", "audio"]}, "modalities"),
+    ("chat", {"prediction": {"type": "content", "content": "x"}}, "prediction"),
 ])
 def test_cost_fields_are_type_checked_and_billing_fields_refused_naming_them(
         kind: str, extra: dict[str, Any], param: str) -> None:
@@ -255,6 +257,15 @@ def test_cost_fields_are_type_checked_and_billing_fields_refused_naming_them(
         read_shape(kind, {**base, **extra})
     assert (raised.value.status, raised.value.param) == (400, param)
     assert param in raised.value.message
+
+
+def test_a_one_hour_prompt_cache_is_refused() -> None:
+    raw = json.dumps({"model": "m", "max_tokens": 9, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "x", "cache_control": {"type": "ephemeral", "ttl": "1h"}}]}]})
+    with pytest.raises(ApiError) as raised:
+        check_raw("messages", raw.encode())
+    assert raised.value.param == "cache_control"
+    check_raw("chat", raw.encode())  # only Anthropic's API has it
 
 
 def test_what_is_priced_is_accepted() -> None:

@@ -25,6 +25,7 @@ from routstr_addon.metering.surface import (
     ENDPOINTS,
     Shape,
     canonical_endpoint,
+    check_raw,
     decode_body,
     parse_json,
     read_shape,
@@ -191,6 +192,7 @@ class Meter:
             body = decode_body(body, content_encoding, self.config.max_request_size)
         parsed = parse_json(body)
         shape = read_shape(kind, parsed)
+        check_raw(kind, body)
         if not self.config.model_based_pricing:
             return Quote(kind, parsed, None, self.config.cost_per_request_msat, name)
         models = self._models(shape)
