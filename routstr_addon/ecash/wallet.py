@@ -374,6 +374,8 @@ class Wallet:
             if e.code == SPENT_CODE or "spent" in e.detail.lower():
                 raise TokenError("This token has already been spent.",
                                  code="token_already_spent") from None
+            if e.code == OUTPUTS_SIGNED_CODE:  # our outputs, not the user's token
+                raise WalletError(f"the mint refused this wallet's outputs: {e.detail}") from None
             raise TokenError(f"The mint refused the token: {e.detail}") from None
         return Redeemed(mint.url, token.unit, net, fee, proofs)
 

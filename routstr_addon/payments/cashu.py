@@ -153,8 +153,9 @@ class Payments:
         except MintUnreachable as e:
             raise mint_down(e) from None
         except (MintError, WalletError) as e:
-            raise ApiError(502, f"The mint could not redeem the token: {e}",
-                           type="upstream_error", code="mint_error") from None
+            raise ApiError(502, f"The mint could not redeem the token ({e}); it was not spent "
+                           "and is still yours.", type="upstream_error", code="mint_error",
+                           headers={"retry-after": RETRY_AFTER}) from None
 
     def _stored_or_returned(self, redeemed: Redeemed, write: Any) -> None:
         """Run ``write`` (the ledger transaction recording a redeem); if it fails, the new proofs
