@@ -77,6 +77,9 @@ def test_every_form_of_refund_address_routstr_core_takes_resolves_to_its_pay_url
         "https://pay.example.com/lnurlp/alice"
     assert pay_url(url) == url
     assert pay_url("lnurlp://abc.onion/p").startswith("http://abc.onion")
+    # plain http only where the guard decides (private networks need ALLOW_PRIVATE_LN_ADDRESSES)
+    assert pay_url("bob@10.1.2.3:8080") == "http://10.1.2.3:8080/.well-known/lnurlp/bob"
+    assert pay_url(lnurl("http://192.168.1.9/p")) == "http://192.168.1.9/p"
     for bad in ("nobody", "lnurl1qqqqqq", "ftp://example.com/x", "http://example.com/pay",
                 "alice@", "https:///x"):
         with pytest.raises(LnAddressError):
