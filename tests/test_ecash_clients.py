@@ -162,7 +162,8 @@ def test_a_foreign_token_whose_melt_fails_is_quoted_again_then_says_it_is_unspen
         upstream: Any, mint: LocalMint, other_front: MintFront, tmp_path: Path) -> None:
     stranger = UserWallet(other_front.url, tmp_path / "stranger")
     proxy = start_proxy(tmp_path / "p", upstream.url,
-                        env_for(upstream, mint.url, SWAP_UNTRUSTED_MINTS="true"))
+                        env_for(upstream, mint.url, SWAP_UNTRUSTED_MINTS="true",
+                                ALLOW_PRIVATE_LN_ADDRESSES="true"))
     try:
         refusal = (400, {"detail": "Lightning payment failed: no route", "code": 20000}, 1)
         other_front.refuse["/v1/melt/bolt11"] = refusal

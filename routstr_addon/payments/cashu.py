@@ -31,6 +31,7 @@ from routstr_addon.ecash.tokens import (
 from routstr_addon.ecash.wallet import Redeemed, Wallet, WalletError
 from routstr_addon.errors import ApiError, invalid_api_key
 from routstr_addon.ledger import KEY_PREFIX, KeyState, Ledger, RefundRecord, Tx, hash_key
+from routstr_addon.netguard import refused
 from routstr_addon.payments.lightning import Invoices
 from routstr_addon.payments.lnurl import LnAddressError, check_refund_address
 
@@ -290,6 +291,10 @@ class Payments:
         try:
             await stranger.ensure_loaded()
         except MintUnreachable as e:
+            if refused(e):  # the token names a mint on a private network, or plain http
+                raise ApiError(400, f"Tokens of {token.mint} cannot be taken: this proxy only "
+                               "reaches other mints over https at public addresses (or .onion).",
+                               code="untrusted_mint", param="token") from None
             raise mint_down(e) from None
         for p in token.proofs:
             keyset = stranger.resolve(p.id)
