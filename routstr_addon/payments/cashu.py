@@ -31,6 +31,7 @@ from routstr_addon.ecash.tokens import (
 from routstr_addon.ecash.wallet import Redeemed, Wallet, WalletError
 from routstr_addon.errors import ApiError, invalid_api_key
 from routstr_addon.ledger import KEY_PREFIX, KeyState, Ledger, RefundRecord, Tx, hash_key
+from routstr_addon.netguard import refused
 from routstr_addon.payments.lightning import Invoices
 from routstr_addon.payments.lnurl import LnAddressError, check_refund_address
 
@@ -153,8 +154,9 @@ class Payments:
         except MintUnreachable as e:
             raise mint_down(e) from None
         except (MintError, WalletError) as e:
-            raise ApiError(502, f"The mint could not redeem the token: {e}",
-                           type="upstream_error", code="mint_error") from None
+            raise ApiError(502, f"The mint could not redeem the token ({e}); it was not spent "
+                           "and is still yours.", type="upstream_error", code="mint_error",
+                           headers={"retry-after": RETRY_AFTER}) from None
 
     def _stored_or_returned(self, redeemed: Redeemed, write: Any) -> None:
         """Run ``write`` (the ledger transaction recording a redeem); if it fails, the new proofs
@@ -289,6 +291,10 @@ class Payments:
         try:
             await stranger.ensure_loaded()
         except MintUnreachable as e:
+            if refused(e):  # the token names a mint on a private network, or plain http
+                raise ApiError(400, f"Tokens of {token.mint} cannot be taken: this proxy only "
+                               "reaches other mints over https at public addresses (or .onion).",
+                               code="untrusted_mint", param="token") from None
             raise mint_down(e) from None
         for p in token.proofs:
             keyset = stranger.resolve(p.id)
