@@ -99,6 +99,7 @@ class Quote:
     path: str = ""  # the endpoint's name below /v1, from which the upstream path is built
     bounds: tuple[int, int] | None = None  # the most prompt and completion tokens possible
     fallbacks: tuple[ModelPrice, ...] = ()  # other models that may run (OpenRouter's models)
+    offers: tuple[ModelPrice, ...] = ()  # the providers that may serve it, in order
 
     @property
     def model_name(self) -> str | None:
@@ -134,6 +135,11 @@ class Paid:
     path: str = ""  # the endpoint's name below /v1 (the upstream path is built from it)
     bounds: tuple[int, int] | None = None  # the most prompt and completion tokens possible
     fallbacks: tuple[ModelPrice, ...] = ()  # other models that may run: charged the dearest
+    # The providers that may serve it, in the order they are tried; ``model`` becomes the
+    # offer of the one that answered, whose price is charged.
+    offers: tuple[ModelPrice, ...] = ()
+    provider: str | None = None  # the provider that answered, once known
+    attempts: int = 1  # providers tried for it (more than one: failover happened)
 
     @property
     def settled(self) -> bool:
@@ -196,13 +202,16 @@ class Meter:
         if not self.config.model_based_pricing:
             return Quote(kind, parsed, None, self.config.cost_per_request_msat, name)
         models = self._models(shape)
+        offers = self.pricing.candidates(models[0])
         amount, bounds = 0, (0, 0)
-        for model in models:  # any of them may run (OpenRouter fallbacks): the dearest counts
+        # Any of them may run: another provider of the model (failover before the first byte),
+        # or one of OpenRouter's fallback models. The dearest counts.
+        for model in (*offers, *models[1:]):
             cost, most = self._max_cost(model, kind, shape, body if body_bound else None)
             if cost > amount:
                 amount = cost
             bounds = (max(bounds[0], most[0]), max(bounds[1], most[1]))
-        return Quote(kind, parsed, models[0], amount, name, bounds, tuple(models[1:]))
+        return Quote(kind, parsed, offers[0], amount, name, bounds, tuple(models[1:]), offers)
 
     def admit(self, request_id: str, authorization: str | None, path: str,
               body: bytes, content_encoding: str = "") -> Paid:
@@ -228,7 +237,7 @@ class Meter:
                                  else (None, False))
         return Paid(request_id, key_hash, q.amount_msat, held.available_msat, q.endpoint,
                     q.model, q.body, forwarded, drop_usage, payer, path=q.path, bounds=q.bounds,
-                    fallbacks=q.fallbacks)
+                    fallbacks=q.fallbacks, offers=q.offers)
 
     def _known_key(self, key_hash: str) -> None:
         if self.ledger.key(key_hash) is None:
@@ -341,6 +350,10 @@ class Meter:
         if usage.estimated:
             note = note or "usage estimated"
         note = note or why
+        if len(paid.offers) > 1 and paid.provider:  # which provider was paid for, and why
+            served = f"provider {paid.provider}" + (
+                f" (attempt {paid.attempts})" if paid.attempts > 1 else "")
+            note = f"{served}; {note}" if note else served
         model = paid.model.id if paid.model else None
         paid.closed = closed = self.ledger.settle(
             paid.request_id, cost, model=model,

@@ -239,6 +239,24 @@ def _payouts(services: Services, query: dict[str, str], session: Session) -> htt
                    link=lambda n: f"/admin/payouts?page={n}")
 
 
+def _providers(services: Services, query: dict[str, str], session: Session) -> http.Response:
+    """The upstream providers: where each is, its breaker, latency, error rate, models."""
+    health = {f["name"]: f for f in services.health.facts()} if services.health else {}
+    offered: dict[str, int] = {}
+    serving: dict[str, int] = {}
+    for offers in services.pricing.offers.values():
+        for o in offers:
+            offered[o.provider] = offered.get(o.provider, 0) + 1
+        serving[offers[0].provider] = serving.get(offers[0].provider, 0) + 1
+    rows = [{"name": p.name, "url": p.base_url or "(the reverse mode's target)",
+             "fee": p.fee if p.fee is not None else services.config.upstream_provider_fee,
+             "priority": p.priority, "models": offered.get(p.name, 0),
+             "serving": serving.get(p.name, 0), **health.get(p.name, {})}
+            for p in services.config.providers]
+    return _render(services, "providers.html", session=session, title="Providers",
+                   active="providers", rows=rows)
+
+
 View = Callable[[Services, dict[str, str], Session], http.Response]
 _VIEWS: dict[str, View] = {
     "/admin": _overview,
@@ -246,6 +264,7 @@ _VIEWS: dict[str, View] = {
     "/admin/keys": _keys,
     "/admin/ledger": _journal,
     "/admin/payouts": _payouts,
+    "/admin/providers": _providers,
 }
 
 
