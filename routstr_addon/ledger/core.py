@@ -30,6 +30,7 @@ from routstr_addon.ledger.accounts import Accounts, Held, KeyState, Settlement
 from routstr_addon.ledger.books import Books, read_books
 from routstr_addon.ledger.counters import KeysetCounters
 from routstr_addon.ledger.db import Database, Tx
+from routstr_addon.ledger.history import key_history
 from routstr_addon.ledger.instances import Instances
 from routstr_addon.ledger.invoices import InvoiceStore
 from routstr_addon.ledger.limits import Limits
@@ -186,6 +187,10 @@ class Ledger:
 
     def children(self, parent_hash: str) -> list[KeyState]:
         return self.accounts.children(parent_hash)
+
+    def history(self, key_hash: str) -> list[dict[str, Any]]:
+        """The key's money in (tokens, invoices) and out (refunds), newest first."""
+        return key_history(self.database, key_hash)
 
     def find_keys(self, prefix: str) -> list[KeyState]:
         return self.accounts.find_keys(prefix)
