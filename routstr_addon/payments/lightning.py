@@ -23,6 +23,7 @@ from routstr_addon.ecash.tokens import UNIT_MSAT, amounts_for, nutshell
 from routstr_addon.ecash.wallet import MintWallet, Wallet
 from routstr_addon.errors import ApiError
 from routstr_addon.ledger import KEY_PREFIX, InvoiceRecord, Ledger, hash_key
+from routstr_addon.ledger.coreimport import core_invoice_key
 
 __all__ = ["Invoices"]
 
@@ -34,12 +35,6 @@ MAX_INVOICE_SATS = 10_000_000
 def invoice_key(invoice_id: str) -> str:
     """The key a ``create`` invoice funds, derived from the invoice id its creator holds."""
     return KEY_PREFIX + hashlib.sha256(f"lightning-invoice:{invoice_id}".encode()).hexdigest()
-
-
-def core_invoice_key(invoice_id: str, quote: str) -> str:
-    """The key routstr-core makes for a paid ``create`` invoice (its invoices brought over by
-    ``routstr import-core`` fund the key their creators will ask for)."""
-    return KEY_PREFIX + hashlib.sha256(f"invoice-{invoice_id}-{quote}".encode()).hexdigest()
 
 
 # Our states as routstr-core's clients poll them (``status == "paid"``).
