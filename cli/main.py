@@ -3,7 +3,7 @@
 The command tree::
 
     routstr serve | demo | tui | stats | providers | import-core | version
-    routstr keys     create | list | show | topup | disable | enable | refund
+    routstr keys     create | list | show | limit | topup | disable | enable | refund
     routstr models   list
     routstr ledger   tail | check
     routstr wallet   balance | send | receive | restore

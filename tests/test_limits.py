@@ -4,12 +4,17 @@ still balance."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from cli.main import app
 from routstr_addon.ledger import Ledger, Limits, ReserveError, hash_key, parse_period
 from routstr_addon.ledger.limits import budget_left, next_window, window_start
 
@@ -174,3 +179,33 @@ def test_children_racing_never_overdraw_their_parent(ledger: Ledger) -> None:
     assert parent is not None and parent.balance_msat == 10_000 - 14 * 700
     assert sum(c.total_spent_msat for c in ledger.children(pstate.key_hash)) == 14 * 700
     assert ledger.check() == []
+
+
+def test_keys_limit_on_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in ("DATABASE_URL", "UPSTREAM_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
+    runner = CliRunner()
+
+    def run(*args: str) -> Any:
+        result = runner.invoke(app, [*args, "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    made = run("keys", "create", "--balance-sats", "100", "--rpm", "30", "--models",
+               "a,b")
+    assert made["limits"]["rpm"] == 30 and made["limits"]["models"] == ["a", "b"]
+    key = made["api_key"]
+    changed = run("keys", "limit", key, "--budget-sats", "5", "--period", "1d", "--rpm", "0")
+    assert changed["limits"] == {"rpm": None, "concurrent": None, "models": ["a", "b"],
+                                 "budget_msat": 5000, "period": "86400"}
+    assert run("keys", "limit", key, "--clear")["limits"] is None
+    bad = runner.invoke(app, ["keys", "limit", key, "--period", "fortnightly"])
+    assert bad.exit_code == 2
+    ledger = Ledger(f"sqlite:///{tmp_path / 'data' / 'routstr.sqlite'}")
+    try:
+        state = ledger.key(hash_key(key))
+        assert state is not None and not state.restricted
+    finally:
+        ledger.close()
