@@ -4,8 +4,11 @@ Lightning invoice's routstr-core fields and recover endpoint."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -132,3 +135,34 @@ def test_history_and_invoice_fields_as_routstr_core_reports_them(ecash_proxy: Pr
                   headers={"authorization": f"Bearer {key}"}).json()["transactions"]
     assert (history[0]["type"], history[0]["amount"]) == ("out", 210)
     books_balance(ecash_proxy, mint.url)
+
+
+def test_admin_sets_a_keys_limits(make_proxy: Callable[..., Proxy]) -> None:
+    proxy = make_proxy({"ADMIN_PASSWORD": "limits-password"})
+    key = proxy.new_key(sats=20)
+    key_id = hash_key(key)[:16]
+    with httpx.Client(base_url=proxy.url, timeout=10) as c:
+        assert c.post("/admin/login", data={"password": "limits-password"}).status_code == 303
+        found = re.search(r'name="csrf" value="([^"]+)"', c.get("/admin/keys").text)
+        assert found is not None
+        csrf = found.group(1)
+        bad = c.post("/admin/keys/limits", data={"csrf": csrf, "key_id": key_id,
+                                                 "period": "fortnightly"})
+        assert bad.status_code == 303
+        assert not proxy.key_state(key).restricted
+        set_ = c.post("/admin/keys/limits", data={"csrf": csrf, "key_id": key_id, "rpm": "1",
+                                                  "models": "test/model", "budget_sats": "5",
+                                                  "period": "daily"})
+        assert set_.status_code == 303
+        page = c.get(set_.headers["location"]).text
+        assert "1 rpm, models test/model, 5.000 sats per day" in page
+    state = proxy.key_state(key)
+    assert state.limits.rpm == 1 and state.limits.budget_msat == 5000
+    body = {"model": "test/model", "messages": [{"role": "user", "content": "hi"}]}
+    auth = {"authorization": f"Bearer {key}"}
+    assert raw(proxy, "POST", "/v1/chat/completions", json=body, headers=auth).status_code == 200
+    second = raw(proxy, "POST", "/v1/chat/completions", json=body, headers=auth)
+    assert second.status_code == 429 and "retry-after" in second.headers
+    other = raw(proxy, "POST", "/v1/embeddings", headers=auth,
+                json={"model": "test/embed", "input": "hi"})
+    assert other.status_code == 403 and other.json()["error"]["code"] == "model_not_allowed"
