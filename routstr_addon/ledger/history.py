@@ -22,21 +22,26 @@ def key_history(database: Database, key_hash: str, limit: int = 500) -> list[dic
             (key_hash, limit)):
         moves.append({"id": token_hash[:32], "type": "in", "source": f"cashu:{kind}",
                       "amount": int(amount), "unit": unit, "mint_url": mint,
-                      "created_at": int(created), "collected": True, "swept": False})
+                      "created_at": int(created), "_at": float(created), "collected": True,
+                      "swept": False})
     for id_hash, mint, unit, amount, created in reader.rows(
             "SELECT id_hash, mint, unit, amount, COALESCE(paid_at, updated_at) FROM invoices "
             "WHERE key_hash = ? AND state = 'credited' ORDER BY created_at DESC LIMIT ?",
             (key_hash, limit)):
         moves.append({"id": id_hash[:32], "type": "in", "source": "lightning",
                       "amount": int(amount), "unit": unit, "mint_url": mint,
-                      "created_at": int(created), "collected": True, "swept": False})
+                      "created_at": int(created), "_at": float(created), "collected": True,
+                      "swept": False})
     for refund_id, mint, unit, msat, state, created in reader.rows(
             "SELECT id, mint, unit, msat, state, created_at FROM refunds WHERE key_hash = ? "
             "ORDER BY created_at DESC LIMIT ?", (key_hash, limit)):
         per_unit = 1000 if unit == "sat" else 1
         moves.append({"id": refund_id[:32], "type": "out", "source": "apikey",
                       "amount": int(msat) // per_unit, "unit": unit, "mint_url": mint,
-                      "created_at": int(created), "collected": state == "done",
+                      "created_at": int(created), "_at": float(created),
+                      "collected": state == "done",
                       "swept": False})
-    moves.sort(key=lambda m: m["created_at"], reverse=True)
+    moves.sort(key=lambda m: (m["_at"], m["type"]), reverse=True)  # a refund after its credit
+    for move in moves:
+        del move["_at"]
     return moves[:limit]
