@@ -209,3 +209,18 @@ def test_keys_limit_on_the_command_line(tmp_path: Path, monkeypatch: pytest.Monk
         assert state is not None and not state.restricted
     finally:
         ledger.close()
+
+
+def test_a_childs_late_charge_is_paid_by_its_parent(ledger: Ledger) -> None:
+    _, pstate = ledger.create_key(10_000)
+    child = hash_key(ledger.create_children(pstate.key_hash, 1, Limits(budget_msat=5000),
+                                            None)[0])
+    ledger.reserve(child, 1000, "r", "m")
+    ledger.settle("r", 1000)
+    assert ledger.late_charge(child, "r", 300, "m", overrun=True) == 300
+    parent = ledger.key(pstate.key_hash)
+    after = ledger.key(child)
+    assert parent is not None and parent.balance_msat == 10_000 - 1300
+    assert after is not None and after.limit_spent_msat == 1300
+    assert after.total_spent_msat == 1300 and after.total_requests == 1
+    assert ledger.check() == []

@@ -269,17 +269,24 @@ class Accounts:
         kind, note = (("overrun", "cost above its reservation") if overrun
                       else ("charge", "after its reservation was swept"))
         with self._db.transaction() as tx:
+            # A child key's requests are paid by its parent (and counted on the child).
+            found = tx.row("SELECT COALESCE(parent_key_hash, key_hash), restricted "
+                           "FROM api_keys WHERE key_hash = ?", (key_hash,))
+            payer, restricted = (found[0], bool(found[1])) if found else (key_hash, False)
             available = tx.value("SELECT balance_msat - reserved_msat FROM api_keys "
-                                 "WHERE key_hash = ?", (key_hash,))
+                                 "WHERE key_hash = ?", (payer,))
             charged = max(0, min(cost_msat, int(available or 0)))
             if charged:
+                count = 0 if overrun else 1
                 tx.execute("UPDATE api_keys SET balance_msat = balance_msat - ?, "
                            "total_spent_msat = total_spent_msat + ?, total_requests = "
                            "total_requests + ? WHERE key_hash = ? AND "
                            "balance_msat - reserved_msat >= ?",
-                           (charged, charged, 0 if overrun else 1, key_hash, charged))
-                self._entry(tx.cur, time.time(), key_hash, kind, -charged, 0, request_id,
+                           (charged, charged, count, payer, charged))
+                self._entry(tx.cur, time.time(), payer, kind, -charged, 0, request_id,
                             model, note=note)
+                if restricted:
+                    self._close_limit(tx.cur, payer, key_hash, charged, count)
         return charged
 
     def _why_not(self, key_hash: str, amount_msat: int, now: float,
