@@ -224,3 +224,16 @@ def test_a_childs_late_charge_is_paid_by_its_parent(ledger: Ledger) -> None:
     assert after is not None and after.limit_spent_msat == 1300
     assert after.total_spent_msat == 1300 and after.total_requests == 1
     assert ledger.check() == []
+
+
+def test_the_books_owe_what_the_parent_holds_once_children_spend(ledger: Ledger) -> None:
+    parent = hash_key("sk-" + "e" * 64)
+    with ledger.transaction(durable=True) as tx:
+        ledger.create_key_in(tx, parent, 20_000, note="ecash", backed=True)
+    child = hash_key(ledger.create_children(parent, 1, Limits(), None)[0])
+    before = ledger.books().liabilities_msat
+    ledger.reserve(child, 5000, "r", "m")
+    ledger.settle("r", 3000)
+    assert before == 20_000
+    assert ledger.books().liabilities_msat == 17_000  # the parent's balance, nothing more
+    assert ledger.check() == []
