@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from routstr_addon.amounts import sats
-from routstr_addon.errors import ApiError, invalid_api_key
+from routstr_addon.errors import ApiError, invalid_api_key, key_limit
 from routstr_addon.ledger import Ledger, ReserveError, Settlement, hash_key
 from routstr_addon.metering.pricing import ModelPrice, Pricing
 from routstr_addon.metering.surface import (
@@ -508,6 +508,8 @@ def _model_name(body: dict[str, Any] | None) -> str | None:
 
 
 def _reserve_error(e: ReserveError) -> ApiError:
+    if e.refused is not None:
+        return key_limit(e.refused.reason, e.refused.message, e.refused.retry_after)
     if e.reason == "unknown_key":
         return invalid_api_key()
     if e.reason == "expired":
