@@ -433,6 +433,17 @@ class Wallet:
         self.set_state_in(tx, keep, "unspent", None)
         return token
 
+    def cut_part_in(self, tx: Tx, owner: str, mint: str, unit: str, amount: int) -> str:
+        """Hand back ``amount`` of the proofs ``owner`` holds now, keeping the rest held for
+        the change still to come (``cut_in``). Raises WalletError without an exact subset."""
+        held = self.owned_in(tx, owner)
+        chosen = pick_exact([p.amount for p in held], amount)
+        if chosen is None:
+            raise WalletError(f"no exact change of {amount} {unit} in the held proofs")
+        picked = [held[i] for i in chosen]
+        self.set_state_in(tx, picked, "sent", owner)
+        return serialize_token(mint, unit, picked)
+
     def balances(self) -> dict[tuple[str, str], int]:
         """What the proxy holds per (mint, unit), in the unit: proofs not handed out or spent."""
         return self.ledger.proofs.balances()

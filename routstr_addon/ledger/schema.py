@@ -147,6 +147,10 @@ class Payment(_Base):
     request_id = peewee.CharField(max_length=64, null=True)
     change = peewee.TextField(null=True)  # the change token (x-cashu)
     change_msat = peewee.BigIntegerField(default=0)
+    # A stream's change known at its start (the token less the reserved maximum), sent in the
+    # X-Cashu response header; ``change`` is then the rest, sent before [DONE].
+    early_change = peewee.TextField(null=True)
+    early_change_msat = peewee.BigIntegerField(default=0)
     created_at = peewee.DoubleField()
 
     class Meta:

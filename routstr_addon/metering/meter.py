@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from routstr_addon.amounts import sats
 from routstr_addon.errors import ApiError, invalid_api_key, invalid_json
 from routstr_addon.ledger import Ledger, ReserveError, Settlement, hash_key
+from routstr_addon.metering.costs import CostReport
 from routstr_addon.metering.pricing import ModelPrice, Pricing
 from routstr_addon.metering.usage import (
     SSETap,
@@ -79,6 +80,11 @@ class Payer(Protocol):
         """The change, as a token for the client (None: nothing to give back)."""
         ...
 
+    def early_change(self, reserved_msat: int) -> str | None:
+        """The part of the change known before the answer ends (the payment less the
+        reserved maximum), cut now for a stream's headers; None: nothing to give yet."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Quote:
@@ -117,6 +123,8 @@ class Paid:
     closed: Settlement | None = None
     usage: Usage | None = None
     change: str | None = None  # the payer's change, once closed
+    report: CostReport | None = None  # the cost as clients read it, once known
+    answer: Any = None  # a buffered answer's parsed JSON, read once to settle it
     retrying: bool = False  # the ledger could not take its settlement: retried in the background
     prompt_estimate: int | None = None
     timer: Any = None  # asyncio.TimerHandle of the upstream timeout
@@ -287,7 +295,18 @@ class Meter:
                            paid.request_id, charged, cost)
             paid.closed = Settlement(paid.request_id, paid.key_hash, charged, 0,
                                      max(0, paid.available_msat - charged))
+        paid.report = self._report(paid, usage, cost, paid.closed.charged_msat)
         return paid.closed
+
+    def _report(self, paid: Paid, usage: Usage, cost: int, charged: int) -> CostReport:
+        return CostReport.of(self.pricing, paid.model, usage, cost, charged)
+
+    def report_usage(self, paid: Paid, usage: Usage) -> CostReport:
+        """The cost of a usage as it will be charged (capped at the reservation), before the
+        request is settled: for a stream's usage chunk, which the client reads before the
+        stream ends."""
+        cost = self.cost(paid.model, usage)
+        return self._report(paid, usage, cost, min(cost, paid.reserved_msat))
 
     def touch(self, paid: Paid) -> None:
         """Record that a stream is flowing, with what it delivered so far."""
@@ -310,6 +329,7 @@ class Meter:
             parsed = json.loads(body) if body else None
         except (ValueError, UnicodeDecodeError):
             parsed = None
+        paid.answer = parsed
         usage = usage_from_json(parsed)
         if usage is None:
             if paid.endpoint is None:  # a fixed-price endpoint has no usage to report

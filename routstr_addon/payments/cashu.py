@@ -27,7 +27,7 @@ from routstr_addon.ecash.tokens import (
     token_hash,
 )
 from routstr_addon.ecash.wallet import Redeemed, Wallet, WalletError
-from routstr_addon.errors import ApiError, invalid_api_key
+from routstr_addon.errors import ApiError, PaymentRequired, invalid_api_key
 from routstr_addon.ledger import KEY_PREFIX, KeyState, Ledger, RefundRecord, Tx, hash_key
 from routstr_addon.payments.lightning import Invoices
 
@@ -86,6 +86,9 @@ class XCashuPayer:
 
     def change(self) -> str | None:
         return self.payments.close_xcashu(self.payment, self.request_id).change
+
+    def early_change(self, reserved_msat: int) -> str | None:
+        return self.payments.early_change(self.payment, self.request_id, reserved_msat)
 
 
 class Payments:
@@ -380,6 +383,11 @@ class Payments:
                 change, change_msat = made["token"], made["msats"]
                 with self.ledger.transaction() as tx:
                     self.ledger.payments.set_change(tx, hashed, change, change_msat)
+        if row.early_change:  # a stream's change came in two parts: both, as one token
+            parts = [t for t in (row.early_change, change) if t]
+            merged = serialize_token(mint, unit, [p for t in parts for p in parse_token(t).proofs])
+            return {"token": merged, "msats": int(change_msat) + row.early_change_msat,
+                    "unit": unit, "mint": mint, "rest": change, "early": row.early_change}
         return {"token": change, "msats": int(change_msat), "unit": unit, "mint": mint}
 
     # -- x-cashu -------------------------------------------------------------------------------
@@ -396,7 +404,8 @@ class Payments:
             amount += -(-(ppk * max(1, amount.bit_length())) // 1000)
         return amount, unit
 
-    async def open_xcashu(self, text: str, request_id: str, required_msat: int) -> XCashuPayer:
+    async def open_xcashu(self, text: str, request_id: str, required_msat: int,
+                          model: str | None = None) -> XCashuPayer:
         """Redeem an x-cashu token, worth at least ``required_msat``, into a key of its own
         (the meter then reserves the request on it, as on any key). Returns the payer that
         gives the change back once the request is settled."""
@@ -408,7 +417,7 @@ class Payments:
             mint = await self.wallet.prepare(token)
         except TokenError as e:
             if e.code in ("untrusted_mint", "unsupported_unit"):
-                raise self.payment_required(required_msat, str(e)) from None
+                raise self.payment_required(required_msat, str(e), model) from None
             raise token_error(e) from None
         except MintUnreachable as e:
             raise mint_down(e) from None
@@ -417,7 +426,7 @@ class Payments:
         if net_msat < required_msat:
             raise self.payment_required(
                 required_msat, f"The token is worth {sats(net_msat)} sats after the mint's "
-                f"fee; this request needs up to {sats(required_msat)} sats.")
+                f"fee; this request needs up to {sats(required_msat)} sats.", model)
         redeemed = await self._redeem(token, keep_variable=-(-required_msat // per_unit))
         key_hash = hash_key(f"xcashu:{request_id}:{token.hash}")
         payment = XCashu(token.hash, key_hash, redeemed.mint, redeemed.unit, redeemed.msat)
@@ -434,7 +443,8 @@ class Payments:
         self._stored_or_returned(redeemed, write)
         return XCashuPayer(self, payment, request_id)
 
-    def payment_required(self, required_msat: int, message: str) -> ApiError:
+    def payment_required(self, required_msat: int, message: str,
+                         model: str | None = None) -> ApiError:
         """402 with a NUT-18 payment request for what this request needs."""
         from cashu.core.base import PaymentRequest
         from cashu.core.nuts.nut18 import serialize
@@ -442,10 +452,30 @@ class Payments:
         amount, unit = self.requirement(required_msat)
         request = PaymentRequest(a=amount, u=unit, m=list(self.wallet.mints), s=True,
                                  d="Routstr request payment")
-        return ApiError(402, f"{message} Pay at least {amount} {unit} from "
-                        f"{', '.join(self.wallet.mints)} in an X-Cashu header.",
-                        type="insufficient_quota", code="payment_required",
-                        headers={"x-cashu": serialize(request)})
+        return PaymentRequired(f"{message} Pay at least {amount} {unit} from "
+                               f"{', '.join(self.wallet.mints)} in an X-Cashu header.",
+                               serialize(request), required_msat, model)
+
+    def early_change(self, payment: XCashu, request_id: str, reserved_msat: int) -> str | None:
+        """A stream's change known at its start: the payment less the reserved maximum
+        (floored to the unit), cut now from the proofs the swap shaped, for the ``X-Cashu``
+        response header; the rest follows when the stream is settled. No mint call."""
+        per_unit = UNIT_MSAT[payment.unit]
+        with self.ledger.transaction() as tx:
+            state = self.ledger.key(payment.key_hash)
+            if state is None or payment.closed:
+                return None
+            units = (state.balance_msat - reserved_msat) // per_unit
+            if units <= 0:
+                return None
+            token = self.wallet.cut_part_in(tx, request_id, payment.mint, payment.unit, units)
+            if self.ledger.debit_in(tx, payment.key_hash, units * per_unit,
+                                    "x-cashu change at the stream's start", request_id,
+                                    kind="change") is None:
+                raise WalletError("the payment's key cannot pay the change")
+            self.ledger.payments.set_early_change(tx, payment.token_hash, token,
+                                                  units * per_unit)
+        return token
 
     def close_xcashu(self, payment: XCashu, request_id: str) -> XCashu:
         """After the request is settled or released: what is left on its key goes back as
