@@ -18,6 +18,7 @@ from routstr_addon.ledger.books import Books, CountedProof, Holding
 from routstr_addon.ledger.core import Ledger
 from routstr_addon.ledger.db import DATABASE_ERRORS, Tx
 from routstr_addon.ledger.invoices import InvoiceRecord
+from routstr_addon.ledger.locked import LockedRecord
 from routstr_addon.ledger.payments import XCashuRecord
 from routstr_addon.ledger.payouts import PayoutRecord
 from routstr_addon.ledger.proofs import POOL_STATES, ProofRecord
@@ -53,6 +54,7 @@ __all__ = [
     "KeyStats",
     "Ledger",
     "LedgerEntry",
+    "LockedRecord",
     "Page",
     "PayoutRecord",
     "PayoutTotals",

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import peewee
 
 __all__ = ["MODELS", "UNIT_MSAT", "ApiKey", "Instance", "Invoice", "KeysetCounter",
-           "LedgerEntry", "Payment", "Payout", "PendingSwap", "Refund", "Reservation",
-           "StoredProof"]
+           "LedgerEntry", "LockedProof", "Payment", "Payout", "PendingSwap", "Refund",
+           "Reservation", "StoredProof"]
 
 UNIT_MSAT = {"sat": 1000, "msat": 1}  # the ecash units the proxy takes and stores, in msat
 
@@ -250,6 +250,37 @@ class Invoice(_Base):
         indexes = ((("state",), False),)
 
 
+class LockedProof(_Base):
+    """A proof received locked to the proxy's payment key (NUT-11), accepted offline from its
+    DLEQ proof (NUT-12) and not yet swapped at its mint.
+
+    ``y`` (hash_to_curve of the secret, as the mint knows the proof) is the primary key: the
+    same proof can be accepted once, whatever token carries it and however many processes
+    race. ``state``: ``received`` → ``redeeming`` (in a batch swap, ``batch`` = its id, outputs
+    saved in ``pending_swaps`` under that id) → ``redeemed``; or ``lost`` when the mint says it
+    was spent by someone else. ``locktime``: the swap must happen before it (None: never
+    expires)."""
+
+    y = peewee.CharField(max_length=66, primary_key=True)
+    secret = peewee.TextField()
+    mint = peewee.TextField()
+    unit = peewee.CharField(max_length=8)
+    keyset_id = peewee.CharField(max_length=80)
+    amount = peewee.BigIntegerField()
+    c = peewee.TextField()
+    dleq = peewee.TextField(null=True)
+    locktime = peewee.BigIntegerField(null=True)
+    token_hash = peewee.CharField(max_length=64)
+    state = peewee.CharField(max_length=10)
+    batch = peewee.CharField(max_length=64, null=True, index=True)
+    created_at = peewee.DoubleField()
+    updated_at = peewee.DoubleField()
+
+    class Meta:
+        table_name = "locked_proofs"
+        indexes = ((("state", "locktime"), False),)
+
+
 class KeysetCounter(_Base):
     """The next unused NUT-13 derivation counter of a keyset: the wallet's secrets are derived
     from its seed and these, and a counter is never used twice (see ``ledger.counters``)."""
@@ -263,4 +294,4 @@ class KeysetCounter(_Base):
 
 MODELS: Sequence[type[peewee.Model]] = (ApiKey, LedgerEntry, Reservation, Instance, StoredProof,
                                         Payment, Refund, Invoice, KeysetCounter, Payout,
-                                        PendingSwap)
+                                        PendingSwap, LockedProof)

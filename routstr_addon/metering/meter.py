@@ -195,8 +195,14 @@ class Meter:
             held = self.ledger.reserve(key_hash, q.amount_msat, request_id, q.model_name)
         except ReserveError as e:
             raise _reserve_error(e) from None
+        return self.reserved(q, request_id, key_hash, held.available_msat, payer)
+
+    def reserved(self, q: Quote, request_id: str, key_hash: str, available_msat: int,
+                 payer: Payer | None = None) -> Paid:
+        """The money state of a quote already reserved on a key (by ``reserve``, or in the
+        transaction that also recorded its payment)."""
         upstream_body, drop_usage = _for_upstream(q.endpoint, q.body)
-        return Paid(request_id, key_hash, q.amount_msat, held.available_msat, q.endpoint,
+        return Paid(request_id, key_hash, q.amount_msat, available_msat, q.endpoint,
                     q.model, q.body, upstream_body, drop_usage, payer)
 
     def _known_key(self, key_hash: str) -> None:

@@ -103,6 +103,10 @@ class PaidForward:
         quote = self.meter.quote(_api_path(path), _body(flow.request), body_bound=False)
         payer = await self.payments.open_xcashu(token, flow.id, quote.amount_msat,
                                                 quote.model_name)
+        if payer.available_msat is not None:  # reserved with its payment (a locked token)
+            self._forward(flow, path, self.meter.reserved(quote, flow.id, payer.key_hash,
+                                                          payer.available_msat, payer))
+            return
         try:
             paid = self.meter.reserve(quote, flow.id, payer.key_hash, payer)
         except DATABASE_ERRORS as e:
