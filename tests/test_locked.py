@@ -347,7 +347,7 @@ def forged(token: str, field: str) -> str:
     return serialize_token(parsed.mint, "sat", [changed, *parsed.proofs[1:]])
 
 
-REFUSED_LOCKS = {
+REFUSED_LOCKS: dict[str, tuple[dict[str, Any], str]] = {
     "wrong_key": ({"data": OTHER.public_hex}, "wrong_key"),
     "extra_pubkeys": ({"tags": [["pubkeys", OTHER.public_hex]]}, "extra_pubkeys"),
     "refund_tag": ({"tags": [["locktime", str(int(time.time()) + 2 * DAY)],
