@@ -9,7 +9,6 @@ at the reservation exactly as the ledger caps the charge.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,7 @@ from routstr_addon.metering.usage import Usage
 __all__ = ["CostReport", "add_cost_to_answer", "add_cost_to_usage"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CostReport:
     """What one request cost, in msat: ``charged`` is what the key paid (the computed cost,
     at most the reservation); the parts split the computed cost."""
@@ -40,9 +39,11 @@ class CostReport:
         charged = min(computed_msat, charged_at_most)
         parts = (0, 0, computed_msat, 0)
         if pricing is not None and model is not None:
-            with contextlib.suppress(LookupError):  # no rate: the whole cost as the base
+            try:  # (no contextlib.suppress: this runs on every request)  # noqa: SIM105
                 parts = pricing.parts(model, usage.prompt_tokens, usage.completion_tokens,
                                       usage.cached_tokens)
+            except LookupError:  # no rate: the whole cost as the base
+                pass
         input_, output, base, cache_read = parts
         usd = pricing.usd(charged) if pricing is not None else None
         return cls(computed_msat, charged, input_, output, base, cache_read,

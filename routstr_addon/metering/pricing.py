@@ -198,7 +198,10 @@ class Pricing:
 
     def usd(self, msat: int) -> float | None:
         """An msat amount in USD at the current rate (None without one)."""
-        return None if self.rate is None else float(msat * self.rate / MSAT_PER_BTC)
+        rate = self.rate
+        if rate is None:
+            return None
+        return msat * (rate.numerator / rate.denominator) / MSAT_PER_BTC  # display: float
 
     def max_cost(self, model: ModelPrice, max_tokens: int | None = None,
                  prompt_bound: int | None = None) -> int:
