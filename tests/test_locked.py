@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import pytest
@@ -43,6 +43,14 @@ from cashu.core.nuts.nut18 import deserialize, serialize  # noqa: E402
 from mnemonic import Mnemonic  # noqa: E402
 
 MODEL = "test/model"
+
+
+class MintAt(Protocol):
+    """A mint as the helpers need it: its URL (a LocalMint, or a front naming itself so)."""
+
+    @property
+    def url(self) -> str: ...
+
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "pay me offline"}]}
 MIN_SATS = -(-expected_msat(MODEL, 4096, 512) // 1000)
 POOL_TOKEN = 2047  # funds the change pool with one proof of each amount 1 … 1024
@@ -63,7 +71,7 @@ def owner(locked_mint: LocalMint, tmp_path_factory: pytest.TempPathFactory) -> I
     u.close()
 
 
-def proxy_env(mint: LocalMint, upstream_url: str, **extra: str) -> dict[str, str]:
+def proxy_env(mint: MintAt, upstream_url: str, **extra: str) -> dict[str, str]:
     """A proxy's settings: a mnemonic of its own (proxies with one ledger share one), no
     background batch swap or refill (the tests run them)."""
     return {"UPSTREAM_BASE_URL": f"{upstream_url}/v1", "CASHU_MINTS": mint.url,
@@ -122,7 +130,7 @@ def mint_log_size(mint: LocalMint) -> int:
     return (mint.folder / "mint.log").stat().st_size
 
 
-def locked_token(proxy: Proxy, mint: LocalMint, amounts: Sequence[int], **lock: Any) -> str:
+def locked_token(proxy: Proxy, mint: MintAt, amounts: Sequence[int], **lock: Any) -> str:
     """A token of proofs locked as asked (p2pk() of test_p2pk; to the proxy's key unless
     ``data`` says otherwise), minted at the real mint."""
     lock.setdefault("data", key_of(proxy))
@@ -520,3 +528,110 @@ def test_a_proof_spent_elsewhere_is_marked_lost_and_counted(
     finally:
         proxy.stop()
 
+
+
+# --- off the request path: the proxy's own background work, lost answers, the audit ---------
+
+
+def test_the_proxy_redeems_in_the_background_and_refills_its_pool(
+        upstream: Any, locked_mint: LocalMint, owner: UserWallet, tmp_path: Path) -> None:
+    proxy = start_proxy(tmp_path / "p", upstream.url, proxy_env(
+        locked_mint, upstream.url, LOCKED_REDEEM_INTERVAL="1", CHANGE_POOL_PER_AMOUNT="2"))
+    try:
+        fund_pool(proxy, owner, 4096)  # one large proof: the refill splits it
+        assert xpost(proxy, locked_token(proxy, locked_mint, [16, 4])).status_code == 200
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            left = ledger_rows(proxy, "SELECT COUNT(*) FROM locked_proofs "
+                                      "WHERE state <> 'redeemed'")
+            small = ledger_rows(proxy, "SELECT COUNT(*) FROM proofs WHERE state = 'unspent' "
+                                       "AND amount = 1")
+            if left == [(0,)] and small[0][0] >= 2:
+                break
+            time.sleep(0.5)
+        assert left == [(0,)] and small[0][0] >= 2, (left, small)
+        proxy.wait_settled()
+        books_balance(proxy, locked_mint.url)
+    finally:
+        proxy.stop()
+
+
+def test_a_batch_swap_whose_answer_is_lost_is_recovered(
+        upstream: Any, locked_mint: LocalMint, owner: UserWallet, tmp_path: Path) -> None:
+    """The mint swaps but its answer never arrives (a timeout, or the proxy killed meanwhile):
+    the outputs saved before the call find the new proofs again (NUT-09); nothing is lost."""
+    from routstr_addon.dev.demo import run_in_thread
+    from routstr_addon.ecash.seed import seed_from_mnemonic
+
+    from .mintfront import MintFront
+
+    with run_in_thread(MintFront(locked_mint.url)) as front:
+        assert isinstance(front, MintFront)
+        proxy = start_proxy(tmp_path / "p", upstream.url,
+                            proxy_env(LocalMintAt(front.url), upstream.url))
+        funder = UserWallet(front.url, tmp_path / "u")
+        try:
+            fund_pool(proxy, funder)
+            token = locked_token(proxy, LocalMintAt(front.url), [32, 8])
+            assert xpost(proxy, token).status_code == 200
+            proxy.wait_settled()
+            mnemonic = proxy.env["WALLET_MNEMONIC"]
+
+            async def redeem_with(timeout: float) -> Any:
+                ledger = Ledger(proxy.database_url)
+                wallet = Wallet(ledger, [front.url], timeout=timeout,
+                                seed=seed_from_mnemonic(mnemonic))
+                try:
+                    await wallet.start()
+                    return await LockedPayments(ledger, wallet, 0).redeem()
+                finally:
+                    await wallet.close()
+                    ledger.close()
+
+            front.delay["/v1/swap"] = 3.0
+            lost = asyncio.run(redeem_with(1.0))
+            assert lost.pending == 1 and lost.redeemed == 0
+            assert ledger_rows(proxy, "SELECT DISTINCT state FROM locked_proofs") == [
+                ("redeeming",)]
+            front.delay.clear()
+            time.sleep(2.5)  # the mint has done the swap by now
+            found = asyncio.run(redeem_with(10.0))
+            assert found.recovered == 1 and found.redeemed == 2
+            assert ledger_rows(proxy, "SELECT DISTINCT state FROM locked_proofs") == [
+                ("redeemed",)]
+            books_balance(proxy, locked_mint.url)
+        finally:
+            proxy.stop()
+            funder.close()
+
+
+class LocalMintAt:
+    """A front that names itself the mint, as the helpers take a mint."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+
+def test_ledger_check_counts_locked_proofs_and_the_pool(lproxy: Proxy,
+                                                        locked_mint: LocalMint) -> None:
+    import subprocess
+
+    from .conftest import BIN
+
+    assert xpost(lproxy, locked_token(lproxy, locked_mint, [16, 8])).status_code == 200
+    lproxy.wait_settled()
+    done = subprocess.run([str(BIN / "routstr"), "ledger", "check", "--json"],
+                          env=lproxy.env, cwd=lproxy.workdir, capture_output=True, text=True,
+                          timeout=120)
+    report = json.loads(done.stdout)
+    assert done.returncode == 0 and report["ok"], done.stdout + done.stderr
+    wallet = report["wallet"]
+    assert wallet["locked_msat"] >= 24_000  # counted, and checked unspent at the mint
+    assert wallet["locked"]["received"][0] >= 2
+    assert wallet["check"]["checked"] >= 2
+    (pool,) = wallet["change_pool"].values()
+    assert sum(pool.values()) > 0
