@@ -20,6 +20,7 @@ stocked with small proofs of every amount.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -28,7 +29,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from routstr_addon.ecash.mint import SPENT_CODE, MintError, MintUnreachable
-from routstr_addon.ecash.p2pk import LockPolicy, sign_witnesses, verify_payment
+from routstr_addon.ecash.p2pk import (
+    LockPolicy,
+    LockRefused,
+    Refusal,
+    sign_witnesses,
+    verify_payment,
+)
 from routstr_addon.ecash.tokens import UNIT_MSAT, amounts_for, serialize_token
 from routstr_addon.ecash.wallet import MintWallet, Wallet, WalletError, _proof
 from routstr_addon.ledger import DATABASE_ERRORS, LockedRecord, Tx, hash_key
@@ -47,6 +54,7 @@ logger = logging.getLogger(__name__)
 POOL_LEVELS = 11  # the change pool keeps proofs of 1, 2, 4 … 1024 (in the unit)
 REDEEM_BATCH = 100  # proofs per batch swap
 _HAND_OUT_TRIES = 5
+RELOAD_EVERY = 60.0  # seconds between reloads of a mint's keysets for unknown ones
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +88,8 @@ class LockedPayments:
         self.policy = LockPolicy(self.key.public_hex)
         self.pool_per_amount = pool_per_amount
         self.lost_total = 0  # proofs lost since start (the mint had them spent)
+        self._reloaded: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def offered(self) -> bool:
@@ -102,8 +112,32 @@ class LockedPayments:
         """Every offline check, cheapest first; raises LockRefused (a TokenError: 400)."""
         mint = self.wallet.mint(token.mint)
         assert mint is not None
-        return verify_payment(token, mint.offline_keys(), self.policy, time.time(),
-                              already_seen=self.ledger.locked.seen)
+        try:
+            return verify_payment(token, mint.offline_keys(), self.policy, time.time(),
+                                  already_seen=self.ledger.locked.seen)
+        except LockRefused as e:
+            if e.reason is Refusal.UNKNOWN_KEYSET:
+                self._reload_soon(mint)
+            raise
+
+    def _reload_soon(self, mint: MintWallet) -> None:
+        """A keyset we do not know: maybe the mint made a new one. Its keysets are fetched
+        again in the background (at most once a minute), never on the request path."""
+        now = time.monotonic()
+        if now - self._reloaded.get(mint.url, -RELOAD_EVERY) < RELOAD_EVERY:
+            return
+        self._reloaded[mint.url] = now
+        try:
+            task = asyncio.get_running_loop().create_task(mint.load())
+        except RuntimeError:  # no loop (a direct call): the next start loads them
+            return
+        self._tasks.add(task)
+        task.add_done_callback(self._reloaded_done)
+
+    def _reloaded_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("reloading a mint's keysets failed: %s", task.exception())
 
     def accept(self, token: IncomingToken, verified: VerifiedPayment, request_id: str,
                amount_msat: int, model: str | None) -> Accepted | None:
