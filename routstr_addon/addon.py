@@ -26,7 +26,9 @@ except ImportError:  # loaded by path (mitmdump -s) from a checkout that is not 
 from routstr_addon import settings
 from routstr_addon.background import Background
 from routstr_addon.errors import ApiError, install_error_pages
+from routstr_addon.proxy.cors import Cors
 from routstr_addon.proxy.forward import PaidForward
+from routstr_addon.proxy.gate import Gate
 from routstr_addon.proxy.listen import ListenBacklog
 from routstr_addon.proxy.local import LocalEndpoints
 from routstr_addon.proxy.webview import FlowView
@@ -41,14 +43,18 @@ _OUR_OPTIONS = frozenset(s.option for s in settings.SETTINGS)
 
 
 class Serving:
-    """One runtime's hooks: the local endpoints first, then the paid forward, and the
-    background work that starts when mitmproxy runs and ends when it stops."""
+    """One runtime's hooks: the gate (what no endpoint takes), the local endpoints, then the
+    paid forward, and the background work that starts when mitmproxy runs and ends when it
+    stops."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.background = Background(runtime)
         self.backlog = ListenBacklog(runtime.config.listen_backlog)
-        self.addons = [LocalEndpoints(runtime.services), PaidForward(runtime)]
+        # CORS last: its preflight answer comes at requestheaders, after the gate's checks and
+        # before any request hook, and its headers go on whatever answer the others made.
+        self.addons = [Gate(), LocalEndpoints(runtime.services), PaidForward(runtime),
+                       Cors(runtime.config.cors_origins)]
 
     def running(self) -> None:
         self.background.start()
@@ -93,7 +99,15 @@ class Routstr:
         self._running = False
 
     def load(self, loader: Any) -> None:
-        self._env_errors = settings.register(loader)
+        report = settings.startup_report()
+        for line in report.notes:
+            logger.info("routstr: %s", line)
+        for line in report.warnings:
+            logger.warning("routstr: %s", line)
+        if report.log_level:  # routstr-core's LOG_LEVEL: the proxy's own loggers
+            for name in ("routstr", "routstr_addon"):
+                logging.getLogger(name).setLevel(report.log_level)
+        self._env_errors = report.errors + settings.register(loader)
         install_error_pages()
 
     def configure(self, updated: set[str]) -> None:

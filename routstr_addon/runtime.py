@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from routstr_addon.datadir import exposed, private_dir, sqlite_files
+from routstr_addon.ecash.seed import MNEMONIC_FILE
 from routstr_addon.ecash.wallet import Wallet
 from routstr_addon.ledger import Ledger
 from routstr_addon.metering.meter import Meter
@@ -48,6 +50,10 @@ class Runtime:
         pricing = Pricing(_models(config), config.exchange_fee, config.upstream_provider_fee)
         if config.btc_usd_price is not None:
             pricing.set_rate(config.btc_usd_price)
+        private_dir(config.data_dir)
+        for line in exposed([config.data_dir, *sqlite_files(config.database_url),
+                             config.data_dir / MNEMONIC_FILE]):
+            logger.warning("routstr: %s", line)
         ledger = Ledger(config.database_url)
         try:
             wallet = Wallet.from_config(ledger, config) if config.cashu_mints else None
@@ -63,7 +69,7 @@ class Runtime:
             payments = Payments(ledger, wallet, invoices, config.swap_untrusted_mints, locked)
             payouts = Payouts(ledger, wallet, config, payments)
         services = Services(config, ledger, pricing, wallet, payments, invoices,
-                            admin or AdminState())
+                            admin or AdminState(), payouts=payouts)
         return cls(config, ledger, pricing, Meter(config, ledger, pricing), services, wallet,
                    payments, invoices, payouts)
 
@@ -94,6 +100,10 @@ def _models(config: Config) -> dict[str, Any]:
             return {}
         path = fallback
     try:
-        return load_models(path)
+        models = load_models(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SettingError(f"MODELS_PATH: cannot read {path}: {e}") from None
+    if config.model_based_pricing and not models:
+        raise SettingError(f"MODELS_PATH: {path} holds no model (model-based pricing needs "
+                           "at least one)")
+    return models

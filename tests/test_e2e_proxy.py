@@ -212,7 +212,9 @@ def test_model_pricing_published_in_models_endpoint(proxy: Proxy) -> None:
     assert ids == ["test/model", "test/embed"]
     entry = raw(proxy, "GET", "/v1/models").json()["data"][0]
     sats_pricing = entry["sats_pricing"]
-    assert sats_pricing["max_cost"] == expected_msat(MODEL, 4096, 512) / 1000
+    # prompt + completion fit the 4096-token context: the dearest request is 3584 prompt tokens
+    # and the 512-token completion cap
+    assert sats_pricing["max_cost"] == expected_msat(MODEL, 4096 - 512, 512) / 1000
     assert entry["pricing"]["prompt"] == "0.000001234"
     one = raw(proxy, "GET", "/v1/models/test/model").json()
     assert one["id"] == "test/model"
