@@ -141,6 +141,8 @@ def ledger_check(as_json: JsonOpt = False) -> None:
     """Audit the books: per key, the journal sums to the balance, no balance or reservation is
     negative, reservations are all open ones; and, with CASHU_MINTS, the ecash the wallet holds
     is unspent at its mint (NUT-07) and covers what users are owed. Exit 0 only if all hold."""
+    from routstr_addon.ledger import UNIT_MSAT
+
     from .wallet import check_books, read_books
 
     config = load_config()
@@ -154,7 +156,12 @@ def ledger_check(as_json: JsonOpt = False) -> None:
             spendable = books.proofs_msat - checked.spent_msat - books.payouts_msat
             wallet = {"proofs_msat": books.proofs_msat, "liabilities_msat": books.liabilities_msat,
                       "pending_payouts_msat": books.payouts_msat,
-                      "margin_msat": books.margin_msat, "check": checked.as_json()}
+                      "margin_msat": books.margin_msat, "check": checked.as_json(),
+                      "locked_msat": sum(h.by_state.get("locked", 0) * UNIT_MSAT.get(h.unit, 0)
+                                         for h in books.holdings),
+                      "locked": ledger.locked.totals(),
+                      "change_pool": {f"{h.mint} {h.unit}": ledger.locked.pool_counts(
+                          h.mint, h.unit) for h in books.holdings if h.trusted}}
             problems += [f"{p['amount']} {p['unit']} at {p['mint']} counted but spent at the mint"
                          for p in checked.spent]
             problems += [f"could not ask a mint: {e}" for e in checked.errors]

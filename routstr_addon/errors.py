@@ -14,6 +14,7 @@ from mitmproxy import http
 
 __all__ = [
     "ApiError",
+    "PaymentRequired",
     "error_body",
     "invalid_api_key",
     "invalid_json",
@@ -53,6 +54,30 @@ class ApiError(Exception):
         if self.headers:
             resp.headers.update(self.headers)
         return resp
+
+
+class PaymentRequired(ApiError):
+    """402 for a request to pay with ecash: OpenAI's error, the NUT-18 payment request in the
+    ``X-Cashu`` header, and routstr-core's ``detail`` (``amount_required_msat``, ``type``
+    ``minimum_balance_required``), so both kinds of clients can act on it."""
+
+    def __init__(self, message: str, payment_request: str, required_msat: int,
+                 model: str | None = None) -> None:
+        super().__init__(402, message, type="insufficient_quota", code="payment_required",
+                         headers={"x-cashu": payment_request})
+        self.payment_request = payment_request
+        self.required_msat = required_msat
+        self.model = model
+
+    def response(self) -> http.Response:
+        body = {
+            "error": {"message": self.message, "type": self.type, "param": self.param,
+                      "code": self.code, "amount_required_msat": self.required_msat,
+                      "payment_request": self.payment_request},
+            "detail": {"reason": self.message, "amount_required_msat": self.required_msat,
+                       "model": self.model, "type": "minimum_balance_required"},
+        }
+        return json_response(self.status, body, self.headers)
 
 
 # --- the errors answered from more than one place: one builder each -------------------------

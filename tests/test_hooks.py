@@ -310,11 +310,11 @@ def test_a_stream_passes_at_once_drops_our_usage_chunk_and_ends_with_its_cost(
     assert stream(chunk("lo")[:10]) == ()  # half an event waits for the rest
     assert stream(chunk("lo")[10:]) == chunk("lo")
     assert stream(USAGE_CHUNK) == ()  # the usage the client did not ask for
-    assert stream(b"data: [DONE]\n\n") == b"data: [DONE]\n\n"
-    tail = stream(b"")
     cost = expected_msat(MODEL, 9, 20)
-    assert tail == b": x-routstr-cost-msats %d x-routstr-balance-msats %d\n\n" % (
-        cost, 1000_000 - cost)
+    # Settled at [DONE]: the cost goes before it, where OpenAI clients still read.
+    assert stream(b"data: [DONE]\n\n") == b": x-routstr-cost-msats %d x-routstr-balance-msats " \
+        b"%d\n\ndata: [DONE]\n\n" % (cost, 1000_000 - cost)
+    assert stream(b"") == ()
     proxy.hook("response", flow)  # already settled: nothing more
     assert proxy.available(key) == 1000_000 - cost
     assert f"charged {cost} msat" in flow.comment
@@ -330,9 +330,15 @@ def test_a_stream_whose_client_asked_for_usage_keeps_the_usage_chunk(proxy: Hook
     proxy.hook("request", flow)
     assert flow.request.content == body  # sent as the client wrote it
     stream = open_stream(proxy, flow)
-    assert stream(chunk("Hi") + USAGE_CHUNK) == chunk("Hi") + USAGE_CHUNK
+    out = stream(chunk("Hi") + USAGE_CHUNK)
+    assert isinstance(out, bytes) and out.startswith(chunk("Hi"))
+    # The usage chunk comes through, with its cost as routstr-core's clients read it.
+    usage = json.loads(out[len(chunk("Hi")):].removeprefix(b"data: "))["usage"]
+    cost = expected_msat(MODEL, 9, 20)
+    assert usage["prompt_tokens"] == 9 and usage["cost"]["total_msats"] == cost
+    assert usage["cost_sats"] == cost / 1000
     assert b"x-routstr-cost-msats" in stream(b"")
-    assert proxy.available(key) == 1000_000 - expected_msat(MODEL, 9, 20)
+    assert proxy.available(key) == 1000_000 - cost
     proxy.audit()
 
 

@@ -19,6 +19,7 @@ from routstr_addon.ledger.core import Ledger
 from routstr_addon.ledger.db import DATABASE_ERRORS, Tx
 from routstr_addon.ledger.invoices import InvoiceRecord
 from routstr_addon.ledger.limits import LimitRefused, Limits, parse_period
+from routstr_addon.ledger.locked import LockedRecord
 from routstr_addon.ledger.payments import XCashuRecord
 from routstr_addon.ledger.payouts import PayoutRecord
 from routstr_addon.ledger.proofs import POOL_STATES, ProofRecord
@@ -56,6 +57,7 @@ __all__ = [
     "LedgerEntry",
     "LimitRefused",
     "Limits",
+    "LockedRecord",
     "Page",
     "PayoutRecord",
     "PayoutTotals",

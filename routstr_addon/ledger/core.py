@@ -5,6 +5,7 @@
 ``accounts``     keys, balances, the request path's reserve and settle, the journal
 ``registry``     the proxy processes and the reservations nobody will close (``instances``)
 ``proofs``       the wallet's Cashu proofs and its lost swaps
+``locked``       proofs received locked to the payment key, and the change pool's picks
 ``counters``     the wallet's NUT-13 derivation counters
 ``payments``     incoming tokens, each credited once
 ``refunds``      balances withdrawn as tokens
@@ -34,6 +35,7 @@ from routstr_addon.ledger.history import key_history
 from routstr_addon.ledger.instances import Instances
 from routstr_addon.ledger.invoices import InvoiceStore
 from routstr_addon.ledger.limits import Limits
+from routstr_addon.ledger.locked import LockedStore
 from routstr_addon.ledger.payments import PaymentStore
 from routstr_addon.ledger.payouts import PayoutStore
 from routstr_addon.ledger.proofs import ProofStore
@@ -57,6 +59,9 @@ class Ledger:
         self.registry = Instances(self.database)
         self.accounts = Accounts(self.database, self.registry)
         self.proofs = ProofStore(self.database)
+        self.locked = LockedStore(self.database)
+        if create:
+            self.locked.create_index()
         self.counters = KeysetCounters(self.database)
         self.payments = PaymentStore(self.database)
         self.refunds = RefundStore(self.database)

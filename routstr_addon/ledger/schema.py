@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import peewee
 
 __all__ = ["EXTRA_INDEXES", "MODELS", "UNIT_MSAT", "ApiKey", "Instance", "Invoice",
-           "KeysetCounter", "LedgerEntry", "Payment", "Payout", "PendingSwap", "RateHit", "Refund",
+           "KeysetCounter", "LedgerEntry", "LockedProof", "Payment", "Payout", "PendingSwap",
+           "RateHit", "Refund",
            "Reservation", "StoredProof"]
 
 UNIT_MSAT = {"sat": 1000, "msat": 1}  # the ecash units the proxy takes and stores, in msat
@@ -163,6 +164,10 @@ class Payment(_Base):
     request_id = peewee.CharField(max_length=64, null=True)
     change = peewee.TextField(null=True)  # the change token (x-cashu)
     change_msat = peewee.BigIntegerField(default=0)
+    # A stream's change known at its start (the token less the reserved maximum), sent in the
+    # X-Cashu response header; ``change`` is then the rest, sent before [DONE].
+    early_change = peewee.TextField(null=True)
+    early_change_msat = peewee.BigIntegerField(default=0)
     created_at = peewee.DoubleField()
 
     class Meta:
@@ -276,6 +281,37 @@ class RateHit(_Base):
         indexes = ((("key_hash", "at"), False),)
 
 
+class LockedProof(_Base):
+    """A proof received locked to the proxy's payment key (NUT-11), accepted offline from its
+    DLEQ proof (NUT-12) and not yet swapped at its mint.
+
+    ``y`` (hash_to_curve of the secret, as the mint knows the proof) is the primary key: the
+    same proof can be accepted once, whatever token carries it and however many processes
+    race. ``state``: ``received`` → ``redeeming`` (in a batch swap, ``batch`` = its id, outputs
+    saved in ``pending_swaps`` under that id) → ``redeemed``; or ``lost`` when the mint says it
+    was spent by someone else. ``locktime``: the swap must happen before it (None: never
+    expires)."""
+
+    y = peewee.CharField(max_length=66, primary_key=True)
+    secret = peewee.TextField()
+    mint = peewee.TextField()
+    unit = peewee.CharField(max_length=8)
+    keyset_id = peewee.CharField(max_length=80)
+    amount = peewee.BigIntegerField()
+    c = peewee.TextField()
+    dleq = peewee.TextField(null=True)
+    locktime = peewee.BigIntegerField(null=True)
+    token_hash = peewee.CharField(max_length=64)
+    state = peewee.CharField(max_length=10)
+    batch = peewee.CharField(max_length=64, null=True, index=True)
+    created_at = peewee.DoubleField()
+    updated_at = peewee.DoubleField()
+
+    class Meta:
+        table_name = "locked_proofs"
+        indexes = ((("state", "locktime"), False),)
+
+
 class KeysetCounter(_Base):
     """The next unused NUT-13 derivation counter of a keyset: the wallet's secrets are derived
     from its seed and these, and a counter is never used twice (see ``ledger.counters``)."""
@@ -289,7 +325,7 @@ class KeysetCounter(_Base):
 
 MODELS: Sequence[type[peewee.Model]] = (ApiKey, LedgerEntry, Reservation, Instance, StoredProof,
                                         Payment, Refund, Invoice, KeysetCounter, Payout,
-                                        PendingSwap, RateHit)
+                                        PendingSwap, RateHit, LockedProof)
 
 # Indexes made (if missing) on tables old and new, partial where only a few rows need one:
 # a plain key's reservation never touches the limit_key index.

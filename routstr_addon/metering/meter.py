@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from routstr_addon.amounts import sats
 from routstr_addon.errors import ApiError, invalid_api_key, key_limit
 from routstr_addon.ledger import Ledger, ReserveError, Settlement, hash_key
+from routstr_addon.metering.costs import CostReport
 from routstr_addon.metering.pricing import ModelPrice, Pricing
 from routstr_addon.metering.surface import (
     ENDPOINTS,
@@ -87,6 +88,11 @@ class Payer(Protocol):
         """The change, as a token for the client (None: nothing to give back)."""
         ...
 
+    def early_change(self, reserved_msat: int) -> str | None:
+        """The part of the change known before the answer ends (the payment less the
+        reserved maximum), cut now for a stream's headers; None: nothing to give yet."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Quote:
@@ -129,6 +135,8 @@ class Paid:
     closed: Settlement | None = None
     usage: Usage | None = None
     change: str | None = None  # the payer's change, once closed
+    report: CostReport | None = None  # the cost as clients read it, once known
+    answer: Any = None  # a buffered answer's parsed JSON, read once to settle it
     retrying: bool = False  # the ledger could not take its settlement: retried in the background
     prompt_estimate: int | None = None
     timer: Any = None  # asyncio.TimerHandle of the upstream timeout
@@ -232,10 +240,16 @@ class Meter:
             held = self.ledger.reserve(key_hash, q.amount_msat, request_id, q.model_name)
         except ReserveError as e:
             raise _reserve_error(e) from None
+        return self.reserved(q, request_id, key_hash, held.available_msat, payer)
+
+    def reserved(self, q: Quote, request_id: str, key_hash: str, available_msat: int,
+                 payer: Payer | None = None) -> Paid:
+        """The money state of a quote already reserved on a key (by ``reserve``, or in the
+        transaction that also recorded its payment)."""
         forwarded, drop_usage = (upstream_body(q.endpoint, q.body)
                                  if q.endpoint is not None and q.body is not None
                                  else (None, False))
-        return Paid(request_id, key_hash, q.amount_msat, held.available_msat, q.endpoint,
+        return Paid(request_id, key_hash, q.amount_msat, available_msat, q.endpoint,
                     q.model, q.body, forwarded, drop_usage, payer, path=q.path, bounds=q.bounds,
                     fallbacks=q.fallbacks, offers=q.offers)
 
@@ -376,7 +390,20 @@ class Meter:
             paid.closed = Settlement(paid.request_id, paid.key_hash,
                                      closed.charged_msat + extra, closed.reserved_msat,
                                      closed.available_msat - extra)
+        assert paid.closed is not None
+        paid.report = self._report(paid, usage, cost, paid.closed.charged_msat)
         return paid.closed
+
+    def _report(self, paid: Paid, usage: Usage, cost: int, charged: int) -> CostReport:
+        return CostReport.of(self.pricing, paid.model, usage, cost, charged)
+
+    def report_usage(self, paid: Paid, usage: Usage) -> CostReport:
+        """The cost of a usage as it will be charged (capped at the reservation), before the
+        request is settled: for a stream's usage chunk, which the client reads before the
+        stream ends."""
+        cost, _ = self.bounded_cost(paid, usage, paid.tap.text_chars if paid.tap else 0)
+        # Above the reservation, the overrun is charged as far as the key can pay.
+        return self._report(paid, usage, cost, paid.reserved_msat + paid.available_msat)
 
     def touch(self, paid: Paid) -> None:
         """Record that a stream is flowing, with what it delivered so far."""
@@ -399,6 +426,7 @@ class Meter:
             parsed = json.loads(body) if body else None
         except (ValueError, UnicodeDecodeError):
             parsed = None
+        paid.answer = parsed
         usage = usage_from_json(parsed)
         if usage is None:
             if paid.endpoint is None:  # a fixed-price endpoint has no usage to report
