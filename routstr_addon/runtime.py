@@ -21,6 +21,7 @@ from routstr_addon.metering.meter import Meter
 from routstr_addon.metering.pricing import Pricing, load_models
 from routstr_addon.payments.cashu import Payments
 from routstr_addon.payments.lightning import Invoices
+from routstr_addon.payments.locked import LockedPayments
 from routstr_addon.payments.payouts import Payouts
 from routstr_addon.proxy.route import Route
 from routstr_addon.settings import Config, SettingError
@@ -80,7 +81,9 @@ class Runtime:
         invoices = payments = payouts = None
         if wallet is not None:
             invoices = Invoices(ledger, wallet)
-            payments = Payments(ledger, wallet, invoices, config.swap_untrusted_mints)
+            locked = (LockedPayments(ledger, wallet, config.change_pool_per_amount)
+                      if config.locked_payments and wallet.payment_key is not None else None)
+            payments = Payments(ledger, wallet, invoices, config.swap_untrusted_mints, locked)
             payouts = Payouts(ledger, wallet, config, payments)
         services = Services(config, ledger, pricing, wallet, payments, invoices,
                             admin or AdminState(), payouts=payouts, health=router.health)

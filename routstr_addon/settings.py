@@ -134,6 +134,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SWAP_UNTRUSTED_MINTS", bool, False,
             "Accept tokens of other mints for keys and top-ups by moving them to the primary "
             "mint over Lightning (fees deducted). false: refuse them, naming CASHU_MINTS."),
+    Setting("LOCKED_PAYMENTS", bool, True,
+            "x-cashu without the mint on the request path: the 402 asks for ecash locked to "
+            "the proxy's payment key (NUT-11), accepted offline from its DLEQ proofs "
+            "(NUT-12) and swapped later in batches; change comes from a pool of proofs. "
+            "Needs a primary mint that supports NUT-10/11/12. false: every x-cashu token is "
+            "swapped on the request path."),
+    Setting("CHANGE_POOL_PER_AMOUNT", int, 8,
+            "Proofs of each amount (1, 2, 4 … 1024 sats) the change pool keeps for locked "
+            "payments; refilled in the background below half of it. 0: no refill."),
+    Setting("LOCKED_REDEEM_INTERVAL", int, 300,
+            "Seconds between the batch swaps of received locked proofs at the mint."),
     Setting("WALLET_MNEMONIC", str, "",
             "BIP39 mnemonic the wallet's secrets are derived from (NUT-13), so its ecash can be "
             "restored (routstr wallet restore). Empty: one is made on first start and kept in "
@@ -580,6 +591,9 @@ class Config:
     name: str
     description: str
     wallet_mnemonic: str = field(default="", repr=False)  # "": the data folder's file
+    locked_payments: bool = True
+    change_pool_per_amount: int = 8
+    locked_redeem_interval: int = 300
     nostr: Nostr = field(default_factory=Nostr)  # discovery (NSEC, RELAYS…)
     admin_password: str = field(default="", repr=False)  # "": no /admin dashboard
     # -- what users may make the proxy do, and who is believed --
@@ -654,6 +668,11 @@ class Config:
             name=options.name,
             description=options.description,
             wallet_mnemonic=_mnemonic(options.wallet_mnemonic),
+            locked_payments=options.locked_payments,
+            change_pool_per_amount=_at_least("CHANGE_POOL_PER_AMOUNT",
+                                             options.change_pool_per_amount, 0),
+            locked_redeem_interval=_at_least("LOCKED_REDEEM_INTERVAL",
+                                             options.locked_redeem_interval, 1),
             nostr=parse_nostr(options),
             admin_password=_admin_password(options.admin_password),
             allow_private_ln_addresses=options.allow_private_ln_addresses,

@@ -167,6 +167,18 @@ class _Rational:
                  + self.request)
         return -(-total // self.denominator)
 
+    def parts(self, prompt_tokens: int, completion_tokens: int,
+              cached_tokens: int = 0) -> tuple[int, int, int, int]:
+        """(input, output, base, cache_read) msat of a usage, adding up to ``cost``: each part
+        rounded down, and the rounding of the whole given to the output part."""
+        cached = min(max(cached_tokens, 0), prompt_tokens)
+        den = self.denominator
+        cache_read = cached * self.cache_read // den
+        prompt = ((prompt_tokens - cached) * self.prompt + cached * self.cache_read) // den
+        base = self.request // den
+        output = self.cost(prompt_tokens, completion_tokens, cached_tokens) - prompt - base
+        return prompt, output, base, cache_read
+
 
 class Pricing:
     """Converts usage into msat for every model at the current BTC/USD rate.
@@ -253,6 +265,22 @@ class Pricing:
         if table is None:
             raise LookupError("no BTC/USD rate yet")
         return table.cost(prompt_tokens, completion_tokens, cached_tokens, written_tokens)
+
+    def parts(self, model: ModelPrice, prompt_tokens: int, completion_tokens: int,
+              cached_tokens: int = 0) -> tuple[int, int, int, int]:
+        """The cost split as routstr-core's clients read it: (input, output, base,
+        cache_read) msat, the first three adding up to ``cost``."""
+        table = self._tables.get(model.key)
+        if table is None:
+            raise LookupError("no BTC/USD rate yet")
+        return table.parts(prompt_tokens, completion_tokens, cached_tokens)
+
+    def usd(self, msat: int) -> float | None:
+        """An msat amount in USD at the current rate (None without one)."""
+        rate = self.rate
+        if rate is None:
+            return None
+        return msat * (rate.numerator / rate.denominator) / MSAT_PER_BTC  # display: float
 
     def max_cost(self, model: ModelPrice, max_tokens: int | None = None,
                  prompt_bound: int | None = None, choices: int = 1, prompts: int = 1) -> int:
