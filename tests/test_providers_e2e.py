@@ -27,7 +27,10 @@ import httpx
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from routstr_addon.dev.localmint import LocalMint
+
 from .conftest import BIN, EXCHANGE_FEE, RATE, ROOT, Proxy, start_proxy
+from .ecash_user import UserWallet
 from .model_lists import ModelLists
 
 MODEL = "test/model"
@@ -231,6 +234,28 @@ def test_after_the_first_byte_the_answer_is_that_providers(tmp_path: Path,
         assert state.reserved_msat == 0 and state.total_spent_msat > 0
         # ... at the price of the provider that answered
         assert state.total_spent_msat < expected(DEAR, "1.05", 100, 100)
+    finally:
+        proxy.stop()
+
+
+def test_xcashu_through_failover_gives_change_at_the_answering_providers_price(
+        tmp_path: Path, providers: Any, mint: LocalMint, user: UserWallet) -> None:
+    bad, good = providers("error-500"), providers()
+    proxy = start(tmp_path, [provider("bad", bad.url, CHEAP),
+                             provider("good", good.url, DEAR, fee="1.2")],
+                  CASHU_MINTS=mint.url)
+    try:
+        token = user.token(100)
+        resp = httpx.post(f"{proxy.v1}/chat/completions", timeout=60,
+                          headers={"x-cashu": token},
+                          json={"model": MODEL, "messages": MSG, "max_tokens": 10})
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["x-routstr-provider"] == "good"
+        usage = resp.json()["usage"]
+        cost = expected(DEAR, "1.2", usage["prompt_tokens"], usage["completion_tokens"])
+        assert int(resp.headers["x-routstr-cost-msats"]) == cost
+        assert user.receive(resp.headers["x-cashu"]) == 100 - -(-cost // 1000)
+        assert [s["model"] for s in bad.seen()] == ["bad-model"]
     finally:
         proxy.stop()
 
