@@ -124,6 +124,21 @@ def test_bad_file_is_one_line_naming_provider_and_field(tmp_path: Path, text: st
     assert "\n" not in str(e.value)
 
 
+def test_api_key_env_is_read_from_dotenv_too(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("MY_PROVIDER_KEY=sk-from-dotenv\n")
+    (got,) = providers(tmp_path, "[{name: a, base_url: 'http://x/v1', models: fetch, "
+                                 "api_key_env: MY_PROVIDER_KEY}]")
+    assert got.api_key == "sk-from-dotenv"
+
+
+def test_a_file_provider_named_upstream_clashes_with_the_shorthand(tmp_path: Path) -> None:
+    with pytest.raises(ProviderError, match="provider 'upstream': name: taken"):
+        providers(tmp_path, "[{name: upstream, base_url: 'http://x/v1', models: fetch}]",
+                  upstream=Upstream("http", "y", 80, "/v1"))
+
+
 def test_bad_file_stops_the_settings(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
     path.write_text("[{name: a, base_url: 'http://x', models: fetch, fee: 0}]")

@@ -96,6 +96,9 @@ def read_providers(path: str, env: Mapping[str, str], *, upstream: Upstream | No
         base = ollama if ollama.endswith("/v1") else f"{ollama}/v1"
         providers.append(ProviderSpec("ollama", _url("ollama", OLLAMA_VARIABLE, base),
                                       fetch=True))
+    if upstream is not None and any(p.name == "upstream" for p in providers):
+        raise ProviderError("provider 'upstream': name: taken by UPSTREAM_BASE_URL (the "
+                            "one-provider shorthand); rename it or unset UPSTREAM_BASE_URL")
     if upstream is not None or not providers:
         providers.append(ProviderSpec("upstream", upstream, upstream_api_key,
                                       models_path=models_path, shorthand=True))
@@ -267,7 +270,7 @@ def _api_key(label: str, raw: Mapping[str, Any], env: Mapping[str, str]) -> str:
     if variable is not None:
         if not isinstance(variable, str) or not variable:
             raise ProviderError(f"{label}: api_key_env: expected a variable name")
-        value = env.get(variable, os.environ.get(variable, "")).strip()
+        value = (env.get(variable) or os.environ.get(variable) or _dotenv(variable)).strip()
         if not value:
             raise ProviderError(f"{label}: api_key_env: {variable} is not set")
         return value
@@ -276,6 +279,13 @@ def _api_key(label: str, raw: Mapping[str, Any], env: Mapping[str, str]) -> str:
     if not isinstance(key, str) or any(c in key for c in "\r\n"):
         raise ProviderError(f"{label}: api_key: expected the key as text")
     return key.strip()
+
+
+def _dotenv(variable: str) -> str:
+    """A variable from ``.env`` in the working folder (where settings are read from too)."""
+    from routstr_addon.settings import _dotenv as read
+
+    return read(None).get(variable, "")
 
 
 def _headers(label: str, raw: Any) -> tuple[tuple[str, str], ...]:
