@@ -30,6 +30,7 @@ from .payouts import payouts_app
 from .providers import providers
 from .stats import stats
 from .tui import tui
+from .upstreams import upstreams_app
 from .wallet import wallet_app
 
 app = typer.Typer(help="Routstr: a Cashu-paid proxy for OpenAI-compatible APIs, on mitmproxy.\n\n"
@@ -42,6 +43,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(wallet_app, name="wallet")
 app.add_typer(payouts_app, name="payouts")
+app.add_typer(upstreams_app, name="upstreams")
 app.command()(stats)
 app.command()(tui)
 app.command()(providers)

@@ -20,7 +20,7 @@ from routstr_addon.metering.pricing import RateKeeper
 from routstr_addon.metering.sweeper import Sweeper
 from routstr_addon.payments.locked import LockedPayments
 from routstr_addon.runtime import Runtime
-from routstr_addon.upstreams.catalog import probe_forever
+from routstr_addon.upstreams.catalog import follow_overrides, probe_forever
 
 __all__ = ["Background"]
 
@@ -53,6 +53,7 @@ class Background:
             work["refunds"] = rt.payouts.loop(config.refund_processing_interval, "refunds")
         if rt.ledger.instance_id is None:
             rt.ledger.register_instance()
+        work["overrides"] = follow_overrides(rt.catalog, rt.ledger)  # routstr upstreams …
         if rt.catalog.needs_refresh:  # OpenRouter's prices, providers' own model lists
             work["catalog"] = rt.catalog.run(config.models_refresh_interval)
         if rt.failover is not None:

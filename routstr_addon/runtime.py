@@ -63,7 +63,6 @@ class Runtime:
                           config.openrouter_models_url, static)
         if catalog.needs_refresh:
             catalog.load_snapshot()
-        catalog.publish()
         failover = (Failover(router.health, config.upstream_connect_timeout,
                              config.upstream_timeout) if len(config.providers) > 1 else None)
         route = Route(config.providers, router.health, failover)
@@ -73,6 +72,9 @@ class Runtime:
             logger.warning("routstr: %s", line)
         ledger = Ledger(config.database_url)
         try:
+            # Operators' live changes to the providers (routstr upstreams …), then the catalog.
+            catalog.overrides = {(o.provider, o.model): o for o in ledger.upstreams.all()}
+            catalog.publish()
             wallet = Wallet.from_config(ledger, config) if config.cashu_mints else None
         except BaseException:
             ledger.close()

@@ -364,6 +364,54 @@ def test_a_provider_back_from_an_outage_is_probed_and_taken_back(
         proxy.stop()
 
 
+def test_operators_turn_providers_off_on_and_reprice_them_live(
+        tmp_path: Path, providers: Any) -> None:
+    cheap, dear = providers(), providers()
+    proxy = start(tmp_path, [provider("cheap", cheap.url, CHEAP),
+                             provider("dear", dear.url, DEAR)])
+    try:
+        key = proxy.new_key(sats=1000)
+
+        def cli(*args: str) -> str:
+            out = subprocess.run([str(BIN / "routstr"), "upstreams", *args], env=proxy.env,
+                                 cwd=proxy.workdir, capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stdout + out.stderr
+            return out.stdout
+
+        def served_by() -> tuple[str, int]:
+            resp = httpx.post(f"{proxy.v1}/chat/completions", timeout=30,
+                              headers={"authorization": f"Bearer {key}"},
+                              json={"model": MODEL, "messages": MSG})
+            assert resp.status_code == 200
+            return resp.headers["x-routstr-provider"], int(resp.headers["x-routstr-cost-msats"])
+
+        def until(name: str) -> int:
+            deadline = time.monotonic() + 15
+            while (got := served_by())[0] != name:
+                assert time.monotonic() < deadline, f"still {got[0]}, not {name}"
+                time.sleep(0.5)
+            return got[1]
+
+        assert served_by()[0] == "cheap"
+        cli("disable", "cheap")
+        until("dear")
+        listed = json.loads(cli("list", "--json"))["providers"]
+        assert [(p["name"], p["enabled"]) for p in listed] == [("cheap", False), ("dear", True)]
+        cli("enable", "cheap")
+        until("cheap")
+        cli("price", "dear", MODEL, "--prompt", "0.0000001", "--completion", "0.0000001")
+        cost = until("dear")
+        usage_free = [s for s in dear.seen() if s["model"] == "dear-model"]
+        assert usage_free and cost < expected(CHEAP, "1.05", 5, 5)  # charged the new price
+        cli("disable", "dear", "--model", MODEL)
+        until("cheap")
+        cli("price", "dear", MODEL, "--clear")
+        cli("enable", "dear", "--model", MODEL)
+        assert json.loads(cli("list", "--json"))["providers"][1]["changes"] == []
+    finally:
+        proxy.stop()
+
+
 def test_catalog_follows_openrouter_and_starts_from_its_snapshot_offline(
         tmp_path: Path) -> None:
     with ModelLists() as lists:

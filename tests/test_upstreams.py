@@ -324,3 +324,31 @@ def test_models_list_shows_each_model_once_with_its_providers(tmp_path: Path) ->
     assert model["id"] == "test/model" and model["providers"] == ["cheap", "dear"]
     # priced by the provider that would serve it: $0.000001 × 1.005 × 1.1 at $100,000/BTC
     assert model["sats_pricing"]["prompt"] == pytest.approx(0.000001 * 1.005 * 1.1 * 1e3)
+
+
+def test_overrides_are_shared_through_the_ledger(database_url: str, tmp_path: Path) -> None:
+    from routstr_addon.ledger import Ledger
+    from routstr_addon.upstreams.providers import ModelSpec
+
+    one, two = Ledger(database_url), Ledger(database_url)  # two processes, one database
+    try:
+        before = two.upstreams.version()
+        one.upstreams.set("a", disabled=True)
+        one.upstreams.set("b", "test/model", prompt="0.000005", completion=None)
+        assert two.upstreams.version() != before
+        got = {(o.provider, o.model): o for o in two.upstreams.all()}
+        assert got[("a", "")].disabled and not got[("b", "test/model")].disabled
+        m = "test/model"
+        specs = (spec("a", models=(ModelSpec(m, m, (), entry(m, "0.000001")),)),
+                 spec("b", models=(ModelSpec(m, m, (), entry(m, "0.000002")),)))
+        cat, pricing = catalog(tmp_path, specs)
+        assert [o.provider for o in pricing.offers[m]] == ["a", "b"]
+        cat.overrides = got
+        cat.publish()
+        (only,) = pricing.offers[m]  # a is off; b re-priced
+        assert only.provider == "b" and only.prompt == Fraction(5, 10**6)
+        assert one.upstreams.clear("a") and not one.upstreams.clear("a")
+        assert [(o.provider, o.model) for o in two.upstreams.all()] == [("b", "test/model")]
+    finally:
+        one.close()
+        two.close()

@@ -7,6 +7,7 @@
 ``proofs``       the wallet's Cashu proofs and its lost swaps
 ``locked``       proofs received locked to the payment key, and the change pool's picks
 ``counters``     the wallet's NUT-13 derivation counters
+``upstreams``    operators' live changes to the providers (off, re-priced)
 ``payments``     incoming tokens, each credited once
 ``refunds``      balances withdrawn as tokens
 ``invoices``     Lightning invoices that fund keys
@@ -42,6 +43,7 @@ from routstr_addon.ledger.proofs import ProofStore
 from routstr_addon.ledger.refunds import RefundStore
 from routstr_addon.ledger.reports import Reports
 from routstr_addon.ledger.schema import MODELS
+from routstr_addon.ledger.upstreams import UpstreamOverrides
 
 __all__ = ["WAL_TRUNCATE_BYTES", "Ledger"]
 
@@ -63,6 +65,7 @@ class Ledger:
         if create:
             self.locked.create_index()
         self.counters = KeysetCounters(self.database)
+        self.upstreams = UpstreamOverrides(self.database)
         self.payments = PaymentStore(self.database)
         self.refunds = RefundStore(self.database)
         self.invoices = InvoiceStore(self.database)

@@ -13,7 +13,7 @@ import peewee
 __all__ = ["EXTRA_INDEXES", "MODELS", "UNIT_MSAT", "ApiKey", "Instance", "Invoice",
            "KeysetCounter", "LedgerEntry", "LockedProof", "Payment", "Payout", "PendingSwap",
            "RateHit", "Refund",
-           "Reservation", "StoredProof"]
+           "Reservation", "StoredProof", "UpstreamOverride"]
 
 UNIT_MSAT = {"sat": 1000, "msat": 1}  # the ecash units the proxy takes and stores, in msat
 
@@ -323,9 +323,25 @@ class KeysetCounter(_Base):
         table_name = "keyset_counters"
 
 
+class UpstreamOverride(_Base):
+    """An operator's live change to a provider (``model`` ""), or to one of its models: off,
+    or re-priced (USD per token). Every process on the database follows it."""
+
+    provider = peewee.CharField(max_length=64)
+    model = peewee.CharField(max_length=200, default="")
+    disabled = peewee.BooleanField(default=False)
+    prompt = peewee.CharField(max_length=40, null=True)
+    completion = peewee.CharField(max_length=40, null=True)
+    updated_at = peewee.DoubleField()
+
+    class Meta:
+        table_name = "upstream_overrides"
+        primary_key = peewee.CompositeKey("provider", "model")
+
+
 MODELS: Sequence[type[peewee.Model]] = (ApiKey, LedgerEntry, Reservation, Instance, StoredProof,
                                         Payment, Refund, Invoice, KeysetCounter, Payout,
-                                        PendingSwap, RateHit, LockedProof)
+                                        PendingSwap, RateHit, LockedProof, UpstreamOverride)
 
 # Indexes made (if missing) on tables old and new, partial where only a few rows need one:
 # a plain key's reservation never touches the limit_key index.

@@ -25,11 +25,13 @@ from typing import Any
 
 import httpx
 
+from routstr_addon.ledger import Ledger
+from routstr_addon.ledger.upstreams import Override
 from routstr_addon.metering.pricing import ModelPrice, Pricing
 from routstr_addon.upstreams.health import Health
 from routstr_addon.upstreams.providers import ModelSpec, ProviderSpec
 
-__all__ = ["Catalog", "Router", "probe_forever", "provider_headers"]
+__all__ = ["Catalog", "Router", "follow_overrides", "probe_forever", "provider_headers"]
 
 logger = logging.getLogger("routstr")
 
@@ -88,6 +90,9 @@ class Catalog:
         self.fetched: dict[str, list[str]] = {}
         self.refreshed: float | None = None  # wall time of the last good refresh
         self._unpriced: set[tuple[str, str]] = set()  # already logged
+        # Operators' live changes (routstr upstreams …, shared through the ledger): what is
+        # off and what is re-priced, by (provider, model id); model "": the whole provider.
+        self.overrides: dict[tuple[str, str], Override] = {}
 
     @property
     def needs_refresh(self) -> bool:
@@ -121,9 +126,18 @@ class Catalog:
         many models are offered."""
         offers: dict[str, list[ModelPrice]] = {}
         aliases: dict[str, str] = {}
+        overrides = self.overrides
         for provider in self.providers:
+            whole = overrides.get((provider.name, ""))
+            if whole is not None and whole.disabled:
+                continue
             fee = Fraction(provider.fee) if provider.fee is not None else None
             for public_id, spec, entry in self._models(provider):
+                override = overrides.get((provider.name, public_id))
+                if override is not None:
+                    if override.disabled:
+                        continue
+                    entry = _repriced(entry, override)
                 try:
                     price = ModelPrice.from_entry({**entry, "id": public_id}, provider.name,
                                                   spec.upstream_id, fee)
@@ -266,6 +280,34 @@ async def probe_forever(catalog: Catalog, wait: float, every: float = 2.0) -> No
                 else:
                     logger.info("provider %s answers again; back in use", name)
                     health.success(name, time.monotonic() - started)
+
+
+def _repriced(entry: Mapping[str, Any], override: Override) -> Mapping[str, Any]:
+    pricing = dict(entry.get("pricing") or {})
+    if override.prompt is not None:
+        pricing["prompt"] = override.prompt
+    if override.completion is not None:
+        pricing["completion"] = override.completion
+    return {**entry, "pricing": pricing}
+
+
+async def follow_overrides(catalog: Catalog, ledger: Ledger, every: float = 3.0) -> None:
+    """Apply operators' live changes made by any process (the CLI, /admin) within seconds."""
+    seen: tuple[int, float] | None = None
+    while True:
+        try:
+            version = ledger.upstreams.version()
+            if version != seen:
+                overrides = {(o.provider, o.model): o for o in ledger.upstreams.all()}
+                if seen is not None or overrides:
+                    catalog.overrides = overrides
+                    catalog.publish()
+                    logger.info("routstr: provider changes applied (%d in force)",
+                                len(overrides))
+                seen = version
+        except Exception as e:  # the database away: keep what is in force, try again
+            logger.warning("provider changes not read: %s", e)
+        await asyncio.sleep(every)
 
 
 def _openrouter_entries(data: Any) -> dict[str, Mapping[str, Any]]:

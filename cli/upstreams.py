@@ -1,0 +1,155 @@
+"""``routstr upstreams``: the providers requests go to, and operators' live changes to them.
+
+A provider or one of its models can be turned off, and a model re-priced (USD per token), while
+the proxy runs: the change is a row in the ledger, and every proxy process on that database
+applies it within seconds. What exists stays what the configuration says (PROVIDERS_PATH,
+OPENAI_API_KEY…, UPSTREAM_BASE_URL).
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal, InvalidOperation
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from routstr_addon.metering.pricing import Pricing
+from routstr_addon.settings import Config
+
+from .common import JsonOpt, console, fail, load_config, open_ledger
+from .models import provider_models, read_models
+
+__all__ = ["upstreams_app"]
+
+upstreams_app = typer.Typer(help="The upstream providers, and turning them (or their models) "
+                                 "off, on or re-priced while the proxy runs.",
+                            no_args_is_help=True)
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m",
+                                       help="One of the provider's models (its public id) "
+                                            "rather than the whole provider.")]
+
+
+def _known(config: Config, provider: str, model: str) -> None:
+    names = [p.name for p in config.providers]
+    if provider not in names:
+        raise fail(f"no provider {provider!r} (configured: {', '.join(names)})", 2)
+    if model:
+        pricing = Pricing({}, config.exchange_fee, config.upstream_provider_fee)
+        if not provider_models(config, pricing):
+            pricing = Pricing(read_models(config)[1], config.exchange_fee,
+                              config.upstream_provider_fee)
+        if model not in pricing.offers:
+            raise fail(f"no model {model!r} is offered (see routstr models list)", 2)
+
+
+@upstreams_app.command("list")
+def upstreams_list(as_json: JsonOpt = False) -> None:
+    """The providers as configured, with the changes in force (off, re-priced)."""
+    config = load_config()
+    with open_ledger(config) as ledger:
+        overrides = ledger.upstreams.all()
+    rows = []
+    for p in config.providers:
+        mine = [o for o in overrides if o.provider == p.name]
+        rows.append({
+            "name": p.name, "base_url": p.base_url or "(the reverse mode's target)",
+            "fee": str(p.fee if p.fee is not None else config.upstream_provider_fee),
+            "priority": p.priority,
+            "models": "fetch" if p.fetch else ("MODELS_PATH" if p.shorthand else len(p.models)),
+            "enabled": not any(o.model == "" and o.disabled for o in mine),
+            "changes": [{"model": o.model, "disabled": o.disabled, "prompt": o.prompt,
+                         "completion": o.completion} for o in mine if o.model]})
+    if as_json:
+        print(json.dumps({"providers": rows}))
+        return
+    table = Table(title=f"{len(rows)} provider(s)", title_justify="left")
+    for col in ("name", "base URL", "fee", "priority", "models", "state", "model changes"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        changes = ", ".join(
+            f"{c['model']} off" if c["disabled"] else
+            f"{c['model']} ${c['prompt'] or '-'}/${c['completion'] or '-'}"
+            for c in r["changes"])  # type: ignore[attr-defined]
+        table.add_row(escape(str(r["name"])), escape(str(r["base_url"])), str(r["fee"]),
+                      str(r["priority"]), str(r["models"]),
+                      "[green]on[/green]" if r["enabled"] else "[red]off[/red]",
+                      escape(changes))
+    console.print(table)
+
+
+def _set(provider: str, model: str, disabled: bool) -> None:
+    config = load_config()
+    _known(config, provider, model)
+    with open_ledger(config) as ledger:
+        current = next((o for o in ledger.upstreams.all()
+                        if o.provider == provider and o.model == model), None)
+        if not disabled and (current is None or (current.prompt is None
+                                                 and current.completion is None)):
+            ledger.upstreams.clear(provider, model)  # nothing else changed: as configured
+        else:
+            ledger.upstreams.set(provider, model, disabled=disabled,
+                                 prompt=current.prompt if current else None,
+                                 completion=current.completion if current else None)
+    what = f"model {model} of {provider}" if model else f"provider {provider}"
+    console.print(f"{what}: {'off' if disabled else 'on'} (running proxies follow within "
+                  "seconds)")
+
+
+@upstreams_app.command("disable")
+def upstreams_disable(provider: str, model: ModelOpt = "") -> None:
+    """Stop sending requests to a provider (or one of its models), without a restart."""
+    _set(provider, model, True)
+
+
+@upstreams_app.command("enable")
+def upstreams_enable(provider: str, model: ModelOpt = "") -> None:
+    """Send requests to a provider (or one of its models) again."""
+    _set(provider, model, False)
+
+
+def _usd(name: str, raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        value = Decimal(-1)
+    if not value.is_finite() or value < 0:
+        raise fail(f"{name}: expected USD per token such as 0.0000025, got {raw!r}", 2)
+    return str(value)
+
+
+@upstreams_app.command("price")
+def upstreams_price(
+    provider: str,
+    model: Annotated[str, typer.Argument(help="The model's public id.")],
+    prompt: Annotated[str | None, typer.Option(help="USD per prompt token.")] = None,
+    completion: Annotated[str | None, typer.Option(help="USD per completion token.")] = None,
+    clear: Annotated[bool, typer.Option(help="Back to the configured prices.")] = False,
+) -> None:
+    """Re-price one model of a provider (USD per token, before the fees), without a restart."""
+    config = load_config()
+    _known(config, provider, model)
+    if not clear and prompt is None and completion is None:
+        raise fail("give --prompt and/or --completion, or --clear", 2)
+    with open_ledger(config) as ledger:
+        current = next((o for o in ledger.upstreams.all()
+                        if o.provider == provider and o.model == model), None)
+        disabled = current.disabled if current else False
+        if clear and not disabled:
+            ledger.upstreams.clear(provider, model)
+        else:
+            keep_prompt = current.prompt if current else None
+            keep_completion = current.completion if current else None
+            ledger.upstreams.set(
+                provider, model, disabled=disabled,
+                prompt=None if clear else (_usd("--prompt", prompt) or keep_prompt),
+                completion=None if clear else (_usd("--completion", completion)
+                                               or keep_completion))
+    console.print(f"model {model} of {provider}: "
+                  f"{'configured prices' if clear else 're-priced'} (running proxies follow "
+                  "within seconds)")
