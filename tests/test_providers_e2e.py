@@ -368,7 +368,7 @@ def test_operators_turn_providers_off_on_and_reprice_them_live(
         tmp_path: Path, providers: Any) -> None:
     cheap, dear = providers(), providers()
     proxy = start(tmp_path, [provider("cheap", cheap.url, CHEAP),
-                             provider("dear", dear.url, DEAR)])
+                             provider("dear", dear.url, DEAR)], ADMIN_PASSWORD="live-changes")
     try:
         key = proxy.new_key(sats=1000)
 
@@ -408,6 +408,22 @@ def test_operators_turn_providers_off_on_and_reprice_them_live(
         cli("price", "dear", MODEL, "--clear")
         cli("enable", "dear", "--model", MODEL)
         assert json.loads(cli("list", "--json"))["providers"][1]["changes"] == []
+        # The same from /admin (a form with the session's CSRF token).
+        with httpx.Client(base_url=proxy.url, timeout=10) as admin:
+            admin.post("/admin/login", data={"password": "live-changes"})
+            page = admin.get("/admin/providers").text
+            csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+            done = admin.post("/admin/providers/disable", data={"csrf": csrf,
+                                                                "provider": "cheap"})
+            assert done.status_code == 303
+            until("dear")
+            assert 'cheap <span class="tag bad">off</span>' in admin.get("/admin/providers").text
+            admin.post("/admin/providers/enable", data={"csrf": csrf, "provider": "cheap"})
+            until("cheap")
+            refused = admin.post("/admin/providers/disable", data={"csrf": "forged",
+                                                                   "provider": "cheap"})
+            assert refused.status_code == 403
+        assert served_by()[0] == "cheap"
     finally:
         proxy.stop()
 

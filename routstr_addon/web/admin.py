@@ -249,7 +249,9 @@ def _providers(services: Services, query: dict[str, str], session: Session) -> h
         for o in offers:
             offered[o.provider] = offered.get(o.provider, 0) + 1
         serving[offers[0].provider] = serving.get(offers[0].provider, 0) + 1
+    off = {o.provider for o in services.ledger.upstreams.all() if o.disabled and not o.model}
     rows = [{"name": p.name, "url": p.base_url or "(the reverse mode's target)",
+             "off": p.name in off,
              "fee": p.fee if p.fee is not None else services.config.upstream_provider_fee,
              "priority": p.priority, "models": offered.get(p.name, 0),
              "serving": serving.get(p.name, 0), **health.get(p.name, {})}
@@ -480,8 +482,31 @@ async def _withdraw_later(services: Services, session: Session, amount: int,
                    back="/admin")
 
 
+def _provider_switch(disabled: bool) -> Action:
+    """Turn a configured provider off or on for every process on the ledger (as ``routstr
+    upstreams disable|enable`` does); its model-level changes are kept."""
+    def action(services: Services, form: dict[str, str], session: Session,
+               session_id: str) -> http.Response:
+        name = form.get("provider", "")
+        if name not in {p.name for p in services.config.providers}:
+            session.flash.append(("error", "No such provider."))
+            return _redirect("/admin/providers")
+        if disabled:
+            services.ledger.upstreams.set(name, disabled=True)
+        else:
+            services.ledger.upstreams.clear(name)
+        logger.info("admin: provider %s turned %s", name, "off" if disabled else "on")
+        session.flash.append(("ok", f"Provider {name} turned {'off' if disabled else 'on'}; "
+                                    "every proxy process follows within seconds."))
+        return _redirect("/admin/providers")
+
+    return action
+
+
 _ACTIONS: dict[str, Action] = {
     "/admin/logout": _logout,
+    "/admin/providers/disable": _provider_switch(True),
+    "/admin/providers/enable": _provider_switch(False),
     "/admin/keys/create": _create_key,
     "/admin/keys/disable": _set_disabled(True),
     "/admin/keys/enable": _set_disabled(False),
