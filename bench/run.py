@@ -56,14 +56,16 @@ from .stream import StreamResult, run_streams
 
 ADDON = REPO / "routstr_addon" / "addon.py"
 
-TARGETS = ("direct", "mitmdump", "serve", "addon")
+TARGETS = ("direct", "mitmdump", "serve", "failover", "addon")
+OPTIONAL_TARGETS = ("failover",)  # measured only when named in --only
 LABELS = {
     "direct": "direct upstream",
     "mitmdump": "bare mitmdump",
     "serve": "proxy: routstr serve",
+    "failover": "proxy: serve, 2 providers",
     "addon": "proxy: mitmdump -s addon",
 }
-PROXIES = ("serve", "addon")
+PROXIES = ("serve", "failover", "addon")
 PHASES = ("scaleout", "soak", "hooks")
 
 
@@ -173,7 +175,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="wrk threads (default 1: leaves the cores to what is measured)")
     p.add_argument("--only", action="append", default=[], metavar="TARGET",
                    help=f"measure only these targets and phases ({', '.join(TARGETS)}, "
-                        f"{', '.join(PHASES)}); repeat or separate with commas")
+                        f"{', '.join(PHASES)}); repeat or separate with commas. failover "
+                        "(routstr serve with two providers of the model, so every request "
+                        "goes through the failover hop) runs only when named")
     p.add_argument("--stream-requests", type=int, default=300,
                    help="measured streaming requests per target (default 300)")
     p.add_argument("--stream-connections", type=int, default=4,
@@ -230,7 +234,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown target(s) {', '.join(unknown)}; choose from "
                 f"{', '.join(TARGETS + PHASES)}")
-    args.targets = [t for t in TARGETS if not only or t in only]
+    args.targets = [t for t in TARGETS if t in only or (not only and t not in OPTIONAL_TARGETS)]
     args.soak = args.soak or args.soak_probe or bool(args.soak_trace)
     args.phases = [ph for ph in PHASES
                    if ph in only or (ph == "soak" and args.soak)
@@ -305,10 +309,11 @@ class Bench:
         data_dir.mkdir(exist_ok=True)
         env = proxy_env(self.upstream_url, data_dir, self.models,
                         self.mint.url if self.mint and name in PROXIES else None)
-        if self.args.providers > 1 and name in PROXIES:
+        providers = 2 if name == "failover" else self.args.providers
+        if providers > 1 and name in PROXIES:
             # More providers of the same model (all the echo upstream): failover armed.
             listed = [{"name": f"extra{i}", "base_url": f"{self.upstream_url}/v1",
-                       "models_path": str(self.models)} for i in range(1, self.args.providers)]
+                       "models_path": str(self.models)} for i in range(1, providers)]
             (data_dir / "providers.json").write_text(json.dumps(listed))
             env["PROVIDERS_PATH"] = str(data_dir / "providers.json")
         key: str | None = None
@@ -316,7 +321,7 @@ class Bench:
             cmd = base
         else:
             key = create_key(env, data_dir)
-            if name == "serve":
+            if name in ("serve", "failover"):
                 prefix = (shlex.split(self.args.serve_cmd) if self.args.serve_cmd
                           else [tool("routstr"), "serve"])
                 cmd = [*prefix, "--listen-host", "127.0.0.1", "--listen-port", str(port),

@@ -8,16 +8,20 @@ OPENAI_API_KEY…, UPSTREAM_BASE_URL).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from decimal import Decimal, InvalidOperation
-from typing import Annotated
+from typing import Annotated, Any
 
+import httpx
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from routstr_addon.metering.pricing import Pricing
 from routstr_addon.settings import Config
+from routstr_addon.upstreams.providers import ProviderSpec
 
 from .common import JsonOpt, console, fail, load_config, open_ledger
 from .models import provider_models, read_models
@@ -79,6 +83,69 @@ def upstreams_list(as_json: JsonOpt = False) -> None:
                       "[green]on[/green]" if r["enabled"] else "[red]off[/red]",
                       escape(changes))
     console.print(table)
+
+
+@upstreams_app.command("health")
+def upstreams_health(
+    wait: Annotated[float, typer.Option(help="Seconds each provider may take.")] = 10.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask every provider now (its GET /models, with its key), all at once: whether it
+    answers, how fast, and how many models it lists. The running proxy's own view (breakers,
+    error rates) is on /admin/providers.
+
+    Exit codes: 0 every provider answered; 1 at least one did not."""
+    config = load_config()
+    results = asyncio.run(_probe_all(config, wait))
+    if as_json:
+        print(json.dumps({"providers": results}))
+    else:
+        table = Table(title="providers, asked now", title_justify="left")
+        for col in ("name", "base URL", "answer", "ms", "models", "error"):
+            table.add_column(col, overflow="fold")
+        for r in results:
+            ok = r["ok"]
+            table.add_row(escape(r["name"]), escape(r["base_url"]),
+                          "[green]ok[/green]" if ok else "[red]failed[/red]",
+                          "-" if r["ms"] is None else f"{r['ms']:.0f}",
+                          "-" if r["models"] is None else str(r["models"]),
+                          escape(r["error"] or ""))
+        console.print(table)
+    raise typer.Exit(0 if all(r["ok"] for r in results) else 1)
+
+
+async def _probe_all(config: Config, wait: float) -> list[dict[str, Any]]:
+    from routstr_addon.upstreams.catalog import provider_headers
+
+    async with httpx.AsyncClient(timeout=wait, trust_env=False) as client:
+        async def probe(provider: ProviderSpec) -> dict[str, Any]:
+            result: dict[str, Any] = {"name": provider.name, "base_url": provider.base_url,
+                                      "ok": False, "status": None, "ms": None,
+                                      "models": None, "error": None}
+            if provider.upstream is None:
+                result["error"] = "the reverse mode's target: not known here"
+                return result
+            started = time.monotonic()
+            try:
+                resp = await client.get(f"{provider.base_url}/models",
+                                        headers=provider_headers(provider))
+            except httpx.HTTPError as e:
+                result["error"] = f"{type(e).__name__}: {e}"[:200]
+                return result
+            result["ms"] = (time.monotonic() - started) * 1000
+            result["status"] = resp.status_code
+            result["ok"] = resp.status_code < 400
+            if not result["ok"]:
+                result["error"] = f"HTTP {resp.status_code}"
+                return result
+            try:
+                data = resp.json().get("data")
+                result["models"] = len(data) if isinstance(data, list) else None
+            except (ValueError, AttributeError):
+                pass
+            return result
+
+        return list(await asyncio.gather(*(probe(p) for p in config.providers)))
 
 
 def _set(provider: str, model: str, disabled: bool) -> None:

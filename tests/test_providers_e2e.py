@@ -211,6 +211,14 @@ def test_failing_providers_are_skipped_before_the_first_byte(
         assert "skipped" in rows["refusing"] and "in use" in rows["healthy"]
         assert "HTTP 500" in rows["err500"]
         assert "sk-" not in page
+        # `routstr upstreams health` asks each provider now.
+        out = subprocess.run([str(BIN / "routstr"), "upstreams", "health", "--json",
+                              "--wait", "2"], env=proxy.env, cwd=proxy.workdir,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1  # not all answer
+        asked = {h["name"]: h for h in json.loads(out.stdout)["providers"]}
+        assert not asked["refusing"]["ok"] and "ConnectError" in asked["refusing"]["error"]
+        assert asked["healthy"]["ok"] and asked["healthy"]["models"] == 1
     finally:
         proxy.stop()
 
@@ -393,6 +401,9 @@ def test_operators_turn_providers_off_on_and_reprice_them_live(
             return got[1]
 
         assert served_by()[0] == "cheap"
+        health = json.loads(cli("health", "--json"))["providers"]
+        assert [(h["name"], h["ok"], h["models"]) for h in health] == [
+            ("cheap", True, 1), ("dear", True, 1)]
         cli("disable", "cheap")
         until("dear")
         listed = json.loads(cli("list", "--json"))["providers"]
