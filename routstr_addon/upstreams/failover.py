@@ -268,8 +268,10 @@ class Pool:
         scheme, host, port = key
         tls = None
         if scheme == "https":
-            if self._tls is None:
-                self._tls = ssl.create_default_context()
+            if self._tls is None:  # the CAs mitmproxy itself trusts for direct providers
+                import certifi
+
+                self._tls = ssl.create_default_context(cafile=certifi.where())
             tls = self._tls
         try:
             reader, writer = await asyncio.wait_for(
