@@ -121,6 +121,8 @@ class Failover:
                 conn.start_next_cycle()
         except (ConnectionError, h11.ProtocolError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:  # shutting down: asyncio would report it as an error
+            pass
         except Exception:
             logger.exception("failover hop: unexpected error")
         finally:
