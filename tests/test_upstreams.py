@@ -352,3 +352,21 @@ def test_overrides_are_shared_through_the_ledger(database_url: str, tmp_path: Pa
     finally:
         one.close()
         two.close()
+
+
+def test_an_offer_gone_from_the_catalog_still_prices_its_requests_in_flight(
+        tmp_path: Path) -> None:
+    from routstr_addon.ledger.upstreams import Override
+    from routstr_addon.upstreams.providers import ModelSpec
+
+    m = "test/model"
+    specs = (spec("a", models=(ModelSpec(m, m, (), entry(m, "0.000001")),)),
+             spec("b", models=(ModelSpec(m, m, (), entry(m, "0.000002")),)))
+    cat, pricing = catalog(tmp_path, specs)
+    in_flight = pricing.offers[m][0]  # a request reserved on provider a
+    before = pricing.cost(in_flight, 1000, 1000)
+    cat.overrides = {("a", ""): Override("a", "", True, None, None, 0.0)}
+    cat.publish()  # a turned off while the request runs
+    assert [o.provider for o in pricing.offers[m]] == ["b"]
+    assert pricing.cost(in_flight, 1000, 1000) == before  # settles at a's price, no error
+    assert pricing.parts(in_flight, 1000, 1000)[0] > 0

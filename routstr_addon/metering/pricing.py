@@ -236,18 +236,28 @@ class Pricing:
 
     def _price(self, offers: Mapping[str, tuple[ModelPrice, ...]],
                rate: Fraction) -> dict[tuple[str, str], _Rational]:
-        tables: dict[tuple[str, str], _Rational] = {}
-        for models in offers.values():
-            for m in models:
-                factor = self.fee_of(m) * MSAT_PER_BTC / rate
-                parts = [p * factor for p in
-                         (m.prompt, m.completion, m.request,
-                          m.cache_read if m.cache_read is not None else m.prompt,
-                          m.cache_write if m.cache_write is not None else m.prompt)]
-                den = math.lcm(*(p.denominator for p in parts))
-                nums = [p.numerator * (den // p.denominator) for p in parts]
-                tables[m.key] = _Rational(nums[0], nums[1], nums[2], nums[3], nums[4], den)
-        return tables
+        return {m.key: self._table(m, rate) for models in offers.values() for m in models}
+
+    def _table(self, m: ModelPrice, rate: Fraction) -> _Rational:
+        factor = self.fee_of(m) * MSAT_PER_BTC / rate
+        parts = [p * factor for p in
+                 (m.prompt, m.completion, m.request,
+                  m.cache_read if m.cache_read is not None else m.prompt,
+                  m.cache_write if m.cache_write is not None else m.prompt)]
+        den = math.lcm(*(p.denominator for p in parts))
+        nums = [p.numerator * (den // p.denominator) for p in parts]
+        return _Rational(nums[0], nums[1], nums[2], nums[3], nums[4], den)
+
+    def _table_of(self, model: ModelPrice) -> _Rational:
+        """A model's table; for an offer no longer in the catalog (its provider turned off or
+        its list refreshed while a request to it was in flight), made from its own prices, so
+        the request still settles. LookupError when no rate is known."""
+        table = self._tables.get(model.key)
+        if table is None:
+            if self.rate is None:
+                raise LookupError("no BTC/USD rate yet")
+            table = self._table(model, self.rate)
+        return table
 
     def resolve(self, model: str) -> ModelPrice | None:
         """The priced model for a name a client sent (exact id, an alias, or an unambiguous
@@ -261,19 +271,14 @@ class Pricing:
     def cost(self, model: ModelPrice, prompt_tokens: int, completion_tokens: int,
              cached_tokens: int = 0, written_tokens: int = 0) -> int:
         """The msat cost of a request's usage. Raises LookupError when no rate is known."""
-        table = self._tables.get(model.key)
-        if table is None:
-            raise LookupError("no BTC/USD rate yet")
-        return table.cost(prompt_tokens, completion_tokens, cached_tokens, written_tokens)
+        return self._table_of(model).cost(prompt_tokens, completion_tokens, cached_tokens,
+                                          written_tokens)
 
     def parts(self, model: ModelPrice, prompt_tokens: int, completion_tokens: int,
               cached_tokens: int = 0) -> tuple[int, int, int, int]:
         """The cost split as routstr-core's clients read it: (input, output, base,
         cache_read) msat, the first three adding up to ``cost``."""
-        table = self._tables.get(model.key)
-        if table is None:
-            raise LookupError("no BTC/USD rate yet")
-        return table.parts(prompt_tokens, completion_tokens, cached_tokens)
+        return self._table_of(model).parts(prompt_tokens, completion_tokens, cached_tokens)
 
     def usd(self, msat: int) -> float | None:
         """An msat amount in USD at the current rate (None without one)."""
