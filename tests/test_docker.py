@@ -194,6 +194,25 @@ def test_the_entrypoint_runs_mitmdump_with_the_addon_and_is_healthy(
     assert stopped.returncode != 0
 
 
+def test_the_entrypoint_serves_a_providers_file_without_upstream_base_url(
+        image_like: dict[str, str], tmp_path: Path, upstream: TestUpstream) -> None:
+    (tmp_path / "providers.yaml").write_text(
+        f"- name: only\n  base_url: {upstream.url}/v1\n  models_path: models.json\n")
+    env = {k: v for k, v in image_like.items() if k != "UPSTREAM_BASE_URL"}
+    env["PROVIDERS_PATH"] = str(tmp_path / "providers.yaml")
+    base = f"http://127.0.0.1:{env['LISTEN_PORT']}"
+    for output in run_entrypoint(env, tmp_path):
+        assert "DEMO" not in httpx.get(f"{base}/v1/info", timeout=10).json()["name"]
+        ledger = Ledger(f"sqlite:///{tmp_path / 'data' / 'routstr.sqlite'}")
+        key, _ = ledger.create_key(10_000)
+        ledger.close()
+        paid = httpx.post(f"{base}/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                          json={"model": "test/model",
+                                "messages": [{"role": "user", "content": "docker"}]}, timeout=10)
+        assert paid.status_code == 200 and paid.headers["x-routstr-provider"] == "only"
+        assert "providers only" in output.text
+
+
 @pytest.mark.skipif(shutil.which("tor") is None, reason="tor is not installed")
 def test_the_torrc_publishes_the_proxy_whose_info_shows_the_onion(
         image_like: dict[str, str], tmp_path: Path) -> None:
