@@ -239,7 +239,7 @@ def test_bad_key_terms_on_a_tokens_first_use_are_400_and_redeem_nothing(
         ecash_proxy: Proxy, user: UserWallet) -> None:
     token = user.token(60)
     for headers in ({"Key-Expiry-Time": "nan"}, {"Key-Expiry-Time": "1000"},
-                    {"Refund-LNURL": "http://169.254.169.254/latest"}):
+                    {"Refund-LNURL": "http://metadata.google.internal/computeMetadata"}):
         resp = raw(ecash_proxy, "POST", "/v1/chat/completions",
                    json={"model": "test/model", "messages": [{"role": "user", "content": "x"}]},
                    headers={"authorization": f"Bearer {token}", **headers})
