@@ -92,15 +92,17 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
 
 
 class GuardedTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport, speaking only https and connecting only to public addresses."""
+    """httpx's transport, connecting only to public addresses and (``https_only``) speaking
+    only https. Every connection is checked, a redirect's too."""
 
-    def __init__(self) -> None:
+    def __init__(self, https_only: bool = True) -> None:
         super().__init__(trust_env=False)
+        self.https_only = https_only
         pool = self._pool  # httpcore's pool: its network backend opens every connection
         pool._network_backend = _CheckedBackend(pool._network_backend)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if request.url.scheme != "https":
+        if self.https_only and request.url.scheme != "https":
             message = (f"refused {request.url.scheme}://{request.url.host}: user-given "
                        "addresses must use https")
             raise httpx.ConnectError(message, request=request) from AddressRefused(message)
