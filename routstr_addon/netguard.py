@@ -7,8 +7,9 @@ The check is made on the address each connection actually goes to: the host is r
 here, every address it resolves to is checked, and the socket is opened to a checked address
 (TLS still verifies the host name). A name that resolves to a public address when asked and to
 127.0.0.1 a moment later (DNS rebinding) gains nothing. The operator's own addresses
-(``RECEIVE_LN_ADDRESS``) are trusted and fetched with a plain client;
-``ALLOW_PRIVATE_LN_ADDRESSES=true`` lifts every rule (tests, private deployments).
+(``RECEIVE_LN_ADDRESS``, ``CASHU_MINTS``) are trusted and fetched with a plain client;
+``ALLOW_PRIVATE_LN_ADDRESSES=true`` lifts every rule (tests, private deployments). Nostr
+listings of other providers (anyone's URLs) are checked the same way, plain http allowed.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
     def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
         self.inner = inner
 
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+    # httpcore's interface takes ``timeout`` as an argument (ASYNC109)
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,  # noqa: ASYNC109
                           local_address: str | None = None,
                           socket_options: typing.Iterable[typing.Any] | None = None,
                           ) -> httpcore.AsyncNetworkStream:
