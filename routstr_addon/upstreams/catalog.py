@@ -54,23 +54,29 @@ class Router:
         self.pricing = pricing
         self.priority = {p.name: p.priority for p in providers}
         self.health = Health(self.priority, self.reorder, cooldown=cooldown)
+        self._reference: dict[tuple[str, str], float] = {}  # each offer's price, to sort by
 
     def set_offers(self, offers: Mapping[str, list[ModelPrice]],
                    aliases: Mapping[str, str]) -> None:
-        self.pricing.set_offers({m: self._order(o) for m, o in offers.items()}, aliases)
+        pricing = self.pricing
+        # Exact prices compared once here, as floats (a reorder sorts many: health changes).
+        self._reference = {
+            o.key: float((o.prompt * 1000 + o.completion * 1000 + o.request) * pricing.fee_of(o))
+            for group in offers.values() for o in group}
+        pricing.set_offers({m: self._order(o) for m, o in offers.items()}, aliases)
 
     def reorder(self) -> None:
         self.pricing.reorder({m: self._order(o) for m, o in self.pricing.offers.items()})
 
     def _order(self, offers: Iterable[ModelPrice]) -> tuple[ModelPrice, ...]:
         breakers = self.health.breakers
-        pricing = self.pricing
+        reference = self._reference
+        priority = self.priority
 
-        def rank(o: ModelPrice) -> tuple[bool, Fraction, int, float]:
+        def rank(o: ModelPrice) -> tuple[bool, float, int, float]:
             b = breakers.get(o.provider)
-            reference = (o.prompt * 1000 + o.completion * 1000 + o.request) * pricing.fee_of(o)
-            return (b is not None and not b.usable, reference, -self.priority.get(o.provider, 0),
-                    b.last_failure if b is not None else 0.0)
+            return (b is not None and not b.usable, reference.get(o.key, 0.0),
+                    -priority.get(o.provider, 0), b.last_failure if b is not None else 0.0)
 
         return tuple(sorted(offers, key=rank))
 

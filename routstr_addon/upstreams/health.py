@@ -56,6 +56,7 @@ class Health:
         self.on_change = on_change
         self.failures = failures
         self.cooldown = cooldown
+        self._tie_changed = 0.0
 
     def success(self, name: str, latency_s: float | None = None) -> None:
         b = self.breakers.get(name)
@@ -86,8 +87,11 @@ class Health:
         elif b.state == "half-open":  # the probe failed: another cool-down
             b.state = "open"
             b.opened_until = now + self.cooldown
-        elif b.state == "closed" and b.consecutive == 1:
-            self._changed()  # ties go to the least recently failed: it moved back
+        elif b.state == "closed" and b.consecutive == 1 and now - self._tie_changed >= 1.0:
+            # Ties go to the least recently failed: it moved back (reordered at most once a
+            # second for this, so a flapping provider cannot keep the event loop sorting).
+            self._tie_changed = now
+            self._changed()
 
     def due(self) -> list[str]:
         """Open providers whose cool-down is over: probe them now (they turn half-open)."""
