@@ -37,7 +37,7 @@ from routstr_addon.ecash.p2pk import (
     verify_payment,
 )
 from routstr_addon.ecash.tokens import UNIT_MSAT, amounts_for, serialize_token
-from routstr_addon.ecash.wallet import MintWallet, Wallet, WalletError, _proof
+from routstr_addon.ecash.wallet import MintWallet, Wallet, WalletError, proof_of
 from routstr_addon.ledger import DATABASE_ERRORS, LockedRecord, Tx, hash_key
 
 if TYPE_CHECKING:
@@ -192,7 +192,7 @@ class LockedPayments:
                 return None, 0
             secrets = [p.secret for p in picked]
             if self.ledger.locked.hand_out(tx, secrets, owner):
-                return (serialize_token(mint, unit, [_proof(p) for p in picked]),
+                return (serialize_token(mint, unit, [proof_of(p) for p in picked]),
                         sum(p.amount for p in picked))
             self.ledger.locked.take_back(tx, secrets, owner)  # another process was first
         logger.warning("change pool contended; the change of %s stays on its key", owner)
