@@ -585,7 +585,7 @@ def test_a_batch_swap_whose_answer_is_lost_is_recovered(
                                 seed=seed_from_mnemonic(mnemonic))
                 try:
                     await wallet.start()
-                    return await LockedPayments(ledger, wallet, 0).redeem()
+                    return await LockedPayments(ledger, wallet, 0).redeem(recover_all=True)
                 finally:
                     await wallet.close()
                     ledger.close()

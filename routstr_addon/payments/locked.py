@@ -216,11 +216,15 @@ class LockedPayments:
 
     # -- off the request path ------------------------------------------------------------------
 
-    async def redeem(self, limit: int = REDEEM_BATCH) -> RedeemResult:
+    async def redeem(self, limit: int = REDEEM_BATCH, recover_all: bool = False) -> RedeemResult:
         """Swap received locked proofs at their mints, a batch per mint and unit; first settle
-        the batches whose outcome was not known."""
+        the batches whose outcome was not known (``recover_all``: also those claimed just
+        now, when no other process can be swapping them)."""
         result = RedeemResult()
-        for batch in self.ledger.locked.batches():
+        # A batch another process may still be swapping is left alone: only those claimed
+        # longer ago than a mint call can last are settled here.
+        settled_by = time.time() if recover_all else time.time() - 4 * self.wallet.timeout - 30
+        for batch in self.ledger.locked.batches(settled_by):
             await self._recover(batch, result)
         for mint in self.wallet.mints.values():
             if not mint.loaded:
