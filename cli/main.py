@@ -2,8 +2,8 @@
 
 The command tree::
 
-    routstr serve | demo | tui | stats | providers | version
-    routstr keys     create | list | show | topup | disable | enable | refund
+    routstr serve | demo | tui | stats | providers | import-core | version
+    routstr keys     create | list | show | limit | topup | disable | enable | refund
     routstr models   list
     routstr ledger   tail | check
     routstr wallet   balance | send | receive | restore
@@ -23,6 +23,7 @@ import typer
 from routstr_addon import __version__, settings
 
 from .common import JsonOpt, console, err, fail, load_config, open_ledger, sats
+from .coreimport import import_core_command
 from .keys import key_json, keys_app, parse_expiry, print_entries, resolve_key, when
 from .models import models_app
 from .payouts import payouts_app
@@ -44,6 +45,7 @@ app.add_typer(payouts_app, name="payouts")
 app.command()(stats)
 app.command()(tui)
 app.command()(providers)
+app.command("import-core")(import_core_command)
 
 __all__ = ["app", "console", "err", "fail", "key_json", "open_ledger", "parse_expiry",
            "resolve_key", "sats", "when"]

@@ -8,6 +8,7 @@ settlements the ledger could not take, and the Nostr listing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Coroutine
@@ -19,6 +20,7 @@ from routstr_addon.metering.pricing import RateKeeper
 from routstr_addon.metering.sweeper import Sweeper
 from routstr_addon.payments.locked import LockedPayments
 from routstr_addon.runtime import Runtime
+from routstr_addon.upstreams.catalog import probe_forever
 
 __all__ = ["Background"]
 
@@ -51,6 +53,11 @@ class Background:
             work["refunds"] = rt.payouts.loop(config.refund_processing_interval, "refunds")
         if rt.ledger.instance_id is None:
             rt.ledger.register_instance()
+        if rt.catalog.needs_refresh:  # OpenRouter's prices, providers' own model lists
+            work["catalog"] = rt.catalog.run(config.models_refresh_interval)
+        if rt.failover is not None:
+            work["failover"] = rt.failover.start()
+            work["probes"] = probe_forever(rt.catalog, config.upstream_connect_timeout)
         work["sweeper"] = Sweeper(rt.meter).run()
         work["settlements"] = retry_settlements(rt.meter)
         if config.nostr.secret_key:  # NSEC: list this proxy on the Nostr relays, daily
@@ -65,6 +72,10 @@ class Background:
         for task in self.tasks.values():
             task.cancel()
         self.tasks = {}
+        failover = self.runtime.failover
+        if failover is not None and failover.port:
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().create_task(failover.stop())
 
 
 async def checkpoints(ledger: Ledger, every: float = 1.0) -> None:

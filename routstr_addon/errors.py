@@ -7,6 +7,7 @@ RateLimitError-like quota errors, …), so the shape and the status both matter.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 
 from mitmproxy import http
@@ -18,6 +19,7 @@ __all__ = [
     "invalid_api_key",
     "invalid_json",
     "json_response",
+    "key_limit",
     "ledger_unavailable",
     "no_ecash",
 ]
@@ -104,6 +106,19 @@ def ledger_unavailable() -> ApiError:
     return ApiError(503, "The ledger is unavailable right now (full disk or database away); "
                     "nothing was charged. Try again shortly.", type="service_unavailable",
                     code="ledger_unavailable", headers={"retry-after": "5"})
+
+
+def key_limit(reason: str, message: str, retry_after: float | None) -> ApiError:
+    """A request a key's own limits refuse: 403 for a model outside its allow-list, 402 for a
+    budget that comes back only by hand, otherwise 429 ``rate_limit_exceeded`` with the
+    seconds to wait (OpenAI clients back off on 429 and honour ``Retry-After``)."""
+    if reason == "model":
+        return ApiError(403, message, type="permission_error", code="model_not_allowed",
+                        param="model")
+    if retry_after is None:
+        return ApiError(402, message, type="insufficient_quota", code="balance_limit_exceeded")
+    return ApiError(429, message, type="requests", code="rate_limit_exceeded",
+                    headers={"retry-after": str(max(1, math.ceil(retry_after)))})
 
 
 def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> bytes:

@@ -23,7 +23,10 @@ from routstr_addon.payments.cashu import Payments
 from routstr_addon.payments.lightning import Invoices
 from routstr_addon.payments.locked import LockedPayments
 from routstr_addon.payments.payouts import Payouts
+from routstr_addon.proxy.route import Route
 from routstr_addon.settings import Config, SettingError
+from routstr_addon.upstreams.catalog import Catalog, Router
+from routstr_addon.upstreams.failover import Failover
 from routstr_addon.web import AdminState, Services
 
 __all__ = ["Runtime"]
@@ -42,14 +45,28 @@ class Runtime:
     payments: Payments | None
     invoices: Invoices | None
     payouts: Payouts | None
+    catalog: Catalog  # every provider's priced models, refreshed in the background
+    router: Router  # their order, and each provider's health
+    route: Route  # which provider a request goes to
+    failover: Failover | None  # the hop trying the next provider; None with one provider
 
     @classmethod
     def build(cls, config: Config, admin: AdminState | None = None) -> Runtime:
         """Open the ledger, load prices and make the services; ``admin``: the dashboard's
         sessions and login limits to keep from the runtime this one replaces."""
-        pricing = Pricing(_models(config), config.exchange_fee, config.upstream_provider_fee)
+        pricing = Pricing({}, config.exchange_fee, config.upstream_provider_fee)
         if config.btc_usd_price is not None:
             pricing.set_rate(config.btc_usd_price)
+        router = Router(pricing, config.providers)
+        static = {p.name: _models(config) for p in config.providers if p.shorthand}
+        catalog = Catalog(config.providers, router, config.data_dir,
+                          config.openrouter_models_url, static)
+        if catalog.needs_refresh:
+            catalog.load_snapshot()
+        catalog.publish()
+        failover = (Failover(router.health, config.upstream_connect_timeout,
+                             config.upstream_timeout) if len(config.providers) > 1 else None)
+        route = Route(config.providers, router.health, failover)
         private_dir(config.data_dir)
         for line in exposed([config.data_dir, *sqlite_files(config.database_url),
                              config.data_dir / MNEMONIC_FILE]):
@@ -69,15 +86,17 @@ class Runtime:
             payments = Payments(ledger, wallet, invoices, config.swap_untrusted_mints, locked)
             payouts = Payouts(ledger, wallet, config, payments)
         services = Services(config, ledger, pricing, wallet, payments, invoices,
-                            admin or AdminState(), payouts=payouts)
+                            admin or AdminState(), payouts=payouts, health=router.health)
         return cls(config, ledger, pricing, Meter(config, ledger, pricing), services, wallet,
-                   payments, invoices, payouts)
+                   payments, invoices, payouts, catalog, router, route, failover)
 
     async def close(self) -> None:
         """At shutdown: leave the process registry, close the mints' connections, checkpoint
         and close the ledger."""
         with contextlib.suppress(Exception):
             self.ledger.unregister_instance()
+        if self.failover is not None:
+            await self.failover.stop()
         if self.wallet is not None:
             await self.wallet.close()
         try:

@@ -22,9 +22,9 @@ from bech32 import bech32_encode, convertbits
 from routstr_addon.dev.demo import run_in_thread
 from routstr_addon.dev.localmint import LocalMint
 from routstr_addon.errors import ApiError
+from routstr_addon.netguard import NetPolicy, public_address
 from routstr_addon.payments.cashu import MAX_KEY_LIFETIME, KeyTerms
 from routstr_addon.payments.lnurl import LnAddressError, pay_url
-from routstr_addon.payments.netguard import NetPolicy, public_address
 from routstr_addon.web import forwarded_client
 from routstr_addon.web.limits import RateLimit
 from tests.ecash_user import UserWallet
@@ -77,6 +77,9 @@ def test_every_form_of_refund_address_routstr_core_takes_resolves_to_its_pay_url
         "https://pay.example.com/lnurlp/alice"
     assert pay_url(url) == url
     assert pay_url("lnurlp://abc.onion/p").startswith("http://abc.onion")
+    # plain http only where the guard decides (private networks need ALLOW_PRIVATE_LN_ADDRESSES)
+    assert pay_url("bob@10.1.2.3:8080") == "http://10.1.2.3:8080/.well-known/lnurlp/bob"
+    assert pay_url(lnurl("http://192.168.1.9/p")) == "http://192.168.1.9/p"
     for bad in ("nobody", "lnurl1qqqqqq", "ftp://example.com/x", "http://example.com/pay",
                 "alice@", "https:///x"):
         with pytest.raises(LnAddressError):
@@ -236,7 +239,7 @@ def test_bad_key_terms_on_a_tokens_first_use_are_400_and_redeem_nothing(
         ecash_proxy: Proxy, user: UserWallet) -> None:
     token = user.token(60)
     for headers in ({"Key-Expiry-Time": "nan"}, {"Key-Expiry-Time": "1000"},
-                    {"Refund-LNURL": "http://169.254.169.254/latest"}):
+                    {"Refund-LNURL": "http://metadata.google.internal/computeMetadata"}):
         resp = raw(ecash_proxy, "POST", "/v1/chat/completions",
                    json={"model": "test/model", "messages": [{"role": "user", "content": "x"}]},
                    headers={"authorization": f"Bearer {token}", **headers})
@@ -289,3 +292,49 @@ def test_admin_login_limits_follow_the_real_client(upstream: Any, tmp_path: Path
     finally:
         behind.stop()
         direct.stop()
+
+
+def test_a_token_naming_a_mint_on_loopback_is_never_fetched(
+        upstream: Any, mint: LocalMint, other_mint: LocalMint, tmp_path: Path) -> None:
+    """SWAP_UNTRUSTED_MINTS melts tokens at the mint they name: a URL the user chose. It is
+    reached like users' addresses (https, public), so a token of a local mint is refused."""
+    from routstr_addon.dev.demo import run_in_thread as serve
+
+    from .mintfront import MintFront
+
+    with serve(MintFront(other_mint.url)) as front:
+        assert isinstance(front, MintFront)
+        stranger = UserWallet(front.url, tmp_path / "stranger")
+        proxy = start_proxy(tmp_path / "p", upstream.url,
+                            proxy_env(upstream, mint, SWAP_UNTRUSTED_MINTS="true"))
+        try:
+            token = stranger.token(100)
+            calls = len(front.calls)
+            resp = raw(proxy, "POST", "/v1/balance/create",
+                       json={"initial_balance_token": token})
+            assert resp.status_code == 400, resp.text
+            assert resp.json()["error"]["code"] == "untrusted_mint"
+            assert len(front.calls) == calls  # the proxy never connected to it
+            assert not stranger.spent(token)
+        finally:
+            proxy.stop()
+            stranger.close()
+
+
+def test_a_nostr_listing_cannot_point_the_proxy_at_its_own_machine(proxy: Proxy) -> None:
+    """/v1/providers asks every listed provider for /v1/info; anyone can publish a listing on
+    a public relay. With public relays, listed URLs on loopback are never fetched; with only
+    local relays (a private setup, the tests) they are."""
+    from routstr_addon.discovery.nostr import Provider, check
+
+    listener = Listener()
+
+    def listing(url: str) -> Provider:
+        return Provider("p", "00" * 32, 0, [url], [], None, "evil", None, "{}", "e")
+
+    guarded = asyncio.run(check(listing(f"http://127.0.0.1:{listener.port}"), "", 5,
+                                guard=True))
+    assert guarded is None and listener.connections == 0
+    listener.sock.close()
+    local = asyncio.run(check(listing(proxy.url), "", 5, guard=False))  # answers /v1/info
+    assert local is not None and local.endpoint_url == proxy.url

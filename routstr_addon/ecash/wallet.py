@@ -43,6 +43,7 @@ from routstr_addon.ecash.tokens import (
     serialize_token,
 )
 from routstr_addon.ledger import Ledger, ProofRecord, Tx
+from routstr_addon.netguard import NetPolicy
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -96,9 +97,10 @@ class MintWallet:
     """What the proxy knows of one mint: its keysets and keys, and a client to reach it."""
 
     def __init__(self, url: str, timeout: float = 15.0, seed: Seed | None = None,
-                 counters: KeysetCounters | None = None) -> None:
+                 counters: KeysetCounters | None = None, net: NetPolicy | None = None) -> None:
+        """``net``: the rules for a mint a user named (its tokens' mint), not a trusted one."""
         self.url = sanitize_mint_url(url)
-        self.client = MintClient(self.url, timeout)
+        self.client = MintClient(self.url, timeout, net.mounts() if net is not None else None)
         self.keysets: dict[str, Keyset] = {}
         self.info: dict[str, Any] | None = None  # NUT-06, fetched with the keysets
         self._offline: tuple[dict[str, Keyset], MintKeys] | None = None
@@ -306,6 +308,8 @@ class Wallet:
         self.primary = next(iter(self.mints.values()))
         self.timeout = timeout
         self.foreign: dict[str, MintWallet] = {}  # untrusted mints met in tokens, to melt at
+        # How untrusted mints are reached: the URL is the user's (their token names it).
+        self.stranger_net = NetPolicy()
         self._spending = asyncio.Lock()  # picking pool proofs for refunds is one at a time
 
     @classmethod
@@ -313,7 +317,10 @@ class Wallet:
         """The wallet of ``CASHU_MINTS``, with the seed of ``WALLET_MNEMONIC`` or of the data
         folder's mnemonic file (made on first use). Raises MnemonicError for a bad file."""
         seed = seed_from_mnemonic(load_or_create_mnemonic(config))
-        return cls(ledger, config.cashu_mints, timeout or float(config.mint_timeout), seed=seed)
+        wallet = cls(ledger, config.cashu_mints, timeout or float(config.mint_timeout), seed=seed)
+        wallet.stranger_net = NetPolicy(config.allow_private_ln_addresses,
+                                        config.nostr.tor_proxy_url)
+        return wallet
 
     async def start(self) -> None:
         """Load every mint's keysets; a mint that does not answer is tried again on use."""
@@ -335,7 +342,7 @@ class Wallet:
         url = sanitize_mint_url(url)
         found = self.foreign.get(url)
         if found is None:
-            found = self.foreign[url] = MintWallet(url, self.timeout)
+            found = self.foreign[url] = MintWallet(url, self.timeout, net=self.stranger_net)
         return found
 
     # -- money in --------------------------------------------------------------------------
@@ -397,6 +404,8 @@ class Wallet:
             if e.code == SPENT_CODE or "spent" in e.detail.lower():
                 raise TokenError("This token has already been spent.",
                                  code="token_already_spent") from None
+            if e.code == OUTPUTS_SIGNED_CODE:  # our outputs, not the user's token
+                raise WalletError(f"the mint refused this wallet's outputs: {e.detail}") from None
             raise TokenError(f"The mint refused the token: {e.detail}") from None
         return Redeemed(mint.url, token.unit, net, fee, proofs)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from routstr_addon.amounts import sats
-from routstr_addon.errors import ApiError, invalid_api_key
+from routstr_addon.errors import ApiError, invalid_api_key, key_limit
 from routstr_addon.ledger import Ledger, ReserveError, Settlement, hash_key
 from routstr_addon.metering.costs import CostReport
 from routstr_addon.metering.pricing import ModelPrice, Pricing
@@ -26,6 +26,7 @@ from routstr_addon.metering.surface import (
     ENDPOINTS,
     Shape,
     canonical_endpoint,
+    check_raw,
     decode_body,
     parse_json,
     read_shape,
@@ -104,6 +105,7 @@ class Quote:
     path: str = ""  # the endpoint's name below /v1, from which the upstream path is built
     bounds: tuple[int, int] | None = None  # the most prompt and completion tokens possible
     fallbacks: tuple[ModelPrice, ...] = ()  # other models that may run (OpenRouter's models)
+    offers: tuple[ModelPrice, ...] = ()  # the providers that may serve it, in order
 
     @property
     def model_name(self) -> str | None:
@@ -141,6 +143,11 @@ class Paid:
     path: str = ""  # the endpoint's name below /v1 (the upstream path is built from it)
     bounds: tuple[int, int] | None = None  # the most prompt and completion tokens possible
     fallbacks: tuple[ModelPrice, ...] = ()  # other models that may run: charged the dearest
+    # The providers that may serve it, in the order they are tried; ``model`` becomes the
+    # offer of the one that answered, whose price is charged.
+    offers: tuple[ModelPrice, ...] = ()
+    provider: str | None = None  # the provider that answered, once known
+    attempts: int = 1  # providers tried for it (more than one: failover happened)
 
     @property
     def settled(self) -> bool:
@@ -199,16 +206,20 @@ class Meter:
             body = decode_body(body, content_encoding, self.config.max_request_size)
         parsed = parse_json(body)
         shape = read_shape(kind, parsed)
+        check_raw(kind, body)
         if not self.config.model_based_pricing:
             return Quote(kind, parsed, None, self.config.cost_per_request_msat, name)
         models = self._models(shape)
+        offers = self.pricing.candidates(models[0])
         amount, bounds = 0, (0, 0)
-        for model in models:  # any of them may run (OpenRouter fallbacks): the dearest counts
+        # Any of them may run: another provider of the model (failover before the first byte),
+        # or one of OpenRouter's fallback models. The dearest counts.
+        for model in (*offers, *models[1:]):
             cost, most = self._max_cost(model, kind, shape, body if body_bound else None)
             if cost > amount:
                 amount = cost
             bounds = (max(bounds[0], most[0]), max(bounds[1], most[1]))
-        return Quote(kind, parsed, models[0], amount, name, bounds, tuple(models[1:]))
+        return Quote(kind, parsed, offers[0], amount, name, bounds, tuple(models[1:]), offers)
 
     def admit(self, request_id: str, authorization: str | None, path: str,
               body: bytes, content_encoding: str = "") -> Paid:
@@ -240,7 +251,7 @@ class Meter:
                                  else (None, False))
         return Paid(request_id, key_hash, q.amount_msat, available_msat, q.endpoint,
                     q.model, q.body, forwarded, drop_usage, payer, path=q.path, bounds=q.bounds,
-                    fallbacks=q.fallbacks)
+                    fallbacks=q.fallbacks, offers=q.offers)
 
     def _known_key(self, key_hash: str) -> None:
         if self.ledger.key(key_hash) is None:
@@ -295,8 +306,10 @@ class Meter:
     def cost_by_name(self, model_name: str | None, usage: Usage, ceiling: int) -> int:
         """The same rule for a request known only by what the ledger kept of it (its model's
         name): ``ceiling``, what the client agreed to at most, when no price is known now."""
-        if not self.config.model_based_pricing or not model_name:
+        if not self.config.model_based_pricing:
             return self.cost(None, usage)
+        if not model_name:  # a FIXED_PRICE_ENDPOINTS request: its price is what was reserved
+            return ceiling
         model = self.pricing.resolve(model_name)
         if model is None or self.pricing.rate is None:
             return ceiling
@@ -339,11 +352,13 @@ class Meter:
         return cost, note
 
     def settle(self, paid: Paid, usage: Usage, note: str | None = None,
-               delivered_chars: int = 0) -> Settlement | None:
+               delivered_chars: int = 0, late: bool = True) -> Settlement | None:
         """Charge a request's usage, once; None if it was already settled or released.
 
         A cost above the reservation (an under-reservation: a pricing rule missed something)
-        is charged on top, as far as the key can pay, and recorded as an 'overrun' row."""
+        is charged on top, as far as the key can pay, and recorded as an 'overrun' row.
+        ``late``: if the sweeper closed the reservation meanwhile, charge anyway (reported
+        usage is work done; an estimate for a request the upstream left silent is not)."""
         if paid.closed is not None:
             return None
         paid.usage = usage
@@ -351,12 +366,18 @@ class Meter:
         if usage.estimated:
             note = note or "usage estimated"
         note = note or why
+        if len(paid.offers) > 1 and paid.provider:  # which provider was paid for, and why
+            served = f"provider {paid.provider}" + (
+                f" (attempt {paid.attempts})" if paid.attempts > 1 else "")
+            note = f"{served}; {note}" if note else served
         model = paid.model.id if paid.model else None
         paid.closed = closed = self.ledger.settle(
             paid.request_id, cost, model=model,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             note=note)
-        if closed is None:  # swept while it ran (no activity for RESERVATION_TIMEOUT)
+        if closed is None and not late:
+            paid.closed = Settlement(paid.request_id, paid.key_hash, 0, 0, paid.available_msat)
+        elif closed is None:  # swept while it ran (no activity for RESERVATION_TIMEOUT)
             charged = self.ledger.late_charge(paid.key_hash, paid.request_id, cost, model)
             logger.warning("request %s outlived its reservation; charged %d of %d msat late",
                            paid.request_id, charged, cost)
@@ -445,7 +466,7 @@ class Meter:
         if reached:
             delivered = paid.tap.text_chars if paid.tap is not None else 0
             return self.settle(paid, self.estimate(paid, delivered),
-                               note=f"client gone: {reason[:150]}")
+                               note=f"client gone: {reason[:150]}", late=False)
         return self.release(paid, reason[:200])
 
     # -- after forwarding: the one way a reservation ends ----------------------------------
@@ -517,6 +538,8 @@ def _model_name(body: dict[str, Any] | None) -> str | None:
 
 
 def _reserve_error(e: ReserveError) -> ApiError:
+    if e.refused is not None:
+        return key_limit(e.refused.reason, e.refused.message, e.refused.retry_after)
     if e.reason == "unknown_key":
         return invalid_api_key()
     if e.reason == "expired":

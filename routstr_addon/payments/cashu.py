@@ -39,6 +39,7 @@ from routstr_addon.ledger import (
     Tx,
     hash_key,
 )
+from routstr_addon.netguard import refused
 from routstr_addon.payments.lightning import Invoices
 from routstr_addon.payments.lnurl import LnAddressError, check_refund_address
 from routstr_addon.payments.locked import LockedPayments
@@ -168,8 +169,9 @@ class Payments:
         except MintUnreachable as e:
             raise mint_down(e) from None
         except (MintError, WalletError) as e:
-            raise ApiError(502, f"The mint could not redeem the token: {e}",
-                           type="upstream_error", code="mint_error") from None
+            raise ApiError(502, f"The mint could not redeem the token ({e}); it was not spent "
+                           "and is still yours.", type="upstream_error", code="mint_error",
+                           headers={"retry-after": RETRY_AFTER}) from None
 
     def _stored_or_returned(self, redeemed: Redeemed, write: Any) -> None:
         """Run ``write`` (the ledger transaction recording a redeem); if it fails, the new proofs
@@ -304,6 +306,10 @@ class Payments:
         try:
             await stranger.ensure_loaded()
         except MintUnreachable as e:
+            if refused(e):  # the token names a mint on a private network, or plain http
+                raise ApiError(400, f"Tokens of {token.mint} cannot be taken: this proxy only "
+                               "reaches other mints over https at public addresses (or .onion).",
+                               code="untrusted_mint", param="token") from None
             raise mint_down(e) from None
         for p in token.proofs:
             keyset = stranger.resolve(p.id)

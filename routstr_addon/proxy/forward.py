@@ -24,6 +24,7 @@ from routstr_addon.metering.surface import ResponseDecoder
 from routstr_addon.payments.cashu import Payments
 from routstr_addon.proxy import webview
 from routstr_addon.proxy.failclosed import answer_error, decide_later
+from routstr_addon.proxy.route import Route
 from routstr_addon.runtime import Runtime
 
 __all__ = ["STATE", "PaidForward"]
@@ -48,12 +49,8 @@ class PaidForward:
         config = runtime.config
         self.meter: Meter = runtime.meter
         self.payments: Payments | None = runtime.payments  # None: no mints, no ecash
-        self.upstream = config.upstream
         self.upstream_timeout = config.upstream_timeout
-        # Off go the client's key or token; on goes the operator's upstream key.
-        self.upstream_auth: tuple[tuple[bytes, bytes], ...] = (
-            ((b"authorization", f"Bearer {config.upstream_api_key}".encode()),)
-            if config.upstream_api_key else ())
+        self.route: Route = runtime.route  # which provider(s), its key, the model's name there
 
     # -- the request -----------------------------------------------------------------------
 
@@ -143,24 +140,17 @@ class PaidForward:
         query), the re-serialised body, the operator's key, identity encoding."""
         flow.metadata[STATE] = paid
         req = flow.request
-        body = paid.upstream_body
+        body = self.route.body(paid)  # the model named as its (first) provider names it
         if body is not None:
             req.headers.fields = (*(field for field in req.headers.fields
                                     if field[0].lower() not in _NOT_FORWARDED_JSON),
-                                  *self.upstream_auth, *_IDENTITY, _JSON,
-                                  (b"content-length", b"%d" % len(body)))
+                                  *_IDENTITY, _JSON, (b"content-length", b"%d" % len(body)))
             req.raw_content = body
         else:  # a fixed-price endpoint: its body as the client sent it
             req.headers.fields = (*(field for field in req.headers.fields
                                     if field[0].lower() not in _NOT_FORWARDED),
-                                  *self.upstream_auth, *_IDENTITY)
-        upstream = self.upstream
-        if upstream is not None:
-            if req.host != upstream.host or req.port != upstream.port:
-                req.scheme, req.host, req.port = upstream.scheme, upstream.host, upstream.port
-            req.path = f"{upstream.base_path}/{paid.path}"
-        else:
-            req.path = f"/v1/{paid.path}"
+                                  *_IDENTITY)
+        self.route.aim(flow, paid)  # its provider: address, path, key (or the failover hop)
         if self.upstream_timeout:
             paid.timer = asyncio.get_running_loop().call_later(
                 self.upstream_timeout, _upstream_silent, flow)
@@ -180,6 +170,7 @@ class PaidForward:
             return
         if paid.timer is not None:
             paid.timer.cancel()
+        self.route.answered(flow, paid)
         fields = resp.headers.fields
         is_sse = any(name.lower() == b"content-type" and b"text/event-stream" in value
                      for name, value in fields)
@@ -217,6 +208,7 @@ class PaidForward:
             return
         if paid.timer is not None:
             paid.timer.cancel()
+        self.route.failed(flow, paid)
         reason = flow.error.msg if flow.error else "flow failed"
         # The client hung up on a request the upstream has (it is working, and billing):
         # not free. The upstream failing, or never reached, is.

@@ -28,6 +28,7 @@ from routstr_addon.web.limits import RateLimit
 if TYPE_CHECKING:
     from routstr_addon.discovery.nostr import Directory
     from routstr_addon.payments.payouts import Payouts
+    from routstr_addon.upstreams.health import Health
 
 __all__ = ["AdminState", "Handler", "Peer", "Services"]
 
@@ -57,6 +58,7 @@ class Services:
     directory: Directory | None = None  # made on the first /v1/providers
     invoice_limit: RateLimit = field(default_factory=RateLimit)  # invoices per client address
     payouts: Payouts | None = None  # refunds to a key's refund address
+    health: Health | None = None  # the upstream providers' breakers (set by the runtime)
 
 
 @dataclass(frozen=True, slots=True)

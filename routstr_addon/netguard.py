@@ -1,13 +1,15 @@
 """HTTP on a user's behalf without SSRF: the addresses users give (refund Lightning addresses,
-LNURLs, and the callbacks those name) are fetched over https, or over Tor for ``.onion``, and
-never reach loopback, private, link-local, multicast or reserved addresses.
+LNURLs, the callbacks those name, the mints of tokens from untrusted mints) are fetched over
+https, or over Tor for ``.onion``, and never reach loopback, private, link-local, multicast or
+reserved addresses.
 
 The check is made on the address each connection actually goes to: the host is resolved once
 here, every address it resolves to is checked, and the socket is opened to a checked address
 (TLS still verifies the host name). A name that resolves to a public address when asked and to
 127.0.0.1 a moment later (DNS rebinding) gains nothing. The operator's own addresses
-(``RECEIVE_LN_ADDRESS``) are trusted and fetched with a plain client;
-``ALLOW_PRIVATE_LN_ADDRESSES=true`` lifts every rule (tests, private deployments).
+(``RECEIVE_LN_ADDRESS``, ``CASHU_MINTS``) are trusted and fetched with a plain client;
+``ALLOW_PRIVATE_LN_ADDRESSES=true`` lifts every rule (tests, private deployments). Nostr
+listings of other providers (anyone's URLs) are checked the same way, plain http allowed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 import httpcore
 import httpx
 
-__all__ = ["AddressRefused", "GuardedTransport", "NetPolicy", "public_address"]
+__all__ = ["AddressRefused", "GuardedTransport", "NetPolicy", "public_address", "refused"]
 
 
 class AddressRefused(httpcore.ConnectError):
@@ -49,7 +51,8 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
     def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
         self.inner = inner
 
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+    # httpcore's interface takes ``timeout`` as an argument (ASYNC109)
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,  # noqa: ASYNC109
                           local_address: str | None = None,
                           socket_options: typing.Iterable[typing.Any] | None = None,
                           ) -> httpcore.AsyncNetworkStream:
@@ -91,18 +94,33 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
 
 
 class GuardedTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport, speaking only https and connecting only to public addresses."""
+    """httpx's transport, connecting only to public addresses and (``https_only``) speaking
+    only https. Every connection is checked, a redirect's too."""
 
-    def __init__(self) -> None:
+    def __init__(self, https_only: bool = True) -> None:
         super().__init__(trust_env=False)
+        self.https_only = https_only
         pool = self._pool  # httpcore's pool: its network backend opens every connection
         pool._network_backend = _CheckedBackend(pool._network_backend)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if request.url.scheme != "https":
-            raise httpx.ConnectError(f"refused {request.url.scheme}://{request.url.host}: "
-                                     "user-given addresses must use https", request=request)
+        if self.https_only and request.url.scheme != "https":
+            message = (f"refused {request.url.scheme}://{request.url.host}: user-given "
+                       "addresses must use https")
+            raise httpx.ConnectError(message, request=request) from AddressRefused(message)
         return await super().handle_async_request(request)
+
+
+def refused(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is the guard refusing an address."""
+    seen: BaseException | None = error
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, AddressRefused):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,17 +130,22 @@ class NetPolicy:
     allow_private: bool = False  # ALLOW_PRIVATE_LN_ADDRESSES: no rule at all
     tor_proxy_url: str = ""  # SOCKS proxy for .onion hosts; "": they cannot be reached
 
-    def client(self, timeout: float = 15.0) -> httpx.AsyncClient:
-        """A client for user-given URLs: public https hosts, ``.onion`` through Tor, nothing
-        else; redirects are not followed (each hop would need its own check)."""
+    def mounts(self) -> dict[str, httpx.AsyncBaseTransport] | None:
+        """The transports an ``httpx.AsyncClient`` for user-given URLs mounts (None: no rule,
+        a plain client): public https hosts, ``.onion`` through Tor, nothing else."""
         if self.allow_private:
-            return httpx.AsyncClient(timeout=timeout, trust_env=False)
+            return None
         mounts: dict[str, httpx.AsyncBaseTransport] = {"all://": GuardedTransport()}
         if self.tor_proxy_url:
             # httpx sends the host name to the SOCKS proxy, which resolves it (socks5h).
             proxy = httpx.Proxy(self.tor_proxy_url.replace("socks5h://", "socks5://", 1))
             mounts["all://*.onion"] = httpx.AsyncHTTPTransport(proxy=proxy, trust_env=False)
-        return httpx.AsyncClient(mounts=mounts, timeout=timeout, trust_env=False)
+        return mounts
+
+    def client(self, timeout: float = 15.0) -> httpx.AsyncClient:
+        """A client for user-given URLs (see ``mounts``); redirects are not followed (each hop
+        would need its own check)."""
+        return httpx.AsyncClient(mounts=self.mounts(), timeout=timeout, trust_env=False)
 
     @staticmethod
     def trusted(timeout: float = 15.0) -> httpx.AsyncClient:
