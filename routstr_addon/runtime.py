@@ -17,6 +17,7 @@ from routstr_addon.ecash.wallet import Wallet
 from routstr_addon.ledger import Ledger
 from routstr_addon.metering.meter import Meter
 from routstr_addon.metering.pricing import Pricing, load_models
+from routstr_addon.observe.readiness import Readiness, Seen
 from routstr_addon.payments.cashu import Payments
 from routstr_addon.payments.lightning import Invoices
 from routstr_addon.payments.payouts import Payouts
@@ -39,6 +40,7 @@ class Runtime:
     payments: Payments | None
     invoices: Invoices | None
     payouts: Payouts | None
+    seen: Seen  # when the upstream last answered (stamped on the request path)
 
     @classmethod
     def build(cls, config: Config, admin: AdminState | None = None) -> Runtime:
@@ -59,10 +61,12 @@ class Runtime:
             invoices = Invoices(ledger, wallet)
             payments = Payments(ledger, wallet, invoices, config.swap_untrusted_mints)
             payouts = Payouts(ledger, wallet, config, payments)
+        seen = Seen()
         services = Services(config, ledger, pricing, wallet, payments, invoices,
                             admin or AdminState())
+        services.readiness = Readiness(config, ledger, pricing, wallet, seen)
         return cls(config, ledger, pricing, Meter(config, ledger, pricing), services, wallet,
-                   payments, invoices, payouts)
+                   payments, invoices, payouts, seen)
 
     async def close(self) -> None:
         """At shutdown: leave the process registry, close the mints' connections, checkpoint
@@ -71,6 +75,8 @@ class Runtime:
             self.ledger.unregister_instance()
         if self.wallet is not None:
             await self.wallet.close()
+        if self.services.readiness is not None:
+            await self.services.readiness.close()
         try:
             self.ledger.checkpoint()
         finally:

@@ -130,6 +130,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ADMIN_PASSWORD", str, "",
             "Password of the /admin dashboard (at least 8 characters). Empty: the dashboard "
             "is off and only says how to turn it on.", secret=True),
+    # --- operating it: readiness, logs, metrics, the admin API ---------------------------
+    Setting("READY_MAX_AGE", int, 30,
+            "Seconds an answer of the primary mint or the upstream counts for /ready; older, "
+            "/ready asks them itself."),
+    Setting("LOG_LEVEL", str, "info", "debug, info, warning or error: the proxy's own log."),
+    Setting("LOG_FORMAT", str, "text",
+            "The line per request on stdout: text (key=value) or json; off: no such lines."),
+    Setting("METRICS_TOKEN", str, "",
+            "Bearer token that opens GET /metrics (Prometheus) on the proxy's port. Empty "
+            "(and no METRICS_PORT): no metrics.", secret=True),
+    Setting("METRICS_PORT", int, 0,
+            "Serve /metrics without a token on this port of 127.0.0.1 only; 0: not served."),
+    Setting("ADMIN_TOKEN", str, "",
+            "Bearer token of the admin API under /admin/api/ (at least 24 characters). Empty: "
+            "the API is off.", secret=True),
 )
 
 _BY_ENV = {s.env: s for s in SETTINGS}
@@ -274,6 +289,31 @@ def _admin_password(raw: str) -> str:
         raise SettingError("ADMIN_PASSWORD: use at least 8 characters (or leave it empty to "
                            "turn the /admin dashboard off)")
     return password
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _choice(name: str, raw: str, allowed: tuple[str, ...]) -> str:
+    value = raw.strip().lower()
+    if value not in allowed:
+        raise SettingError(f"{name}: expected one of {', '.join(allowed)}, got {raw!r}")
+    return value
+
+
+def _token(name: str, raw: str) -> str:
+    """A bearer token the proxy checks, or "" for none; never echoed in an error."""
+    token = raw.strip()
+    if token and (len(token) < 24 or any(c.isspace() for c in token)):
+        raise SettingError(f"{name}: use at least 24 characters without spaces (or leave it "
+                           "empty to turn it off)")
+    return token
+
+
+def _port(name: str, value: int) -> int:
+    if not 0 <= value <= 65535:
+        raise SettingError(f"{name}: expected a port number (0 for none), got {value}")
+    return value
 
 
 def _at_least(name: str, value: int, minimum: int) -> int:
@@ -438,6 +478,12 @@ class Config:
     wallet_mnemonic: str = field(default="", repr=False)  # "": the data folder's file
     nostr: Nostr = field(default_factory=Nostr)  # discovery (NSEC, RELAYS…)
     admin_password: str = field(default="", repr=False)  # "": no /admin dashboard
+    ready_max_age: int = 30
+    log_level: str = "info"
+    log_format: str = "text"  # text | json | off
+    metrics_token: str = field(default="", repr=False)  # "": /metrics not on the proxy port
+    metrics_port: int = 0  # 0: no loopback metrics listener
+    admin_token: str = field(default="", repr=False)  # "": no /admin/api/
 
     @classmethod
     def from_options(cls, options: Any) -> Config:
@@ -486,6 +532,12 @@ class Config:
             wallet_mnemonic=_mnemonic(options.wallet_mnemonic),
             nostr=parse_nostr(options),
             admin_password=_admin_password(options.admin_password),
+            ready_max_age=_at_least("READY_MAX_AGE", options.ready_max_age, 1),
+            log_level=_choice("LOG_LEVEL", options.log_level, LOG_LEVELS),
+            log_format=_choice("LOG_FORMAT", options.log_format, ("text", "json", "off")),
+            metrics_token=_token("METRICS_TOKEN", options.metrics_token),
+            metrics_port=_port("METRICS_PORT", options.metrics_port),
+            admin_token=_token("ADMIN_TOKEN", options.admin_token),
         )
 
 

@@ -7,6 +7,7 @@ request a swap is the one mint round trip we allow ourselves, so it should be ju
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import httpx
@@ -43,6 +44,7 @@ class MintClient:
             base_url=self.url, timeout=httpx.Timeout(timeout, connect=5.0),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
         )
+        self.answered_at: float | None = None  # when the mint last answered (/ready reads it)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -54,6 +56,8 @@ class MintClient:
             raise MintUnreachable(f"cannot reach the mint {self.url}: {e!r}", sent=False) from e
         except httpx.TransportError as e:  # the request may have been processed
             raise MintUnreachable(f"no answer from the mint {self.url}: {e!r}", sent=True) from e
+        if resp.status_code < 500:
+            self.answered_at = time.time()
         if resp.status_code >= 500:  # whether it did anything is unknown
             raise MintUnreachable(f"the mint {self.url} answered {resp.status_code}", sent=True)
         try:

@@ -192,6 +192,10 @@ class Ledger:
     def heartbeat(self) -> None:
         self.registry.heartbeat()
 
+    def probe_write(self) -> None:
+        """One small write (this process's heartbeat); raises if the database cannot take it."""
+        self.registry.probe()
+
     def unregister_instance(self) -> None:
         self.registry.unregister()
 

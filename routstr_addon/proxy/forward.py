@@ -39,6 +39,7 @@ class PaidForward:
         self.payments: Payments | None = runtime.payments  # None: no mints, no ecash
         self.upstream = config.upstream
         self.upstream_timeout = config.upstream_timeout
+        self.seen = runtime.seen
         # Off go the client's key or token; on goes the operator's upstream key.
         self.upstream_auth: tuple[tuple[bytes, bytes], ...] = (
             ((b"authorization", f"Bearer {config.upstream_api_key}".encode()),)
@@ -145,6 +146,8 @@ class PaidForward:
             return
         if paid.timer is not None:
             paid.timer.cancel()
+        if resp.status_code < 500:
+            self.seen.upstream_at = resp.timestamp_start
         fields = resp.headers.fields
         is_sse = any(name.lower() == b"content-type" and b"text/event-stream" in value
                      for name, value in fields)

@@ -24,6 +24,7 @@ from routstr_addon.web.auth import LoginLimiter, Sessions
 
 if TYPE_CHECKING:
     from routstr_addon.discovery.nostr import Directory
+    from routstr_addon.observe.readiness import Readiness
 
 __all__ = ["AdminState", "Handler", "Peer", "Services"]
 
@@ -51,6 +52,7 @@ class Services:
     invoices: Invoices | None = None
     admin: AdminState = field(default_factory=AdminState)
     directory: Directory | None = None  # made on the first /v1/providers
+    readiness: Readiness | None = None  # /ready's checks
 
 
 @dataclass(frozen=True, slots=True)

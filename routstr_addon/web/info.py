@@ -1,4 +1,4 @@
-"""``/v1/info`` (what this proxy is and how it prices) and ``/health``."""
+"""``/v1/info`` (what this proxy is and how it prices), ``/health`` and ``/ready``."""
 
 from __future__ import annotations
 
@@ -30,4 +30,16 @@ def info(services: Services, request: http.Request, peer: Peer) -> http.Response
 
 
 def health(services: Services, request: http.Request, peer: Peer) -> http.Response:
+    """Liveness: the process serves requests (nothing else is asked)."""
     return json_response(200, {"status": "ok"})
+
+
+async def ready(services: Services, request: http.Request, peer: Peer) -> http.Response:
+    """Readiness: 200 when every check passes, else 503 (a balancer drains this process)."""
+    readiness = services.readiness
+    checks = await readiness.checks() if readiness is not None else []
+    ok = bool(checks) and all(c.ok for c in checks)
+    return json_response(200 if ok else 503, {
+        "status": "ready" if ok else "not_ready",
+        "checks": {c.name: c.as_json() for c in checks},
+    }, {"cache-control": "no-store"})

@@ -15,6 +15,7 @@ def _table() -> dict[str, dict[str, Handler]]:
     table: dict[str, dict[str, Handler]] = {
         "/": {"GET": info.info},
         "/health": {"GET": info.health},
+        "/ready": {"GET": info.ready},
         "/v1/info": {"GET": info.info},
         "/v1/models": {"GET": models.list_models},
         "/v1/providers": {"GET": providers.providers},
