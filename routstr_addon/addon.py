@@ -26,6 +26,8 @@ except ImportError:  # loaded by path (mitmdump -s) from a checkout that is not 
 from routstr_addon import settings
 from routstr_addon.background import Background
 from routstr_addon.errors import ApiError, install_error_pages
+from routstr_addon.observe.flows import FlowObserver
+from routstr_addon.observe.quiet import apply_log_level, quiet_shutdown
 from routstr_addon.proxy.forward import PaidForward
 from routstr_addon.proxy.listen import ListenBacklog
 from routstr_addon.proxy.local import LocalEndpoints
@@ -41,22 +43,35 @@ _OUR_OPTIONS = frozenset(s.option for s in settings.SETTINGS)
 
 
 class Serving:
-    """One runtime's hooks: the local endpoints first, then the paid forward, and the
-    background work that starts when mitmproxy runs and ends when it stops."""
+    """One runtime's hooks: the local endpoints first, then the paid forward, then the
+    observer of each request's end (its log line, its metrics); and the background work that
+    starts when mitmproxy runs and ends when it stops."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.background = Background(runtime)
         self.backlog = ListenBacklog(runtime.config.listen_backlog)
-        self.addons = [LocalEndpoints(runtime.services), PaidForward(runtime)]
+        self.addons: list[Any] = [LocalEndpoints(runtime.services), PaidForward(runtime)]
+        config = runtime.config
+        if config.log_format != "off" or runtime.metrics is not None:
+            self.addons.append(FlowObserver(config.log_format, runtime.metrics, runtime.meter))
+        self.listener: Any = None
+        if runtime.metrics is not None and config.metrics_port:
+            from routstr_addon.observe.exposition import MetricsListener
+
+            self.listener = MetricsListener(runtime.metrics, config.metrics_port)
 
     def running(self) -> None:
         self.background.start()
         self.backlog.start()
+        if self.listener is not None:
+            asyncio.get_running_loop().create_task(self.listener.start())
 
     async def done(self) -> None:
         self.background.stop()
         self.backlog.stop()
+        if self.listener is not None:
+            self.listener.stop()
         await self.runtime.close()
 
     def retire(self, successor: Runtime) -> None:
@@ -65,6 +80,8 @@ class Serving:
         them reopens its ledger's connection to settle)."""
         self.background.stop()
         self.backlog.stop()
+        if self.listener is not None:
+            self.listener.stop()
         successor.meter.take_unsettled(self.runtime.meter)
         self.runtime.ledger.close()
         if self.runtime.wallet is not None:
@@ -91,10 +108,12 @@ class Routstr:
         self._config: Config | None = None
         self._env_errors: list[str] = []
         self._running = False
+        self._metrics: Any = None  # the process's metrics, made when first turned on
 
     def load(self, loader: Any) -> None:
         self._env_errors = settings.register(loader)
         install_error_pages()
+        quiet_shutdown()
 
     def configure(self, updated: set[str]) -> None:
         if not (updated & _OUR_OPTIONS) and self._config is not None:
@@ -106,7 +125,8 @@ class Routstr:
             config = Config.from_options(ctx.options)
             if config == self._config:
                 return  # options set again to the same values
-            runtime = Runtime.build(config, previous.runtime.services.admin if previous else None)
+            runtime = Runtime.build(config, previous.runtime.services.admin if previous else None,
+                                    self._metrics_for(config))
         except Exception as e:
             message = str(e) if isinstance(e, SettingError) else f"cannot start: {e}"
             if self._config is None:
@@ -118,6 +138,7 @@ class Routstr:
         self.serving = Serving(runtime)
         self.addons = [self.view, self.serving]
         self._config = config
+        apply_log_level(config.log_level)
         if previous is not None:
             previous.retire(runtime)
         # Requests we answer ourselves must not open an upstream connection first.
@@ -129,6 +150,17 @@ class Routstr:
                     config.database_url.split("://")[0],
                     config.upstream.origin + config.upstream.base_path if config.upstream
                     else "from the reverse mode")
+
+    def _metrics_for(self, config: Config) -> Any:
+        """The process's metrics if METRICS_TOKEN or METRICS_PORT turns them on (counters
+        carry over when the settings change)."""
+        if not (config.metrics_token or config.metrics_port):
+            return None
+        if self._metrics is None:
+            from routstr_addon.observe.metrics import Metrics
+
+            self._metrics = Metrics()
+        return self._metrics
 
     def running(self) -> None:
         self._running = True

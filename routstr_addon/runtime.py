@@ -7,11 +7,15 @@ payments) is None here once, and nowhere is a service missing because it is not 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import os
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from routstr_addon.ecash.wallet import Wallet
 from routstr_addon.ledger import Ledger
@@ -23,6 +27,10 @@ from routstr_addon.payments.lightning import Invoices
 from routstr_addon.payments.payouts import Payouts
 from routstr_addon.settings import Config, SettingError
 from routstr_addon.web import AdminState, Services
+from routstr_addon.web.adminshared import SharedLoginLimiter, SharedSessions
+
+if TYPE_CHECKING:
+    from routstr_addon.observe.metrics import Metrics
 
 __all__ = ["Runtime"]
 
@@ -41,11 +49,14 @@ class Runtime:
     invoices: Invoices | None
     payouts: Payouts | None
     seen: Seen  # when the upstream last answered (stamped on the request path)
+    metrics: Metrics | None = None  # None: METRICS_TOKEN and METRICS_PORT unset
 
     @classmethod
-    def build(cls, config: Config, admin: AdminState | None = None) -> Runtime:
+    def build(cls, config: Config, admin: AdminState | None = None,
+              metrics: Metrics | None = None) -> Runtime:
         """Open the ledger, load prices and make the services; ``admin``: the dashboard's
-        sessions and login limits to keep from the runtime this one replaces."""
+        state to keep from the runtime this one replaces (its sessions and login limits live
+        in the ledger, shared by every process); ``metrics``: the process's, to count in."""
         pricing = Pricing(_models(config), config.exchange_fee, config.upstream_provider_fee)
         if config.btc_usd_price is not None:
             pricing.set_rate(config.btc_usd_price)
@@ -62,11 +73,15 @@ class Runtime:
             payments = Payments(ledger, wallet, invoices, config.swap_untrusted_mints)
             payouts = Payouts(ledger, wallet, config, payments)
         seen = Seen()
-        services = Services(config, ledger, pricing, wallet, payments, invoices,
-                            admin or AdminState())
+        shared = AdminState(SharedSessions(ledger.admin), SharedLoginLimiter(ledger.admin),
+                            admin.withdrawing if admin is not None else asyncio.Lock())
+        services = Services(config, ledger, pricing, wallet, payments, invoices, shared)
         services.readiness = Readiness(config, ledger, pricing, wallet, seen)
+        services.metrics = metrics
+        if metrics is not None:
+            _measure(metrics, config, ledger, pricing, wallet)
         return cls(config, ledger, pricing, Meter(config, ledger, pricing), services, wallet,
-                   payments, invoices, payouts, seen)
+                   payments, invoices, payouts, seen, metrics)
 
     async def close(self) -> None:
         """At shutdown: leave the process registry, close the mints' connections, checkpoint
@@ -81,6 +96,29 @@ class Runtime:
             self.ledger.checkpoint()
         finally:
             self.ledger.close()
+
+
+def _measure(metrics: Metrics, config: Config, ledger: Ledger, pricing: Pricing,
+             wallet: Wallet | None) -> None:
+    """Point the process's metrics at this runtime: the ledger's books, the rate's age, the
+    trusted mints' calls, and what this process is."""
+    from routstr_addon import __version__
+
+    trusted = list(wallet.mints) if wallet is not None else []
+    metrics.watch_books(lambda: ledger.gauges(trusted))
+
+    def rate_age() -> float:
+        if config.btc_usd_price is not None:
+            return 0.0
+        return -1.0 if pricing.rate_updated is None else time.time() - pricing.rate_updated
+
+    metrics.rate_age.set_function(rate_age)
+    if wallet is not None:
+        for mint in wallet.mints.values():
+            mint.client.observe = metrics.mint_call
+    metrics.info.info({"version": __version__, "database": ledger.database.name,
+                       "pricing": "model_based" if config.model_based_pricing else "fixed",
+                       "host": socket.gethostname(), "pid": str(os.getpid())})
 
 
 def _models(config: Config) -> dict[str, Any]:

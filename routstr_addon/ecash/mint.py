@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 
-__all__ = ["SPENT_CODE", "MintClient", "MintError", "MintUnreachable"]
+__all__ = ["SPENT_CODE", "MintClient", "MintError", "MintUnreachable", "operation"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,19 @@ class MintError(Exception):
         self.status = status
 
 
+def operation(path: str) -> str:
+    """A mint API path as a bounded name: ``/v1/swap`` → ``swap``, ``/v1/mint/quote/bolt11``
+    → ``mint_quote``, ``/v1/melt/quote/bolt11/{id}`` → ``melt_quote_state``."""
+    parts = [p for p in path.strip("/").split("/")[1:] if p != "bolt11"]
+    if not parts:
+        return "other"
+    if parts[0] == "keys":
+        return "keys"
+    if len(parts) >= 3 and parts[1] == "quote":
+        return f"{parts[0]}_quote_state"
+    return "_".join(parts)[:32]
+
+
 class MintClient:
     def __init__(self, url: str, timeout: float = 15.0) -> None:
         self.url = url.rstrip("/")
@@ -45,11 +59,29 @@ class MintClient:
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
         )
         self.answered_at: float | None = None  # when the mint last answered (/ready reads it)
+        # Told of every call (operation, outcome, seconds) when metrics are on.
+        self.observe: Callable[[str, str, float], None] | None = None
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
     async def _call(self, method: str, path: str, json: Any = None) -> Any:
+        observe = self.observe
+        if observe is None:
+            return await self._exchange(method, path, json)
+        started = time.perf_counter()
+        outcome = "unreachable"
+        try:
+            data = await self._exchange(method, path, json)
+            outcome = "ok"
+            return data
+        except MintError:
+            outcome = "refused"
+            raise
+        finally:
+            observe(operation(path), outcome, time.perf_counter() - started)
+
+    async def _exchange(self, method: str, path: str, json: Any = None) -> Any:
         try:
             resp = await self._client.request(method, path, json=json)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:

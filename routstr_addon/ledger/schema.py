@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 import peewee
 
-__all__ = ["MODELS", "UNIT_MSAT", "ApiKey", "Instance", "Invoice", "KeysetCounter",
+__all__ = ["MODELS", "UNIT_MSAT", "AdminAction", "AdminLoginFailure", "AdminSession", "ApiKey",
+           "Instance", "Invoice", "KeysetCounter",
            "LedgerEntry", "Payment", "Payout", "PendingSwap", "Refund", "Reservation",
            "StoredProof"]
 
@@ -257,6 +258,47 @@ class KeysetCounter(_Base):
         table_name = "keyset_counters"
 
 
+class AdminSession(_Base):
+    """An open /admin session, shared by every process on the database (``adminstore``)."""
+
+    id_hash = peewee.CharField(max_length=64, primary_key=True)  # SHA-256 of the cookie's id
+    csrf = peewee.TextField()
+    tag = peewee.CharField(max_length=64)  # keyed digest of the password it was opened with
+    created_at = peewee.DoubleField()
+    expires_at = peewee.DoubleField()
+    flash = peewee.TextField(null=True)  # messages shown once, as JSON
+
+    class Meta:
+        table_name = "admin_sessions"
+
+
+class AdminLoginFailure(_Base):
+    """A failed /admin login (or admin API token) from a client address, for the limiter."""
+
+    id = peewee.BigAutoField()
+    address = peewee.TextField()
+    at = peewee.DoubleField()
+
+    class Meta:
+        table_name = "admin_login_failures"
+        indexes = ((("address", "at"), False),)
+
+
+class AdminAction(_Base):
+    """A change the operator made (dashboard or admin API): append-only."""
+
+    id = peewee.BigAutoField()
+    at = peewee.DoubleField()
+    actor = peewee.CharField(max_length=16)  # admin (the dashboard) | api
+    action = peewee.CharField(max_length=32)
+    target = peewee.TextField()
+    detail = peewee.TextField()
+
+    class Meta:
+        table_name = "admin_actions"
+
+
 MODELS: Sequence[type[peewee.Model]] = (ApiKey, LedgerEntry, Reservation, Instance, StoredProof,
                                         Payment, Refund, Invoice, KeysetCounter, Payout,
-                                        PendingSwap)
+                                        PendingSwap, AdminSession, AdminLoginFailure,
+                                        AdminAction)

@@ -120,6 +120,7 @@ class Paid:
     retrying: bool = False  # the ledger could not take its settlement: retried in the background
     prompt_estimate: int | None = None
     timer: Any = None  # asyncio.TimerHandle of the upstream timeout
+    first_byte_at: float | None = None  # a stream's first chunk from the upstream (metrics)
 
     @property
     def settled(self) -> bool:

@@ -20,7 +20,7 @@ import httpx
 
 from routstr_addon.ledger import Ledger
 from routstr_addon.metering.pricing import Pricing
-from routstr_addon.settings import Config, Upstream
+from routstr_addon.settings import Config, SettingError, Upstream, parse_upstream
 
 __all__ = ["Check", "Readiness", "Seen"]
 
@@ -184,7 +184,7 @@ class Readiness:
 
     async def _ask_upstream(self) -> bool:
         """Any answer below 500 to ``GET {base}/models`` means the upstream is there."""
-        upstream = self.upstream
+        upstream = self.upstream or _reverse_target()
         if upstream is None:
             raise RuntimeError("no upstream configured")
         if self._client is None:
@@ -208,3 +208,20 @@ class Readiness:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+
+def _reverse_target() -> Upstream | None:
+    """Without UPSTREAM_BASE_URL: the target of mitmproxy's reverse mode, if it runs one."""
+    from mitmproxy import ctx
+
+    try:
+        modes = list(ctx.options.mode)
+    except (AttributeError, KeyError):
+        return None
+    for mode in modes:
+        if mode.startswith("reverse:"):
+            try:
+                return parse_upstream(mode.removeprefix("reverse:"))
+            except SettingError:
+                return None
+    return None

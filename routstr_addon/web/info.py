@@ -34,6 +34,21 @@ def health(services: Services, request: http.Request, peer: Peer) -> http.Respon
     return json_response(200, {"status": "ok"})
 
 
+def metrics(services: Services, request: http.Request, peer: Peer) -> http.Response:
+    """Prometheus metrics, with ``Authorization: Bearer <METRICS_TOKEN>`` (else 404: not on)."""
+    from routstr_addon.errors import ApiError
+    from routstr_addon.observe.exposition import exposition, token_matches
+
+    token = services.config.metrics_token
+    if services.metrics is None or not token:
+        raise ApiError(404, "Metrics are not served on this port (set METRICS_TOKEN).",
+                       type="invalid_request_error", code="not_found")
+    if not token_matches(request.headers.get("authorization", ""), token):
+        raise ApiError(401, "Send the metrics token as 'Authorization: Bearer <METRICS_TOKEN>'.",
+                       type="invalid_request_error", code="invalid_metrics_token")
+    return exposition(services.metrics)
+
+
 async def ready(services: Services, request: http.Request, peer: Peer) -> http.Response:
     """Readiness: 200 when every check passes, else 503 (a balancer drains this process)."""
     readiness = services.readiness

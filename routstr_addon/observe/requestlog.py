@@ -1,0 +1,103 @@
+"""A line per request, for an operator to grep or ship: ``LOG_FORMAT=text`` (key=value pairs)
+or ``json`` (one object per line), on stdout, apart from the proxy's own log (``flows``
+writes them).
+
+Each line: the time the request arrived (UTC), its id (``x-routstr-request-id``), the key's id
+(the first 16 hex digits of its hash, never the key), how it was paid, method and path, model,
+status, reserved and charged msat, the upstream's time to headers, the total time, and the
+bytes in and out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any, TextIO
+
+from mitmproxy import http
+
+from routstr_addon.metering.meter import Paid
+
+__all__ = ["ACCESS_LOGGER", "PATH", "access_logger", "fields", "format_line"]
+
+ACCESS_LOGGER = "routstr.requests"
+PATH = "routstr.path"  # the client's path, kept before the paid forward rewrites it
+STATE = "routstr"  # the paid forward's ``Paid`` (proxy.forward.STATE)
+
+
+def access_logger(stream: TextIO | None = None) -> logging.Logger:
+    """The request log: its own handler on stdout, never mixed into mitmproxy's log."""
+    logger = logging.getLogger(ACCESS_LOGGER)
+    if not logger.handlers:
+        handler = logging.StreamHandler(stream or sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+    return logger
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+def fields(flow: http.HTTPFlow, now: float | None = None) -> dict[str, Any]:
+    """What the line says about a finished (or failed) flow."""
+    req, resp = flow.request, flow.response
+    paid = flow.metadata.get(STATE)
+    paid = paid if type(paid) is Paid else None
+    end = (resp.timestamp_end if resp is not None and resp.timestamp_end else None) or \
+        (now or time.time())
+    upstream_ms = None
+    if paid is not None and resp is not None and resp.timestamp_start and req.timestamp_end:
+        upstream_ms = _ms(resp.timestamp_start - req.timestamp_end)
+    if resp is None:
+        out_bytes = 0
+    elif paid is not None and paid.tap is not None:
+        out_bytes = paid.tap.delivered
+    else:
+        out_bytes = len(resp.raw_content or b"")
+    closed = paid.closed if paid is not None else None
+    model = None
+    if paid is not None:
+        model = paid.model.id if paid.model is not None else _model(paid.body)
+    path = flow.metadata.get(PATH) or req.path.split("?", 1)[0]
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(req.timestamp_start))
+        + f".{int(req.timestamp_start * 1000) % 1000:03d}Z",
+        "request_id": flow.id,
+        "key_id": paid.key_hash[:16] if paid is not None else None,
+        "paid_by": None if paid is None else "key" if paid.payer is None else "x-cashu",
+        "method": req.method,
+        "endpoint": path,
+        "model": model,
+        "status": resp.status_code if resp is not None else None,
+        "reserved_msat": paid.reserved_msat if paid is not None else None,
+        "charged_msat": closed.charged_msat if closed is not None else None,
+        "upstream_ms": upstream_ms,
+        "total_ms": _ms(end - req.timestamp_start),
+        "bytes_in": len(req.raw_content or b""),
+        "bytes_out": out_bytes,
+        "error": flow.error.msg if flow.error is not None else None,
+    }
+
+
+def _model(body: dict[str, Any] | None) -> str | None:
+    name = body.get("model") if body else None
+    return name[:100] if isinstance(name, str) else None
+
+
+def format_line(values: dict[str, Any], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(values, separators=(",", ":"))
+    parts = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        text = str(value)
+        if not text or any(c in text for c in ' "=\\\n\r\t'):
+            text = json.dumps(text)
+        parts.append(f"{name}={text}")
+    return " ".join(parts)
