@@ -27,7 +27,7 @@ from routstr_addon import settings
 from routstr_addon.background import Background
 from routstr_addon.errors import ApiError, install_error_pages
 from routstr_addon.observe.flows import FlowObserver
-from routstr_addon.observe.quiet import apply_log_level, quiet_shutdown
+from routstr_addon.observe.quiet import apply_log_level, close_connections, quiet_shutdown
 from routstr_addon.proxy.forward import PaidForward
 from routstr_addon.proxy.listen import ListenBacklog
 from routstr_addon.proxy.local import LocalEndpoints
@@ -68,6 +68,7 @@ class Serving:
             asyncio.get_running_loop().create_task(self.listener.start())
 
     async def done(self) -> None:
+        await close_connections()  # ended here, they end quietly (see observe.quiet)
         self.background.stop()
         self.backlog.stop()
         if self.listener is not None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import re
+import signal
+import socket
 import time
 from typing import Any
 
 import httpx
 
 from routstr_addon.dev.localmint import free_port
+from routstr_addon.ledger import hash_key
 
 from .conftest import Proxy, raw
 
@@ -51,3 +56,86 @@ def test_ready_is_503_while_the_upstream_is_away(make_proxy: Any) -> None:
     assert "Connect" in body["checks"]["upstream"]["detail"]
     assert body["checks"]["ledger"]["ok"] is True
     assert raw(proxy, "GET", "/health").status_code == 200  # alive all the same
+
+
+# --- the line per request -----------------------------------------------------------------
+
+
+def request_lines(proxy: Proxy, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
+    """The JSON request line of one request in the proxy's output."""
+    found = proxy.output.wait_for(r'^\{"time".*"request_id":"' + re.escape(request_id) + '"',
+                                  timeout)
+    line: dict[str, Any] = json.loads(found.string)
+    return line
+
+
+def test_one_json_line_per_request_with_money_and_times_and_never_the_key(
+        make_proxy: Any) -> None:
+    proxy = make_proxy({"LOG_FORMAT": "json"})
+    key = proxy.new_key(sats=100)
+    paid = raw(proxy, "POST", "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+               json={"model": "test/model", "messages": [{"role": "user", "content": "hi"}]})
+    assert paid.status_code == 200
+    line = request_lines(proxy, paid.headers["x-routstr-request-id"])
+    assert line["key_id"] == hash_key(key)[:16] and line["paid_by"] == "key"
+    assert (line["method"], line["endpoint"], line["model"], line["status"]) == (
+        "POST", "/v1/chat/completions", "test/model", 200)
+    assert line["charged_msat"] == int(paid.headers["x-routstr-cost-msats"]) > 0
+    assert line["reserved_msat"] >= line["charged_msat"]
+    assert 0 < line["upstream_ms"] <= line["total_ms"]
+    assert line["bytes_in"] > 0 and line["bytes_out"] == len(paid.content)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"])
+    with proxy.client(key).chat.completions.create(
+            model="test/model", stream=True,
+            messages=[{"role": "user", "content": "one two three"}]) as stream:
+        streamed_id = stream.response.headers["x-routstr-request-id"]
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    line = request_lines(proxy, streamed_id)
+    assert line["status"] == 200 and line["charged_msat"] > 0 and line["bytes_out"] > 0
+    refused = raw(proxy, "POST", "/v1/chat/completions?x=1",
+                  headers={"authorization": "Bearer sk-" + "0" * 64}, json={"model": "test/model"})
+    assert refused.status_code == 401
+    proxy.output.wait_for(r'"endpoint":"/v1/chat/completions","model":null,"status":401')
+    assert key not in proxy.output.text and key[3:] not in proxy.output.text
+
+
+def test_text_lines_by_default_and_log_level_honoured(make_proxy: Any) -> None:
+    proxy = make_proxy({"LOG_LEVEL": "warning"})
+    assert raw(proxy, "GET", "/v1/info").status_code == 200
+    line = proxy.output.wait_for(r"^time=\S+ request_id=\S+ method=GET endpoint=/v1/info "
+                                 r"status=200 total_ms=[\d.]+ bytes_in=0 bytes_out=\d+$")
+    assert "key_id" not in line.string
+    assert "pricing, ledger sqlite" not in proxy.output.text  # an info line of the proxy's
+    chatty = make_proxy({"LOG_LEVEL": "info", "LOG_FORMAT": "off"}, name="chatty")
+    assert raw(chatty, "GET", "/v1/info").status_code == 200
+    chatty.output.wait_for("pricing, ledger sqlite")
+    time.sleep(0.5)
+    assert "request_id" not in chatty.output.text
+
+
+def test_client_disconnects_and_a_stop_with_open_connections_are_quiet(make_proxy: Any) -> None:
+    proxy = make_proxy()
+    key = proxy.new_key(sats=100)
+    port = int(proxy.url.rsplit(":", 1)[1])
+    held = []
+    for _ in range(3):  # keep-alive connections left open
+        conn = socket.create_connection(("127.0.0.1", port))
+        conn.sendall(b"GET /v1/info HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+        held.append(conn)
+    cut = socket.create_connection(("127.0.0.1", port))  # a client gone mid-request
+    cut.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                + key.encode() + b"\r\nContent-Length: 500\r\n\r\n{")
+    cut.close()
+    with httpx.Client(base_url=proxy.v1, timeout=10) as client, client.stream(
+            "POST", "/chat/completions", headers={"authorization": f"Bearer {key}"},
+            json={"model": "test/model", "stream": True,
+                  "messages": [{"role": "user", "content": "a b c d e f g"}]}) as stream:
+        next(stream.iter_bytes())  # then hang up mid-stream
+    time.sleep(0.5)
+    proxy.process.send_signal(signal.SIGTERM)
+    assert proxy.process.wait(15) == 0
+    for conn in held:
+        conn.close()
+    proxy.output.wait_for("^$")  # the end of its output
+    assert "Traceback" not in proxy.output.text and "CancelledError" not in proxy.output.text

@@ -1,11 +1,13 @@
 """The proxy's own log as the operator asked (``LOG_LEVEL``), and a quiet stop.
 
-Stopping mitmproxy (SIGTERM) while clients hold keep-alive connections cancels each
-connection's server task after mitmproxy's own error handler is gone; asyncio's stream
-protocol then asks the cancelled task for its exception inside a loop callback (Python 3.12)
-and the loop prints a ``CancelledError`` traceback per connection, which reads like a crash.
-The handler installed here drops exactly those (a cancelled task is how a connection ends at
-shutdown) and hands everything else to the handler that was there before.
+Stopping mitmproxy (SIGTERM) while clients hold keep-alive connections leaves each
+connection's server task to ``asyncio.run``, which cancels it after mitmproxy's own error
+handler is gone; asyncio's stream protocol then asks the cancelled task for its exception
+inside a loop callback (Python 3.12) and the loop prints a ``CancelledError`` traceback per
+connection, which reads like a crash. So at ``done`` the open connections are ended the way
+mitmproxy ends one itself (their handler task is cancelled, the client task then finishes
+normally, client-disconnect hooks included); and a loop handler drops a cancelled task's
+``CancelledError`` should one still reach it, handing everything else on.
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ import contextlib
 import logging
 from typing import Any
 
-__all__ = ["apply_log_level", "quiet_shutdown"]
+__all__ = ["apply_log_level", "close_connections", "quiet_shutdown"]
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
-_TERMLOG = {"debug": "debug", "info": "info", "warning": "warn", "error": "error"}
 
 
 def quiet_shutdown() -> None:
@@ -44,14 +45,38 @@ def quiet_shutdown() -> None:
     loop.set_exception_handler(handler)
 
 
+async def close_connections(grace: float = 2.0) -> None:
+    """End the client connections still open (at shutdown), and wait for them to go."""
+    from mitmproxy import ctx
+
+    try:
+        server = ctx.master.addons.get("proxyserver")
+    except AttributeError:
+        return
+    connections = getattr(server, "connections", None)
+    if not connections:
+        return
+    for handler in list(connections.values()):
+        io = handler.transports.get(handler.client)
+        if io is not None and io.handler is not None:
+            io.handler.cancel("shutting down")
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(grace):
+            while connections:  # noqa: ASYNC110 - mitmproxy has no event for "all gone"
+                await asyncio.sleep(0.02)
+
+
 def apply_log_level(level: str) -> None:
-    """LOG_LEVEL: our loggers' level, and mitmproxy's terminal log when it has one."""
+    """LOG_LEVEL: our loggers' level. mitmproxy's own lines (listening, client connects) keep
+    its ``termlog_verbosity``, except that ``debug`` opens the terminal log to debug lines."""
     value = _LEVELS.get(level, logging.INFO)
     for name in ("routstr", "routstr_addon"):
         logging.getLogger(name).setLevel(value)
+    if level != "debug":
+        return
     from mitmproxy import ctx
 
     with contextlib.suppress(AttributeError, KeyError):
         options = ctx.options
-        if "termlog_verbosity" in options and options.termlog_verbosity != _TERMLOG[level]:
-            options.update(termlog_verbosity=_TERMLOG[level])
+        if "termlog_verbosity" in options and options.termlog_verbosity != "debug":
+            options.update(termlog_verbosity="debug")
