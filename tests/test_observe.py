@@ -139,3 +139,71 @@ def test_client_disconnects_and_a_stop_with_open_connections_are_quiet(make_prox
         conn.close()
     proxy.output.wait_for("^$")  # the end of its output
     assert "Traceback" not in proxy.output.text and "CancelledError" not in proxy.output.text
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+METRICS_TOKEN = "metrics-token-0123456789abcdef"
+
+
+def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus's text format as {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
+          **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_need_their_token_and_count_what_the_proxy_did(make_proxy: Any) -> None:
+    port = free_port()
+    proxy = make_proxy({"METRICS_TOKEN": METRICS_TOKEN, "METRICS_PORT": str(port)})
+    assert raw(proxy, "GET", "/metrics").status_code == 401
+    wrong = raw(proxy, "GET", "/metrics", headers={"authorization": "Bearer " + "x" * 30})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_metrics_token"
+    key = proxy.new_key(sats=100)
+    costs = []
+    for _ in range(3):
+        paid = raw(proxy, "POST", "/v1/chat/completions",
+                   headers={"authorization": f"Bearer {key}"},
+                   json={"model": "test/model", "messages": [{"role": "user", "content": "hi"}]})
+        costs.append(int(paid.headers["x-routstr-cost-msats"]))
+    with proxy.client(key).chat.completions.create(
+            model="test/model", stream=True,
+            messages=[{"role": "user", "content": "x y z"}]) as stream:
+        for _ in stream:
+            pass
+    proxy.wait_settled()
+    assert raw(proxy, "GET", "/v1/nowhere/" + "a" * 50).status_code in (401, 404)
+    resp = raw(proxy, "GET", "/metrics", headers={"authorization": f"Bearer {METRICS_TOKEN}"})
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+    samples = scrape(resp.text)
+    chat = {"endpoint": "/v1/chat/completions", "model": "test/model", "status": "200"}
+    assert value(samples, "routstr_requests_total", **chat) == 4
+    assert not [k for k in samples if "nowhere" in str(k)]  # paths never become labels
+    charged = value(samples, "routstr_charged_msat_total")
+    assert charged > sum(costs) and charged == value(samples, "routstr_ledger_charged_msat")
+    assert value(samples, "routstr_reserved_msat_total") == charged + value(
+        samples, "routstr_released_msat_total")
+    assert value(samples, "routstr_upstream_headers_seconds_count",
+                 endpoint="/v1/chat/completions") == 4
+    assert value(samples, "routstr_stream_ttfb_seconds_count",
+                 endpoint="/v1/chat/completions") == 1
+    assert value(samples, "routstr_rate_age_seconds") == 0  # a fixed rate
+    assert value(samples, "routstr_liabilities_msat") == 0  # operator credit is not owed
+    assert value(samples, "routstr_operator_credit_msat") == 100_000 - charged
+    info = [k for k in samples if k[0] == "routstr_instance_info"]
+    assert info and ("database", "sqlite") in info[0][1]
+    local = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)  # loopback: no token
+    assert local.status_code == 200
+    assert value(scrape(local.text), "routstr_charged_msat_total") == charged
+    assert httpx.get(f"http://127.0.0.1:{port}/other", timeout=10).status_code == 404
+
+
+def test_metrics_are_off_unless_asked_for(proxy: Proxy) -> None:
+    off = raw(proxy, "GET", "/metrics", headers={"authorization": f"Bearer {METRICS_TOKEN}"})
+    assert off.status_code == 404 and off.json()["error"]["code"] == "not_found"

@@ -36,6 +36,10 @@ class _Books(Collector):
         self.read = read
         self._cached: tuple[float, dict[str, Any]] | None = None
 
+    def describe(self) -> list[GaugeMetricFamily]:
+        """Nothing to describe up front: registering must not read the ledger."""
+        return []
+
     def collect(self) -> Iterable[GaugeMetricFamily]:
         now = time.monotonic()
         if self._cached is None or now - self._cached[0] >= BOOKS_EVERY:
