@@ -47,7 +47,10 @@ class Background:
             work["refunds"] = rt.payouts.loop(config.refund_processing_interval, "refunds")
         if rt.ledger.instance_id is None:
             rt.ledger.register_instance()
-        work["sweeper"] = Sweeper(rt.meter).run()
+        sweeper = Sweeper(rt.meter)
+        if rt.metrics is not None:
+            sweeper.on_swept = rt.metrics.swept
+        work["sweeper"] = sweeper.run()
         work["settlements"] = retry_settlements(rt.meter)
         if config.nostr.secret_key:  # NSEC: list this proxy on the Nostr relays, daily
             from routstr_addon.discovery.nostr import announce_forever

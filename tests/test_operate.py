@@ -150,3 +150,67 @@ def _mnemonic() -> str:
     from mnemonic import Mnemonic
 
     return str(Mnemonic("english").generate())
+
+
+# --- the parts on their own, on SQLite and PostgreSQL -----------------------------------------
+
+
+def test_shared_sessions_and_login_limits_live_in_the_ledger(database_url: str) -> None:
+    from routstr_addon.ledger import Ledger
+    from routstr_addon.web.adminshared import SharedLoginLimiter, SharedSessions
+    from routstr_addon.web.auth import password_tag
+
+    one, two = Ledger(database_url), Ledger(database_url)  # two processes' connections
+    try:
+        tag = password_tag(PASSWORD)
+        made = SharedSessions(one.admin, lifetime=100)
+        seen = SharedSessions(two.admin, lifetime=100)
+        sid, session = made.create(tag, now=1000)
+        found = seen.get(sid, tag, now=1050)
+        assert found is not None and found.csrf == session.csrf and found.csrf_ok(session.csrf)
+        found.flash.append(("ok", "shown once"))
+        seen.save_flash(found)
+        again = made.get(sid, tag, now=1051)
+        assert again is not None and again.flash == [("ok", "shown once")]
+        assert made.get(sid, tag, now=1100) is None  # expired
+        sid, _ = made.create(tag)
+        assert seen.get(sid, password_tag("another password")) is None  # password changed
+        assert made.get(sid, tag) is None  # and the session is gone for every process
+        sid, _ = made.create(tag)
+        seen.drop(sid)  # logout on one process
+        assert made.get(sid, tag) is None and len(made) == 0
+        few = SharedSessions(one.admin, limit=3)
+        ids = [few.create(tag)[0] for _ in range(5)]
+        assert len(few) == 3 and few.get(ids[0], tag) is None and few.get(ids[4], tag)
+
+        limits = [SharedLoginLimiter(ledger.admin, attempts=5, window=60) for ledger in (one, two)]
+        for i in range(5):
+            assert limits[i % 2].retry_after("10.0.0.1", now=100 + i) == 0
+            limits[i % 2].failed("10.0.0.1", now=100 + i)
+        assert limits[0].retry_after("10.0.0.1", now=105) == 55
+        assert limits[1].retry_after("10.0.0.1", now=105) == 55
+        assert limits[1].retry_after("10.0.0.2", now=105) == 0
+        assert limits[0].retry_after("10.0.0.1", now=160.5) == 0  # the first aged out
+        limits[1].failed("10.0.0.1", now=161)
+        limits[0].succeeded("10.0.0.1")
+        assert limits[1].retry_after("10.0.0.1", now=162) == 0
+    finally:
+        one.close()
+        two.close()
+
+
+def test_an_older_ledger_gets_the_new_tables(database_url: str) -> None:
+    from routstr_addon.ledger import Ledger
+
+    ledger = Ledger(database_url)
+    for table in ("admin_sessions", "admin_login_failures", "admin_actions"):
+        ledger.db.execute_sql(f"DROP TABLE {table}")
+    ledger.close()
+    reopened = Ledger(database_url)
+    try:
+        assert {"admin_sessions", "admin_login_failures", "admin_actions"} <= set(
+            reopened.db.get_tables())
+        reopened.admin.journal(1.0, "api", "key.create", "k", "{}")
+        assert reopened.admin.actions()[0]["action"] == "key.create"
+    finally:
+        reopened.close()

@@ -92,8 +92,14 @@ class Database:
         return self.dialect.sql(text)
 
     def cursor(self) -> Cursor:
-        """A cursor outside any transaction: each statement commits (or reads) on its own."""
-        cur: Cursor = self.peewee.connection().cursor()
+        """A cursor outside any transaction: each statement commits (or reads) on its own.
+
+        A connection the server ended (PostgreSQL restarted or stopped, psycopg2 marks it
+        closed) is replaced first: it would refuse every statement from now on."""
+        conn = self.peewee.connection()
+        if getattr(conn, "closed", 0):  # psycopg2's flag; sqlite3 connections have none
+            conn = self.reconnect()
+        cur: Cursor = conn.cursor()
         return cur
 
     def reader(self) -> Tx:

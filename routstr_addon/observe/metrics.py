@@ -132,6 +132,11 @@ class Metrics:
             child = self._children[key] = self.requests.labels(endpoint, model, status)
         child.inc()
 
+    def swept(self, closed: Iterable[Any]) -> None:
+        """Reservations the sweeper closed (``Settlement``s): charged or released."""
+        for done in closed:
+            self.sweeps.labels("charged" if done.charged_msat else "released").inc()
+
     def mint_call(self, operation: str, outcome: str, seconds: float) -> None:
         self.mint_calls.labels(operation, outcome).inc()
         self.mint_seconds.labels(operation).observe(seconds)
