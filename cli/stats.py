@@ -56,6 +56,7 @@ def read_stats(ledger: Ledger, days: int, now: float | None = None) -> dict[str,
     by_day_model.sort(key=lambda r: (r["day"], -r["revenue_msat"], str(r["model"])))
     total_requests = sum(m["requests"] for m in models.values())
     total_revenue = sum(m["revenue_msat"] for m in models.values())
+    overruns, overrun_msat = ledger.reports.overruns_since(since)
     return {
         "days": days,
         "since": since,
@@ -66,6 +67,10 @@ def read_stats(ledger: Ledger, days: int, now: float | None = None) -> dict[str,
         "models": sorted(models.values(), key=lambda m: (-m["revenue_msat"], str(m["model"]))),
         "per_day": list(per_day.values()),
         "per_day_model": by_day_model,
+        # Requests that cost more than was reserved for them (the excess is charged on top,
+        # as far as the key could pay): each one is a pricing rule to fix.
+        "under_reservations": overruns,
+        "under_reserved_msat": overrun_msat,
     }
 
 
@@ -108,3 +113,7 @@ def stats(
         daily.add_row(d["day"], f"{d['requests']:,}", sats(d["revenue_msat"]),
                       f"[green]{bar}[/green]")
     console.print(daily)
+    if data["under_reservations"]:
+        console.print(f"[red]under-reservations: {data['under_reservations']:,} request(s) cost "
+                      f"more than was reserved ({sats(data['under_reserved_msat'])} sats charged "
+                      "beyond their reservations)[/red]")

@@ -28,7 +28,9 @@ from routstr_addon.background import Background
 from routstr_addon.errors import ApiError, install_error_pages
 from routstr_addon.observe.flows import FlowObserver
 from routstr_addon.observe.quiet import apply_log_level, close_connections, quiet_shutdown
+from routstr_addon.proxy.cors import Cors
 from routstr_addon.proxy.forward import PaidForward
+from routstr_addon.proxy.gate import Gate
 from routstr_addon.proxy.listen import ListenBacklog
 from routstr_addon.proxy.local import LocalEndpoints
 from routstr_addon.proxy.webview import FlowView
@@ -43,18 +45,22 @@ _OUR_OPTIONS = frozenset(s.option for s in settings.SETTINGS)
 
 
 class Serving:
-    """One runtime's hooks: the local endpoints first, then the paid forward, then the
-    observer of each request's end (its log line, its metrics); and the background work that
-    starts when mitmproxy runs and ends when it stops."""
+    """One runtime's hooks: the gate (what no endpoint takes), the local endpoints, the paid
+    forward, the observer of each request's end (its log line, its metrics) and CORS; and the
+    background work that starts when mitmproxy runs and ends when it stops."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.background = Background(runtime)
         self.backlog = ListenBacklog(runtime.config.listen_backlog)
-        self.addons: list[Any] = [LocalEndpoints(runtime.services), PaidForward(runtime)]
+        # CORS last: its preflight answer comes at requestheaders, after the gate's checks and
+        # before any request hook, and its headers go on whatever answer the others made. The
+        # observer only reads what the paid forward settled.
+        self.addons: list[Any] = [Gate(), LocalEndpoints(runtime.services), PaidForward(runtime)]
         config = runtime.config
         if config.log_format != "off" or runtime.metrics is not None:
             self.addons.append(FlowObserver(config.log_format, runtime.metrics, runtime.meter))
+        self.addons.append(Cors(config.cors_origins))
         self.listener: Any = None
         if runtime.metrics is not None and config.metrics_port:
             from routstr_addon.observe.exposition import MetricsListener
@@ -112,7 +118,15 @@ class Routstr:
         self._metrics: Any = None  # the process's metrics, made when first turned on
 
     def load(self, loader: Any) -> None:
-        self._env_errors = settings.register(loader)
+        report = settings.startup_report()
+        for line in report.notes:
+            logger.info("routstr: %s", line)
+        for line in report.warnings:
+            logger.warning("routstr: %s", line)
+        if report.log_level:  # routstr-core's LOG_LEVEL: the proxy's own loggers
+            for name in ("routstr", "routstr_addon"):
+                logging.getLogger(name).setLevel(report.log_level)
+        self._env_errors = report.errors + settings.register(loader)
         install_error_pages()
         quiet_shutdown()
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from routstr_addon.datadir import exposed, private_dir, sqlite_files
+from routstr_addon.ecash.seed import MNEMONIC_FILE
 from routstr_addon.ecash.wallet import Wallet
 from routstr_addon.ledger import Ledger
 from routstr_addon.metering.meter import Meter
@@ -60,6 +62,10 @@ class Runtime:
         pricing = Pricing(_models(config), config.exchange_fee, config.upstream_provider_fee)
         if config.btc_usd_price is not None:
             pricing.set_rate(config.btc_usd_price)
+        private_dir(config.data_dir)
+        for line in exposed([config.data_dir, *sqlite_files(config.database_url),
+                             config.data_dir / MNEMONIC_FILE]):
+            logger.warning("routstr: %s", line)
         ledger = Ledger(config.database_url)
         try:
             wallet = Wallet.from_config(ledger, config) if config.cashu_mints else None
@@ -75,7 +81,8 @@ class Runtime:
         seen = Seen()
         shared = AdminState(SharedSessions(ledger.admin), SharedLoginLimiter(ledger.admin),
                             admin.withdrawing if admin is not None else asyncio.Lock())
-        services = Services(config, ledger, pricing, wallet, payments, invoices, shared)
+        services = Services(config, ledger, pricing, wallet, payments, invoices, shared,
+                            payouts=payouts)
         services.readiness = Readiness(config, ledger, pricing, wallet, seen)
         services.metrics = metrics
         if metrics is not None:
@@ -135,6 +142,10 @@ def _models(config: Config) -> dict[str, Any]:
             return {}
         path = fallback
     try:
-        return load_models(path)
+        models = load_models(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SettingError(f"MODELS_PATH: cannot read {path}: {e}") from None
+    if config.model_based_pricing and not models:
+        raise SettingError(f"MODELS_PATH: {path} holds no model (model-based pricing needs "
+                           "at least one)")
+    return models

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from types import SimpleNamespace
+from types import MappingProxyType, SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,11 +29,13 @@ __all__ = [
     "MnemonicError",
     "Setting",
     "SettingError",
+    "StartupReport",
     "environment",
     "load_config",
     "normalize_mnemonic",
     "parse_sources",
     "register",
+    "startup_report",
 ]
 
 
@@ -71,6 +73,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Price requests from models.json and token usage; false charges COST_PER_REQUEST."),
     Setting("COST_PER_REQUEST", int, 1,
             "Sats per request in fixed mode, and for forwarded endpoints without token usage."),
+    Setting("FIXED_PRICE_ENDPOINTS", str, "",
+            "Endpoints forwarded at a fixed price besides the metered ones, as name=sats pairs "
+            "(images/generations=50,audio/speech=10). Empty: only chat/completions, "
+            "completions, embeddings, responses and messages are forwarded."),
     Setting("MODELS_PATH", str, "models.json",
             "Model list in OpenRouter's shape; falls back to models.example.json."),
     Setting("BTC_USD_PRICE", str, "",
@@ -130,6 +136,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ADMIN_PASSWORD", str, "",
             "Password of the /admin dashboard (at least 8 characters). Empty: the dashboard "
             "is off and only says how to turn it on.", secret=True),
+    # -- what users may make the proxy do, and who is believed (issue 11 items 6 and 10) --
+    Setting("ALLOW_PRIVATE_LN_ADDRESSES", bool, False,
+            "Let users' refund addresses (Lightning addresses, LNURLs and their callbacks) be "
+            "plain http and reach loopback or private networks. false: https (or .onion via "
+            "Tor) to public addresses only, checked on the address connected to."),
+    Setting("INVOICES_PER_MINUTE", int, 10,
+            "Lightning invoices one client address may create per minute (then 429)."),
+    Setting("FORWARDED_ALLOW_IPS", str, "",
+            "Reverse proxies (IPs or networks, comma-separated; * for any) whose "
+            "X-Forwarded-For names the real client, as uvicorn's option. Empty: none."),
+    Setting("CORS_ORIGINS", str, "*",
+            "Origins browsers may call the proxy from, comma-separated; * for any."),
     # --- operating it: readiness, logs, metrics, the admin API ---------------------------
     Setting("READY_MAX_AGE", int, 30,
             "Seconds an answer of the primary mint or the upstream counts for /ready; older, "
@@ -150,14 +168,45 @@ SETTINGS: tuple[Setting, ...] = (
 _BY_ENV = {s.env: s for s in SETTINGS}
 
 
-def environment(cwd: Path | None = None) -> dict[str, str]:
-    """The settings' raw values: ``.env`` in the working folder, overridden by the process env."""
+def _dotenv(cwd: Path | None) -> dict[str, str]:
     env_file = (cwd or Path.cwd()) / ".env"
-    values: dict[str, str] = {}
-    if env_file.is_file():
-        values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    if not env_file.is_file():
+        return {}
+    return {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+
+
+def environment(cwd: Path | None = None) -> dict[str, str]:
+    """The settings' raw values: ``.env`` in the working folder, overridden by the process env;
+    routstr-core's names for them read as ours (``core_settings``) where ours are not set."""
+    from routstr_addon.core_settings import translate
+
+    file_values = _dotenv(cwd)
+    values = dict(file_values)
     values.update({k: v for k, v in os.environ.items() if k in _BY_ENV})
+    values.update(translate({**file_values, **os.environ}, _BY_ENV).values)
     return values
+
+
+@dataclass(slots=True)
+class StartupReport:
+    """What start-up says about the environment, once: routstr-core names mapped (``notes``),
+    names that look like ours but are not (``warnings``), and values it cannot run with."""
+
+    notes: list[str]
+    warnings: list[str]
+    errors: list[str]
+    log_level: str | None
+
+
+def startup_report(cwd: Path | None = None) -> StartupReport:
+    from routstr_addon.core_settings import translate, unknown_settings
+
+    file_values = _dotenv(cwd)
+    raw = {**file_values, **os.environ}
+    translation = translate(raw, _BY_ENV)
+    warnings = unknown_settings(os.environ, _BY_ENV, from_file=file_values)
+    return StartupReport(translation.notes, warnings, translation.errors,
+                         translation.log_level)
 
 
 def parse_value(setting: Setting, raw: str) -> Any:
@@ -289,6 +338,16 @@ def _admin_password(raw: str) -> str:
         raise SettingError("ADMIN_PASSWORD: use at least 8 characters (or leave it empty to "
                            "turn the /admin dashboard off)")
     return password
+
+
+def _fixed_prices(raw: str) -> Mapping[str, int]:
+    from routstr_addon.metering.surface import parse_fixed_prices
+
+    try:
+        return MappingProxyType({name: sats * 1000
+                                 for name, sats in parse_fixed_prices(raw).items()})
+    except ValueError as e:
+        raise SettingError(f"FIXED_PRICE_ENDPOINTS: {e}") from None
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -446,6 +505,51 @@ def parse_nostr(options: Any) -> Nostr:
                  Path(hostname_file).expanduser() if hostname_file else None, tor, interval)
 
 
+def parse_networks(name: str, raw: str) -> tuple[str, ...]:
+    """IP addresses or networks (``10.0.0.0/8``), comma-separated, or ``*`` for any."""
+    import ipaddress
+
+    found: list[str] = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        if item == "*":
+            return ("*",)
+        try:
+            found.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise SettingError(f"{name}: expected IP addresses or networks such as 127.0.0.1 "
+                               f"or 10.0.0.0/8 (or *), got {item!r}") from None
+    return tuple(found)
+
+
+def parse_origins(raw: str) -> tuple[str, ...]:
+    """``*``, or origins such as ``https://app.example.com`` (no path)."""
+    origins: list[str] = []
+    for item in (part.strip().rstrip("/") for part in raw.split(",")):
+        if not item:
+            continue
+        if item == "*":
+            return ("*",)
+        parts = urlsplit(item)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path:
+            raise SettingError(f"CORS_ORIGINS: expected origins such as "
+                               f"https://app.example.com (or *), got {item!r}")
+        origins.append(f"{parts.scheme}://{parts.netloc.lower()}")
+    return tuple(origins)
+
+
+def core_database_url(url: str) -> str:
+    """routstr-core's SQLAlchemy URLs as ours: ``sqlite+aiosqlite:///…`` and
+    ``postgresql+asyncpg://…`` (any ``+driver``) name the same databases."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "+" in scheme:
+        base = scheme.split("+", 1)[0]
+        if base in ("sqlite", "postgresql", "postgres"):
+            return f"{base}://{rest}"
+    return url
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The validated settings the proxy runs with."""
@@ -465,6 +569,7 @@ class Config:
     upstream_provider_fee: Decimal
     max_request_size: int
     listen_backlog: int
+    fixed_price_endpoints: Mapping[str, int]  # endpoint name below /v1 → msat per request
     receive_ln_address: str
     minimum_payout_sats: int
     payout_interval: int
@@ -478,6 +583,11 @@ class Config:
     wallet_mnemonic: str = field(default="", repr=False)  # "": the data folder's file
     nostr: Nostr = field(default_factory=Nostr)  # discovery (NSEC, RELAYS…)
     admin_password: str = field(default="", repr=False)  # "": no /admin dashboard
+    # -- what users may make the proxy do, and who is believed --
+    allow_private_ln_addresses: bool = False
+    invoices_per_minute: int = 10
+    forwarded_allow_ips: tuple[str, ...] = ()  # networks, or ("*",)
+    cors_origins: tuple[str, ...] = ("*",)
     ready_max_age: int = 30
     log_level: str = "info"
     log_format: str = "text"  # text | json | off
@@ -488,7 +598,8 @@ class Config:
     @classmethod
     def from_options(cls, options: Any) -> Config:
         data_dir = Path(options.data_dir).expanduser()
-        database_url = options.database_url or f"sqlite:///{data_dir / 'routstr.sqlite'}"
+        database_url = core_database_url(options.database_url.strip()) \
+            or f"sqlite:///{data_dir / 'routstr.sqlite'}"
         if not database_url.startswith(("sqlite:///", "postgresql://", "postgres://")):
             raise SettingError("DATABASE_URL: expected sqlite:///path or postgresql://…, "
                                f"got {database_url.split('://')[0]!r}://…")
@@ -517,6 +628,7 @@ class Config:
             upstream_provider_fee=_decimal("UPSTREAM_PROVIDER_FEE", options.upstream_provider_fee,
                                            minimum=Decimal(1)),
             max_request_size=parse_size("MAX_REQUEST_SIZE", options.max_request_size),
+            fixed_price_endpoints=_fixed_prices(options.fixed_price_endpoints),
             listen_backlog=_at_least("LISTEN_BACKLOG", options.listen_backlog, 1),
             receive_ln_address=parse_ln_address(options.receive_ln_address),
             minimum_payout_sats=_at_least("MINIMUM_PAYOUT", options.minimum_payout, 1),
@@ -532,6 +644,11 @@ class Config:
             wallet_mnemonic=_mnemonic(options.wallet_mnemonic),
             nostr=parse_nostr(options),
             admin_password=_admin_password(options.admin_password),
+            allow_private_ln_addresses=options.allow_private_ln_addresses,
+            invoices_per_minute=_at_least("INVOICES_PER_MINUTE", options.invoices_per_minute, 1),
+            forwarded_allow_ips=parse_networks("FORWARDED_ALLOW_IPS",
+                                               options.forwarded_allow_ips),
+            cors_origins=parse_origins(options.cors_origins),
             ready_max_age=_at_least("READY_MAX_AGE", options.ready_max_age, 1),
             log_level=_choice("LOG_LEVEL", options.log_level, LOG_LEVELS),
             log_format=_choice("LOG_FORMAT", options.log_format, ("text", "json", "off")),

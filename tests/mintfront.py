@@ -16,11 +16,21 @@ class MintFront(MiniServer):
         self.mint_url = mint_url
         self.delay: dict[str, float] = {}  # path → seconds to hold the mint's answer back
         self.fail: dict[str, int] = {}  # path → status to answer instead of asking the mint
+        # path → (status, JSON body, times): an error as a mint words it, the next few times
+        self.refuse: dict[str, tuple[int, dict[str, object], int]] = {}
         self.calls: list[str] = []
 
     async def handle(self, request: Request, responder: Responder) -> None:
         path = request.path.split("?", 1)[0]
         self.calls.append(path)
+        if path in self.refuse:
+            status, body, times = self.refuse[path]
+            if times <= 1:
+                del self.refuse[path]
+            else:
+                self.refuse[path] = (status, body, times - 1)
+            await responder.send(status, body)
+            return
         if path in self.fail:
             await responder.send(self.fail[path], b"mint trouble", content_type="text/plain")
             return

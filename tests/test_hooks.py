@@ -204,7 +204,9 @@ def test_a_funded_key_reserves_the_maximum_and_the_upstream_gets_what_was_priced
     assert paid.reserved_msat >= expected_msat(MODEL, 0, 512)  # room for the whole answer
     req = flow.request
     assert (req.scheme, req.host, req.port) == ("http", "upstream.test", 8000)
-    assert req.path == "/v1/chat/completions?trace=1"
+    assert req.path == "/v1/chat/completions"  # built by the proxy: no client query string
+    assert req.headers["accept-encoding"] == "identity"
+    assert json.loads(req.content or b"") == json.loads(request(key).request.content or b"")
     assert req.headers["authorization"] == "Bearer sk-upstream"  # the operator's, not the key
     assert req.headers["x-cashu-extra"] == "kept"
 
@@ -334,14 +336,38 @@ def test_a_stream_whose_client_asked_for_usage_keeps_the_usage_chunk(proxy: Hook
 # --- failures -------------------------------------------------------------------------------
 
 
-def test_a_client_gone_before_any_answer_releases_the_reservation(proxy: Hooks) -> None:
+def test_a_client_gone_before_the_upstream_was_reached_releases_everything(
+        proxy: Hooks) -> None:
     key = proxy.key()
     flow = request(key)
     proxy.hook("request", flow)
-    flow.error = tflow.terr("client disconnected")
+    flow.server_conn.timestamp_tcp_setup = None  # still connecting to the upstream
+    flow.error = tflow.terr("Client disconnected.")
     proxy.hook("error", flow)
     assert proxy.available(key) == 1000_000
     assert "charged 0 msat" in flow.comment
+    proxy.audit()
+
+
+def test_a_client_gone_before_any_answer_pays_for_its_prompt(proxy: Hooks) -> None:
+    """Issue 11 rule 5: the upstream has the request and works (and bills) anyway."""
+    key = proxy.key()
+    flow = request(key)
+    proxy.hook("request", flow)
+    assert flow.server_conn.timestamp_tcp_setup is not None  # sent upstream
+    flow.error = tflow.terr("Client disconnected.")
+    proxy.hook("error", flow)
+    assert 1000_000 - proxy.available(key) == expected_msat(MODEL, 2, 0)  # "Say hi": 2 tokens
+    proxy.audit()
+
+
+def test_an_upstream_failing_before_any_answer_releases_everything(proxy: Hooks) -> None:
+    key = proxy.key()
+    flow = request(key)
+    proxy.hook("request", flow)
+    flow.error = tflow.terr("Server disconnected.")
+    proxy.hook("error", flow)
+    assert proxy.available(key) == 1000_000
     proxy.audit()
 
 

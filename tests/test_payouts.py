@@ -179,7 +179,7 @@ def test_mint_down_during_a_payout_leaves_no_drift_and_the_next_run_pays(
 
 def test_expired_keys_are_refunded_once(mint: LocalMint, user: UserWallet,
                                         ln_server: LnAddressServer, tmp_path: Path) -> None:
-    books = Books(tmp_path, mint)
+    books = Books(tmp_path, mint, ALLOW_PRIVATE_LN_ADDRESSES="true")  # the address is local
     alice = f"alice{secrets.token_hex(4)}"
 
     async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]], str, str]:
@@ -328,7 +328,8 @@ def test_kill_9_during_a_refund_then_restart_refunds_exactly_once(
     owner = UserWallet(slow.url, tmp_path / "user")
     alice = f"alice{secrets.token_hex(4)}"
     env = {"UPSTREAM_BASE_URL": f"{upstream.url}/v1", "CASHU_MINTS": slow.url,
-           "WALLET_MNEMONIC": fresh_mnemonic(), "REFUND_PROCESSING_INTERVAL": "1"}
+           "WALLET_MNEMONIC": fresh_mnemonic(), "REFUND_PROCESSING_INTERVAL": "1",
+           "ALLOW_PRIVATE_LN_ADDRESSES": "true"}  # the refund address is on loopback
     try:
         proxy = start_proxy(tmp_path / "p", upstream.url, env)
         created = raw(proxy, "POST", "/v1/balance/create",

@@ -232,34 +232,51 @@ def test_context_length_may_come_from_top_provider():
     assert ModelPrice.from_entry(item).context_length == 4096
 
 
-def test_max_cost_without_bounds_is_full_context_and_completion_limit():
+def test_max_cost_without_bounds_fills_the_context():
+    # prompt + completion fit in the context: the dearest split of it, never context + limit
     m = model(context=128000, max_completion=16384)
     pricing = priced(m)
-    assert pricing.max_cost(m) == pricing.cost(m, 128000, 16384)
+    assert pricing.max_cost(m) == max(pricing.cost(m, 128000 - 16384, 16384),
+                                      pricing.cost(m, 128000, 0))
+    assert pricing.max_cost(m) < pricing.cost(m, 128000, 16384)
 
 
 def test_max_cost_respects_max_tokens():
     m = model(context=128000, max_completion=16384)
     pricing = priced(m)
-    assert pricing.max_cost(m, max_tokens=100) == pricing.cost(m, 128000, 100)
+    assert pricing.max_cost(m, max_tokens=100) == pricing.cost(m, 127900, 100)
     assert pricing.max_cost(m, max_tokens=0) == pricing.cost(m, 128000, 0)
     # max_tokens above the provider's limit does not raise the bound
-    assert pricing.max_cost(m, max_tokens=10**9) == pricing.cost(m, 128000, 16384)
+    assert pricing.max_cost(m, max_tokens=10**9) == pricing.max_cost(m)
     # a negative max_tokens is ignored
-    assert pricing.max_cost(m, max_tokens=-1) == pricing.cost(m, 128000, 16384)
+    assert pricing.max_cost(m, max_tokens=-1) == pricing.max_cost(m)
 
 
 def test_max_cost_without_max_completion_tokens_uses_context_length():
     m = model(context=8192, max_completion=None)
     pricing = priced(m)
-    assert pricing.max_cost(m) == pricing.cost(m, 8192, 8192)
+    assert pricing.max_cost(m) == max(pricing.cost(m, 0, 8192), pricing.cost(m, 8192, 0))
+
+
+def test_max_cost_multiplies_choices_and_prompts():
+    m = model(context=1000, max_completion=200)
+    pricing = priced(m, exchange_fee="1", provider_fee="1")
+    # n choices share one prompt, each bounded by what the prompt leaves of the context
+    assert pricing.max_cost(m, 100, 300, choices=4) == pricing.cost(m, 300, 400)
+    assert pricing.max_cost(m, 100, None, choices=4) == max(pricing.cost(m, 900, 400),
+                                                            pricing.cost(m, 1000, 0))
+    # a list of prompts: each may fill the context and generate its choices
+    assert pricing.max_cost(m, 100, 50_000, choices=2, prompts=30) == pricing.cost(
+        m, 30_000, 6_000)
+    assert pricing.max_cost(m, 100, 5_000, choices=1, prompts=30) == pricing.cost(
+        m, 5_000, 3_000)
 
 
 def test_max_cost_respects_prompt_bound():
     m = model(context=128000, max_completion=16384)
     pricing = priced(m)
     assert pricing.max_cost(m, prompt_bound=2000) == pricing.cost(m, 2000, 16384)
-    assert pricing.max_cost(m, prompt_bound=10**9) == pricing.cost(m, 128000, 16384)
+    assert pricing.max_cost(m, prompt_bound=10**9) == pricing.max_cost(m)
     assert pricing.max_cost(m, prompt_bound=0) == pricing.cost(m, 1, 16384)
     assert pricing.max_cost(m, 50, 2000) == pricing.cost(m, 2000, 50)
 
@@ -286,12 +303,18 @@ def test_max_cost_bounds_the_cost_of_any_usage_within_limits(
     if max_tokens is not None and max_tokens >= 0:
         completion_limit = min(completion_limit, max_tokens)
     prompt_tokens = data.draw(st.integers(0, prompt_limit))
-    completion_tokens = data.draw(st.integers(0, completion_limit))
+    # prompt + completion <= context, as every provider enforces
+    completion_tokens = data.draw(st.integers(
+        0, max(0, min(completion_limit, context - prompt_tokens))))
     cached = data.draw(st.integers(0, prompt_tokens))
     bound = pricing.max_cost(m, max_tokens, prompt_bound)
     assert bound >= pricing.cost(m, prompt_tokens, completion_tokens, cached)
-    # and the bound is reached by the extreme usage
-    assert bound == pricing.cost(m, prompt_limit, completion_limit)
+    # and the bound is reached by an extreme usage: the largest prompt, or the prompt that
+    # fills what the completion leaves of the context
+    filled = min(prompt_limit, max(context - completion_limit, 0))
+    assert bound == max(
+        pricing.cost(m, prompt_limit, max(0, min(completion_limit, context - prompt_limit))),
+        pricing.cost(m, filled, min(completion_limit, context - filled)))
 
 
 def test_max_cost_bounds_cost_when_cache_price_exceeds_prompt_price():
@@ -401,7 +424,8 @@ def test_sats_pricing_fields():
     assert sats["request"] == pytest.approx(2.0)
     assert sats["max_prompt_cost"] == pytest.approx(4.0)  # 1000 tokens × 0.004
     assert sats["max_completion_cost"] == pytest.approx(3.2)  # 200 tokens × 0.016
-    assert sats["max_cost"] == pytest.approx(4.0 + 3.2 + 2.0)
+    # prompt + completion fit in the context: (1000 - 200) × 0.004 + 200 × 0.016 + 2
+    assert sats["max_cost"] == pytest.approx(3.2 + 3.2 + 2.0)
     assert sats["max_cost"] == pricing.max_cost(m) / 1000
     assert all(isinstance(v, float) for v in sats.values())
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import httpx
 
-__all__ = ["SPENT_CODE", "MintClient", "MintError", "MintUnreachable", "operation"]
+__all__ = ["SPENT_CODE", "MintBusy", "MintClient", "MintError", "MintUnreachable", "operation",
+           "transient"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,31 @@ class MintUnreachable(Exception):
     def __init__(self, message: str, sent: bool) -> None:
         super().__init__(message)
         self.sent = sent
+
+
+class MintBusy(MintUnreachable):
+    """The mint answered that it cannot serve now (rate-limited, its database locked, a
+    timeout inside it): nothing was done, and the same call may work shortly."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, sent=False)
+
+
+# What mints answer, with a 4xx, when the trouble is theirs and passing: nutshell turns any
+# exception into a 400 with its text ("database is locked" from SQLite under load).
+# Only markers that cannot mean the mint did something (a melt's "timeout" might have paid).
+_TRANSIENT = ("database is locked", "database table is locked", "rate limit",
+              "too many requests", "try again", "temporarily", "deadlock detected",
+              "could not serialize")
+
+
+def transient(status: int, detail: str) -> bool:
+    """Whether a mint's error answer is passing trouble of its own, not a verdict on the
+    request (so the user's token is untouched and the call can be retried)."""
+    if status in (408, 425, 429):
+        return True
+    text = detail.lower()
+    return any(marker in text for marker in _TRANSIENT)
 
 
 class MintError(Exception):
@@ -75,6 +101,9 @@ class MintClient:
             data = await self._exchange(method, path, json)
             outcome = "ok"
             return data
+        except MintBusy:
+            outcome = "busy"
+            raise
         except MintError:
             outcome = "refused"
             raise
@@ -97,10 +126,15 @@ class MintClient:
         except ValueError:
             if resp.is_success:
                 raise MintUnreachable(f"the mint {self.url} answered garbage", sent=True) from None
-            raise MintError(resp.text[:200] or resp.reason_phrase, None, resp.status_code) from None
+            text = resp.text[:200] or resp.reason_phrase
+            if transient(resp.status_code, text):
+                raise MintBusy(f"the mint {self.url} is busy: {text}") from None
+            raise MintError(text, None, resp.status_code) from None
         if not resp.is_success:
             detail = data.get("detail", str(data)) if isinstance(data, dict) else str(data)
             code = data.get("code") if isinstance(data, dict) else None
+            if transient(resp.status_code, str(detail)):
+                raise MintBusy(f"the mint {self.url} is busy: {detail}")
             raise MintError(str(detail), code if isinstance(code, int) else None,
                             resp.status_code)
         return data

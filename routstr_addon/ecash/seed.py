@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from mnemonic import Mnemonic
 
+from routstr_addon.datadir import private_dir
 from routstr_addon.settings import MnemonicError, normalize_mnemonic
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ def load_or_create_mnemonic(config: Config) -> str:
     path = config.data_dir / MNEMONIC_FILE
     if path.exists():
         return _read_mnemonic_file(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     mnemonic = Mnemonic("english").generate(128)
     # Written whole to a temporary file, then linked into place: two processes starting at
     # once agree on one mnemonic (the second link fails and that process reads the first's).

@@ -202,9 +202,15 @@ class Accounts:
             cur.execute(self._sql["touch"], (time.time(), delivered, prompt_tokens, request_id))
 
     def late_charge(self, key_hash: str, request_id: str, cost_msat: int,
-                    model: str | None) -> int:
+                    model: str | None, *, overrun: bool = False) -> int:
         """Charge a request whose reservation was already swept: as much of the cost as the
-        key can still pay (never overdrawn). Returns what was charged."""
+        key can still pay (never overdrawn). Returns what was charged.
+
+        ``overrun``: the part of a settled request's cost above its reservation (an
+        under-reservation, counted by ``routstr stats``): a row of kind 'overrun', the request
+        already counted by its charge."""
+        kind, note = (("overrun", "cost above its reservation") if overrun
+                      else ("charge", "after its reservation was swept"))
         with self._db.transaction() as tx:
             available = tx.value("SELECT balance_msat - reserved_msat FROM api_keys "
                                  "WHERE key_hash = ?", (key_hash,))
@@ -212,11 +218,11 @@ class Accounts:
             if charged:
                 tx.execute("UPDATE api_keys SET balance_msat = balance_msat - ?, "
                            "total_spent_msat = total_spent_msat + ?, total_requests = "
-                           "total_requests + 1 WHERE key_hash = ? AND "
+                           "total_requests + ? WHERE key_hash = ? AND "
                            "balance_msat - reserved_msat >= ?",
-                           (charged, charged, key_hash, charged))
-                self._entry(tx.cur, time.time(), key_hash, "charge", -charged, 0, request_id,
-                            model, note="after its reservation was swept")
+                           (charged, charged, 0 if overrun else 1, key_hash, charged))
+                self._entry(tx.cur, time.time(), key_hash, kind, -charged, 0, request_id,
+                            model, note=note)
         return charged
 
     def _why_not(self, key_hash: str, amount_msat: int, now: float) -> ReserveError:

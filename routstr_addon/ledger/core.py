@@ -136,8 +136,9 @@ class Ledger:
         self.accounts.touch(request_id, delivered, prompt_tokens)
 
     def late_charge(self, key_hash: str, request_id: str, cost_msat: int,
-                    model: str | None) -> int:
-        return self.accounts.late_charge(key_hash, request_id, cost_msat, model)
+                    model: str | None, *, overrun: bool = False) -> int:
+        return self.accounts.late_charge(key_hash, request_id, cost_msat, model,
+                                         overrun=overrun)
 
     # -- keys ------------------------------------------------------------------------------
 

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import peewee
 from playhouse.db_url import connect as db_connect
 
+from routstr_addon.datadir import private_file
+
 if TYPE_CHECKING:
     from routstr_addon.ledger.db import Cursor, Database
 
@@ -118,7 +120,7 @@ class SQLite(Dialect):
     def open(self, url: str) -> peewee.Database:
         path = Path(url.removeprefix("sqlite:///"))
         if str(path) != ":memory:":
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_file(path)  # 0600 whatever the umask; its -wal and -shm take its mode
         return peewee.SqliteDatabase(
             str(path),
             pragmas={

@@ -30,7 +30,7 @@ __all__ = ["KINDS", "ChargeGroup", "Day", "Finished", "KeyStats", "Page", "Payou
            "Reports", "is_hex_prefix"]
 
 DAY = 86400
-KINDS = ("credit", "reserve", "charge", "release", "debit", "refund", "change")
+KINDS = ("credit", "reserve", "charge", "release", "debit", "refund", "change", "overrun")
 SETTLED_AFTER = 300.0  # seconds after a day ends before its sum is cached (late commits)
 KIND_SCAN_WINDOW = 200_000  # journal ids looked through per page when filtering by kind alone
 _HEX = re.compile(r"^[0-9a-f]{1,64}$")
@@ -338,6 +338,18 @@ class Reports:
                                "COALESCE(SUM(completion_tokens), 0) FROM ledger_entries "
                                "WHERE id >= ? AND kind = 'charge' AND created_at >= ? "
                                f"GROUP BY model, {day}", (start, since))]
+
+    def overruns_since(self, since: float) -> tuple[int, int]:
+        """Under-reservations since ``since``: requests whose cost exceeded what was reserved
+        for them (each an 'overrun' row charging the excess), and the msat they charged."""
+        with self._db.snapshot() as tx:
+            low, high = self.id_bounds(tx)
+            start = self.first_id_at(since, low, high + 1, tx) if high else 1
+            rows = tx.rows("SELECT COUNT(*), COALESCE(SUM(-amount_msat), 0) FROM ledger_entries "
+                           "WHERE id >= ? AND kind = 'overrun' AND created_at >= ?",
+                           (start, since))
+            count, msat = rows[0]
+            return int(count), int(msat)
 
     # -- the TUI (in a snapshot) -------------------------------------------------------------
 

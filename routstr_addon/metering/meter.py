@@ -18,9 +18,19 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from routstr_addon.amounts import sats
-from routstr_addon.errors import ApiError, invalid_api_key, invalid_json
+from routstr_addon.errors import ApiError, invalid_api_key
 from routstr_addon.ledger import Ledger, ReserveError, Settlement, hash_key
 from routstr_addon.metering.pricing import ModelPrice, Pricing
+from routstr_addon.metering.surface import (
+    ENDPOINTS,
+    Shape,
+    canonical_endpoint,
+    decode_body,
+    parse_json,
+    read_shape,
+    unsupported_endpoint,
+    upstream_body,
+)
 from routstr_addon.metering.usage import (
     SSETap,
     Usage,
@@ -31,17 +41,10 @@ from routstr_addon.metering.usage import (
 )
 from routstr_addon.settings import Config
 
-__all__ = ["METERED", "Meter", "Paid", "Payer", "Quote", "bearer_token"]
+__all__ = ["Meter", "Paid", "Payer", "Quote", "bearer_token"]
 
 logger = logging.getLogger(__name__)
 
-# Endpoints priced from token usage, by path below /v1.
-METERED = {
-    "/chat/completions": "chat",
-    "/completions": "completions",
-    "/embeddings": "embeddings",
-    "/responses": "responses",
-}
 # Upper bound on prompt tokens the provider adds around a text body (chat templates, tool-use
 # system prompts), on top of one token per byte of the body.
 PROMPT_OVERHEAD_TOKENS = 1024
@@ -49,6 +52,8 @@ PROMPT_OVERHEAD_TOKENS = 1024
 # and Responses API references to context held by the provider (earlier turns, stored prompts).
 _UNBOUNDED_MARKERS = (b"image", b"audio", b"file", b"video", b"previous_response_id",
                       b"conversation", b'"prompt":{', b'"prompt": {')
+# How often a flowing stream records what it delivered: a crash loses at most this much.
+TOUCH_EVERY = 1.0
 
 
 def bearer_token(authorization: str | None) -> str:
@@ -58,7 +63,9 @@ def bearer_token(authorization: str | None) -> str:
                        code="invalid_api_key")
     scheme, _, token = authorization.strip().partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token or " " in token or len(token) > 4096:
+    # No length bound here: nutshell wallets make 5-9k-character tokens, and the request's
+    # headers as a whole are bounded before this runs.
+    if scheme.lower() != "bearer" or not token or " " in token:
         raise ApiError(401, "Malformed Authorization header: expected 'Bearer <key>'.",
                        code="invalid_api_key")
     return token
@@ -84,10 +91,13 @@ class Payer(Protocol):
 class Quote:
     """A priced request, before anything is reserved."""
 
-    endpoint: str | None
+    endpoint: str | None  # how the body and usage read (chat, …); None: a fixed price
     body: dict[str, Any] | None
     model: ModelPrice | None
     amount_msat: int
+    path: str = ""  # the endpoint's name below /v1, from which the upstream path is built
+    bounds: tuple[int, int] | None = None  # the most prompt and completion tokens possible
+    fallbacks: tuple[ModelPrice, ...] = ()  # other models that may run (OpenRouter's models)
 
     @property
     def model_name(self) -> str | None:
@@ -107,7 +117,7 @@ class Paid:
     key_hash: str
     reserved_msat: int
     available_msat: int
-    endpoint: str | None  # chat | completions | embeddings | responses; None: fixed price
+    endpoint: str | None  # chat | completions | embeddings | responses | messages; None: fixed
     model: ModelPrice | None
     body: dict[str, Any] | None
     upstream_body: bytes | None = None  # what the upstream gets instead of the client's body
@@ -120,6 +130,9 @@ class Paid:
     retrying: bool = False  # the ledger could not take its settlement: retried in the background
     prompt_estimate: int | None = None
     timer: Any = None  # asyncio.TimerHandle of the upstream timeout
+    path: str = ""  # the endpoint's name below /v1 (the upstream path is built from it)
+    bounds: tuple[int, int] | None = None  # the most prompt and completion tokens possible
+    fallbacks: tuple[ModelPrice, ...] = ()  # other models that may run: charged the dearest
     first_byte_at: float | None = None  # a stream's first chunk from the upstream (metrics)
 
     @property
@@ -149,32 +162,53 @@ class Meter:
         self.ledger = ledger
         self.pricing = pricing
         # How often a flowing stream records its progress: well inside the sweeper's timeout.
-        self.touch_every = min(15.0, config.reservation_timeout / 3)
+        self.touch_every = min(TOUCH_EVERY, config.reservation_timeout / 3)
+        self.fixed_prices = config.fixed_price_endpoints  # name → msat
         self._unsettled: list[tuple[Paid, Settle, tuple[Any, ...]]] = []
 
     # -- before forwarding -----------------------------------------------------------------
 
-    def quote(self, path: str, body: bytes, *, body_bound: bool = True) -> Quote:
+    def endpoint(self, path: str) -> str:
+        """The endpoint a path below /v1 names (its canonical name), or 404 if it is neither
+        metered nor priced by ``FIXED_PRICE_ENDPOINTS``."""
+        name = canonical_endpoint(path)
+        if name is None or (name not in ENDPOINTS and name not in self.fixed_prices):
+            raise unsupported_endpoint(self.fixed_prices)
+        return name
+
+    def quote(self, path: str, body: bytes, *, body_bound: bool = True,
+              content_encoding: str = "") -> Quote:
         """What a request may cost at most: the amount to reserve before forwarding it.
 
+        ``path``: the endpoint's canonical name (or any path below /v1 naming it).
         ``body_bound``: let the body's size bound the prompt. Off for x-cashu, whose clients
         must be able to work out the amount from the published prices alone.
         """
-        endpoint = METERED.get(path)
-        parsed = self._parse(body) if endpoint is not None else None
-        if self.config.model_based_pricing and endpoint is not None:
-            assert parsed is not None
-            model = self._model(parsed)
-            amount = self._max_cost(model, endpoint, parsed, body if body_bound else None)
-            return Quote(endpoint, parsed, model, amount)
-        return Quote(endpoint, parsed, None, self.config.cost_per_request_msat)
+        name = path if path in ENDPOINTS or path in self.fixed_prices else self.endpoint(path)
+        kind = ENDPOINTS.get(name)
+        if kind is None:
+            return Quote(None, None, None, self.fixed_prices[name], name)
+        if content_encoding:
+            body = decode_body(body, content_encoding, self.config.max_request_size)
+        parsed = parse_json(body)
+        shape = read_shape(kind, parsed)
+        if not self.config.model_based_pricing:
+            return Quote(kind, parsed, None, self.config.cost_per_request_msat, name)
+        models = self._models(shape)
+        amount, bounds = 0, (0, 0)
+        for model in models:  # any of them may run (OpenRouter fallbacks): the dearest counts
+            cost, most = self._max_cost(model, kind, shape, body if body_bound else None)
+            if cost > amount:
+                amount = cost
+            bounds = (max(bounds[0], most[0]), max(bounds[1], most[1]))
+        return Quote(kind, parsed, models[0], amount, name, bounds, tuple(models[1:]))
 
     def admit(self, request_id: str, authorization: str | None, path: str,
-              body: bytes) -> Paid:
+              body: bytes, content_encoding: str = "") -> Paid:
         """Authenticate, price and reserve; raises ApiError with the answer otherwise."""
         key_hash = hash_key(bearer_token(authorization))
         try:
-            q = self.quote(path, body)
+            q = self.quote(path, body, content_encoding=content_encoding)
         except ApiError:
             self._known_key(key_hash)  # a bad key is answered 401 first, whatever the body
             raise
@@ -188,58 +222,52 @@ class Meter:
             held = self.ledger.reserve(key_hash, q.amount_msat, request_id, q.model_name)
         except ReserveError as e:
             raise _reserve_error(e) from None
-        upstream_body, drop_usage = _for_upstream(q.endpoint, q.body)
+        forwarded, drop_usage = (upstream_body(q.endpoint, q.body)
+                                 if q.endpoint is not None and q.body is not None
+                                 else (None, False))
         return Paid(request_id, key_hash, q.amount_msat, held.available_msat, q.endpoint,
-                    q.model, q.body, upstream_body, drop_usage, payer)
+                    q.model, q.body, forwarded, drop_usage, payer, path=q.path, bounds=q.bounds,
+                    fallbacks=q.fallbacks)
 
     def _known_key(self, key_hash: str) -> None:
         if self.ledger.key(key_hash) is None:
             raise invalid_api_key()
 
-    @staticmethod
-    def _parse(body: bytes) -> dict[str, Any]:
-        try:
-            parsed = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise invalid_json() from None
-        if not isinstance(parsed, dict):
-            raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
-        return parsed
-
-    def _model(self, body: dict[str, Any]) -> ModelPrice:
-        name = body.get("model")
-        if not isinstance(name, str) or not name:
+    def _models(self, shape: Shape) -> list[ModelPrice]:
+        if not shape.models:
             raise ApiError(400, "The request names no model: set 'model' (GET /v1/models lists "
                            "the models and their prices).", param="model", code="model_required")
-        model = self.pricing.resolve(name)
-        if model is None:
-            raise ApiError(400,
-                           f"The model {name!r} is not offered here; GET /v1/models lists the "
-                           "models and their prices.", param="model", code="model_not_found")
+        models: list[ModelPrice] = []
+        for i, name in enumerate(shape.models):
+            model = self.pricing.resolve(name)
+            if model is None:
+                raise ApiError(400,
+                               f"The model {name!r} is not offered here; GET /v1/models lists "
+                               "the models and their prices.", param="model" if i == 0
+                               else "models", code="model_not_found")
+            models.append(model)
         if self.pricing.rate is None:
             raise ApiError(503, "No BTC/USD exchange rate is available yet, so the request cannot "
                            "be priced; try again shortly.", type="service_unavailable",
                            code="rate_unavailable")
-        return model
+        return models
 
-    def _max_cost(self, model: ModelPrice, endpoint: str, body: dict[str, Any],
-                  raw: bytes | None) -> int:
-        max_tokens = None
-        for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-            value = body.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                max_tokens = value
-                break
-        choices = body.get("n")
-        if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
-            limit = max_tokens if max_tokens is not None else model.completion_limit
-            max_tokens = limit * choices
+    def _max_cost(self, model: ModelPrice, kind: str, shape: Shape,
+                  raw: bytes | None) -> tuple[int, tuple[int, int]]:
+        """The most a request can cost on ``model``, and the most prompt and completion tokens
+        it can use there (usage beyond them is impossible)."""
         prompt_bound = None
         if raw is not None and not any(marker in raw for marker in _UNBOUNDED_MARKERS):
             prompt_bound = len(raw) + PROMPT_OVERHEAD_TOKENS
-        if endpoint == "embeddings":
-            max_tokens = 0  # embeddings generate no tokens
-        return self.pricing.max_cost(model, max_tokens, prompt_bound)
+        cap = 0 if kind == "embeddings" else shape.cap  # embeddings generate no tokens
+        pricing = self.pricing
+        choices = 1 if kind == "embeddings" else shape.choices
+        points = pricing.bounds(model, cap, prompt_bound, choices, shape.prompts)
+        most_prompt = max(p for p, _ in points)
+        most_completion = choices * shape.prompts * min(
+            model.completion_limit, cap if cap is not None else model.completion_limit)
+        return (pricing.max_cost(model, cap, prompt_bound, choices, shape.prompts),
+                (most_prompt, most_completion))
 
     # -- the cost rule ---------------------------------------------------------------------
 
@@ -249,7 +277,7 @@ class Meter:
         if model is None:
             return self.config.cost_per_request_msat
         return self.pricing.cost(model, usage.prompt_tokens, usage.completion_tokens,
-                                 usage.cached_tokens)
+                                 usage.cached_tokens, usage.written_tokens)
 
     def cost_by_name(self, model_name: str | None, usage: Usage, ceiling: int) -> int:
         """The same rule for a request known only by what the ledger kept of it (its model's
@@ -269,25 +297,67 @@ class Meter:
 
     # -- after forwarding: what to charge --------------------------------------------------
 
-    def settle(self, paid: Paid, usage: Usage, note: str | None = None) -> Settlement | None:
-        """Charge a request's usage, once; None if it was already settled or released."""
+    def bounded_cost(self, paid: Paid, usage: Usage, delivered_chars: int = 0
+                     ) -> tuple[int, str | None]:
+        """What a request's reported usage is charged, sanity-bounded, and why if not as
+        reported: figures that cannot be true (negative, not integers) are charged at least
+        the estimate from the prompt and the text delivered; usage beyond what the request
+        could use (more tokens than its prompt and caps allow) at most its reservation. A
+        plausible cost above the reservation is returned as is: an under-reservation."""
+        if paid.model is None:  # a fixed price: what was reserved, or COST_PER_REQUEST
+            return (paid.reserved_msat if paid.endpoint is None
+                    else self.cost(None, usage)), None
+        cost = self.cost(paid.model, usage)
+        for model in paid.fallbacks:  # whichever ran, the usage is paid at the dearest price
+            cost = max(cost, self.cost(model, usage))
+        note = None
+        if usage.suspect:
+            floor = self.cost(paid.model, self.estimate(paid, delivered_chars))
+            logger.warning("request %s: the upstream reported impossible usage %s; charging at "
+                           "least the estimate", paid.request_id, usage)
+            if cost < floor:
+                cost, note = floor, "impossible usage reported; charged the estimate"
+        bounds = paid.bounds
+        if cost > paid.reserved_msat and bounds is not None and (
+                usage.prompt_tokens > bounds[0] or usage.completion_tokens > bounds[1]):
+            logger.warning("request %s: the upstream reported usage beyond what the request "
+                           "could use (%s); charging its reservation", paid.request_id, usage)
+            cost, note = paid.reserved_msat, "usage beyond the request's limits; clamped"
+        return cost, note
+
+    def settle(self, paid: Paid, usage: Usage, note: str | None = None,
+               delivered_chars: int = 0) -> Settlement | None:
+        """Charge a request's usage, once; None if it was already settled or released.
+
+        A cost above the reservation (an under-reservation: a pricing rule missed something)
+        is charged on top, as far as the key can pay, and recorded as an 'overrun' row."""
         if paid.closed is not None:
             return None
         paid.usage = usage
-        cost = self.cost(paid.model, usage)
+        cost, why = self.bounded_cost(paid, usage, delivered_chars)
         if usage.estimated:
             note = note or "usage estimated"
+        note = note or why
         model = paid.model.id if paid.model else None
-        paid.closed = self.ledger.settle(
+        paid.closed = closed = self.ledger.settle(
             paid.request_id, cost, model=model,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             note=note)
-        if paid.closed is None:  # swept while it ran (no activity for RESERVATION_TIMEOUT)
+        if closed is None:  # swept while it ran (no activity for RESERVATION_TIMEOUT)
             charged = self.ledger.late_charge(paid.key_hash, paid.request_id, cost, model)
             logger.warning("request %s outlived its reservation; charged %d of %d msat late",
                            paid.request_id, charged, cost)
             paid.closed = Settlement(paid.request_id, paid.key_hash, charged, 0,
                                      max(0, paid.available_msat - charged))
+        elif cost > closed.charged_msat and paid.model is not None:
+            extra = self.ledger.late_charge(paid.key_hash, paid.request_id,
+                                            cost - closed.charged_msat, model, overrun=True)
+            logger.error("request %s cost %d msat, above its reservation of %d: an "
+                         "under-reservation (charged %d more)", paid.request_id, cost,
+                         closed.reserved_msat, extra)
+            paid.closed = Settlement(paid.request_id, paid.key_hash,
+                                     closed.charged_msat + extra, closed.reserved_msat,
+                                     closed.available_msat - extra)
         return paid.closed
 
     def touch(self, paid: Paid) -> None:
@@ -318,6 +388,8 @@ class Meter:
             usage = self.estimate(paid, completion_text_length(parsed))
             logger.warning("request %s: upstream reported no usage; charging an estimate",
                            paid.request_id)
+        elif usage.suspect:
+            return self.settle(paid, usage, delivered_chars=completion_text_length(parsed))
         return self.settle(paid, usage)
 
     def settle_stream(self, paid: Paid) -> Settlement | None:
@@ -325,19 +397,28 @@ class Meter:
         tap = paid.tap
         assert tap is not None
         if tap.usage is not None:
-            return self.settle(paid, tap.usage)
+            return self.settle(paid, tap.usage, delivered_chars=tap.text_chars)
         if paid.endpoint is None:
             return self.settle(paid, Usage(0, 0))
         logger.warning("request %s: stream ended without usage%s; charging an estimate",
                        paid.request_id, "" if tap.done else " (cut short)")
         return self.settle(paid, self.estimate(paid, tap.text_chars))
 
-    def abort(self, paid: Paid, reason: str) -> Settlement | None:
-        """The flow failed: charge what reached the client, release the rest."""
+    def abort(self, paid: Paid, reason: str, reached: bool = False) -> Settlement | None:
+        """The flow failed: charge what reached the client, release the rest.
+
+        ``reached``: the request reached the upstream and the client hung up, so the upstream
+        did (and billed) work: at least the prompt's estimate is charged, with what was
+        delivered. Only a request that never reached the upstream, or that the upstream
+        failed with nothing delivered, is released free."""
         if paid.settled:
             return paid.closed
         if paid.tap is not None and paid.tap.delivered > 0:
             return self.settle_stream(paid)
+        if reached:
+            delivered = paid.tap.text_chars if paid.tap is not None else 0
+            return self.settle(paid, self.estimate(paid, delivered),
+                               note=f"client gone: {reason[:150]}")
         return self.release(paid, reason[:200])
 
     # -- after forwarding: the one way a reservation ends ----------------------------------
@@ -348,10 +429,10 @@ class Meter:
             return self.conclude(paid, self.settle_stream)
         return self.conclude(paid, self.settle_body, status, body)
 
-    def fail(self, paid: Paid, reason: str) -> Settlement | None:
+    def fail(self, paid: Paid, reason: str, reached: bool = False) -> Settlement | None:
         """The flow failed (upstream gone, client gone, our own error): charge what was
-        delivered, release the rest."""
-        return self.conclude(paid, self.abort, reason)
+        delivered (and, once the upstream had it, at least the prompt), release the rest."""
+        return self.conclude(paid, self.abort, reason, reached)
 
     def conclude(self, paid: Paid, settle: Settle, *args: Any) -> Settlement | None:
         """Close a reservation with ``settle(paid, *args)``, then give a payer its change.
@@ -401,23 +482,6 @@ class Meter:
         except Exception:
             logger.exception("request %s: cutting the change failed; the value stays on its "
                              "payment key", paid.request_id)
-
-
-def _for_upstream(endpoint: str | None, body: dict[str, Any] | None) -> tuple[bytes | None, bool]:
-    """What a request's upstream body must be, if not the client's (None: unchanged), and
-    whether its stream's usage chunk is ours to drop.
-
-    A streamed chat or completion request is made to report usage in its last chunk; the
-    client's own stream options are kept, and if it asked for usage itself it gets it.
-    """
-    if body is None or endpoint not in ("chat", "completions") or body.get("stream") is not True:
-        return None, False
-    options = body.get("stream_options")
-    if isinstance(options, dict) and options.get("include_usage") is True:
-        return None, False
-    new_options = dict(options) if isinstance(options, dict) else {}
-    new_options["include_usage"] = True
-    return json.dumps({**body, "stream_options": new_options}).encode(), True
 
 
 def _model_name(body: dict[str, Any] | None) -> str | None:

@@ -73,6 +73,7 @@ class ModelPrice:
     context_length: int
     max_completion_tokens: int | None
     info: Mapping[str, Any] = field(compare=False, repr=False)
+    cache_write: Fraction | None = None  # Anthropic-style prompt cache writes
 
     @classmethod
     def from_entry(cls, entry: Mapping[str, Any]) -> ModelPrice:
@@ -83,6 +84,7 @@ class ModelPrice:
             raise ValueError(f"model {entry.get('id')!r} has no context_length")
         max_completion = top.get("max_completion_tokens")
         cache_read = pricing.get("input_cache_read")
+        cache_write = pricing.get("input_cache_write")
         return cls(
             id=str(entry["id"]),
             prompt=_usd(pricing.get("prompt")),
@@ -92,6 +94,7 @@ class ModelPrice:
             context_length=context,
             max_completion_tokens=int(max_completion) if max_completion else None,
             info=entry,
+            cache_write=None if cache_write in (None, "") else _usd(cache_write),
         )
 
     @property
@@ -100,12 +103,29 @@ class ModelPrice:
 
 
 def load_models(path: Path) -> dict[str, ModelPrice]:
-    """Read models.json: ``{"data": [...]}`` as OpenRouter serves it, or a bare list."""
+    """Read models.json in any shape operators have: routstr-core's ``{"models": [...]}``,
+    OpenRouter's ``{"data": [...]}``, or a bare list. An entry that cannot be priced raises
+    ValueError naming it (by id, else by its position), never a model silently left out."""
     data = json.loads(path.read_text())
-    entries = data.get("data", []) if isinstance(data, dict) else data
+    if isinstance(data, list):
+        entries = data
+    elif isinstance(data, dict) and isinstance(data.get("models"), list):
+        entries = data["models"]
+    elif isinstance(data, dict) and isinstance(data.get("data"), list):
+        entries = data["data"]
+    else:
+        raise ValueError('expected {"models": [...]} (routstr-core), {"data": [...]} '
+                         "(OpenRouter) or a list of models")
     models: dict[str, ModelPrice] = {}
-    for entry in entries:
-        price = ModelPrice.from_entry(entry)
+    for number, entry in enumerate(entries, 1):
+        name = entry.get("id") if isinstance(entry, dict) else None
+        label = repr(name) if isinstance(name, str) and name else f"#{number}"
+        try:
+            if not isinstance(entry, dict) or not isinstance(name, str) or not name:
+                raise ValueError("no model id")
+            price = ModelPrice.from_entry(entry)
+        except (ValueError, TypeError, KeyError, ArithmeticError) as e:
+            raise ValueError(f"entry {label} cannot be priced: {e}") from None
         models[price.id] = price
     return models
 
@@ -121,12 +141,16 @@ class _Rational:
     completion: int
     request: int
     cache_read: int
+    cache_write: int
     denominator: int
 
-    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+             written_tokens: int = 0) -> int:
         cached = min(max(cached_tokens, 0), prompt_tokens)
-        total = ((prompt_tokens - cached) * self.prompt + cached * self.cache_read
-                 + completion_tokens * self.completion + self.request)
+        written = min(max(written_tokens, 0), prompt_tokens - cached)
+        total = ((prompt_tokens - cached - written) * self.prompt + cached * self.cache_read
+                 + written * self.cache_write + completion_tokens * self.completion
+                 + self.request)
         return -(-total // self.denominator)
 
 
@@ -151,10 +175,10 @@ class Pricing:
         for model_id, m in self.models.items():
             parts = [p * factor for p in
                      (m.prompt, m.completion, m.request, m.cache_read if m.cache_read is not None
-                      else m.prompt)]
+                      else m.prompt, m.cache_write if m.cache_write is not None else m.prompt)]
             den = math.lcm(*(p.denominator for p in parts))
             nums = [p.numerator * (den // p.denominator) for p in parts]
-            tables[model_id] = _Rational(nums[0], nums[1], nums[2], nums[3], den)
+            tables[model_id] = _Rational(nums[0], nums[1], nums[2], nums[3], nums[4], den)
         self._tables = tables
         self.rate = rate
         self.rate_updated = time.time()
@@ -168,29 +192,56 @@ class Pricing:
         return found
 
     def cost(self, model: ModelPrice, prompt_tokens: int, completion_tokens: int,
-             cached_tokens: int = 0) -> int:
+             cached_tokens: int = 0, written_tokens: int = 0) -> int:
         """The msat cost of a request's usage. Raises LookupError when no rate is known."""
         table = self._tables.get(model.id)
         if table is None:
             raise LookupError("no BTC/USD rate yet")
-        return table.cost(prompt_tokens, completion_tokens, cached_tokens)
+        return table.cost(prompt_tokens, completion_tokens, cached_tokens, written_tokens)
 
     def max_cost(self, model: ModelPrice, max_tokens: int | None = None,
-                 prompt_bound: int | None = None) -> int:
+                 prompt_bound: int | None = None, choices: int = 1, prompts: int = 1) -> int:
         """The most a request can cost: what is reserved before it is forwarded.
 
-        ``max_tokens`` (if the client gave it) bounds the completion; ``prompt_bound`` bounds
-        the prompt when its size is known (a text-only body cannot hold more tokens than bytes).
+        See ``bounds``; the prompt is priced at the dearest of its prices (fresh, cached, or
+        written to the cache).
         """
-        completion = model.completion_limit
+        return max(self._dearest(model, p, c)
+                   for p, c in self.bounds(model, max_tokens, prompt_bound, choices, prompts))
+
+    def bounds(self, model: ModelPrice, max_tokens: int | None = None,
+               prompt_bound: int | None = None, choices: int = 1,
+               prompts: int = 1) -> list[tuple[int, int]]:
+        """The (prompt, completion) token counts a request's most expensive outcomes lie at.
+
+        ``max_tokens`` (the largest cap the client gave, if any) bounds each completion, with
+        the model's limit; ``prompt_bound`` bounds the prompt when its size is known (a text
+        body cannot hold more tokens than bytes). ``choices`` completions are generated per
+        prompt (n, best_of) and ``prompts`` prompts (a list on /v1/completions, inputs on
+        /v1/embeddings) are each bounded by the context. Per prompt, prompt + completion fit in
+        the context: with one prompt, the cost peaks where the prompt fills what the cap leaves,
+        (context − cap) × prompt price + cap × completion price, or where the prompt is
+        largest; both are returned.
+        """
+        cap = model.completion_limit
         if max_tokens is not None and max_tokens >= 0:
-            completion = min(completion, max_tokens)
-        prompt = model.context_length
+            cap = min(cap, max_tokens)
+        context = model.context_length
+        prompt = context * max(prompts, 1)
         if prompt_bound is not None:
             prompt = min(prompt, max(prompt_bound, 1))
-        # Cached prompt tokens have their own price, which may (rarely) be the higher one.
+        if prompts > 1:
+            return [(prompt, cap * choices * prompts)]
+        points = [(prompt, choices * max(0, min(cap, context - prompt)))]
+        if context - cap < prompt:
+            filled = max(context - cap, 0)
+            points.append((filled, choices * min(cap, context - filled)))
+        return points
+
+    def _dearest(self, model: ModelPrice, prompt: int, completion: int) -> int:
         return max(self.cost(model, prompt, completion),
-                   self.cost(model, prompt, completion, prompt))
+                   self.cost(model, prompt, completion, prompt),
+                   self.cost(model, prompt, completion, 0, prompt))
 
     def sats_pricing(self, model: ModelPrice) -> dict[str, float] | None:
         """Per-token and maximum prices in sats, as published in /v1/models."""

@@ -1,8 +1,13 @@
 """Token usage from upstream answers: JSON bodies and Server-Sent Event streams.
 
-Covers the OpenAI shapes the proxy meters: chat completions and legacy completions
-(``usage.prompt_tokens`` / ``completion_tokens``), embeddings (``prompt_tokens`` only) and the
-Responses API (``input_tokens`` / ``output_tokens``, in ``response.completed`` when streaming).
+Covers the shapes the proxy meters: chat completions and legacy completions
+(``usage.prompt_tokens`` / ``completion_tokens``), embeddings (``prompt_tokens`` only), the
+Responses API (``input_tokens`` / ``output_tokens``, in ``response.completed`` when streaming)
+and Anthropic's Messages API (``input_tokens`` / ``output_tokens`` plus prompt-cache reads and
+writes, streamed in ``message_start`` and ``message_delta``).
+
+Figures that cannot be true (negative, not integers) are read as zero and the usage marked
+``suspect``: the meter then charges at least its own estimate.
 
 ``SSETap`` sits in mitmproxy's stream callable: it is fed raw chunks as they arrive, hands back
 at once every complete event (less the usage-only chunk the proxy injected, if the client did
@@ -28,25 +33,50 @@ class Usage:
     completion_tokens: int
     cached_tokens: int = 0
     estimated: bool = False
+    written_tokens: int = 0  # prompt tokens written to the provider's cache (Anthropic)
+    suspect: bool = False  # the upstream reported figures that cannot be true
 
 
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+class _Figures:
+    """Reads a usage object's token counts, noting any that cannot be true."""
+
+    __slots__ = ("suspect",)
+
+    def __init__(self) -> None:
+        self.suspect = False
+
+    def __call__(self, obj: Any, name: str) -> int:
+        value = obj.get(name) if isinstance(obj, dict) else None
+        if type(value) is int and value >= 0:
+            return value
+        if value is not None:
+            self.suspect = True
+        return 0
 
 
 def parse_usage(usage: Any) -> Usage | None:
-    """A ``usage`` object in any of the OpenAI shapes, or None if it is not one."""
+    """A ``usage`` object in any of the shapes metered, or None if it is not one."""
     if not isinstance(usage, dict):
         return None
-    if "input_tokens" in usage or "output_tokens" in usage:  # Responses API
-        details = usage.get("input_tokens_details") or {}
-        return Usage(_int(usage.get("input_tokens")), _int(usage.get("output_tokens")),
-                     _int(details.get("cached_tokens")) if isinstance(details, dict) else 0)
-    if "prompt_tokens" in usage or "completion_tokens" in usage:
-        details = usage.get("prompt_tokens_details") or {}
-        return Usage(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")),
-                     _int(details.get("cached_tokens")) if isinstance(details, dict) else 0)
-    return None
+    read = _Figures()
+    if "cache_read_input_tokens" in usage or "cache_creation_input_tokens" in usage:
+        # Anthropic: input_tokens leaves out the tokens read from or written to the cache.
+        cached = read(usage, "cache_read_input_tokens")
+        written = read(usage, "cache_creation_input_tokens")
+        found = Usage(read(usage, "input_tokens") + cached + written,
+                      read(usage, "output_tokens"), cached, written_tokens=written)
+    elif "input_tokens" in usage or "output_tokens" in usage:  # Responses API
+        found = Usage(read(usage, "input_tokens"), read(usage, "output_tokens"),
+                      read(usage.get("input_tokens_details"), "cached_tokens"))
+    elif "prompt_tokens" in usage or "completion_tokens" in usage:
+        found = Usage(read(usage, "prompt_tokens"), read(usage, "completion_tokens"),
+                      read(usage.get("prompt_tokens_details"), "cached_tokens"))
+    else:
+        return None
+    if read.suspect:
+        return Usage(found.prompt_tokens, found.completion_tokens, found.cached_tokens,
+                     written_tokens=found.written_tokens, suspect=True)
+    return found
 
 
 def usage_from_json(body: Any) -> Usage | None:
@@ -93,6 +123,8 @@ def completion_text_length(body: Any) -> int:
         return _text_length(body["choices"])
     if "output" in body:
         return _text_length(body["output"])
+    if body.get("type") == "message":  # Anthropic
+        return _text_length(body.get("content"))
     return 0
 
 
@@ -202,6 +234,9 @@ class SSETap:
         if not isinstance(obj, dict):
             return False
         kind = obj.get("type")
+        if kind == "message_start" or kind == "message_delta":  # Anthropic
+            self._anthropic(obj, kind)
+            return False
         if isinstance(kind, str):  # Responses API events
             if kind == "response.output_text.delta" or kind.endswith(".delta"):
                 delta = obj.get("delta")
@@ -219,3 +254,22 @@ class SSETap:
             # The usage-only chunk the proxy asked for on the client's behalf.
             return self._drop_usage_chunk and not choices
         return False
+
+    def _anthropic(self, obj: dict[str, Any], kind: str) -> None:
+        """``message_start`` carries the prompt's usage; each ``message_delta`` the output
+        tokens so far (cumulative)."""
+        if kind == "message_start":
+            message = obj.get("message")
+            self.usage = parse_usage(message.get("usage") if isinstance(message, dict)
+                                     else None) or self.usage
+            return
+        delta = obj.get("usage")
+        if not isinstance(delta, dict):
+            return
+        read = _Figures()
+        output = read(delta, "output_tokens")
+        start = self.usage or Usage(0, 0)
+        self.usage = Usage(start.prompt_tokens, max(output, start.completion_tokens),
+                           start.cached_tokens, written_tokens=start.written_tokens,
+                           suspect=start.suspect or read.suspect)
+        self.done = True

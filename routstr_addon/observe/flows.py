@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from mitmproxy import http
 
-from routstr_addon.metering.meter import METERED, Meter, Paid
+from routstr_addon.metering.meter import Meter, Paid
+from routstr_addon.metering.surface import ENDPOINTS
 from routstr_addon.observe.requestlog import PATH, access_logger, fields, format_line
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ def endpoint_label(path: str, known: Mapping[str, Any]) -> str:
 def known_endpoints() -> dict[str, bool]:
     from routstr_addon.web.routes import ROUTES
 
-    return {**dict.fromkeys(ROUTES, True), **{f"/v1{p}": True for p in METERED}}
+    return {**dict.fromkeys(ROUTES, True), **{f"/v1/{p}": True for p in ENDPOINTS}}
 
 
 class FlowObserver:
@@ -87,8 +88,11 @@ class FlowObserver:
         req, resp = flow.request, flow.response
         paid = flow.metadata.get(STATE)
         paid = paid if type(paid) is Paid else None
-        path = flow.metadata.get(PATH) or req.path.split("?", 1)[0]
-        endpoint = endpoint_label(path, self.known)
+        if paid is not None and paid.path:  # forwarded: the endpoint it was priced as
+            endpoint = "/v1/" + paid.path
+        else:
+            endpoint = endpoint_label(flow.metadata.get(PATH) or req.path.split("?", 1)[0],
+                                      self.known)
         model = paid.model.id if paid is not None and paid.model is not None else ""
         metrics.request(endpoint, model, str(resp.status_code) if resp is not None else "failed")
         if paid is None:

@@ -109,10 +109,11 @@ class Readiness:
             probes.append(self._upstream.run())
         if probes:
             await asyncio.gather(*probes)
-        now = time.time()
+        # Judged at the moment the probes were decided on (an answer that was recent enough
+        # then counts, however long the other probe took); ages are told as of now.
         if self.wallet is not None:
-            out.append(self._check_mint(now))
-        out.append(self._check_upstream(now))
+            out.append(self._check_mint(now, time.time()))
+        out.append(self._check_upstream(now, time.time()))
         return out
 
     # -- the ledger ----------------------------------------------------------------------
@@ -165,10 +166,10 @@ class Readiness:
         await self.wallet.primary.client.info()  # stamps answered_at itself
         return True
 
-    def _check_mint(self, now: float) -> Check:
+    def _check_mint(self, then: float, now: float) -> Check:
         last = self._mint_answered()
-        age = None if last is None else now - last
-        ok = age is not None and age <= self.max_age
+        age = None if last is None else max(0.0, now - last)
+        ok = last is not None and then - last <= self.max_age
         return Check("mint", ok, age, self.max_age,
                      "" if ok else self._mint.error or "no answer yet")
 
@@ -197,10 +198,10 @@ class Readiness:
             raise RuntimeError(f"the upstream answered {resp.status_code}")
         return True
 
-    def _check_upstream(self, now: float) -> Check:
+    def _check_upstream(self, then: float, now: float) -> Check:
         last = self._upstream_answered()
-        age = None if last is None else now - last
-        ok = age is not None and age <= self.max_age
+        age = None if last is None else max(0.0, now - last)
+        ok = last is not None and then - last <= self.max_age
         return Check("upstream", ok, age, self.max_age,
                      "" if ok else self._upstream.error or "no answer yet")
 

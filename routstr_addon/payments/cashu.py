@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from routstr_addon.amounts import sats
-from routstr_addon.ecash.mint import SPENT_CODE, MintError, MintUnreachable
+from routstr_addon.ecash.mint import SPENT_CODE, MintBusy, MintError, MintUnreachable
 from routstr_addon.ecash.tokens import (
     UNIT_MSAT,
     IncomingToken,
@@ -30,8 +32,9 @@ from routstr_addon.ecash.wallet import Redeemed, Wallet, WalletError
 from routstr_addon.errors import ApiError, invalid_api_key
 from routstr_addon.ledger import KEY_PREFIX, KeyState, Ledger, RefundRecord, Tx, hash_key
 from routstr_addon.payments.lightning import Invoices
+from routstr_addon.payments.lnurl import LnAddressError, check_refund_address
 
-__all__ = ["Payments", "XCashu", "XCashuPayer", "derived_key", "token_error"]
+__all__ = ["KeyTerms", "Payments", "XCashu", "XCashuPayer", "derived_key", "token_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +46,55 @@ def derived_key(token_text: str) -> str:
     return KEY_PREFIX + token_hash(token_text)
 
 
+MAX_KEY_LIFETIME = 10 * 365.25 * 86400  # seconds: a Key-Expiry-Time further out is refused
+
+
+@dataclass(frozen=True, slots=True)
+class KeyTerms:
+    """What a user may ask of the key a token becomes (headers ``Key-Expiry-Time`` and
+    ``Refund-LNURL``, as routstr-core takes them): when it expires and where its balance is
+    refunded then."""
+
+    expires_at: float | None = None
+    refund_address: str | None = None
+
+    @classmethod
+    def parse(cls, expiry: str | None, refund: str | None,
+              now: float | None = None) -> KeyTerms:
+        """From the raw header values; 400 for an expiry that is not a finite Unix time in the
+        next ten years, or a refund address that is no Lightning address or LNURL."""
+        expires_at = None
+        if expiry is not None and expiry.strip():
+            now = time.time() if now is None else now
+            try:
+                expires_at = float(expiry.strip())
+            except ValueError:
+                expires_at = math.nan
+            if not math.isfinite(expires_at) or not now < expires_at <= now + MAX_KEY_LIFETIME:
+                raise ApiError(400, "Key-Expiry-Time must be a Unix time (seconds) in the "
+                               "future and at most ten years ahead.", param="Key-Expiry-Time",
+                               code="invalid_expiry")
+        address = None
+        if refund is not None and refund.strip():
+            try:
+                address = check_refund_address(refund)
+            except LnAddressError as e:
+                raise ApiError(400, f"Refund-LNURL must be a Lightning address (user@domain) or "
+                               f"an LNURL: {e}", param="Refund-LNURL",
+                               code="invalid_refund_address") from None
+        return cls(expires_at, address)
+
+
 def token_error(e: TokenError) -> ApiError:
     return ApiError(400, str(e), code=e.code, param="token")
 
 
 def mint_down(e: MintUnreachable) -> ApiError:
     logger.warning("mint unreachable: %s", e)
+    if isinstance(e, MintBusy):
+        return ApiError(503, "The mint is busy and did not take your token, which is still "
+                        "yours. Try again in a few seconds.", type="service_unavailable",
+                        code="mint_unavailable", headers={"retry-after": RETRY_AFTER})
     message = ("The mint did not answer; your token was not redeemed and is still yours. "
                "Try again shortly.") if not e.sent else (
                "The mint did not answer in time. If it redeemed your token, the value is kept: "
@@ -140,9 +186,12 @@ class Payments:
     def seen(self, token: IncomingToken) -> bool:
         return self.ledger.payments.seen(token.hash)
 
-    async def key_for_token(self, text: str) -> str:
+    async def key_for_token(self, text: str, expiry: str | None = None,
+                            refund: str | None = None) -> str:
         """The API key for a token used as one: on first use the token is redeemed into it.
-        Concurrent first uses wait for one redeem; across processes the mint decides."""
+        Concurrent first uses wait for one redeem; across processes the mint decides.
+        ``expiry`` and ``refund`` (the raw ``Key-Expiry-Time`` and ``Refund-LNURL`` headers)
+        set the key's terms on first use, as at ``/v1/balance/create``."""
         api_key = derived_key(text)
         key_hash = hash_key(api_key)
         if self.ledger.key(key_hash) is not None:
@@ -155,7 +204,9 @@ class Payments:
         self._first_use[key_hash] = future
         try:
             if self.ledger.key(key_hash) is None:
-                await self._open_key(text, key_hash, "key")
+                terms = KeyTerms.parse(expiry, refund)
+                await self._open_key(text, key_hash, "key", terms.expires_at,
+                                     terms.refund_address)
             future.set_result(None)
         except BaseException as e:
             future.set_exception(e)
@@ -250,39 +301,35 @@ class Payments:
                            code="unsupported_unit", param="token")
         available = token.amount - stranger.input_fee(token.proofs)
         target = available - max(2, available // 100)  # a first guess at the Lightning fee
-        for _ in range(3):
-            if target <= 0:
-                raise ApiError(400, f"The token ({token.amount} sat) is too small to move from "
-                               f"{token.mint} to this proxy's mint over Lightning.",
-                               code="token_too_small", param="token")
-            invoice = await self.invoices.create(target, purpose, key_hash)
+        last_refusal = ""
+        for _ in range(3):  # a melt the mint refuses (route not found…) is quoted again
+            invoice, target = await self._melt_quote(stranger, token, purpose, key_hash,
+                                                     available, target)
             try:
-                quote = await stranger.client.melt_quote(invoice["bolt11"], "sat")
-            except (MintError, MintUnreachable) as e:
-                self.invoices.cancel(invoice["invoice_id"])
-                raise ApiError(502, f"The token's mint cannot pay out: {e}",
-                               type="upstream_error", code="mint_error") from None
-            needed = int(quote["amount"]) + int(quote.get("fee_reserve") or 0)
-            if needed <= available:
+                await stranger.client.melt(invoice["melt_quote"],
+                                           [proof_to_dict(p) for p in token.proofs])
                 break
-            self.invoices.cancel(invoice["invoice_id"])
-            target -= needed - available
-        else:
-            raise ApiError(400, "The Lightning fees to move this token keep changing; try again.",
-                           code="token_too_small", param="token")
-        try:
-            await stranger.client.melt(quote["quote"], [proof_to_dict(p) for p in token.proofs])
-        except MintError as e:
-            self.invoices.cancel(invoice["invoice_id"])
-            if e.code == SPENT_CODE or "spent" in e.detail.lower():
-                raise ApiError(400, "This token has already been spent.",
-                               code="token_already_spent", param="token") from None
-            raise ApiError(400, f"The token's mint refused it: {e.detail}",
-                           code="invalid_token", param="token") from None
-        except MintUnreachable as e:
-            if not e.sent:
+            except MintError as e:
                 self.invoices.cancel(invoice["invoice_id"])
-            raise mint_down(e) from None  # if it paid, the invoice watcher credits the key
+                if e.code == SPENT_CODE or "spent" in e.detail.lower():
+                    raise ApiError(400, "This token has already been spent.",
+                                   code="token_already_spent", param="token") from None
+                last_refusal = e.detail
+                if not await self._unspent(stranger, token):
+                    raise ApiError(502, f"The token's mint refused to pay out ({e.detail}) "
+                                   "and could not confirm the token unspent; send the same "
+                                   "token again shortly.", type="upstream_error",
+                                   code="mint_error") from None
+                logger.info("melt at %s refused (%s); quoting again", token.mint, e.detail)
+            except MintUnreachable as e:
+                if not e.sent:
+                    self.invoices.cancel(invoice["invoice_id"])
+                raise mint_down(e) from None  # if it paid, the invoice watcher credits the key
+        else:
+            raise ApiError(502, f"The token's mint could not pay out over Lightning "
+                           f"({last_refusal}). Your token was not spent and is still yours.",
+                           type="upstream_error", code="swap_failed", param="token",
+                           headers={"retry-after": RETRY_AFTER})
         for _ in range(100):
             status = await self.invoices.status(invoice["invoice_id"])
             if status["state"] == "credited":
@@ -293,6 +340,45 @@ class Payments:
         raise ApiError(503, "The token was paid out by its mint; the credit follows as soon as "
                        "the payment settles.", type="service_unavailable", code="swap_pending",
                        headers={"retry-after": RETRY_AFTER})
+
+    async def _melt_quote(self, stranger: Any, token: IncomingToken, purpose: str,
+                          key_hash: str, available: int,
+                          target: int) -> tuple[dict[str, Any], int]:
+        """An invoice of ours for ``target`` sats (lowered until the token's mint can pay it
+        with its fees from ``available``) and the mint's melt quote for it, as
+        ``invoice["melt_quote"]``."""
+        assert self.invoices is not None
+        for _ in range(3):
+            if target <= 0:
+                raise ApiError(400, f"The token ({token.amount} sat) is too small to move from "
+                               f"{token.mint} to this proxy's mint over Lightning.",
+                               code="token_too_small", param="token")
+            invoice = await self.invoices.create(target, purpose, key_hash)
+            try:
+                quote = await stranger.client.melt_quote(invoice["bolt11"], "sat")
+            except (MintError, MintUnreachable) as e:
+                self.invoices.cancel(invoice["invoice_id"])
+                raise ApiError(502, f"The token's mint cannot pay out: {e}. Your token was not "
+                               "spent and is still yours.", type="upstream_error",
+                               code="mint_error", headers={"retry-after": RETRY_AFTER}) from None
+            needed = int(quote["amount"]) + int(quote.get("fee_reserve") or 0)
+            if needed <= available:
+                invoice["melt_quote"] = quote["quote"]
+                return invoice, target
+            self.invoices.cancel(invoice["invoice_id"])
+            target -= needed - available
+        raise ApiError(400, "The Lightning fees to move this token keep changing; try again.",
+                       code="token_too_small", param="token")
+
+    async def _unspent(self, stranger: Any, token: IncomingToken) -> bool:
+        """Whether every proof of the token is still unspent at its mint (NUT-07)."""
+        from routstr_addon.ecash.p2pk import y_hex
+
+        try:
+            states = await stranger.client.check_state([y_hex(p.secret) for p in token.proofs])
+        except (MintError, MintUnreachable):
+            return False
+        return bool(states) and all(s.get("state") == "UNSPENT" for s in states)
 
     # -- paying back -------------------------------------------------------------------------
 

@@ -65,17 +65,7 @@ class Invoices:
         if not 0 < amount_sats <= MAX_INVOICE_SATS:
             raise ApiError(400, f"amount_sats must be between 1 and {MAX_INVOICE_SATS}.",
                            param="amount_sats", code="invalid_amount")
-        mint = self.wallet.primary
-        try:
-            await mint.ensure_loaded()
-            mint.active("sat")
-            quote = await mint.client.mint_quote(amount_sats, "sat")
-        except MintUnreachable as e:
-            raise ApiError(503, f"The mint did not answer: {e}", type="service_unavailable",
-                           code="mint_unavailable", headers={"retry-after": "5"}) from None
-        except Exception as e:
-            raise ApiError(502, f"The mint could not make an invoice: {e}",
-                           type="upstream_error", code="mint_error") from None
+        mint, quote = await self._quote(amount_sats)
         invoice_id = secrets.token_urlsafe(32)
         if purpose == "create" and key_hash is None:
             key_hash = hash_key(invoice_key(invoice_id))
@@ -85,6 +75,29 @@ class Invoices:
                                  quote["request"], purpose, key_hash, expires_at)
         return {"invoice_id": invoice_id, "bolt11": quote["request"], "amount_sats": amount_sats,
                 "purpose": purpose, "expires_at": expires_at, "state": "unpaid"}
+
+    async def _quote(self, amount_sats: int) -> tuple[MintWallet, dict[str, Any]]:
+        """A mint quote from the primary mint or, while it is down, busy or rate-limited,
+        from the next trusted mint that has sats (the invoice row records which)."""
+        trouble: list[str] = []
+        refused: Exception | None = None
+        for mint in self.wallet.mints.values():
+            try:
+                await mint.ensure_loaded()
+                mint.active("sat")
+                return mint, await mint.client.mint_quote(amount_sats, "sat")
+            except MintUnreachable as e:
+                trouble.append(str(e))
+                logger.warning("invoice: %s; trying the next mint", e)
+            except Exception as e:  # this mint cannot make such an invoice (no sats keyset…)
+                refused = refused or e
+                logger.warning("invoice: the mint %s refused: %s", mint.url, e)
+        if trouble:
+            raise ApiError(503, f"No mint could make an invoice now: {'; '.join(trouble)}",
+                           type="service_unavailable", code="mint_unavailable",
+                           headers={"retry-after": "5"})
+        raise ApiError(502, f"The mint could not make an invoice: {refused}",
+                       type="upstream_error", code="mint_error")
 
     def _row(self, id_hash: str) -> InvoiceRecord | None:
         return self.ledger.invoices.get(id_hash)

@@ -1,9 +1,12 @@
-"""Paying a Lightning address: LNURL-pay (LUD-06) as Lightning addresses resolve it (LUD-16).
+"""Paying a Lightning address or an LNURL: LNURL-pay (LUD-06) in every form users write it.
 
-``user@domain`` → ``GET https://domain/.well-known/lnurlp/user`` → a pay request with a callback
-and the amounts it takes → ``GET callback?amount=<msat>`` → a bolt11 invoice. The invoice is
-decoded with the ``bolt11`` library and must be for exactly the amount asked (and, when it
-carries one, for the pay request's description hash) before anything is paid.
+``user@domain`` (LUD-16) → ``https://domain/.well-known/lnurlp/user``; a bech32 ``lnurl1…``
+(LUD-01, decoded with the ``bech32`` library) or ``lnurlp://…`` (LUD-17) → the URL it holds; a
+plain ``https://`` URL as is; each optionally prefixed ``lightning:``. That URL gives a pay
+request with a callback and the amounts it takes → ``GET callback?amount=<msat>`` → a bolt11
+invoice. The invoice is decoded with the ``bolt11`` library and must be for exactly the amount
+asked (and, when it carries one, for the pay request's description hash) before anything is
+paid. Which hosts may be fetched is the client's business (``netguard``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-__all__ = ["LnAddressError", "invoice_for", "well_known_url"]
+__all__ = ["LnAddressError", "check_refund_address", "invoice_for", "pay_url", "well_known_url"]
 
 
 class LnAddressError(Exception):
@@ -40,11 +43,59 @@ def well_known_url(address: str) -> str:
     return f"{scheme}://{domain}/.well-known/lnurlp/{user}"
 
 
+def _decode_bech32(text: str) -> str:
+    from bech32 import bech32_decode, convertbits
+
+    hrp, data = bech32_decode(text.lower())
+    decoded = convertbits(data, 5, 8, False) if hrp == "lnurl" and data is not None else None
+    if decoded is None:
+        raise LnAddressError("not a valid bech32 LNURL")
+    try:
+        return bytes(decoded).decode()
+    except UnicodeDecodeError:
+        raise LnAddressError("the LNURL does not hold a URL") from None
+
+
+def pay_url(target: str) -> str:
+    """The LNURL-pay URL of a Lightning address, a bech32 LNURL, an ``lnurlp://`` URL or an
+    https URL (each may start with ``lightning:``)."""
+    text = target.strip()
+    if text.lower().startswith("lightning:"):
+        text = text[len("lightning:"):]
+    if text.lower().startswith("lnurl1"):
+        url = _decode_bech32(text)
+    elif text.lower().startswith("lnurlp://"):
+        rest = text[len("lnurlp://"):]
+        host = rest.split("/", 1)[0].rsplit(":", 1)[0]
+        url = f"{'http' if host.endswith('.onion') else 'https'}://{rest}"
+    elif "@" in text and "/" not in text:
+        return well_known_url(text)
+    else:
+        url = text
+    parts = urlsplit(url)
+    if not parts.hostname or parts.scheme not in ("https", "http") or " " in url:
+        raise LnAddressError(f"not a Lightning address or LNURL: {target[:80]!r}")
+    if parts.scheme == "http" and not _plain_http_allowed(parts.netloc):
+        raise LnAddressError(f"an LNURL must use https: {url[:80]}")
+    return url
+
+
+def check_refund_address(target: str) -> str:
+    """A refund address as given, if it is one of the forms ``pay_url`` reads; else
+    LnAddressError. Nothing is fetched."""
+    text = target.strip()
+    if len(text) > 2048:
+        raise LnAddressError("the refund address is too long")
+    pay_url(text)
+    return text
+
+
 async def invoice_for(address: str, amount_msat: int, client: httpx.AsyncClient,
                       comment: str | None = None) -> str:
-    """A bolt11 invoice for exactly ``amount_msat`` from the address's LNURL-pay service."""
+    """A bolt11 invoice for exactly ``amount_msat`` from the LNURL-pay service of a Lightning
+    address or LNURL (any form ``pay_url`` reads)."""
     try:
-        resp = await client.get(well_known_url(address))
+        resp = await client.get(pay_url(address))
         resp.raise_for_status()
         pay = resp.json()
     except (httpx.HTTPError, ValueError) as e:

@@ -20,8 +20,6 @@ import time
 import uuid
 from typing import Any
 
-import httpx
-
 from routstr_addon.amounts import sats
 from routstr_addon.ecash.mint import MintError, MintUnreachable
 from routstr_addon.ecash.tokens import UNIT_MSAT
@@ -29,6 +27,7 @@ from routstr_addon.ecash.wallet import Melted, Wallet, WalletError
 from routstr_addon.ledger import Books, Ledger, PayoutRecord
 from routstr_addon.payments.cashu import Payments
 from routstr_addon.payments.lnurl import LnAddressError, invoice_for
+from routstr_addon.payments.netguard import NetPolicy
 from routstr_addon.settings import Config
 
 __all__ = ["Payouts"]
@@ -42,6 +41,7 @@ class Payouts:
         self.wallet = wallet
         self.config = config
         self.payments = payments
+        self.net = NetPolicy(config.allow_private_ln_addresses, config.nostr.tor_proxy_url)
 
     # -- the books -----------------------------------------------------------------------------
 
@@ -92,7 +92,10 @@ class Payouts:
         # A first guess at the fee reserve (what nutshell asks by default: 1 %, at least 2);
         # the mint's melt quote says, and the invoice is asked again if it was too little.
         target = budget_sats - max(2, -(-budget_sats // 100)) - (ppk and 1)
-        async with httpx.AsyncClient(timeout=15) as client:
+        # The operator's own address is trusted; a user's refund address is fetched only over
+        # https from public addresses (or .onion via Tor), checked on the socket (netguard).
+        client = NetPolicy.trusted() if kind == "payout" else self.net.client()
+        async with client:
             for _ in range(4):
                 if target <= 0:
                     raise WalletError(f"{budget_sats} sats do not cover the fees of a payment")
@@ -193,6 +196,43 @@ class Payouts:
 
     # -- refunds of expired keys ------------------------------------------------------------------
 
+    async def refund_to_address(self, key_hash: str) -> dict[str, Any]:
+        """``POST /v1/balance/refund`` for a key with a refund address: its available balance
+        (whole sats) paid there over Lightning, fees taken from it; answered as routstr-core
+        does, with the ``recipient``. A payment that fails puts the amount back on the key."""
+        from routstr_addon.errors import ApiError
+
+        state = self.ledger.key(key_hash)
+        if state is None or not state.refund_address:
+            raise ApiError(400, "This key has no refund address.", code="no_refund_address")
+        if not state.backed:
+            raise ApiError(403, "This key holds credit granted by the operator, which cannot be "
+                           "withdrawn.", type="permission_error", code="not_refundable")
+        if state.reserved_msat:
+            raise ApiError(409, "This key has requests in flight; refund once they are done.",
+                           code="requests_in_flight")
+        amount = state.available_msat // 1000
+        if amount <= 0:
+            raise ApiError(400, "Nothing to refund: the balance is below one sat.",
+                           code="nothing_to_refund")
+        address = state.refund_address
+        try:
+            row = await self.pay(address, amount, kind="refund", key_hash=key_hash,
+                                 msat=amount * 1000)
+        except LnAddressError as e:
+            raise ApiError(502, f"The refund address could not be paid: {e}. The balance is "
+                           "still on the key.", type="upstream_error",
+                           code="refund_address_failed") from None
+        except (WalletError, MintError, MintUnreachable) as e:
+            raise ApiError(503, f"The refund could not be paid now: {e}. The balance is still "
+                           "on the key.", type="service_unavailable", code="refund_failed",
+                           headers={"retry-after": "30"}) from None
+        if row["state"] == "failed":
+            raise ApiError(502, f"The Lightning payment to {address} failed; the balance is "
+                           "back on the key.", type="upstream_error", code="refund_failed")
+        return {"recipient": address, "msats": row["msat"], "sats": row["msat"] // 1000,
+                "paid_sats": row["amount"], "fee": row["fee_paid"], "state": row["state"]}
+
     async def refund_expired(self) -> list[dict[str, Any]]:
         """Expired keys with a balance: paid to their refund address, or, without one, made
         into a token their owner can claim (``POST /v1/balance/refund``). Once each."""
@@ -200,7 +240,7 @@ class Payouts:
         for key in self.ledger.accounts.expired_with_balance(time.time()):
             key_hash, address, balance = key.key_hash, key.refund_address, key.balance_msat
             try:
-                if address and "@" in address:
+                if address:  # a Lightning address or an LNURL
                     sats = int(balance) // 1000
                     row = await self.pay(address, sats, kind="refund", key_hash=key_hash,
                                          msat=sats * 1000)

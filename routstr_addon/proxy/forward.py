@@ -19,6 +19,7 @@ from routstr_addon.errors import ApiError, no_ecash
 from routstr_addon.ledger import DATABASE_ERRORS
 from routstr_addon.metering.meter import Meter, Paid, bearer_token
 from routstr_addon.metering.stream import MeteredStream
+from routstr_addon.metering.surface import ResponseDecoder
 from routstr_addon.payments.cashu import Payments
 from routstr_addon.proxy import webview
 from routstr_addon.proxy.failclosed import answer_error, decide_later
@@ -29,7 +30,16 @@ __all__ = ["STATE", "PaidForward"]
 logger = logging.getLogger("routstr")
 
 STATE = "routstr"  # key of a forwarded flow's ``Paid`` in flow.metadata
-_CLIENT_SECRETS = frozenset((b"authorization", b"x-cashu"))
+# Client headers never forwarded: its key or token, and what would let the upstream read the
+# request differently than priced (another method or path, an encoding we did not choose).
+_NOT_FORWARDED = frozenset((b"authorization", b"x-cashu", b"accept-encoding",
+                            b"x-http-method-override", b"x-http-method", b"x-method-override",
+                            b"x-original-url", b"x-original-uri", b"x-rewrite-url"))
+# And for a body the proxy re-serialised: its framing and type are the proxy's too.
+_NOT_FORWARDED_JSON = _NOT_FORWARDED | frozenset((b"content-length", b"content-encoding",
+                                                  b"transfer-encoding", b"content-type"))
+_IDENTITY = ((b"accept-encoding", b"identity"),)  # answers the tap can read as they come
+_JSON = (b"content-type", b"application/json")
 
 
 class PaidForward:
@@ -58,11 +68,11 @@ class PaidForward:
         req = flow.request
         try:
             try:
-                path = req.path.split("?", 1)[0]
                 # One pass over the raw header fields: mitmproxy's header lookups cost more than
                 # the rest of this hook on the funded-key path.
                 authorization = x_cashu = None
-                encoded = False
+                coding = ""
+                upgrade = False
                 for name, value in req.headers.fields:
                     low = name.lower()
                     if low == b"authorization":
@@ -70,16 +80,22 @@ class PaidForward:
                     elif low == b"x-cashu":
                         x_cashu = value.decode("latin-1")
                     elif low == b"content-encoding":
-                        encoded = True
+                        coding = value.decode("latin-1")
+                    elif low == b"upgrade":
+                        upgrade = True
+                endpoint = self.meter.endpoint(req.path.partition("?")[0])
+                if upgrade and endpoint not in self.meter.fixed_prices:
+                    raise ApiError(400, "Protocol upgrades (WebSocket) are not forwarded here: "
+                                   "their traffic cannot be metered.", code="upgrade_refused")
                 if x_cashu is not None:
-                    return decide_later(flow, self._admit_xcashu(flow, path, x_cashu),
-                                        self._undo)
+                    return decide_later(flow, self._admit_xcashu(flow, endpoint, x_cashu,
+                                                                 coding), self._undo)
                 if authorization and (authorization[7:13] in ("cashuA", "cashuB")
                                       or "cashu:" in authorization[:14]):
                     return decide_later(flow, self._admit_token_key(
-                        flow, path, bearer_token(authorization)), self._undo)
-                self._forward(flow, path, self.meter.admit(
-                    flow.id, authorization, _api_path(path), _body(req, encoded)))
+                        flow, endpoint, bearer_token(authorization), coding), self._undo)
+                self._forward(flow, self.meter.admit(
+                    flow.id, authorization, endpoint, req.raw_content or b"", coding))
             except Exception as e:
                 answer_error(flow, e, self._undo)
             return None
@@ -88,19 +104,24 @@ class PaidForward:
                 flow.kill()
             raise
 
-    async def _admit_token_key(self, flow: http.HTTPFlow, path: str, token: str) -> None:
+    async def _admit_token_key(self, flow: http.HTTPFlow, endpoint: str, token: str,
+                               coding: str) -> None:
         """``Authorization: Bearer cashuB…``: the token is the key (redeemed on first use)."""
         if self.payments is None:
             raise no_ecash()
-        api_key = await self.payments.key_for_token(token)
-        self._forward(flow, path, self.meter.admit(flow.id, f"Bearer {api_key}",
-                                                   _api_path(path), _body(flow.request)))
+        headers = flow.request.headers
+        api_key = await self.payments.key_for_token(token, headers.get("key-expiry-time"),
+                                                    headers.get("refund-lnurl"))
+        self._forward(flow, self.meter.admit(flow.id, f"Bearer {api_key}", endpoint,
+                                             flow.request.raw_content or b"", coding))
 
-    async def _admit_xcashu(self, flow: http.HTTPFlow, path: str, token: str) -> None:
+    async def _admit_xcashu(self, flow: http.HTTPFlow, endpoint: str, token: str,
+                            coding: str) -> None:
         """``X-Cashu: <token>``: this request alone is paid by the token; change goes back."""
         if self.payments is None:
             raise no_ecash()
-        quote = self.meter.quote(_api_path(path), _body(flow.request), body_bound=False)
+        quote = self.meter.quote(endpoint, flow.request.raw_content or b"", body_bound=False,
+                                 content_encoding=coding)
         payer = await self.payments.open_xcashu(token, flow.id, quote.amount_msat)
         try:
             paid = self.meter.reserve(quote, flow.id, payer.key_hash, payer)
@@ -110,23 +131,31 @@ class PaidForward:
                            "and its value is kept: POST /v1/balance/refund with the same "
                            "X-Cashu header returns it.", type="service_unavailable",
                            code="ledger_unavailable", headers={"retry-after": "5"}) from None
-        self._forward(flow, path, paid)
+        self._forward(flow, paid)
 
-    def _forward(self, flow: http.HTTPFlow, path: str, paid: Paid) -> None:
-        """Rewrite an admitted request for the upstream: auth, path, body, our headers off."""
+    def _forward(self, flow: http.HTTPFlow, paid: Paid) -> None:
+        """Build the upstream request from what was priced: the endpoint's path (no client
+        query), the re-serialised body, the operator's key, identity encoding."""
         flow.metadata[STATE] = paid
         req = flow.request
-        if paid.upstream_body is not None:
-            req.content = paid.upstream_body
-        req.headers.fields = tuple(
-            field for field in req.headers.fields
-            if field[0].lower() not in _CLIENT_SECRETS) + self.upstream_auth
+        body = paid.upstream_body
+        if body is not None:
+            req.headers.fields = (*(field for field in req.headers.fields
+                                    if field[0].lower() not in _NOT_FORWARDED_JSON),
+                                  *self.upstream_auth, *_IDENTITY, _JSON,
+                                  (b"content-length", b"%d" % len(body)))
+            req.raw_content = body
+        else:  # a fixed-price endpoint: its body as the client sent it
+            req.headers.fields = (*(field for field in req.headers.fields
+                                    if field[0].lower() not in _NOT_FORWARDED),
+                                  *self.upstream_auth, *_IDENTITY)
         upstream = self.upstream
         if upstream is not None:
             if req.host != upstream.host or req.port != upstream.port:
                 req.scheme, req.host, req.port = upstream.scheme, upstream.host, upstream.port
-            query = req.path[len(path):]
-            req.path = upstream.base_path + _api_path(path) + query
+            req.path = f"{upstream.base_path}/{paid.path}"
+        else:
+            req.path = f"/v1/{paid.path}"
         if self.upstream_timeout:
             paid.timer = asyncio.get_running_loop().call_later(
                 self.upstream_timeout, _upstream_silent, flow)
@@ -156,7 +185,8 @@ class PaidForward:
             return  # buffered: settled in `response`
         resp.headers["x-routstr-reserved-msats"] = str(paid.reserved_msat)
         resp.headers.pop("content-length", None)  # we may drop the usage chunk
-        resp.stream = stream_adapter(MeteredStream(self.meter, paid))
+        decoder = _decoder(resp)
+        resp.stream = stream_adapter(MeteredStream(self.meter, paid), decoder)
 
     def response(self, flow: http.HTTPFlow) -> None:
         paid = flow.metadata.get(STATE)
@@ -164,6 +194,8 @@ class PaidForward:
         if type(paid) is not Paid or resp is None:
             return
         if not paid.settled:  # a buffered answer (or a stream that ended without our call)
+            if paid.tap is None and resp.raw_content and "content-encoding" in resp.headers:
+                resp.decode(strict=False)  # compressed anyway: the client gets it plain too
             done = self.meter.finish(paid, resp.status_code, _content(resp))
             if paid.tap is None:
                 if done is not None:
@@ -182,15 +214,31 @@ class PaidForward:
             return
         if paid.timer is not None:
             paid.timer.cancel()
-        self.meter.fail(paid, flow.error.msg if flow.error else "flow failed")
+        reason = flow.error.msg if flow.error else "flow failed"
+        # The client hung up on a request the upstream has (it is working, and billing):
+        # not free. The upstream failing, or never reached, is.
+        reached = "client" in reason.lower() and flow.server_conn.timestamp_tcp_setup is not None
+        self.meter.fail(paid, reason, reached)
         webview.show(flow, paid.facts())
 
 
-def stream_adapter(stream: MeteredStream) -> Callable[[bytes], bytes | tuple[bytes, ...]]:
+def stream_adapter(stream: MeteredStream, decoder: ResponseDecoder | None = None
+                   ) -> Callable[[bytes], bytes | tuple[bytes, ...]]:
     """mitmproxy's stream callable for a metered stream: chunks in, bytes out, ``b""`` at the
     end. An empty bytes object would go out as chunked encoding's end marker, so nothing to
-    send is handed back as ``()``."""
+    send is handed back as ``()``. ``decoder``: the answer came compressed (the client gets
+    it plain)."""
     feed, finish = stream.feed, stream.finish
+
+    if decoder is not None:
+        decode = decoder.feed
+
+        def decoded(chunk: bytes) -> bytes | tuple[bytes, ...]:
+            if chunk:
+                return feed(decode(chunk)) or ()
+            return finish() or ()
+
+        return decoded
 
     def chunks(chunk: bytes) -> bytes | tuple[bytes, ...]:
         if chunk:
@@ -198,6 +246,21 @@ def stream_adapter(stream: MeteredStream) -> Callable[[bytes], bytes | tuple[byt
         return finish() or ()
 
     return chunks
+
+
+def _decoder(resp: http.Response) -> ResponseDecoder | None:
+    """A decoder for a stream the upstream compressed although asked not to (its header
+    comes off: the client gets the stream plain)."""
+    coding = resp.headers.get("content-encoding", "")
+    if not coding or coding.strip().lower() == "identity":
+        return None
+    try:
+        decoder = ResponseDecoder(coding)
+    except ValueError:
+        logger.warning("a stream in an unknown Content-Encoding %r: passed on as it is", coding)
+        return None
+    del resp.headers["content-encoding"]
+    return decoder
 
 
 def _upstream_silent(flow: http.HTTPFlow) -> None:
@@ -228,16 +291,3 @@ def _add_to_error(resp: http.Response, name: str, value: str) -> None:
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         body["error"][name] = value
         resp.set_content(json.dumps(body).encode())
-
-
-def _api_path(path: str) -> str:
-    """The path below /v1 (``/v1/chat/completions`` → ``/chat/completions``)."""
-    return path[3:] if path.startswith("/v1/") else path
-
-
-def _body(req: http.Request, encoded: bool | None = None) -> bytes:
-    """The request body as plain bytes; ``encoded``: whether it has a Content-Encoding, when
-    the caller already knows (saves a header lookup on the funded-key path)."""
-    if encoded if encoded is not None else "content-encoding" in req.headers:
-        req.decode(strict=False)  # read (and forward) compressed bodies as plain JSON
-    return req.raw_content or b""

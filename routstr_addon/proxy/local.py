@@ -35,7 +35,9 @@ class LocalEndpoints:
                 if handler is None:
                     raise ApiError(405, f"{req.method} is not allowed on {path}.",
                                    code="method_not_allowed")
-                answer = handler(self.services, req, Peer.of(flow.client_conn))
+                peer = Peer.of(flow.client_conn, req.headers,
+                               self.services.config.forwarded_allow_ips)
+                answer = handler(self.services, req, peer)
                 if isinstance(answer, http.Response):
                     flow.response = answer
                     return None

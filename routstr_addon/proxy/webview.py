@@ -9,7 +9,8 @@ the change token we hand back), yet mitmweb shows a flow as it is when the hooks
 flows are kept for display (mitmweb, and mitmproxy's console for the stored part):
 
 - its flow serializer is wrapped to redact secret headers (``Authorization``, ``X-Cashu``,
-  cookies) in everything it sends the browser, live updates included;
+  cookies) and keys or tokens in request paths and query strings in everything it sends the
+  browser, live updates included;
 - once a flow is done (sent), its stored copy is scrubbed too (headers, and the tokens and keys
   in the JSON bodies of ``/v1/balance`` answers and error answers), so downloads, exports and
   replays do not carry them either. Streams keep no body: their ``: x-cashu`` comment is never
@@ -22,13 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 from typing import Any
 
 from mitmproxy import http
 
 __all__ = ["SECRET_FIELDS", "SECRET_HEADERS", "FlowView", "Scrubber", "install", "redact_header",
-           "show"]
+           "redact_url", "show"]
 
 REDACTED = "[redacted]"
 SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "x-cashu", "cookie",
@@ -52,6 +54,17 @@ def redact_header(name: str, value: str) -> str:
         return value
     scheme, sep, _ = value.partition(" ")
     return f"{scheme} {REDACTED}" if sep and scheme.lower() in ("bearer", "basic") else REDACTED
+
+
+# An API key or a Cashu token in a URL (path or query string), plain or percent-encoded.
+_SECRET_IN_URL = re.compile(r"(sk-|cashu[AB]|cashu(?::|%3[aA]))[^&/?#;\s]*")
+
+
+def redact_url(path: str) -> str:
+    """A request path (with its query) with any key or token in it replaced."""
+    if "sk-" not in path and "cashu" not in path:
+        return path
+    return _SECRET_IN_URL.sub(r"\1" + REDACTED, path)
 
 
 def _redact_json(value: Any) -> bool:
@@ -101,6 +114,9 @@ def scrub(flow: http.HTTPFlow) -> bool:
     error_answer = flow.response is not None and flow.response.status_code >= 400
     body = path.startswith(_BODY_PATHS)
     changed = _scrub_message(flow.request, body)
+    if redact_url(path) != path:
+        flow.request.path = redact_url(path)
+        changed = True
     if flow.response is not None:
         changed = _scrub_message(flow.response, body or error_answer) or changed
     return changed
@@ -144,6 +160,8 @@ def install(master: Any) -> Scrubber | None:
                 if message:
                     message["headers"] = tuple((k, redact_header(k, v))
                                                for k, v in message["headers"])
+                    if isinstance(message.get("path"), str):
+                        message["path"] = redact_url(message["path"])
             return data
 
         flow_to_json.routstr_redacts = True  # type: ignore[attr-defined]

@@ -18,7 +18,7 @@ from routstr_addon.ecash.tokens import looks_like_token
 from routstr_addon.errors import ApiError, invalid_api_key, invalid_json, json_response, no_ecash
 from routstr_addon.ledger import KeyState, hash_key
 from routstr_addon.metering.meter import bearer_token
-from routstr_addon.payments.cashu import Payments
+from routstr_addon.payments.cashu import KeyTerms, Payments
 from routstr_addon.payments.lightning import Invoices
 from routstr_addon.web import Peer, Services
 
@@ -33,7 +33,8 @@ async def _key(services: Services, request: http.Request) -> tuple[str, KeyState
     """The request's key; a Cashu token as the key is redeemed into one on first use."""
     key = bearer_token(request.headers.get("authorization"))
     if looks_like_token(key):
-        key = await _payments(services).key_for_token(key)
+        key = await _payments(services).key_for_token(key, request.headers.get("key-expiry-time"),
+                                                      request.headers.get("refund-lnurl"))
     state = services.ledger.key(hash_key(key))
     if state is None:
         raise invalid_api_key()
@@ -92,16 +93,9 @@ def _field(request: http.Request, *names: str) -> str:
 async def create(services: Services, request: http.Request, peer: Peer) -> http.Response:
     payments = _payments(services)
     token = _field(request, "initial_balance_token", "cashu_token", "token")
-    expiry = request.headers.get("key-expiry-time")
-    expires_at = None
-    if expiry:
-        try:
-            expires_at = float(expiry)
-        except ValueError:
-            raise ApiError(400, "Key-Expiry-Time must be a Unix time.",
-                           param="Key-Expiry-Time", code="invalid_expiry") from None
-    refund_address = request.headers.get("refund-lnurl") or None
-    api_key, state = await payments.create(token, expires_at, refund_address)
+    terms = KeyTerms.parse(request.headers.get("key-expiry-time"),
+                           request.headers.get("refund-lnurl"))
+    api_key, state = await payments.create(token, terms.expires_at, terms.refund_address)
     return json_response(200, {**_describe(api_key, state), "balance": state.balance_msat})
 
 
@@ -123,6 +117,8 @@ async def refund(services: Services, request: http.Request, peer: Peer) -> http.
                            code="payment_not_found")
         return json_response(200, change)
     _, state = await _key(services, request)
+    if state.refund_address and services.payouts is not None:  # paid there, as routstr-core
+        return json_response(200, await services.payouts.refund_to_address(state.key_hash))
     return json_response(200, await payments.refund(state.key_hash))
 
 
@@ -137,6 +133,12 @@ async def lightning_invoice(services: Services, request: http.Request,
     """``POST /v1/balance/lightning/invoice {"amount_sats", "purpose"}``: a bolt11 invoice
     that, once paid, creates a key (``create``) or tops up the caller's (``topup``)."""
     invoices = _invoices(services)
+    wait = services.invoice_limit.take(peer.address or "unknown",
+                                       services.config.invoices_per_minute)
+    if wait:
+        raise ApiError(429, f"Too many invoices from this address; try again in {wait} s.",
+                       type="rate_limit_error", code="rate_limited",
+                       headers={"retry-after": str(wait)})
     try:
         body = json.loads(request.get_content(strict=False) or b"{}")
     except ValueError:

@@ -30,12 +30,16 @@ def _table() -> dict[str, dict[str, Handler]]:
         table[f"{base}/topup"] = {"POST": balance.topup}
         table[f"{base}/refund"] = {"POST": balance.refund}
         table[f"{base}/lightning/invoice"] = {"POST": balance.lightning_invoice}
+    # The Routstr protocol's Lightning paths (RIP-08) at the root, as its clients call them.
+    table["/lightning/invoice"] = {"POST": balance.lightning_invoice}
     return table
 
 
 ROUTES: Mapping[str, Mapping[str, Handler]] = _table()
 _MODEL: Mapping[str, Handler] = {"GET": models.get_model}
 _INVOICE_STATUS: Mapping[str, Handler] = {"GET": balance.lightning_status}
+_INVOICE_BASES = ("/v1/balance/lightning/invoice/", "/v1/wallet/lightning/invoice/",
+                  "/lightning/invoice/")
 _ADMIN_API: Mapping[str, Handler] = dict.fromkeys(("GET", "POST", "PATCH", "PUT", "DELETE"),
                                                   adminapi.handle)
 
@@ -51,7 +55,6 @@ def lookup(path: str) -> Mapping[str, Handler] | None:
         return admin.HANDLERS
     if path.startswith("/v1/models/"):
         return _MODEL
-    if path.endswith("/status") and path.startswith(("/v1/balance/lightning/invoice/",
-                                                     "/v1/wallet/lightning/invoice/")):
+    if path.endswith("/status") and path.startswith(_INVOICE_BASES):
         return _INVOICE_STATUS
     return None
