@@ -207,3 +207,31 @@ def test_metrics_need_their_token_and_count_what_the_proxy_did(make_proxy: Any) 
 def test_metrics_are_off_unless_asked_for(proxy: Proxy) -> None:
     off = raw(proxy, "GET", "/metrics", headers={"authorization": f"Bearer {METRICS_TOKEN}"})
     assert off.status_code == 404 and off.json()["error"]["code"] == "not_found"
+
+
+def test_the_sample_grafana_dashboard_reads_metrics_the_proxy_exports() -> None:
+    from prometheus_client import generate_latest
+
+    from routstr_addon.observe.metrics import Metrics
+
+    from .conftest import ROOT
+
+    dashboard = json.loads((ROOT / "docker" / "grafana" / "routstr-dashboard.json").read_text())
+    used = {name for panel in dashboard["panels"] for target in panel["targets"]
+            for name in re.findall(r"routstr_[a-z_]+", target["expr"])}
+    metrics = Metrics()
+    metrics.watch_books(lambda: {
+        "holdings": [("http://mint", "sat", 1000)], "liabilities_msat": 0, "keys_msat": 0,
+        "operator_credit_msat": 0, "pending_payouts_msat": 0, "margin_msat": 0,
+        "ledger_charged_msat": 0, "ledger_requests": 0,
+        "payouts": [("payout", "paid", 1, 1000)], "refunds": [("token", "done", 1, 1000)]})
+    metrics.request("/v1/chat/completions", "m", "200")
+    metrics.under_reserved.labels("m").inc()
+    metrics.sweeps.labels("released").inc()
+    metrics.mint_call("swap", "ok", 0.01)
+    metrics.info.info({"version": "test"})
+    for histogram in (metrics.upstream_headers, metrics.upstream_duration, metrics.stream_ttfb):
+        histogram.labels("/v1/chat/completions").observe(0.1)
+    exported = set(re.findall(r"^(routstr_[a-z_]+)", generate_latest(metrics.registry).decode(),
+                              re.M))
+    assert used and used <= exported, used - exported
