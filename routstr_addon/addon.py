@@ -27,7 +27,7 @@ from routstr_addon import settings
 from routstr_addon.background import Background
 from routstr_addon.errors import ApiError, install_error_pages
 from routstr_addon.observe.flows import FlowObserver
-from routstr_addon.observe.quiet import apply_log_level, close_connections, quiet_shutdown
+from routstr_addon.observe.quiet import close_connections, quiet_shutdown
 from routstr_addon.proxy.cors import Cors
 from routstr_addon.proxy.forward import PaidForward
 from routstr_addon.proxy.gate import Gate
@@ -153,7 +153,6 @@ class Routstr:
         self.serving = Serving(runtime)
         self.addons = [self.view, self.serving]
         self._config = config
-        apply_log_level(config.log_level)
         if previous is not None:
             previous.retire(runtime)
         # Requests we answer ourselves must not open an upstream connection first.

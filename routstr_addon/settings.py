@@ -152,7 +152,6 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("READY_MAX_AGE", int, 30,
             "Seconds an answer of the primary mint or the upstream counts for /ready; older, "
             "/ready asks them itself."),
-    Setting("LOG_LEVEL", str, "info", "debug, info, warning or error: the proxy's own log."),
     Setting("LOG_FORMAT", str, "text",
             "The line per request on stdout: text (key=value) or json; off: no such lines."),
     Setting("METRICS_TOKEN", str, "",
@@ -348,9 +347,6 @@ def _fixed_prices(raw: str) -> Mapping[str, int]:
                                  for name, sats in parse_fixed_prices(raw).items()})
     except ValueError as e:
         raise SettingError(f"FIXED_PRICE_ENDPOINTS: {e}") from None
-
-
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _choice(name: str, raw: str, allowed: tuple[str, ...]) -> str:
@@ -589,7 +585,6 @@ class Config:
     forwarded_allow_ips: tuple[str, ...] = ()  # networks, or ("*",)
     cors_origins: tuple[str, ...] = ("*",)
     ready_max_age: int = 30
-    log_level: str = "info"
     log_format: str = "text"  # text | json | off
     metrics_token: str = field(default="", repr=False)  # "": /metrics not on the proxy port
     metrics_port: int = 0  # 0: no loopback metrics listener
@@ -650,7 +645,6 @@ class Config:
                                                options.forwarded_allow_ips),
             cors_origins=parse_origins(options.cors_origins),
             ready_max_age=_at_least("READY_MAX_AGE", options.ready_max_age, 1),
-            log_level=_choice("LOG_LEVEL", options.log_level, LOG_LEVELS),
             log_format=_choice("LOG_FORMAT", options.log_format, ("text", "json", "off")),
             metrics_token=_token("METRICS_TOKEN", options.metrics_token),
             metrics_port=_port("METRICS_PORT", options.metrics_port),

@@ -1,4 +1,4 @@
-"""The proxy's own log as the operator asked (``LOG_LEVEL``), and a quiet stop.
+"""A quiet stop.
 
 Stopping mitmproxy (SIGTERM) while clients hold keep-alive connections leaves each
 connection's server task to ``asyncio.run``, which cancels it after mitmproxy's own error
@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from typing import Any
 
-__all__ = ["apply_log_level", "close_connections", "quiet_shutdown"]
+__all__ = ["close_connections", "quiet_shutdown"]
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
 
 
 def quiet_shutdown() -> None:
@@ -64,19 +61,3 @@ async def close_connections(grace: float = 2.0) -> None:
         async with asyncio.timeout(grace):
             while connections:  # noqa: ASYNC110 - mitmproxy has no event for "all gone"
                 await asyncio.sleep(0.02)
-
-
-def apply_log_level(level: str) -> None:
-    """LOG_LEVEL: our loggers' level. mitmproxy's own lines (listening, client connects) keep
-    its ``termlog_verbosity``, except that ``debug`` opens the terminal log to debug lines."""
-    value = _LEVELS.get(level, logging.INFO)
-    for name in ("routstr", "routstr_addon"):
-        logging.getLogger(name).setLevel(value)
-    if level != "debug":
-        return
-    from mitmproxy import ctx
-
-    with contextlib.suppress(AttributeError, KeyError):
-        options = ctx.options
-        if "termlog_verbosity" in options and options.termlog_verbosity != "debug":
-            options.update(termlog_verbosity="debug")
