@@ -81,3 +81,26 @@ def test_wrong_tokens_are_limited_per_address_and_the_api_is_off_without_one(
     off = make_proxy({}, name="off")
     answer = api(off, "GET", "settings")
     assert answer.status_code == 404 and answer.json()["error"]["code"] == "admin_api_off"
+
+
+def test_withdrawing_the_margin_through_the_api(make_proxy: Any, mint: Any, user: Any) -> None:
+    proxy = make_proxy({"ADMIN_TOKEN": TOKEN, "CASHU_MINTS": mint.url})
+    created = raw(proxy, "POST", "/v1/balance/create", json={"cashu_token": user.token(100)})
+    key = created.json()["api_key"]
+    prompt = " ".join(["word"] * 3000)  # about 4 sats of prompt: the operator's margin
+    paid = raw(proxy, "POST", "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+               json={"model": "test/model", "max_tokens": 5,
+                     "messages": [{"role": "user", "content": prompt}]})
+    assert paid.status_code == 200 and int(paid.headers["x-routstr-cost-msats"]) > 2000
+    margin = api(proxy, "GET", "balances").json()["books"]["margin_msat"]
+    assert margin > 2000
+    too_much = api(proxy, "POST", "withdraw", json={"amount_sats": margin // 1000 + 1})
+    assert too_much.status_code == 400 and too_much.json()["error"]["code"] == "over_margin"
+    taken = api(proxy, "POST", "withdraw", json={"amount_sats": 2})
+    assert taken.status_code == 200, taken.text
+    assert user.receive(taken.json()["token"]) == 2
+    after = api(proxy, "GET", "balances").json()["books"]["margin_msat"]
+    assert after == margin - 2000
+    [action] = api(proxy, "GET", "journal").json()["actions"]
+    assert (action["actor"], action["action"], action["target"]) == ("api", "withdraw", mint.url)
+    assert taken.json()["token"] not in proxy.output.text

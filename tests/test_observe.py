@@ -235,3 +235,49 @@ def test_the_sample_grafana_dashboard_reads_metrics_the_proxy_exports() -> None:
     exported = set(re.findall(r"^(routstr_[a-z_]+)", generate_latest(metrics.registry).decode(),
                               re.M))
     assert used and used <= exported, used - exported
+
+
+def test_ready_is_503_without_a_btc_rate(make_proxy: Any) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    proxy = make_proxy({"BTC_USD_PRICE": "", "BTC_USD_SOURCES": f"kraken={nowhere}"})
+    body = wait_ready(proxy, 503)
+    assert body["checks"]["rate"] == {"ok": False, "age_s": None, "limit_s": 960.0,
+                                      "detail": "no rate yet"}
+    assert body["checks"]["upstream"]["ok"] and body["checks"]["ledger"]["ok"]
+
+
+# --- the parts on their own -------------------------------------------------------------------
+
+
+def test_a_flow_is_observed_once_and_text_values_are_quoted_when_they_must_be() -> None:
+    import io
+
+    from mitmproxy.test import tflow
+
+    from routstr_addon.observe.flows import FlowObserver, endpoint_label, known_endpoints
+    from routstr_addon.observe.metrics import Metrics
+    from routstr_addon.observe.requestlog import format_line
+
+    assert format_line({"a": "x y", "b": 'q"', "c": "", "d": None, "e": 3, "f": "plain"},
+                       "text") == 'a="x y" b="q\\"" c="" e=3 f=plain'
+    known = known_endpoints()
+    assert endpoint_label("/v1/chat/completions", known) == "/v1/chat/completions"
+    assert endpoint_label("/v1/models/gpt-4o", known) == "/v1/models/{id}"
+    assert endpoint_label("/admin/api/keys/abc", known) == "/admin/api"
+    assert endpoint_label("/wp-login.php", known) == "other"
+    out = io.StringIO()
+    metrics = Metrics()
+    observer = FlowObserver("text", metrics, meter=None)  # type: ignore[arg-type]
+    assert observer.log is not None
+    observer.log.stream = out
+    flow = tflow.tflow(resp=True)
+    observer.requestheaders(flow)
+    observer.response(flow)
+    observer.error(flow)  # a failure after the answer: the same request, not a second one
+    assert out.getvalue().count("\n") == 1 and "status=200" in out.getvalue()
+    assert metrics.requests.labels("other", "", "200")._value.get() == 1
+    failed = tflow.tflow(err=True)
+    observer.requestheaders(failed)
+    observer.error(failed)
+    assert 'error="error"' in out.getvalue().splitlines()[1]
+    assert metrics.requests.labels("other", "", "failed")._value.get() == 1

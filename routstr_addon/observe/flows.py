@@ -14,7 +14,7 @@ from mitmproxy import http
 
 from routstr_addon.metering.meter import Meter, Paid
 from routstr_addon.metering.surface import ENDPOINTS
-from routstr_addon.observe.requestlog import PATH, access_logger, fields, format_line
+from routstr_addon.observe.requestlog import PATH, LineWriter, fields, format_line
 
 if TYPE_CHECKING:
     from routstr_addon.observe.metrics import Metrics
@@ -53,7 +53,7 @@ class FlowObserver:
 
     def __init__(self, log_format: str, metrics: Metrics | None, meter: Meter) -> None:
         self.log_format = log_format
-        self.log = access_logger() if log_format != "off" else None
+        self.log = LineWriter() if log_format != "off" else None
         self.metrics = metrics
         self.meter = meter
         self.known: Mapping[str, Any] = known_endpoints()
@@ -76,7 +76,7 @@ class FlowObserver:
         metadata[LOGGED] = True
         try:
             if self.log is not None:
-                self.log.info(format_line(fields(flow), self.log_format))
+                self.log.write(format_line(fields(flow), self.log_format))
             if self.metrics is not None:
                 self._count(flow)
         except Exception:
@@ -107,8 +107,9 @@ class FlowObserver:
                 metrics.under_reserved.labels(model).inc()
         sent = req.timestamp_end
         if resp is not None and sent and resp.timestamp_start and flow.server_conn.timestamp_start:
-            metrics.upstream_headers.labels(endpoint).observe(resp.timestamp_start - sent)
+            headers, duration, ttfb = metrics.timings(endpoint)
+            headers.observe(resp.timestamp_start - sent)
             if resp.timestamp_end:
-                metrics.upstream_duration.labels(endpoint).observe(resp.timestamp_end - sent)
+                duration.observe(resp.timestamp_end - sent)
             if paid.first_byte_at is not None:
-                metrics.stream_ttfb.labels(endpoint).observe(paid.first_byte_at - sent)
+                ttfb.observe(paid.first_byte_at - sent)

@@ -116,6 +116,7 @@ class Metrics:
                               "(0: a fixed rate; -1: none yet).", registry=r)
         self.info = Info("routstr_instance", "This process.", registry=r)
         self._children: dict[tuple[str, str, str], Any] = {}
+        self._timings: dict[str, tuple[Any, Any, Any]] = {}
         self._books: _Books | None = None
 
     def watch_books(self, read: Callable[[], dict[str, Any]]) -> None:
@@ -136,6 +137,15 @@ class Metrics:
         """Reservations the sweeper closed (``Settlement``s): charged or released."""
         for done in closed:
             self.sweeps.labels("charged" if done.charged_msat else "released").inc()
+
+    def timings(self, endpoint: str) -> tuple[Any, Any, Any]:
+        """An endpoint's upstream histograms (headers, duration, stream TTFB), looked up once."""
+        found = self._timings.get(endpoint)
+        if found is None:
+            found = self._timings[endpoint] = (self.upstream_headers.labels(endpoint),
+                                               self.upstream_duration.labels(endpoint),
+                                               self.stream_ttfb.labels(endpoint))
+        return found
 
     def mint_call(self, operation: str, outcome: str, seconds: float) -> None:
         self.mint_calls.labels(operation, outcome).inc()

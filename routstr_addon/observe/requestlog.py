@@ -10,8 +10,9 @@ bytes in and out.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import logging
+import re
 import sys
 import time
 from typing import Any, TextIO
@@ -20,23 +21,23 @@ from mitmproxy import http
 
 from routstr_addon.metering.meter import Paid
 
-__all__ = ["ACCESS_LOGGER", "PATH", "access_logger", "fields", "format_line"]
+__all__ = ["PATH", "LineWriter", "fields", "format_line"]
 
-ACCESS_LOGGER = "routstr.requests"
 PATH = "routstr.path"  # the client's path, kept before the paid forward rewrites it
 STATE = "routstr"  # the paid forward's ``Paid`` (proxy.forward.STATE)
 
 
-def access_logger(stream: TextIO | None = None) -> logging.Logger:
-    """The request log: its own handler on stdout, never mixed into mitmproxy's log."""
-    logger = logging.getLogger(ACCESS_LOGGER)
-    if not logger.handlers:
-        handler = logging.StreamHandler(stream or sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
-        logger.setLevel(logging.INFO)
-    return logger
+class LineWriter:
+    """Writes the lines on stdout as they are, one write each: not through ``logging`` (whose
+    records and caller lookup cost the request path more than the line itself) and never mixed
+    into mitmproxy's log."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream
+
+    def write(self, line: str) -> None:
+        with contextlib.suppress(OSError, ValueError):  # stdout gone: the request goes on
+            (self.stream or sys.stdout).write(line + "\n")
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -89,15 +90,19 @@ def _model(body: dict[str, Any] | None) -> str | None:
     return name[:100] if isinstance(name, str) else None
 
 
+_QUOTE = re.compile(r'[\s"=\\]')
+
+
 def format_line(values: dict[str, Any], fmt: str) -> str:
+    """``json``: one object; ``text``: ``name=value`` pairs, strings quoted (JSON) when they
+    hold a space, a quote, ``=`` or a backslash, absent values left out."""
     if fmt == "json":
         return json.dumps(values, separators=(",", ":"))
     parts = []
     for name, value in values.items():
         if value is None:
             continue
-        text = str(value)
-        if not text or any(c in text for c in ' "=\\\n\r\t'):
-            text = json.dumps(text)
-        parts.append(f"{name}={text}")
+        if type(value) is str and (not value or _QUOTE.search(value)):
+            value = json.dumps(value)
+        parts.append(f"{name}={value}")
     return " ".join(parts)
