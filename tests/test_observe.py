@@ -279,5 +279,5 @@ def test_a_flow_is_observed_once_and_text_values_are_quoted_when_they_must_be() 
     failed = tflow.tflow(err=True)
     observer.requestheaders(failed)
     observer.error(failed)
-    assert 'error="error"' in out.getvalue().splitlines()[1]
+    assert out.getvalue().splitlines()[1].endswith(" error=error")
     assert metrics.requests.labels("other", "", "failed")._value.get() == 1
