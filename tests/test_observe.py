@@ -281,3 +281,13 @@ def test_a_flow_is_observed_once_and_text_values_are_quoted_when_they_must_be() 
     observer.error(failed)
     assert out.getvalue().splitlines()[1].endswith(" error=error")
     assert metrics.requests.labels("other", "", "failed")._value.get() == 1
+
+
+def test_paths_are_logged_without_what_may_be_a_secret() -> None:
+    from routstr_addon.observe.requestlog import safe_path
+
+    assert safe_path("/v1/chat/completions") == "/v1/chat/completions"
+    invoice = "/v1/balance/lightning/invoice/Zq3x9v8QmT1wK2pL5nR7sY4uB6cD0eFgH1jK2lM3n/status"
+    assert safe_path(invoice) == "/v1/balance/lightning/invoice/{secret}/status"
+    assert safe_path("/v1/sk-0123/models") == "/v1/{secret}/models"
+    assert safe_path("/cashuBo2FteCJodHRw") == "/{secret}"

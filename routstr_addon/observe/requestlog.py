@@ -21,7 +21,7 @@ from mitmproxy import http
 
 from routstr_addon.metering.meter import Paid
 
-__all__ = ["PATH", "LineWriter", "fields", "format_line"]
+__all__ = ["PATH", "LineWriter", "fields", "format_line", "safe_path"]
 
 PATH = "routstr.path"  # the client's path, kept before the paid forward rewrites it
 STATE = "routstr"  # the paid forward's ``Paid`` (proxy.forward.STATE)
@@ -38,6 +38,19 @@ class LineWriter:
     def write(self, line: str) -> None:
         with contextlib.suppress(OSError, ValueError):  # stdout gone: the request goes on
             (self.stream or sys.stdout).write(line + "\n")
+
+
+# Path segments that may be bearer secrets: keys, tokens, invoices, and anything long and
+# random-looking (an invoice id in a status path is the key to the key it funds).
+_SECRET_SEGMENT = re.compile(r"(?i)(sk-|cashu|lnbc|lntb|lnurl|creq)|[A-Za-z0-9_-]{32,}")
+
+
+def safe_path(path: str) -> str:
+    """The path as logged: segments that may be secrets replaced by ``{secret}``."""
+    if not _SECRET_SEGMENT.search(path):
+        return path
+    return "/".join("{secret}" if _SECRET_SEGMENT.match(part) or len(part) >= 32 else part
+                    for part in path.split("/"))
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -64,7 +77,7 @@ def fields(flow: http.HTTPFlow, now: float | None = None) -> dict[str, Any]:
     model = None
     if paid is not None:
         model = paid.model.id if paid.model is not None else _model(paid.body)
-    path = flow.metadata.get(PATH) or req.path.split("?", 1)[0]
+    path = safe_path(flow.metadata.get(PATH) or req.path.split("?", 1)[0])
     return {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(req.timestamp_start))
         + f".{int(req.timestamp_start * 1000) % 1000:03d}Z",
