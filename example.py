@@ -8,14 +8,18 @@ token in an ``X-Cashu`` header; the proxy keeps the cost and hands back the rest
 (the *change*), which pays the next request. With ``--as-key`` the token is the API key itself:
 the proxy redeems it into a balance on first use and charges each request to it.
 
-The proxy reports, at the end of each stream, SSE comments the OpenAI client skips:
+The proxy reports, at the end of each stream and before ``data: [DONE]``, SSE comments the
+OpenAI client skips:
 
     : x-routstr-cost-msats 25 x-routstr-balance-msats 974975
     : x-cashu cashuB…                          (the change, for X-Cashu payments)
 
-A small httpx transport reads them as the client streams (``RoutstrTap``); if the change was
-missed (a dropped connection), ``POST /v1/balance/refund`` with the same ``X-Cashu`` header
-hands it out again. At the end the script prints the token holding what is left: keep it.
+For a stream, the change comes in two parts: what is known at once (the token less the most
+the request may cost) in the ``X-Cashu`` response header, the rest in that comment. A small
+httpx transport reads both as the client streams (``RoutstrTap``) and the script joins them
+into the next request's token; if the change was missed (a dropped connection),
+``POST /v1/balance/refund`` with the same ``X-Cashu`` header hands out all of it again, as one
+token. At the end the script prints the token holding what is left: keep it.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class RoutstrTap(httpx.BaseTransport):
         self.cost_msats: int | None = None
         self.balance_msats: int | None = None
         self.change: str | None = None
+        self.parts: list[str] = []  # a stream's change: the header's part, then the rest
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         response = self.inner.handle_request(request)
@@ -57,6 +62,7 @@ class RoutstrTap(httpx.BaseTransport):
             self.cost_msats = int(response.headers["x-routstr-cost-msats"])
             self.balance_msats = int(response.headers.get("x-routstr-balance-msats", 0))
         self.change = response.headers.get("x-cashu") if response.status_code < 400 else None
+        self.parts = [self.change] if self.change else []
         return httpx.Response(response.status_code, headers=response.headers,
                               stream=_Tapped(response.stream, self),
                               extensions=response.extensions)
@@ -67,7 +73,8 @@ class RoutstrTap(httpx.BaseTransport):
     def comment(self, line: bytes) -> None:
         words = line.decode(errors="replace").split()
         if words[:2] == [":", "x-cashu"] and len(words) > 2:
-            self.change = words[2]
+            self.parts.append(words[2])
+            self.change = join_tokens(self.parts)
         elif words[:2] == [":", "x-routstr-cost-msats"] and len(words) >= 5:
             self.cost_msats, self.balance_msats = int(words[2]), int(words[4])
 
@@ -91,7 +98,8 @@ class _Tapped(httpx.SyncByteStream):
                 self.tap.comment(line)
 
     def close(self) -> None:
-        # The OpenAI client stops reading at "data: [DONE]"; Routstr's comments come after it.
+        # The OpenAI client stops reading at "data: [DONE]", after Routstr's comments; read
+        # what an older proxy may still send after it.
         left = 1 << 16
         for chunk in self.chunks:
             self.read(chunk)
@@ -99,6 +107,27 @@ class _Tapped(httpx.SyncByteStream):
             if left <= 0:
                 break
         self.stream.close()
+
+
+def join_tokens(tokens: list[str]) -> str | None:
+    """One cashuB token holding the proofs of several (same mint and unit), or None when
+    cbor2 is not installed to read them (the refund endpoint then joins them)."""
+    if len(tokens) == 1:
+        return tokens[0]
+    try:
+        import cbor2
+    except ImportError:
+        return None
+    joined: dict[str, Any] | None = None
+    for token in tokens:
+        body = token.removeprefix("cashu:")
+        data = cbor2.loads(base64.urlsafe_b64decode(body[6:] + "=" * (-len(body[6:]) % 4)))
+        if joined is None:
+            joined = data
+        else:
+            joined["t"].extend(data["t"])
+    assert joined is not None
+    return "cashuB" + base64.urlsafe_b64encode(cbor2.dumps(joined)).decode().rstrip("=")
 
 
 def token_sats(token: str) -> int | None:
@@ -157,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         except APIStatusError as e:  # 402: the token cannot cover this request; it is intact
             print(f"\nrefused ({e.status_code}): {e.message}", file=sys.stderr)
             break
-        if not args.as_key and tap.change is None:  # missed it? ask for it again
+        if not args.as_key and tap.change is None:  # missed it? ask for all of it again
             answer = httpx.post(f"{args.base_url}/balance/refund", headers={"X-Cashu": token},
                                 timeout=30)
             tap.change = answer.json().get("token") if answer.status_code == 200 else None

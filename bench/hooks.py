@@ -147,9 +147,13 @@ def _loop(addon: Any, pairs: list[tuple[Any, Any]], tails: list[Any] | None) -> 
             hook(flow)
         if tails is not None:
             feed = resp.stream
+            last = b""
             for chunk in chunks:
-                feed(chunk)
-            tails.append(feed(b""))
+                out = feed(chunk)
+                if out:  # the cost comment goes out with [DONE], before it
+                    last = out if isinstance(out, bytes) else b"".join(out)
+            end = feed(b"")
+            tails.append(last + (end if isinstance(end, bytes) else b"".join(end)))
         for hook in responses:
             hook(flow)
     return time.perf_counter() - t0
@@ -166,7 +170,7 @@ def _check(pairs: list[tuple[Any, Any]], tails: list[Any], stream: bool) -> str 
         if stream:
             tail = tails[i]
             if not isinstance(tail, bytes) or b"x-routstr-cost-msats" not in tail:
-                return f"stream {i}: no cost comment at its end ({tail!r:.200})"
+                return f"stream {i}: no cost comment before [DONE] ({tail!r:.200})"
         elif "x-routstr-cost-msats" not in resp.headers:
             return f"request {i}: no x-routstr-cost-msats header"
     return None

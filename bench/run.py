@@ -209,6 +209,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="pre-built flows per round in the hooks phase (default 5000)")
     p.add_argument("--hooks-rounds", type=int, default=5, metavar="R",
                    help="timed rounds in the hooks phase (default 5)")
+    p.add_argument("--providers", type=int, default=1, metavar="N",
+                   help="the proxies forward to N providers of the bench's model (all the "
+                        "echo upstream, same price), so failover between them is armed "
+                        "(default 1: UPSTREAM_BASE_URL alone)")
     p.add_argument("--python-load", action="store_true",
                    help="use the Python load generator even when wrk is installed")
     p.add_argument("--workers", type=int, default=2,
@@ -301,6 +305,12 @@ class Bench:
         data_dir.mkdir(exist_ok=True)
         env = proxy_env(self.upstream_url, data_dir, self.models,
                         self.mint.url if self.mint and name in PROXIES else None)
+        if self.args.providers > 1 and name in PROXIES:
+            # More providers of the same model (all the echo upstream): failover armed.
+            listed = [{"name": f"extra{i}", "base_url": f"{self.upstream_url}/v1",
+                       "models_path": str(self.models)} for i in range(1, self.args.providers)]
+            (data_dir / "providers.json").write_text(json.dumps(listed))
+            env["PROVIDERS_PATH"] = str(data_dir / "providers.json")
         key: str | None = None
         if name == "mitmdump":
             cmd = base

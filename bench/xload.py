@@ -7,7 +7,8 @@ connections and prints one JSON object (see ``WorkerResult``).
 
 Modes:
   ``xcashu``  POST /v1/chat/completions with ``X-Cashu: <token>``; good = 200 with an
-              ``x-cashu`` change header (JSON), or a stream that ends with ``: x-cashu cashuB``.
+              ``x-cashu`` change header (JSON), or a stream with ``: x-cashu cashuB`` before
+              ``data: [DONE]``.
   ``bearer``  the same with ``Authorization: Bearer <token or key>``; good = 200.
   ``swap``    no proxy: swap each token's proofs into new ones at the mint (POST /v1/swap), as
               the proxy does for an x-cashu request (same outputs, same client code).
@@ -101,11 +102,15 @@ async def _http(job: Job, raws: list[bytes], result: WorkerResult) -> None:
                 result.fail(f"200 but no complete stream: {resp.body[-300:]!r}")
                 return
             if job.mode == "xcashu":
-                if not last.startswith(CHANGE_COMMENT):
+                # The change comment comes before [DONE] (where OpenAI clients stop reading);
+                # the part known at the start may be in the header, the rest there.
+                at = resp.body.find(b"\n" + CHANGE_COMMENT)
+                if at < 0 or at > resp.body.find(b"data: [DONE]"):
                     result.no_change += 1
-                    result.fail(f"stream without the change comment at its end: {last[:200]!r}")
+                    result.fail(f"stream without the change comment before [DONE]: "
+                                f"{last[:200]!r}")
                     return
-                change = last[len(b": x-cashu "):].decode()
+                change = resp.body[at + len(b"\n: x-cashu "):].split(b"\n", 1)[0].decode()
             result.ttfb_us.append((first[0] - t0) * 1e6)
         elif job.mode == "xcashu":
             change = resp.headers.get("x-cashu")

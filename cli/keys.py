@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from routstr_addon.ledger import KEY_PREFIX, KeyState, Ledger, hash_key
+from routstr_addon.ledger import KEY_PREFIX, KeyState, Ledger, Limits, hash_key, parse_period
 from routstr_addon.settings import Config
 
 from .common import JsonOpt, console, err, fail, load_config, mints_of, open_ledger, sats
@@ -53,6 +53,9 @@ def key_json(state: KeyState) -> dict[str, Any]:
         "disabled": state.disabled,
         # funded with ecash (withdrawable) rather than by the operator; older ledgers lack it
         "backed": getattr(state, "backed", None),
+        "parent_key_id": state.parent_key_hash[:16] if state.parent_key_hash else None,
+        "limits": state.limits.describe() if state.limits.any else None,
+        "limit_spent_msat": state.limit_spent_msat,
     }
 
 
@@ -128,6 +131,39 @@ KEYS_CREATE_HELP = (
 )
 
 
+RpmOpt = Annotated[int | None, typer.Option(
+    "--rpm", help="Requests per minute (sliding window); 0 lifts it.", min=0)]
+ConcurrentOpt = Annotated[int | None, typer.Option(
+    "--concurrent", help="Requests in flight at once; 0 lifts it.", min=0)]
+ModelsOpt = Annotated[str | None, typer.Option(
+    "--models", help="Allowed models, comma-separated; '' lifts it.")]
+BudgetOpt = Annotated[int | None, typer.Option(
+    "--budget-sats", help="Sats the key may spend per --period (or until reset); 0 lifts it.",
+    min=0)]
+PeriodOpt = Annotated[str | None, typer.Option(
+    "--period", help="The budget's period: daily, weekly, monthly, or 1d, 12h, 3600 (seconds); "
+                     "manual: reset by hand only.")]
+
+
+def merge_limits(current: Limits, rpm: int | None, concurrent: int | None, models: str | None,
+                 budget_sats: int | None, period: str | None) -> Limits:
+    """The limits after a command line's changes: options given replace (0 or '' lifts one),
+    the others stay."""
+    try:
+        parsed_period = parse_period(period) if period is not None else current.period
+    except ValueError as e:
+        raise fail(str(e), 2) from None
+    names = (tuple(m.strip() for m in models.split(",") if m.strip()) if models is not None
+             else current.models)
+    return Limits(
+        rpm=current.rpm if rpm is None else (rpm or None),
+        concurrent=current.concurrent if concurrent is None else (concurrent or None),
+        models=names or None,
+        budget_msat=(current.budget_msat if budget_sats is None
+                     else (budget_sats * 1000 or None)),
+        period=parsed_period)
+
+
 @keys_app.command("create", help=KEYS_CREATE_HELP)
 def keys_create(
     balance_sats: Annotated[int | None, typer.Option(
@@ -140,6 +176,11 @@ def keys_create(
     refund_address: Annotated[str | None, typer.Option(help="Lightning address for refunds.")]
     = None,
     label: Annotated[str | None, typer.Option(help="A note for yourself.")] = None,
+    rpm: RpmOpt = None,
+    concurrent: ConcurrentOpt = None,
+    models: ModelsOpt = None,
+    budget_sats: BudgetOpt = None,
+    period: PeriodOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a key (help: KEYS_CREATE_HELP)."""
@@ -159,6 +200,9 @@ def keys_create(
                                            refund_address=refund_address, label=label,
                                            note="created by operator")
             extra = {}
+        limits = merge_limits(Limits(), rpm, concurrent, models, budget_sats, period)
+        if limits.any:
+            state = ledger.set_limits(state.key_hash, limits) or state
     if as_json:
         print(json.dumps({"api_key": key, **key_json(state), **extra}))
     else:
@@ -222,9 +266,53 @@ def print_key(state: KeyState, open_reservations: int | None = None) -> None:
                         ("funded with", funded),
                         ("created", when(state.created_at)), ("expires", when(state.expires_at)),
                         ("refund address", escape(state.refund_address or "-")),
+                        ("limits", escape(", ".join(
+                            f"{n} {v}" for n, v in state.limits.describe().items()
+                            if v is not None) or "-")),
                         ("label", escape(state.label or "-"))):
         table.add_row(name, value)
     console.print(table)
+
+
+# --- limits ---------------------------------------------------------------------------------
+
+
+LIMIT_HELP = (
+    "Set a key's limits: requests per minute, requests in flight, allowed models, a budget "
+    "per period (reset by itself). Options given replace the key's (0 or '' lifts one), the "
+    "others stay; --clear lifts them all. Refused requests get 429 rate_limit_exceeded with "
+    "Retry-After (403 for a model outside the list). They hold across processes sharing the "
+    "database.\n\n"
+    "Exit codes: 0 set; 1 no such key; 2 bad input."
+)
+
+
+@keys_app.command("limit", help=LIMIT_HELP)
+def keys_limit(
+    key: KeyArg,
+    rpm: RpmOpt = None,
+    concurrent: ConcurrentOpt = None,
+    models: ModelsOpt = None,
+    budget_sats: BudgetOpt = None,
+    period: PeriodOpt = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Lift every limit.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set a key's limits (help: LIMIT_HELP)."""
+    with open_ledger() as ledger:
+        state = resolve_key(ledger, key)
+        limits = Limits() if clear else merge_limits(state.limits, rpm, concurrent, models,
+                                                     budget_sats, period)
+        after = ledger.set_limits(state.key_hash, limits)
+    if after is None:
+        raise fail("no such key", 1)
+    if as_json:
+        print(json.dumps(key_json(after)))
+        return
+    shown = limits.describe()
+    console.print(f"key {after.key_hash[:16]}: " + (", ".join(
+        f"{name} {value}" for name, value in shown.items() if value is not None)
+        or "no limits"), highlight=False)
 
 
 # --- topup ----------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 The command tree::
 
-    routstr serve | demo | tui | stats | providers | version
-    routstr keys     create | list | show | topup | disable | enable | refund
+    routstr serve | demo | tui | stats | providers | import-core | version
+    routstr keys     create | list | show | limit | topup | disable | enable | refund
     routstr models   list
     routstr ledger   tail | check
     routstr wallet   balance | send | receive | restore
@@ -23,6 +23,7 @@ import typer
 from routstr_addon import __version__, settings
 
 from .common import JsonOpt, console, err, fail, load_config, open_ledger, sats
+from .coreimport import import_core_command
 from .keys import key_json, keys_app, parse_expiry, print_entries, resolve_key, when
 from .models import models_app
 from .payouts import payouts_app
@@ -44,6 +45,7 @@ app.add_typer(payouts_app, name="payouts")
 app.command()(stats)
 app.command()(tui)
 app.command()(providers)
+app.command("import-core")(import_core_command)
 
 __all__ = ["app", "console", "err", "fail", "key_json", "open_ledger", "parse_expiry",
            "resolve_key", "sats", "when"]
@@ -139,6 +141,8 @@ def ledger_check(as_json: JsonOpt = False) -> None:
     """Audit the books: per key, the journal sums to the balance, no balance or reservation is
     negative, reservations are all open ones; and, with CASHU_MINTS, the ecash the wallet holds
     is unspent at its mint (NUT-07) and covers what users are owed. Exit 0 only if all hold."""
+    from routstr_addon.ledger import UNIT_MSAT
+
     from .wallet import check_books, read_books
 
     config = load_config()
@@ -152,7 +156,12 @@ def ledger_check(as_json: JsonOpt = False) -> None:
             spendable = books.proofs_msat - checked.spent_msat - books.payouts_msat
             wallet = {"proofs_msat": books.proofs_msat, "liabilities_msat": books.liabilities_msat,
                       "pending_payouts_msat": books.payouts_msat,
-                      "margin_msat": books.margin_msat, "check": checked.as_json()}
+                      "margin_msat": books.margin_msat, "check": checked.as_json(),
+                      "locked_msat": sum(h.by_state.get("locked", 0) * UNIT_MSAT.get(h.unit, 0)
+                                         for h in books.holdings),
+                      "locked": ledger.locked.totals(),
+                      "change_pool": {f"{h.mint} {h.unit}": ledger.locked.pool_counts(
+                          h.mint, h.unit) for h in books.holdings if h.trusted}}
             problems += [f"{p['amount']} {p['unit']} at {p['mint']} counted but spent at the mint"
                          for p in checked.spent]
             problems += [f"could not ask a mint: {e}" for e in checked.errors]

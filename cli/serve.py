@@ -2,8 +2,9 @@
 
 mitmproxy walks every loaded addon for every event, and plain ``mitmdump`` loads about 35; a
 reverse proxy needs five. ``--web`` runs mitmweb with the whole set instead, for watching flows.
-With no ``UPSTREAM_BASE_URL`` the proxy runs the demo: an echo upstream in this process, a demo
-ledger and a funded demo key, all under ``DATA_DIR/demo``.
+With no provider (``UPSTREAM_BASE_URL``, ``PROVIDERS_PATH``, ``OPENAI_API_KEY``…) the proxy runs
+the demo: an echo upstream in this process, a demo ledger and a funded demo key, all under
+``DATA_DIR/demo``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ DEMO_OFF = {"NSEC": "", "HTTP_URL": "", "ONION_URL": "", "ONION_HOSTNAME_FILE": 
             "PROVIDERS_REFRESH_INTERVAL": "0"}
 DEMO_REPLACES = ("UPSTREAM_BASE_URL", "UPSTREAM_API_KEY", "DATA_DIR", "DATABASE_URL",
                  "MODELS_PATH", "CASHU_MINTS", "SWAP_UNTRUSTED_MINTS", "WALLET_MNEMONIC",
-                 "RECEIVE_LN_ADDRESS", *DEMO_OFF)
+                 "RECEIVE_LN_ADDRESS", "PROVIDERS_PATH", "OLLAMA_BASE_URL",
+                 *(variable for variable, *_ in settings.ENV_PROVIDERS), *DEMO_OFF)
 KNOWN_SETTINGS = {s.env for s in settings.SETTINGS}
 
 
@@ -234,9 +236,12 @@ def serve(host: str, port: int, web: bool, quiet: bool = False, web_port: int = 
     if demo:  # what the demo replaces need not be valid; the rest is checked as usual
         env = {k: v for k, v in env.items() if k not in DEMO_REPLACES or k == "DATA_DIR"}
     config = settings.load_config(env)  # a bad setting stops here with its name
-    if config.upstream is not None and not demo:
+    # A provider to forward to (UPSTREAM_BASE_URL, PROVIDERS_PATH, OPENAI_API_KEY…): serve;
+    # the reverse mode's target is the first one (each request is sent to its own).
+    first = next((p for p in config.providers if p.upstream is not None), None)
+    if first is not None and not demo:
         overrides: dict[str, str] = {}
-        mode = reverse_mode(env["UPSTREAM_BASE_URL"])
+        mode = reverse_mode(first.base_url)
         return _run(mode, host, port, overrides, web, quiet, web_port)
     mint = LocalMint(demo_folder(env) / "mint", port=port_or_free(DEMO_MINT_PORT))
     try:

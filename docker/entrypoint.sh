@@ -1,7 +1,8 @@
 #!/bin/sh
 # The image's entry point: mitmdump in reverse mode with the Routstr addon, listening on
 # LISTEN_HOST:LISTEN_PORT (0.0.0.0:8000). The reverse target is UPSTREAM_BASE_URL's origin (the
-# addon adds its path). With no UPSTREAM_BASE_URL it runs the demo (`routstr serve`) instead.
+# addon adds its path). With no UPSTREAM_BASE_URL it runs `routstr serve`: the providers of
+# PROVIDERS_PATH (or OPENAI_API_KEY…) if any, else the demo.
 # Arguments go to mitmdump, e.g. `--set termlog_verbosity=warn`.
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -9,7 +10,7 @@ host=${LISTEN_HOST:-0.0.0.0}
 port=${LISTEN_PORT:-8000}
 upstream=${UPSTREAM_BASE_URL:-}
 if [ -z "$upstream" ]; then
-    echo "UPSTREAM_BASE_URL is not set: running the DEMO (echo model, no real money)" >&2
+    # No shorthand: `routstr serve` serves PROVIDERS_PATH / OPENAI_API_KEY… if set, else the demo.
     exec routstr serve --listen-host "$host" --listen-port "$port"
 fi
 scheme=${upstream%%://*}

@@ -159,11 +159,9 @@ class Routstr:
         ctx.options.update(connection_strategy="lazy", body_size_limit=str(config.max_request_size))
         if self._running:  # reconfigured while running: mitmproxy will not call `running` again
             self.serving.running()
-        logger.info("routstr: %s pricing, ledger %s, upstream %s",
+        logger.info("routstr: %s pricing, ledger %s, %s",
                     "model-based" if config.model_based_pricing else "fixed",
-                    config.database_url.split("://")[0],
-                    config.upstream.origin + config.upstream.base_path if config.upstream
-                    else "from the reverse mode")
+                    config.database_url.split("://")[0], _providers_line(config))
 
     def _metrics_for(self, config: Config) -> Any:
         """The process's metrics if METRICS_TOKEN or METRICS_PORT turns them on (counters
@@ -181,6 +179,15 @@ class Routstr:
         # Everything loaded at start-up lives as long as the process: keep it out of the
         # garbage collector's full passes, which otherwise stall requests for tens of ms.
         gc.freeze()
+
+
+def _providers_line(config: Config) -> str:
+    """Where requests go, for the start-up line (names and URLs, never keys)."""
+    providers = config.providers
+    if len(providers) == 1 and providers[0].shorthand:
+        only = providers[0]
+        return f"upstream {only.base_url}" if only.upstream else "upstream from the reverse mode"
+    return "providers " + ", ".join(f"{p.name} ({p.base_url})" for p in providers)
 
 
 addons = [Routstr()]

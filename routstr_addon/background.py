@@ -8,7 +8,9 @@ settlements the ledger could not take, and the Nostr listing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -16,7 +18,9 @@ from routstr_addon.ledger import Ledger
 from routstr_addon.metering.meter import Meter
 from routstr_addon.metering.pricing import RateKeeper
 from routstr_addon.metering.sweeper import Sweeper
+from routstr_addon.payments.locked import LockedPayments
 from routstr_addon.runtime import Runtime
+from routstr_addon.upstreams.catalog import probe_forever
 
 __all__ = ["Background"]
 
@@ -42,11 +46,18 @@ class Background:
             work["wallet"] = rt.wallet.start()
         if rt.invoices is not None:
             work["invoices"] = rt.invoices.watch()
+        if rt.payments is not None and rt.payments.locked is not None:
+            work["locked"] = redeem_locked(rt.payments.locked, config.locked_redeem_interval)
         if rt.payouts is not None:
             work["payouts"] = rt.payouts.loop(config.payout_interval, "payouts")
             work["refunds"] = rt.payouts.loop(config.refund_processing_interval, "refunds")
         if rt.ledger.instance_id is None:
             rt.ledger.register_instance()
+        if rt.catalog.needs_refresh:  # OpenRouter's prices, providers' own model lists
+            work["catalog"] = rt.catalog.run(config.models_refresh_interval)
+        if rt.failover is not None:
+            work["failover"] = rt.failover.start()
+            work["probes"] = probe_forever(rt.catalog, config.upstream_connect_timeout)
         sweeper = Sweeper(rt.meter)
         if rt.metrics is not None:
             sweeper.on_swept = rt.metrics.swept
@@ -64,6 +75,10 @@ class Background:
         for task in self.tasks.values():
             task.cancel()
         self.tasks = {}
+        failover = self.runtime.failover
+        if failover is not None and failover.port:
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().create_task(failover.stop())
 
 
 async def checkpoints(ledger: Ledger, every: float = 1.0) -> None:
@@ -82,3 +97,28 @@ async def retry_settlements(meter: Meter, every: float = 2.0) -> None:
     while True:
         await asyncio.sleep(every)
         meter.retry_unsettled()
+
+
+async def redeem_locked(locked: LockedPayments, every: float, refill_every: float = 30.0) -> None:
+    """Locked payments off the request path: the change pool topped up (checked every
+    ``refill_every`` seconds), and received locked proofs swapped in batches every ``every``
+    seconds, or sooner when a locktime comes near."""
+    next_redeem = asyncio.get_running_loop().time() + min(every, refill_every)
+    while True:
+        await asyncio.sleep(min(refill_every, every))
+        try:
+            await locked.refill()
+        except Exception:
+            logger.exception("change pool refill failed")
+        now = asyncio.get_running_loop().time()
+        soon = locked.ledger.locked.earliest_locktime()
+        if now < next_redeem and (soon is None or soon - time.time() > 2 * every):
+            continue
+        next_redeem = now + every
+        try:
+            result = await locked.redeem()
+            if result.redeemed or result.lost or result.pending:
+                logger.info("locked proofs: %d redeemed, %d lost, %d batches pending",
+                            result.redeemed, result.lost, result.pending)
+        except Exception:
+            logger.exception("redeeming locked proofs failed")

@@ -42,6 +42,7 @@ RENAMED: Mapping[str, tuple[str, Callable[[str], str], str]] = {
     "PROVIDERS_REFRESH_INTERVAL_SECONDS": ("PROVIDERS_REFRESH_INTERVAL", _same,
                                            "seconds; 0 turns it off"),
     "MINT_OPERATION_TIMEOUT_SECONDS": ("MINT_TIMEOUT", _same, "seconds"),
+    "MODELS_REFRESH_INTERVAL_SECONDS": ("MODELS_REFRESH_INTERVAL", _same, "seconds"),
 }
 
 # routstr-core names with nothing to set here: why, once at start-up.
@@ -53,9 +54,10 @@ IGNORED: Mapping[str, str] = {
     "TOLERANCE_PERCENTAGE": "charges are exact, from the usage reported",
     "MIN_REQUEST_MSAT": "a request is charged from its usage, never zero",
     "ENABLE_CONSOLE_LOGGING": "logs go to mitmproxy's terminal log",
-    "MODELS_REFRESH_INTERVAL_SECONDS": "models.json is read at start-up",
     "ENABLE_PRICING_REFRESH": "rates refresh every PRICE_REFRESH_INTERVAL",
-    "ENABLE_MODELS_REFRESH": "models.json is read at start-up",
+    "ENABLE_MODELS_REFRESH": "OpenRouter's list refreshes every MODELS_REFRESH_INTERVAL when a "
+                             "provider takes its prices from it; models.json is read at "
+                             "start-up",
     "MINT_OPERATION_CONCURRENCY": "each mint has one kept-alive connection pool",
     "MINT_MAX_CONCURRENCY": "each mint has one kept-alive connection pool",
     "MINT_RETRY_MAX_ATTEMPTS": "a busy mint is answered 503 with Retry-After",

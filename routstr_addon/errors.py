@@ -7,16 +7,19 @@ RateLimitError-like quota errors, …), so the shape and the status both matter.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 
 from mitmproxy import http
 
 __all__ = [
     "ApiError",
+    "PaymentRequired",
     "error_body",
     "invalid_api_key",
     "invalid_json",
     "json_response",
+    "key_limit",
     "ledger_unavailable",
     "no_ecash",
 ]
@@ -53,6 +56,30 @@ class ApiError(Exception):
         return resp
 
 
+class PaymentRequired(ApiError):
+    """402 for a request to pay with ecash: OpenAI's error, the NUT-18 payment request in the
+    ``X-Cashu`` header, and routstr-core's ``detail`` (``amount_required_msat``, ``type``
+    ``minimum_balance_required``), so both kinds of clients can act on it."""
+
+    def __init__(self, message: str, payment_request: str, required_msat: int,
+                 model: str | None = None) -> None:
+        super().__init__(402, message, type="insufficient_quota", code="payment_required",
+                         headers={"x-cashu": payment_request})
+        self.payment_request = payment_request
+        self.required_msat = required_msat
+        self.model = model
+
+    def response(self) -> http.Response:
+        body = {
+            "error": {"message": self.message, "type": self.type, "param": self.param,
+                      "code": self.code, "amount_required_msat": self.required_msat,
+                      "payment_request": self.payment_request},
+            "detail": {"reason": self.message, "amount_required_msat": self.required_msat,
+                       "model": self.model, "type": "minimum_balance_required"},
+        }
+        return json_response(self.status, body, self.headers)
+
+
 # --- the errors answered from more than one place: one builder each -------------------------
 
 
@@ -79,6 +106,19 @@ def ledger_unavailable() -> ApiError:
     return ApiError(503, "The ledger is unavailable right now (full disk or database away); "
                     "nothing was charged. Try again shortly.", type="service_unavailable",
                     code="ledger_unavailable", headers={"retry-after": "5"})
+
+
+def key_limit(reason: str, message: str, retry_after: float | None) -> ApiError:
+    """A request a key's own limits refuse: 403 for a model outside its allow-list, 402 for a
+    budget that comes back only by hand, otherwise 429 ``rate_limit_exceeded`` with the
+    seconds to wait (OpenAI clients back off on 429 and honour ``Retry-After``)."""
+    if reason == "model":
+        return ApiError(403, message, type="permission_error", code="model_not_allowed",
+                        param="model")
+    if retry_after is None:
+        return ApiError(402, message, type="insufficient_quota", code="balance_limit_exceeded")
+    return ApiError(429, message, type="requests", code="rate_limit_exceeded",
+                    headers={"retry-after": str(max(1, math.ceil(retry_after)))})
 
 
 def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> bytes:

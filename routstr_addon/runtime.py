@@ -26,8 +26,12 @@ from routstr_addon.metering.pricing import Pricing, load_models
 from routstr_addon.observe.readiness import Readiness, Seen
 from routstr_addon.payments.cashu import Payments
 from routstr_addon.payments.lightning import Invoices
+from routstr_addon.payments.locked import LockedPayments
 from routstr_addon.payments.payouts import Payouts
+from routstr_addon.proxy.route import Route
 from routstr_addon.settings import Config, SettingError
+from routstr_addon.upstreams.catalog import Catalog, Router
+from routstr_addon.upstreams.failover import Failover
 from routstr_addon.web import AdminState, Services
 from routstr_addon.web.adminshared import SharedLoginLimiter, SharedSessions
 
@@ -50,7 +54,11 @@ class Runtime:
     payments: Payments | None
     invoices: Invoices | None
     payouts: Payouts | None
-    seen: Seen  # when the upstream last answered (stamped on the request path)
+    catalog: Catalog  # every provider's priced models, refreshed in the background
+    router: Router  # their order, and each provider's health
+    route: Route  # which provider a request goes to
+    failover: Failover | None  # the hop trying the next provider; None with one provider
+    seen: Seen  # when an upstream last answered (stamped on the request path)
     metrics: Metrics | None = None  # None: METRICS_TOKEN and METRICS_PORT unset
 
     @classmethod
@@ -59,9 +67,19 @@ class Runtime:
         """Open the ledger, load prices and make the services; ``admin``: the dashboard's
         state to keep from the runtime this one replaces (its sessions and login limits live
         in the ledger, shared by every process); ``metrics``: the process's, to count in."""
-        pricing = Pricing(_models(config), config.exchange_fee, config.upstream_provider_fee)
+        pricing = Pricing({}, config.exchange_fee, config.upstream_provider_fee)
         if config.btc_usd_price is not None:
             pricing.set_rate(config.btc_usd_price)
+        router = Router(pricing, config.providers)
+        static = {p.name: _models(config) for p in config.providers if p.shorthand}
+        catalog = Catalog(config.providers, router, config.data_dir,
+                          config.openrouter_models_url, static)
+        if catalog.needs_refresh:
+            catalog.load_snapshot()
+        catalog.publish()
+        failover = (Failover(router.health, config.upstream_connect_timeout,
+                             config.upstream_timeout) if len(config.providers) > 1 else None)
+        route = Route(config.providers, router.health, failover)
         private_dir(config.data_dir)
         for line in exposed([config.data_dir, *sqlite_files(config.database_url),
                              config.data_dir / MNEMONIC_FILE]):
@@ -76,25 +94,29 @@ class Runtime:
         invoices = payments = payouts = None
         if wallet is not None:
             invoices = Invoices(ledger, wallet)
-            payments = Payments(ledger, wallet, invoices, config.swap_untrusted_mints)
+            locked = (LockedPayments(ledger, wallet, config.change_pool_per_amount)
+                      if config.locked_payments and wallet.payment_key is not None else None)
+            payments = Payments(ledger, wallet, invoices, config.swap_untrusted_mints, locked)
             payouts = Payouts(ledger, wallet, config, payments)
         seen = Seen()
         shared = AdminState(SharedSessions(ledger.admin), SharedLoginLimiter(ledger.admin),
                             admin.withdrawing if admin is not None else asyncio.Lock())
         services = Services(config, ledger, pricing, wallet, payments, invoices, shared,
-                            payouts=payouts)
+                            payouts=payouts, health=router.health)
         services.readiness = Readiness(config, ledger, pricing, wallet, seen)
         services.metrics = metrics
         if metrics is not None:
             _measure(metrics, config, ledger, pricing, wallet)
         return cls(config, ledger, pricing, Meter(config, ledger, pricing), services, wallet,
-                   payments, invoices, payouts, seen, metrics)
+                   payments, invoices, payouts, catalog, router, route, failover, seen, metrics)
 
     async def close(self) -> None:
         """At shutdown: leave the process registry, close the mints' connections, checkpoint
         and close the ledger."""
         with contextlib.suppress(Exception):
             self.ledger.unregister_instance()
+        if self.failover is not None:
+            await self.failover.stop()
         if self.wallet is not None:
             await self.wallet.close()
         if self.services.readiness is not None:

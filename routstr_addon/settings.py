@@ -17,12 +17,16 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from types import MappingProxyType, SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
+if TYPE_CHECKING:
+    from routstr_addon.upstreams.providers import ProviderSpec
+
 __all__ = [
+    "ENV_PROVIDERS",
     "RATE_SOURCES",
     "SETTINGS",
     "Config",
@@ -41,6 +45,21 @@ __all__ = [
 
 class SettingError(ValueError):
     """A setting has a value the proxy cannot run with."""
+
+
+# The original Routstr's provider variables: setting one adds that provider with its public
+# OpenAI-compatible base URL, its models read from its own GET /models and priced from
+# OpenRouter's list (the last column: how OpenRouter names that provider's models).
+ENV_PROVIDERS: tuple[tuple[str, str, str, str], ...] = (
+    # (variable holding the key, provider name, base URL, OpenRouter prefix)
+    ("OPENAI_API_KEY", "openai", "https://api.openai.com/v1", "openai/"),
+    ("ANTHROPIC_API_KEY", "anthropic", "https://api.anthropic.com/v1", "anthropic/"),
+    ("OPENROUTER_API_KEY", "openrouter", "https://openrouter.ai/api/v1", ""),
+    ("GROQ_API_KEY", "groq", "https://api.groq.com/openai/v1", ""),
+    ("XAI_API_KEY", "xai", "https://api.x.ai/v1", "x-ai/"),
+    ("FIREWORKS_API_KEY", "fireworks", "https://api.fireworks.ai/inference/v1", ""),
+    ("PERPLEXITY_API_KEY", "perplexity", "https://api.perplexity.ai", "perplexity/"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +84,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("UPSTREAM_TIMEOUT", int, 300,
             "Seconds to wait for the upstream's answer to begin; then the request fails with a "
             "502 and its reservation is released. 0: wait as long as the connection lives."),
+    Setting("UPSTREAM_CONNECT_TIMEOUT", int, 10,
+            "With several providers for a model: seconds one may take to connect and send its "
+            "answer's headers before the request goes to the next (the last gets "
+            "UPSTREAM_TIMEOUT)."),
+    Setting("PROVIDERS_PATH", str, "",
+            "YAML (or JSON) file listing the upstream providers: name, base_url, api_key or "
+            "api_key_env, fee, priority, headers, models / models_path / models: fetch."),
+    Setting("MODELS_REFRESH_INTERVAL", int, 360,
+            "Seconds between refreshes of OpenRouter's model list (prices of providers that "
+            "take them from it) and of providers' own model lists."),
+    Setting("OPENROUTER_MODELS_URL", str, "https://openrouter.ai/api/v1/models",
+            "Where OpenRouter's public model list is read from."),
+    *(Setting(variable, str, "", f"Adds the {name} provider ({url}) with this key.",
+              secret=True) for variable, name, url, _ in ENV_PROVIDERS),
+    Setting("OLLAMA_BASE_URL", str, "",
+            "Adds a local Ollama (e.g. http://127.0.0.1:11434) as a provider."),
     Setting("DATA_DIR", str, "data", "Folder for the ledger database and wallet data."),
     Setting("DATABASE_URL", str, "",
             "Ledger database: sqlite:///path or postgresql://user@host/db. "
@@ -96,6 +131,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SWAP_UNTRUSTED_MINTS", bool, False,
             "Accept tokens of other mints for keys and top-ups by moving them to the primary "
             "mint over Lightning (fees deducted). false: refuse them, naming CASHU_MINTS."),
+    Setting("LOCKED_PAYMENTS", bool, True,
+            "x-cashu without the mint on the request path: the 402 asks for ecash locked to "
+            "the proxy's payment key (NUT-11), accepted offline from its DLEQ proofs "
+            "(NUT-12) and swapped later in batches; change comes from a pool of proofs. "
+            "Needs a primary mint that supports NUT-10/11/12. false: every x-cashu token is "
+            "swapped on the request path."),
+    Setting("CHANGE_POOL_PER_AMOUNT", int, 8,
+            "Proofs of each amount (1, 2, 4 … 1024 sats) the change pool keeps for locked "
+            "payments; refilled in the background below half of it. 0: no refill."),
+    Setting("LOCKED_REDEEM_INTERVAL", int, 300,
+            "Seconds between the batch swaps of received locked proofs at the mint."),
     Setting("WALLET_MNEMONIC", str, "",
             "BIP39 mnemonic the wallet's secrets are derived from (NUT-13), so its ecash can be "
             "restored (routstr wallet restore). Empty: one is made on first start and kept in "
@@ -165,6 +211,7 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 _BY_ENV = {s.env: s for s in SETTINGS}
+_PROVIDER_SETTINGS = (*(_BY_ENV[v] for v, *_ in ENV_PROVIDERS), _BY_ENV["OLLAMA_BASE_URL"])
 
 
 def _dotenv(cwd: Path | None) -> dict[str, str]:
@@ -577,6 +624,9 @@ class Config:
     name: str
     description: str
     wallet_mnemonic: str = field(default="", repr=False)  # "": the data folder's file
+    locked_payments: bool = True
+    change_pool_per_amount: int = 8
+    locked_redeem_interval: int = 300
     nostr: Nostr = field(default_factory=Nostr)  # discovery (NSEC, RELAYS…)
     admin_password: str = field(default="", repr=False)  # "": no /admin dashboard
     # -- what users may make the proxy do, and who is believed --
@@ -584,6 +634,11 @@ class Config:
     invoices_per_minute: int = 10
     forwarded_allow_ips: tuple[str, ...] = ()  # networks, or ("*",)
     cors_origins: tuple[str, ...] = ("*",)
+    # Upstream providers (the shorthand UPSTREAM_BASE_URL alone: one, named "upstream").
+    providers: tuple[ProviderSpec, ...] = ()
+    upstream_connect_timeout: int = 10
+    models_refresh_interval: int = 360
+    openrouter_models_url: str = "https://openrouter.ai/api/v1/models"
     ready_max_age: int = 30
     log_format: str = "text"  # text | json | off
     metrics_token: str = field(default="", repr=False)  # "": /metrics not on the proxy port
@@ -604,18 +659,31 @@ class Config:
         if options.price_refresh_interval < 5:
             raise SettingError("PRICE_REFRESH_INTERVAL: must be at least 5 seconds, "
                                f"got {options.price_refresh_interval}")
+        from routstr_addon.upstreams.providers import read_providers
+
+        upstream = parse_upstream(options.upstream_base_url.strip())
+        models_path = Path(options.models_path).expanduser()
+        providers = read_providers(
+            options.providers_path.strip(),
+            {s.env: getattr(options, s.option) for s in _PROVIDER_SETTINGS},
+            upstream=upstream, upstream_api_key=options.upstream_api_key.strip(),
+            models_path=models_path)
+        openrouter = options.openrouter_models_url.strip()
+        if urlsplit(openrouter).scheme not in ("http", "https"):
+            raise SettingError(f"OPENROUTER_MODELS_URL: expected an http(s) URL, "
+                               f"got {openrouter!r}")
         rate = None
         if options.btc_usd_price.strip():
             rate = _decimal("BTC_USD_PRICE", options.btc_usd_price, minimum=Decimal("0.01"))
         return cls(
-            upstream=parse_upstream(options.upstream_base_url.strip()),
+            upstream=upstream,
             upstream_api_key=options.upstream_api_key.strip(),
             upstream_timeout=_at_least("UPSTREAM_TIMEOUT", options.upstream_timeout, 0),
             data_dir=data_dir,
             database_url=database_url,
             model_based_pricing=options.model_based_pricing,
             cost_per_request_msat=options.cost_per_request * 1000,
-            models_path=Path(options.models_path).expanduser(),
+            models_path=models_path,
             btc_usd_price=rate,
             btc_usd_sources=parse_sources(options.btc_usd_sources),
             price_refresh_interval=options.price_refresh_interval,
@@ -637,6 +705,11 @@ class Config:
             name=options.name,
             description=options.description,
             wallet_mnemonic=_mnemonic(options.wallet_mnemonic),
+            locked_payments=options.locked_payments,
+            change_pool_per_amount=_at_least("CHANGE_POOL_PER_AMOUNT",
+                                             options.change_pool_per_amount, 0),
+            locked_redeem_interval=_at_least("LOCKED_REDEEM_INTERVAL",
+                                             options.locked_redeem_interval, 1),
             nostr=parse_nostr(options),
             admin_password=_admin_password(options.admin_password),
             allow_private_ln_addresses=options.allow_private_ln_addresses,
@@ -644,6 +717,12 @@ class Config:
             forwarded_allow_ips=parse_networks("FORWARDED_ALLOW_IPS",
                                                options.forwarded_allow_ips),
             cors_origins=parse_origins(options.cors_origins),
+            providers=providers,
+            upstream_connect_timeout=_at_least("UPSTREAM_CONNECT_TIMEOUT",
+                                               options.upstream_connect_timeout, 1),
+            models_refresh_interval=_at_least("MODELS_REFRESH_INTERVAL",
+                                              options.models_refresh_interval, 10),
+            openrouter_models_url=openrouter,
             ready_max_age=_at_least("READY_MAX_AGE", options.ready_max_age, 1),
             log_format=_choice("LOG_FORMAT", options.log_format, ("text", "json", "off")),
             metrics_token=_token("METRICS_TOKEN", options.metrics_token),

@@ -335,7 +335,9 @@ def books_balance(proxy: Proxy, mint_url: str) -> None:
         assert ledger.check() == []
         cur = ledger.db.connection().cursor()
         cur.execute("SELECT secret, unit, amount FROM proofs "
-                    "WHERE state IN ('unspent', 'held', 'reserved')")
+                    "WHERE state IN ('unspent', 'held', 'reserved') UNION ALL "
+                    "SELECT secret, unit, amount FROM locked_proofs "
+                    "WHERE state IN ('received', 'redeeming')")
         held = cur.fetchall()
         cur.execute("SELECT COALESCE(SUM(balance_msat), 0) FROM api_keys WHERE backed")
         liabilities = int(cur.fetchone()[0])

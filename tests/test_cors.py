@@ -157,5 +157,9 @@ def test_default_cors_allows_any_origin_and_exposes_the_payment_headers(
                        headers={"origin": "https://anywhere.example"})
     assert unauthorized.status_code == 401  # only the preflight goes without a key
     assert unauthorized.headers["access-control-allow-origin"] == "*"
+    too_big = raw(proxy, "GET", "/v1/models", headers={"origin": "https://anywhere.example",
+                                                       "x-padding": "x" * 70_000})
+    assert too_big.status_code == 431  # refused by the gate, still readable by the page
+    assert too_big.headers["access-control-allow-origin"] == "*"
     admin = raw(proxy, "GET", "/admin", headers={"origin": "https://anywhere.example"})
     assert "access-control-allow-origin" not in admin.headers  # the dashboard: same origin

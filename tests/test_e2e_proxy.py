@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 import openai
+import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
-from .conftest import Proxy, expected_msat, raw, start_proxy
+from .conftest import RATE, Proxy, expected_msat, raw, start_proxy
 from .upstream import TestUpstream, body_json
 
 MODEL = "test/model"
@@ -102,10 +103,30 @@ def test_cost_comment_closes_a_stream(proxy: Proxy) -> None:
                json={"model": MODEL, "messages": MSG, "stream": True})
     assert resp.status_code == 200
     assert int(resp.headers["x-routstr-reserved-msats"]) > 0
-    last = resp.text.strip().splitlines()[-1]
-    assert last.startswith(": x-routstr-cost-msats ")
-    cost = int(last.split()[2])
+    lines = [line for line in resp.text.strip().splitlines() if line]
+    assert lines[-1] == "data: [DONE]"  # the cost comes before it: OpenAI clients stop there
+    assert lines[-2].startswith(": x-routstr-cost-msats ")
+    cost = int(lines[-2].split()[2])
     assert cost == proxy.key_state(key).total_spent_msat
+
+
+def test_cost_where_routstr_clients_read_it(proxy: Proxy) -> None:
+    key = proxy.new_key(sats=100)
+    resp = raw(proxy, "POST", "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+               json={"model": MODEL, "messages": MSG})
+    assert resp.status_code == 200
+    usage = resp.json()["usage"]
+    cost = expected_msat(MODEL, usage["prompt_tokens"], usage["completion_tokens"])
+    headers = resp.headers
+    assert int(headers["x-routstr-cost-msats"]) == cost == usage["cost"]["total_msats"]
+    assert int(headers["x-routstr-input-cost-msats"]) == usage["cost"]["input_msats"]
+    assert int(headers["x-routstr-output-cost-msats"]) == usage["cost"]["output_msats"]
+    assert (usage["cost"]["input_msats"] + usage["cost"]["output_msats"]
+            + usage["cost"]["base_msats"]) == cost
+    assert usage["cost_sats"] == resp.json()["cost_sats"] == cost / 1000
+    assert abs(float(headers["x-routstr-cost-usd"]) - cost * float(RATE) / 1e11) < 1e-9
+    assert usage["cost"]["total_usd"] == pytest.approx(cost * float(RATE) / 1e11)
+    assert int(resp.headers["content-length"]) == len(resp.content)
 
 
 def test_legacy_completion_embeddings_and_responses_are_metered(proxy: Proxy) -> None:
@@ -191,7 +212,9 @@ def test_model_pricing_published_in_models_endpoint(proxy: Proxy) -> None:
     assert ids == ["test/model", "test/embed"]
     entry = raw(proxy, "GET", "/v1/models").json()["data"][0]
     sats_pricing = entry["sats_pricing"]
-    assert sats_pricing["max_cost"] == expected_msat(MODEL, 4096, 512) / 1000
+    # prompt + completion fit the 4096-token context: the dearest request is 3584 prompt tokens
+    # and the 512-token completion cap
+    assert sats_pricing["max_cost"] == expected_msat(MODEL, 4096 - 512, 512) / 1000
     assert entry["pricing"]["prompt"] == "0.000001234"
     one = raw(proxy, "GET", "/v1/models/test/model").json()
     assert one["id"] == "test/model"

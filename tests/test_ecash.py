@@ -205,17 +205,28 @@ def test_xcashu_stream_is_unbuffered_and_ends_with_change(ecash_proxy: Proxy,
             "POST", "/v1/chat/completions", json={**BODY, "stream": True},
             headers={"x-cashu": token, "x-scenario": "slow"}) as resp:
         assert resp.status_code == 200
+        headers_at = time.monotonic() - start
+        early = resp.headers.get("x-cashu")  # the token less the reserved maximum, at once
+        reserved = int(resp.headers["x-routstr-reserved-msats"])
         for line in resp.iter_lines():
             if line.startswith("data: {"):
                 arrivals.append(time.monotonic() - start)
             lines.append(line)
-    assert arrivals[0] < 0.35 and arrivals[-1] > 3.0  # chunks came as the upstream sent them
+    assert arrivals[0] < 0.35 and arrivals[-1] > 3.0, (headers_at, arrivals)  # chunks came as sent
     cost = int(next(x for x in lines if x.startswith(": x-routstr-cost-msats")).split()[2])
     change = next(x for x in lines if x.startswith(": x-cashu ")).split()[2]
-    assert user.receive(change) == MIN_SATS + 11 - -(-cost // 1000)
-    # A client that could not read the stream gets the same change from the refund endpoint.
+    # Cost and change come before [DONE], where OpenAI clients stop reading.
+    done = lines.index("data: [DONE]")
+    assert lines.index(f": x-cashu {change}") < done and lines[done + 1:] == [""] * len(
+        lines[done + 1:])
+    # A client that could not read the stream gets the whole change from the refund endpoint:
+    # the header's part and the rest, in one token (the same proofs).
     kept = raw(ecash_proxy, "POST", "/v1/balance/refund", headers={"x-cashu": token}).json()
-    assert kept["token"] == change
+    assert kept["rest"] == change and kept["early"] == early
+    assert user.amount(kept["token"]) == user.amount(early) + user.amount(change)
+    header_part = user.receive(early) if early else 0
+    assert header_part == MIN_SATS + 11 - -(-reserved // 1000)
+    assert header_part + user.receive(change) == MIN_SATS + 11 - -(-cost // 1000)
 
 
 def test_xcashu_stream_through_the_openai_client_ignores_the_change_comment(
@@ -247,6 +258,11 @@ def test_xcashu_token_below_the_minimum_is_402_with_a_payment_request(
     resp = xpost(ecash_proxy, token)
     assert resp.status_code == 402
     assert resp.json()["error"]["code"] == "payment_required"
+    # routstr-core's clients read its own 402 fields; OpenAI clients the error; both agree.
+    detail = resp.json()["detail"]
+    assert detail["type"] == "minimum_balance_required" and detail["model"] == MODEL
+    assert detail["amount_required_msat"] == resp.json()["error"]["amount_required_msat"] > 0
+    assert resp.json()["error"]["payment_request"] == resp.headers["x-cashu"]
     request = deserialize(resp.headers["x-cashu"])
     published = raw(ecash_proxy, "GET", "/v1/models/test/model").json()["sats_pricing"]
     assert request.a == MIN_SATS == -(-published["max_cost"] * 1000 // 1000)

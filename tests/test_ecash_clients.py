@@ -162,7 +162,8 @@ def test_a_foreign_token_whose_melt_fails_is_quoted_again_then_says_it_is_unspen
         upstream: Any, mint: LocalMint, other_front: MintFront, tmp_path: Path) -> None:
     stranger = UserWallet(other_front.url, tmp_path / "stranger")
     proxy = start_proxy(tmp_path / "p", upstream.url,
-                        env_for(upstream, mint.url, SWAP_UNTRUSTED_MINTS="true"))
+                        env_for(upstream, mint.url, SWAP_UNTRUSTED_MINTS="true",
+                                ALLOW_PRIVATE_LN_ADDRESSES="true"))
     try:
         refusal = (400, {"detail": "Lightning payment failed: no route", "code": 20000}, 1)
         other_front.refuse["/v1/melt/bolt11"] = refusal
@@ -184,3 +185,23 @@ def test_a_foreign_token_whose_melt_fails_is_quoted_again_then_says_it_is_unspen
     finally:
         proxy.stop()
         stranger.close()
+
+
+def test_a_mint_refusing_the_proxys_own_outputs_says_the_token_is_still_the_users(
+        upstream: Any, front: MintFront, tmp_path: Path) -> None:
+    """The mint signed these outputs before (the wallet's counters are behind): the fault is
+    the proxy's, the token is untouched, and the answer says so rather than invalid_token."""
+    owner = UserWallet(front.url, tmp_path / "owner")
+    proxy = start_proxy(tmp_path / "p", upstream.url, env_for(upstream, front.url))
+    try:
+        token = owner.token(100)
+        front.refuse["/v1/swap"] = (400, {"detail": "outputs have already been signed before.",
+                                          "code": 11003}, 1)
+        resp = raw(proxy, "POST", "/v1/balance/create", json={"initial_balance_token": token})
+        assert resp.status_code == 502, resp.text
+        error = resp.json()["error"]
+        assert error["code"] == "mint_error" and "still yours" in error["message"]
+        assert not owner.spent(token)
+    finally:
+        proxy.stop()
+        owner.close()

@@ -83,15 +83,19 @@ def test_client_disconnect_mid_stream_settles_and_leaves_nothing_open(
     assert proxy.check() == []
 
 
-def test_client_leaving_before_any_answer_releases_the_reservation(proxy: Proxy) -> None:
+def test_client_leaving_before_any_answer_pays_for_its_prompt(proxy: Proxy) -> None:
+    """Issue 11 rule 5: the upstream had the request (it works, and bills, anyway)."""
     key = proxy.new_key(sats=100)
     with pytest.raises(openai.APITimeoutError):
         proxy.client(key, default_headers={"x-scenario": "hang"}, timeout=1.0) \
             .chat.completions.create(model=MODEL, messages=MESSAGES)
     proxy.wait_settled()
     state = proxy.key_state(key)
-    assert state.balance_msat == 100_000 and state.reserved_msat == 0
-    assert charges(proxy, key) == []
+    (charge,) = charges(proxy, key)
+    assert charge["note"].startswith("client gone")
+    assert charge["completion_tokens"] == 0 and charge["prompt_tokens"] > 0
+    assert -charge["amount_msat"] == expected_msat(MODEL, charge["prompt_tokens"], 0)
+    assert state.balance_msat == 100_000 + charge["amount_msat"] and state.reserved_msat == 0
     assert proxy.check() == []
 
 

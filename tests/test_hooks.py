@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gzip
 import inspect
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import brotli
 import pytest
-from mitmproxy import http
+from mitmproxy import ctx, http
 from mitmproxy.addonmanager import traverse
 from mitmproxy.io import tnetstring
 from mitmproxy.test import taddons, tflow
@@ -307,11 +310,11 @@ def test_a_stream_passes_at_once_drops_our_usage_chunk_and_ends_with_its_cost(
     assert stream(chunk("lo")[:10]) == ()  # half an event waits for the rest
     assert stream(chunk("lo")[10:]) == chunk("lo")
     assert stream(USAGE_CHUNK) == ()  # the usage the client did not ask for
-    assert stream(b"data: [DONE]\n\n") == b"data: [DONE]\n\n"
-    tail = stream(b"")
     cost = expected_msat(MODEL, 9, 20)
-    assert tail == b": x-routstr-cost-msats %d x-routstr-balance-msats %d\n\n" % (
-        cost, 1000_000 - cost)
+    # Settled at [DONE]: the cost goes before it, where OpenAI clients still read.
+    assert stream(b"data: [DONE]\n\n") == b": x-routstr-cost-msats %d x-routstr-balance-msats " \
+        b"%d\n\ndata: [DONE]\n\n" % (cost, 1000_000 - cost)
+    assert stream(b"") == ()
     proxy.hook("response", flow)  # already settled: nothing more
     assert proxy.available(key) == 1000_000 - cost
     assert f"charged {cost} msat" in flow.comment
@@ -327,9 +330,15 @@ def test_a_stream_whose_client_asked_for_usage_keeps_the_usage_chunk(proxy: Hook
     proxy.hook("request", flow)
     assert flow.request.content == body  # sent as the client wrote it
     stream = open_stream(proxy, flow)
-    assert stream(chunk("Hi") + USAGE_CHUNK) == chunk("Hi") + USAGE_CHUNK
+    out = stream(chunk("Hi") + USAGE_CHUNK)
+    assert isinstance(out, bytes) and out.startswith(chunk("Hi"))
+    # The usage chunk comes through, with its cost as routstr-core's clients read it.
+    usage = json.loads(out[len(chunk("Hi")):].removeprefix(b"data: "))["usage"]
+    cost = expected_msat(MODEL, 9, 20)
+    assert usage["prompt_tokens"] == 9 and usage["cost"]["total_msats"] == cost
+    assert usage["cost_sats"] == cost / 1000
     assert b"x-routstr-cost-msats" in stream(b"")
-    assert proxy.available(key) == 1000_000 - expected_msat(MODEL, 9, 20)
+    assert proxy.available(key) == 1000_000 - cost
     proxy.audit()
 
 
@@ -438,3 +447,173 @@ def test_before_any_valid_configuration_every_request_is_refused(
         Hooks(addon).hook("request", flow)
     assert_error(flow, 503, "not_configured")
     assert_not_forwarded(flow)
+
+
+# --- forward only what was priced (issue 11) -------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/batches", "/v1/files", "/v1/realtime/sessions",
+                                  "/v1/Batches/", "/v1/chat/completions/..%2F..%2Fbatches",
+                                  "/v1/images/generations"])
+def test_an_unsupported_endpoint_is_404_and_never_forwarded(proxy: Hooks, path: str) -> None:
+    flow = request(proxy.key(), path)
+    proxy.hook("request", flow)
+    assert_error(flow, 404, "unsupported_endpoint")
+    assert_not_forwarded(flow)
+    proxy.audit()
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/%63ompletions?x=1", "/v1//chat//completions//",
+                                  "/v1/x/../chat/completions", "/v1/CHAT/Completions;p=1"])
+def test_any_spelling_goes_upstream_as_the_canonical_path_without_its_query(
+        proxy: Hooks, path: str) -> None:
+    flow = request(proxy.key(), path)
+    proxy.hook("request", flow)
+    assert flow.response is None and flow.request.path == "/v1/chat/completions"
+    assert flow.metadata["routstr"].endpoint == "chat"
+
+
+def test_a_fixed_price_endpoint_is_forwarded_at_its_price(proxy: Hooks) -> None:
+    assert proxy.runtime.config.fixed_price_endpoints == {}
+    ctx.options.update(fixed_price_endpoints="images/generations=7")  # a new runtime
+    key = proxy.key()
+    flow = request(key, "/v1/Images/Generations?size=big", body=b"--multipart--",
+                   content_type="multipart/form-data; boundary=x")
+    proxy.hook("request", flow)
+    assert flow.response is None and flow.request.path == "/v1/images/generations"
+    assert flow.request.content == b"--multipart--"  # not priced from its body: passed as is
+    answer(flow, usage=None)
+    proxy.hook("response", flow)
+    assert proxy.available(key) == 1000_000 - 7000
+    proxy.audit()
+
+
+def test_a_websocket_upgrade_is_refused_unless_priced(proxy: Hooks) -> None:
+    flow = request(proxy.key(), method="GET", body=b"", upgrade="websocket",
+                   connection="Upgrade")
+    proxy.hook("request", flow)
+    assert_error(flow, 400, "upgrade_refused")
+    assert_not_forwarded(flow)
+
+
+def test_a_compressed_body_is_priced_decoded_and_forwarded_plain(proxy: Hooks) -> None:
+    body = json.dumps({"model": MODEL, "n": 2, "max_tokens": 10,
+                       "messages": [{"role": "user", "content": "Say hi"}]}).encode()
+    flow = request(proxy.key(), accept_encoding="gzip, br")
+    flow.request.headers["content-encoding"] = "gzip"
+    flow.request.raw_content = gzip.compress(body)
+    proxy.hook("request", flow)
+    assert flow.response is None
+    req = flow.request
+    assert "content-encoding" not in req.headers and req.headers["accept-encoding"] == "identity"
+    assert json.loads(req.content or b"") == json.loads(body)
+    assert req.headers["content-length"] == str(len(req.raw_content or b""))
+    assert flow.metadata["routstr"].reserved_msat >= expected_msat(MODEL, 0, 20)
+
+
+@pytest.mark.parametrize(("body", "headers", "status", "param"), [
+    (b'{"model": "test/model", "messages": [], "n": 1, "n": 4}', {}, 400, "n"),
+    (b'{"model": "test/model", "messages": [], "N": 4}', {}, 400, "N"),
+    (b'{"model": "test/model", "messages": [], "stream": "true"}', {}, 400, "stream"),
+    (b'{"model": "test/model", "messages": [], "n": "4"}', {}, 400, "n"),
+    (b'{"model": "test/model", "messages": []}', {"content_encoding": "compress"}, 415, None),
+])
+def test_a_body_the_upstream_could_read_differently_is_refused(
+        proxy: Hooks, body: bytes, headers: dict[str, str], status: int,
+        param: str | None) -> None:
+    flow = request(proxy.key(), body=body)
+    flow.request.headers.update({k.replace("_", "-"): v for k, v in headers.items()})
+    proxy.hook("request", flow)
+    assert flow.response is not None and flow.response.status_code == status
+    assert json.loads(flow.response.content or b"")["error"]["param"] == param
+    assert_not_forwarded(flow)
+    proxy.audit()
+
+
+def test_the_gate_refuses_secrets_in_the_query_and_huge_heads(proxy: Hooks) -> None:
+    token = request(path="/v1/balance/create?initial_balance_token=cashuBxyz", body=b"{}")
+    proxy.hook("requestheaders", token)
+    assert_error(token, 400, "secret_in_url")
+    proxy.hook("request", token)  # the local endpoint leaves it answered
+    assert_error(token, 400, "secret_in_url")
+    big = request(proxy.key(), x_big="a" * (65 << 10))
+    proxy.hook("requestheaders", big)
+    assert_error(big, 431, "request_header_fields_too_large")
+
+
+def test_a_compressed_stream_is_decoded_before_the_tap(proxy: Hooks) -> None:
+    key = proxy.key()
+    flow = request(key, body={"model": MODEL, "stream": True,
+                              "messages": [{"role": "user", "content": "Say hi"}]})
+    proxy.hook("request", flow)
+    flow.response = http.Response.make(200, b"", {"content-type": "text/event-stream",
+                                                  "content-encoding": "gzip"})
+    proxy.hook("responseheaders", flow)
+    assert "content-encoding" not in flow.response.headers  # the client gets it plain
+    stream = flow.response.stream
+    assert callable(stream)
+    z = zlib.compressobj(wbits=31)
+    plain = chunk("Hello") + USAGE_CHUNK + b"data: [DONE]\n\n"
+    out = b""
+    for i in range(0, len(plain), 20):
+        got = stream(z.compress(plain[i:i + 20]) + z.flush(zlib.Z_SYNC_FLUSH))
+        out += got if isinstance(got, bytes) else b"".join(got)
+    tail = stream(b"")
+    out += tail if isinstance(tail, bytes) else b"".join(tail)
+    assert out.startswith(chunk("Hello") + b"data: [DONE]\n\n")  # our usage chunk dropped
+    assert proxy.available(key) == 1000_000 - expected_msat(MODEL, 9, 20)
+    proxy.audit()
+
+
+def test_a_compressed_json_answer_is_charged_and_delivered_plain(proxy: Hooks) -> None:
+    key = proxy.key()
+    flow = request(key)
+    proxy.hook("request", flow)
+    answer(flow)
+    assert flow.response is not None
+    flow.response.headers["content-encoding"] = "br"
+    flow.response.raw_content = brotli.compress(flow.response.raw_content or b"")
+    proxy.hook("responseheaders", flow)
+    proxy.hook("response", flow)
+    assert "content-encoding" not in flow.response.headers
+    assert json.loads(flow.response.raw_content or b"")["usage"] == USAGE
+    assert proxy.available(key) == 1000_000 - expected_msat(MODEL, 9, 20)
+    proxy.audit()
+
+
+@pytest.mark.parametrize(("usage", "floor"), [
+    ({"prompt_tokens": -9, "completion_tokens": -20}, expected_msat(MODEL, 2, 3)),
+    ({"prompt_tokens": 10**12, "completion_tokens": 10**12}, None),
+])
+def test_usage_is_bounded_by_the_estimate_and_the_reservation(
+        proxy: Hooks, usage: dict[str, int], floor: int | None) -> None:
+    key = proxy.key()
+    flow = request(key)
+    proxy.hook("request", flow)
+    answer(flow, usage=usage, text="x" * 12)
+    proxy.hook("response", flow)
+    charged = 1000_000 - proxy.available(key)
+    assert charged == (floor if floor is not None else flow.metadata["routstr"].reserved_msat)
+    proxy.audit()
+
+
+def test_an_anthropic_stream_is_metered_from_its_events(proxy: Hooks) -> None:
+    key = proxy.key()
+    flow = request(key, "/v1/messages", body={
+        "model": MODEL, "max_tokens": 50, "stream": True,
+        "messages": [{"role": "user", "content": "Say hi"}]})
+    proxy.hook("request", flow)
+    assert flow.request.path == "/v1/messages"
+    assert "stream_options" not in json.loads(flow.request.content or b"")
+    stream = open_stream(proxy, flow)
+    start = {"type": "message_start", "message": {"usage": {
+        "input_tokens": 5, "output_tokens": 1, "cache_read_input_tokens": 100,
+        "cache_creation_input_tokens": 20}}}
+    stream(b"event: message_start\n" + event(start))
+    stream(b"event: content_block_delta\n" + event(
+        {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "Hi"}}))
+    stream(b"event: message_delta\n" + event({"type": "message_delta", "usage": {
+        "output_tokens": 30}}))
+    stream(b"")
+    assert 1000_000 - proxy.available(key) == expected_msat(MODEL, 125, 30)
+    proxy.audit()

@@ -321,13 +321,35 @@ def test_settle_stream_charges_reported_usage_and_drops_the_injected_chunk(meter
     usage = (b'data: {"id":"c","object":"chat.completion.chunk","choices":[],"usage":'
              b'{"prompt_tokens":13,"completion_tokens":2,"total_tokens":15}}\n\n')
     out = stream.feed(content + usage[:30]) + stream.feed(usage[30:] + b"data: [DONE]\n\n")
-    assert out == content + b"data: [DONE]\n\n"
-    tail = stream.finish()  # settled as it ends, the cost in a comment clients ignore
+    # Settled at [DONE], the cost in a comment clients ignore, sent before [DONE] (where
+    # OpenAI clients stop reading).
     done = paid.closed
     assert done is not None
     assert done.charged_msat == msat(13 * MINI_PROMPT + 2 * MINI_COMPLETION)
-    assert tail == (b": x-routstr-cost-msats %d x-routstr-balance-msats %d\n\n"
-                    % (done.charged_msat, done.available_msat))
+    assert out == content + (b": x-routstr-cost-msats %d x-routstr-balance-msats %d\n\n"
+                             % (done.charged_msat, done.available_msat)) + b"data: [DONE]\n\n"
+    assert stream.finish() == b""  # nothing after [DONE]
+    audit(ledger)
+
+
+def test_a_usage_chunk_the_client_asked_for_carries_the_cost(meter, ledger):
+    auth, _ = funded(ledger, 10_000)
+    body = chat_body(stream=True, stream_options={"include_usage": True})
+    paid = meter.admit("req-1", auth, "/chat/completions", body)
+    assert not paid.drop_usage
+    stream = MeteredStream(meter, paid)
+    usage = (b'data: {"id":"c","object":"chat.completion.chunk","choices":[],"usage":'
+             b'{"prompt_tokens":13,"completion_tokens":2,"total_tokens":15,'
+             b'"prompt_tokens_details":{"cached_tokens":3}}}\n\n')
+    out = stream.feed(usage) + stream.finish()
+    chunk = json.loads(out.split(b"\n\n")[0][len(b"data: "):])
+    cost = chunk["usage"]["cost"]
+    charged = paid.closed.charged_msat
+    assert cost["total_msats"] == cost["charged_msats"] == charged
+    assert cost["input_msats"] + cost["output_msats"] + cost["base_msats"] == charged
+    assert cost["cache_read_input_tokens"] == 3
+    assert chunk["usage"]["cost_sats"] == charged / 1000
+    assert chunk["usage"]["prompt_tokens"] == 13  # the rest as it came
     audit(ledger)
 
 

@@ -22,9 +22,9 @@ from bech32 import bech32_encode, convertbits
 from routstr_addon.dev.demo import run_in_thread
 from routstr_addon.dev.localmint import LocalMint
 from routstr_addon.errors import ApiError
+from routstr_addon.netguard import NetPolicy, public_address
 from routstr_addon.payments.cashu import MAX_KEY_LIFETIME, KeyTerms
 from routstr_addon.payments.lnurl import LnAddressError, pay_url
-from routstr_addon.payments.netguard import NetPolicy, public_address
 from routstr_addon.web import forwarded_client
 from routstr_addon.web.limits import RateLimit
 from tests.ecash_user import UserWallet
@@ -77,6 +77,9 @@ def test_every_form_of_refund_address_routstr_core_takes_resolves_to_its_pay_url
         "https://pay.example.com/lnurlp/alice"
     assert pay_url(url) == url
     assert pay_url("lnurlp://abc.onion/p").startswith("http://abc.onion")
+    # plain http only where the guard decides (private networks need ALLOW_PRIVATE_LN_ADDRESSES)
+    assert pay_url("bob@10.1.2.3:8080") == "http://10.1.2.3:8080/.well-known/lnurlp/bob"
+    assert pay_url(lnurl("http://192.168.1.9/p")) == "http://192.168.1.9/p"
     for bad in ("nobody", "lnurl1qqqqqq", "ftp://example.com/x", "http://example.com/pay",
                 "alice@", "https:///x"):
         with pytest.raises(LnAddressError):
@@ -289,3 +292,30 @@ def test_admin_login_limits_follow_the_real_client(upstream: Any, tmp_path: Path
     finally:
         behind.stop()
         direct.stop()
+
+
+def test_a_token_naming_a_mint_on_loopback_is_never_fetched(
+        upstream: Any, mint: LocalMint, other_mint: LocalMint, tmp_path: Path) -> None:
+    """SWAP_UNTRUSTED_MINTS melts tokens at the mint they name: a URL the user chose. It is
+    reached like users' addresses (https, public), so a token of a local mint is refused."""
+    from routstr_addon.dev.demo import run_in_thread as serve
+
+    from .mintfront import MintFront
+
+    with serve(MintFront(other_mint.url)) as front:
+        assert isinstance(front, MintFront)
+        stranger = UserWallet(front.url, tmp_path / "stranger")
+        proxy = start_proxy(tmp_path / "p", upstream.url,
+                            proxy_env(upstream, mint, SWAP_UNTRUSTED_MINTS="true"))
+        try:
+            token = stranger.token(100)
+            calls = len(front.calls)
+            resp = raw(proxy, "POST", "/v1/balance/create",
+                       json={"initial_balance_token": token})
+            assert resp.status_code == 400, resp.text
+            assert resp.json()["error"]["code"] == "untrusted_mint"
+            assert len(front.calls) == calls  # the proxy never connected to it
+            assert not stranger.spent(token)
+        finally:
+            proxy.stop()
+            stranger.close()

@@ -101,10 +101,16 @@ def test_mitmweb_shows_who_paid_what_and_no_secret(
             refund = c.post(f"{base}/balance/refund", headers={"authorization": f"Bearer {k2}"})
             assert refund.status_code == 200, refund.text
             r_token = refund.json()["token"]
+            # Secrets in URLs are refused, and never shown either.
+            t4 = user.token(100)
+            r = c.post(f"{base}/balance/create", params={"initial_balance_token": t4})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "secret_in_url"
+            r = c.post(f"{base}/chat/{key}", headers=bearer, json=CHAT)
+            assert r.status_code == 404
         # The clients got the real change: it is worth something at the mint.
         assert user.receive(c1) > 0 and user.receive(c2) > 0 and user.receive(r_token) > 0
 
-        secrets = [key, UPSTREAM_SECRET, t1, t2, t3, c1, c2, k2, r_token]
+        secrets = [key, UPSTREAM_SECRET, t1, t2, t3, c1, c2, k2, r_token, t4]
         params = {"token": token}
         deadline = time.monotonic() + 10
         while True:  # flows are scrubbed once they are done

@@ -78,11 +78,14 @@ def operation(path: str) -> str:
 
 
 class MintClient:
-    def __init__(self, url: str, timeout: float = 15.0) -> None:
+    def __init__(self, url: str, timeout: float = 15.0,
+                 mounts: dict[str, httpx.AsyncBaseTransport] | None = None) -> None:
+        """``mounts``: transports for a mint a user named (``netguard``), not a trusted one."""
         self.url = url.rstrip("/")
         self._client = httpx.AsyncClient(
             base_url=self.url, timeout=httpx.Timeout(timeout, connect=5.0),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+            mounts=mounts, trust_env=mounts is None,
         )
         self.answered_at: float | None = None  # when the mint last answered (/ready reads it)
         # Told of every call (operation, outcome, seconds) when metrics are on.

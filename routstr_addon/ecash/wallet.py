@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from routstr_addon.ecash.mint import SPENT_CODE, MintClient, MintError, MintUnreachable
+from routstr_addon.ecash.p2pk import MintKeys, MintKeyset, PaymentKey, supports_locked_payments
 from routstr_addon.ecash.seed import Seed, load_or_create_mnemonic, seed_from_mnemonic
 from routstr_addon.ecash.tokens import (
     UNIT_MSAT,
@@ -42,6 +43,7 @@ from routstr_addon.ecash.tokens import (
     serialize_token,
 )
 from routstr_addon.ledger import Ledger, ProofRecord, Tx
+from routstr_addon.netguard import NetPolicy
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -95,10 +97,13 @@ class MintWallet:
     """What the proxy knows of one mint: its keysets and keys, and a client to reach it."""
 
     def __init__(self, url: str, timeout: float = 15.0, seed: Seed | None = None,
-                 counters: KeysetCounters | None = None) -> None:
+                 counters: KeysetCounters | None = None, net: NetPolicy | None = None) -> None:
+        """``net``: the rules for a mint a user named (its tokens' mint), not a trusted one."""
         self.url = sanitize_mint_url(url)
-        self.client = MintClient(self.url, timeout)
+        self.client = MintClient(self.url, timeout, net.mounts() if net is not None else None)
         self.keysets: dict[str, Keyset] = {}
+        self.info: dict[str, Any] | None = None  # NUT-06, fetched with the keysets
+        self._offline: tuple[dict[str, Keyset], MintKeys] | None = None
         self._loading = asyncio.Lock()
         # Deterministic secrets need both; without them (throwaway helpers) they are random.
         self.seed = seed if counters is not None else None
@@ -119,6 +124,11 @@ class MintWallet:
             from cashu.core.crypto.secp import PublicKey
 
             listed = await self.client.keysets()
+            if self.info is None:
+                try:
+                    self.info = await self.client.info()
+                except (MintError, MintUnreachable) as e:
+                    logger.warning("mint %s: no info (%s)", self.url, e)
             keysets = dict(self.keysets)
             for info in listed:
                 if info.get("unit") not in UNIT_MSAT:
@@ -136,6 +146,19 @@ class MintWallet:
     async def ensure_loaded(self) -> None:
         if not self.keysets:
             await self.load()
+
+    @property
+    def takes_locked(self) -> bool:
+        """Whether the mint advertises NUT-10/11/12: locks it enforces, DLEQ proofs it signs."""
+        return self.info is not None and supports_locked_payments(self.info)
+
+    def offline_keys(self) -> MintKeys:
+        """The keysets as the offline checks want them, decoded once per set of keysets."""
+        cached = self._offline
+        if cached is None or cached[0] is not self.keysets:
+            cached = self._offline = (self.keysets, MintKeys(
+                self.url, [MintKeyset.from_keyset(k) for k in self.keysets.values()]))
+        return cached[1]
 
     def resolve(self, keyset_id: str) -> Keyset | None:
         """A keyset by its id, or by the short id a V4 token carries."""
@@ -277,12 +300,16 @@ class Wallet:
             raise ValueError("at least one mint is needed")
         self.ledger = ledger
         self.seed = Seed(seed) if seed is not None else None
+        # What NUT-18 requests ask payers to lock to (restored with the mnemonic).
+        self.payment_key = PaymentKey.from_seed(seed) if seed is not None else None
         self.counters = ledger.counters if seed is not None else None
         self.mints = {w.url: w for w in (MintWallet(u, timeout, self.seed, self.counters)
                                          for u in mint_urls)}
         self.primary = next(iter(self.mints.values()))
         self.timeout = timeout
         self.foreign: dict[str, MintWallet] = {}  # untrusted mints met in tokens, to melt at
+        # How untrusted mints are reached: the URL is the user's (their token names it).
+        self.stranger_net = NetPolicy()
         self._spending = asyncio.Lock()  # picking pool proofs for refunds is one at a time
 
     @classmethod
@@ -290,7 +317,10 @@ class Wallet:
         """The wallet of ``CASHU_MINTS``, with the seed of ``WALLET_MNEMONIC`` or of the data
         folder's mnemonic file (made on first use). Raises MnemonicError for a bad file."""
         seed = seed_from_mnemonic(load_or_create_mnemonic(config))
-        return cls(ledger, config.cashu_mints, timeout or float(config.mint_timeout), seed=seed)
+        wallet = cls(ledger, config.cashu_mints, timeout or float(config.mint_timeout), seed=seed)
+        wallet.stranger_net = NetPolicy(config.allow_private_ln_addresses,
+                                        config.nostr.tor_proxy_url)
+        return wallet
 
     async def start(self) -> None:
         """Load every mint's keysets; a mint that does not answer is tried again on use."""
@@ -312,7 +342,7 @@ class Wallet:
         url = sanitize_mint_url(url)
         found = self.foreign.get(url)
         if found is None:
-            found = self.foreign[url] = MintWallet(url, self.timeout)
+            found = self.foreign[url] = MintWallet(url, self.timeout, net=self.stranger_net)
         return found
 
     # -- money in --------------------------------------------------------------------------
@@ -374,6 +404,8 @@ class Wallet:
             if e.code == SPENT_CODE or "spent" in e.detail.lower():
                 raise TokenError("This token has already been spent.",
                                  code="token_already_spent") from None
+            if e.code == OUTPUTS_SIGNED_CODE:  # our outputs, not the user's token
+                raise WalletError(f"the mint refused this wallet's outputs: {e.detail}") from None
             raise TokenError(f"The mint refused the token: {e.detail}") from None
         return Redeemed(mint.url, token.unit, net, fee, proofs)
 
@@ -433,6 +465,17 @@ class Wallet:
         self.set_state_in(tx, keep, "unspent", None)
         return token
 
+    def cut_part_in(self, tx: Tx, owner: str, mint: str, unit: str, amount: int) -> str:
+        """Hand back ``amount`` of the proofs ``owner`` holds now, keeping the rest held for
+        the change still to come (``cut_in``). Raises WalletError without an exact subset."""
+        held = self.owned_in(tx, owner)
+        chosen = pick_exact([p.amount for p in held], amount)
+        if chosen is None:
+            raise WalletError(f"no exact change of {amount} {unit} in the held proofs")
+        picked = [held[i] for i in chosen]
+        self.set_state_in(tx, picked, "sent", owner)
+        return serialize_token(mint, unit, picked)
+
     def balances(self) -> dict[tuple[str, str], int]:
         """What the proxy holds per (mint, unit), in the unit: proofs not handed out or spent."""
         return self.ledger.proofs.balances()
@@ -476,6 +519,55 @@ class Wallet:
                 self.store_in(tx, mint.url, unit, send_part, "sent", owner)
                 self.store_in(tx, mint.url, unit, keep_part, "unspent")
             return serialize_token(mint.url, unit, send_part), fee
+
+    async def reshape(self, mint_url: str, unit: str, wanted: Sequence[int], above: int,
+                      owner: str) -> int:
+        """Swap pool proofs larger than ``above`` into ``wanted`` amounts (as many as they
+        cover after the fee) and the rest in powers of two: the change pool's refill. Returns
+        the amount of the wanted proofs made."""
+        mint = self.mints[mint_url]
+        await mint.ensure_loaded()
+        keyset = mint.active(unit)
+        target = sum(wanted)
+        async with self._spending:
+            for _ in range(5):
+                try:
+                    with self.ledger.transaction() as tx:
+                        pool = [_proof(r) for r in self.ledger.proofs.pool(tx, mint.url, unit)
+                                if r.amount > above]
+                        inputs: list[Proof] = []
+                        for p in pool:  # largest first
+                            if sum(i.amount for i in inputs) >= target + mint.input_fee(inputs):
+                                break
+                            inputs.append(p)
+                        if not inputs:
+                            return 0
+                        if not self.ledger.proofs.claim(tx, [p.secret for p in inputs], owner):
+                            raise _Contended
+                    break
+                except _Contended:
+                    continue
+            else:
+                raise WalletError("the wallet's proofs are busy; try again")
+        net = sum(p.amount for p in inputs) - mint.input_fee(inputs)
+        fitting: list[int] = []
+        for a in wanted:
+            if sum(fitting) + a <= net:
+                fitting.append(a)
+        amounts = fitting + amounts_for(net - sum(fitting))
+        try:
+            fresh = await mint.swap(inputs, amounts, keyset.unit)
+        except MintUnreachable as e:
+            if not e.sent:
+                self._unclaim(inputs, owner)
+            raise
+        except BaseException:
+            self._unclaim(inputs, owner)
+            raise
+        with self.ledger.transaction() as tx:
+            self.set_state_in(tx, inputs, "spent", owner)
+            self.store_in(tx, mint.url, unit, fresh, "unspent")
+        return sum(fitting)
 
     async def melt(self, mint_url: str, unit: str, quote: dict[str, Any], owner: str,
                    on_claimed: Any = None) -> Melted:

@@ -18,6 +18,8 @@ from routstr_addon.ledger.books import Books, CountedProof, Holding
 from routstr_addon.ledger.core import Ledger
 from routstr_addon.ledger.db import DATABASE_ERRORS, Tx
 from routstr_addon.ledger.invoices import InvoiceRecord
+from routstr_addon.ledger.limits import LimitRefused, Limits, parse_period
+from routstr_addon.ledger.locked import LockedRecord
 from routstr_addon.ledger.payments import XCashuRecord
 from routstr_addon.ledger.payouts import PayoutRecord
 from routstr_addon.ledger.proofs import POOL_STATES, ProofRecord
@@ -53,6 +55,9 @@ __all__ = [
     "KeyStats",
     "Ledger",
     "LedgerEntry",
+    "LimitRefused",
+    "Limits",
+    "LockedRecord",
     "Page",
     "PayoutRecord",
     "PayoutTotals",
@@ -65,4 +70,5 @@ __all__ = [
     "hash_key",
     "is_hex_prefix",
     "new_api_key",
+    "parse_period",
 ]

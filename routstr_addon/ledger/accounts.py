@@ -26,6 +26,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from routstr_addon.ledger.limits import (
+    NO_LIMITS,
+    RPM_WINDOW,
+    LimitRefused,
+    Limits,
+    budget_left,
+    next_window,
+    window_start,
+)
+
 if TYPE_CHECKING:
     from routstr_addon.ledger.db import Cursor, Database, Tx
     from routstr_addon.ledger.instances import Instances
@@ -53,11 +63,14 @@ def hash_key(key: str) -> str:
 class ReserveError(Exception):
     """The key cannot pay for this request; ``reason`` says why."""
 
-    def __init__(self, reason: str, available_msat: int = 0, required_msat: int = 0) -> None:
+    def __init__(self, reason: str, available_msat: int = 0, required_msat: int = 0,
+                 refused: LimitRefused | None = None) -> None:
         super().__init__(reason)
-        self.reason = reason  # unknown_key | disabled | expired | insufficient
+        # unknown_key | disabled | expired | insufficient | limited (``refused`` says which)
+        self.reason = reason
         self.available_msat = available_msat
         self.required_msat = required_msat
+        self.refused = refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +105,11 @@ class KeyState:
     label: str | None
     disabled: bool
     backed: bool = False
+    parent_key_hash: str | None = None  # a child key: its parent pays
+    restricted: bool = False  # limited or a child: admitted by the limits' transaction
+    limits: Limits = NO_LIMITS
+    limit_spent_msat: int = 0  # charged in the budget's current period
+    limit_window_start: float | None = None
 
     @property
     def available_msat(self) -> int:
@@ -100,7 +118,9 @@ class KeyState:
 
 KEY_COLUMNS = ("key_hash", "balance_msat", "reserved_msat", "total_spent_msat",
                "total_requests", "created_at", "expires_at", "refund_address", "label",
-               "disabled", "backed")
+               "disabled", "backed", "parent_key_hash", "restricted", "limit_rpm",
+               "limit_concurrent", "limit_models", "limit_budget_msat", "limit_period",
+               "limit_spent_msat", "limit_window_start")
 ENTRY_COLUMNS = ("id", "created_at", "key_hash", "kind", "amount_msat", "reserved_msat",
                  "request_id", "model", "prompt_tokens", "completion_tokens", "note")
 RESERVATION_COLUMNS = ("request_id", "key_hash", "amount_msat", "model", "created_at",
@@ -109,9 +129,13 @@ RESERVATION_COLUMNS = ("request_id", "key_hash", "amount_msat", "model", "create
 
 def key_state(row: Sequence[Any]) -> KeyState:
     """A row of ``KEY_COLUMNS``."""
+    models = tuple(m for m in (row[15] or "").split(",") if m) or None
+    limits = Limits(row[13], row[14], models, None if row[16] is None else int(row[16]),
+                    row[17])
     return KeyState(row[0], int(row[1]), int(row[2]), int(row[3]), int(row[4]), float(row[5]),
                     None if row[6] is None else float(row[6]), row[7], row[8], bool(row[9]),
-                    bool(row[10]))
+                    bool(row[10]), row[11], bool(row[12]), limits, int(row[18] or 0),
+                    None if row[19] is None else float(row[19]))
 
 
 # --- the statements -------------------------------------------------------------------------
@@ -120,13 +144,36 @@ _SQL = {
     "reserve": (
         "UPDATE api_keys SET reserved_msat = reserved_msat + ? "
         "WHERE key_hash = ? AND balance_msat - reserved_msat >= ? AND NOT disabled "
+        "AND (expires_at IS NULL OR expires_at > ?) AND NOT restricted "
+        "RETURNING balance_msat - reserved_msat"
+    ),
+    # The same for the key that pays a restricted key's request, once its limits passed.
+    "reserve_payer": (
+        "UPDATE api_keys SET reserved_msat = reserved_msat + ? "
+        "WHERE key_hash = ? AND balance_msat - reserved_msat >= ? AND NOT disabled "
         "AND (expires_at IS NULL OR expires_at > ?) "
         "RETURNING balance_msat - reserved_msat"
     ),
     "hold": ("INSERT INTO reservations (request_id, key_hash, amount_msat, model, created_at, "
-             "touched_at, owner, delivered, prompt_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0)"),
+             "touched_at, owner, delivered, prompt_tokens, limit_key) "
+             "VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0, ?)"),
     "unhold": ("DELETE FROM reservations WHERE request_id = ? "
-               "RETURNING key_hash, amount_msat, model"),
+               "RETURNING key_hash, amount_msat, model, limit_key"),
+    # Locks a restricted key's row for the rest of its admission (every process waits here).
+    "lock_key": (f"UPDATE api_keys SET restricted = restricted WHERE key_hash = ? "
+                 f"RETURNING {', '.join(KEY_COLUMNS)}"),
+    "in_flight": ("SELECT COUNT(*), COALESCE(SUM(amount_msat), 0) FROM reservations "
+                  "WHERE limit_key = ?"),
+    "hits_forget": "DELETE FROM rate_hits WHERE key_hash = ? AND at <= ?",
+    "hits": "SELECT COUNT(*), MIN(at) FROM rate_hits WHERE key_hash = ?",
+    "hit": "INSERT INTO rate_hits (key_hash, at) VALUES (?, ?)",
+    "new_window": ("UPDATE api_keys SET limit_spent_msat = 0, limit_window_start = ? "
+                   "WHERE key_hash = ?"),
+    "limit_spent": ("UPDATE api_keys SET limit_spent_msat = limit_spent_msat + ? "
+                    "WHERE key_hash = ?"),
+    "child_spent": ("UPDATE api_keys SET limit_spent_msat = limit_spent_msat + ?, "
+                    "total_spent_msat = total_spent_msat + ?, "
+                    "total_requests = total_requests + ? WHERE key_hash = ?"),
     "close": (
         "UPDATE api_keys SET balance_msat = balance_msat - ?, reserved_msat = reserved_msat - ?, "
         "total_spent_msat = total_spent_msat + ?, total_requests = total_requests + ? "
@@ -149,7 +196,7 @@ _SQL = {
 
 ReserveStep = Callable[[str, int, str, "str | None", "str | None", float], "int | None"]
 CloseStep = Callable[[str, str, int, int, "str | None", "int | None", "int | None", "str | None",
-                      float], "tuple[str, int, int, int] | None"]
+                      float], "tuple[str, int, int, int, str | None] | None"]
 
 
 class Accounts:
@@ -164,6 +211,10 @@ class Accounts:
                                            else self._reserve_in_transaction)
         self._close_step: CloseStep = (steps.close if steps is not None
                                        else self._close_in_transaction)
+        # Keys this process has seen restricted: their requests skip the plain reservation
+        # (which would refuse them anyway). Only ever a shortcut: limits are read in the
+        # admitting transaction, so a key whose limits were lifted is still served right.
+        self._restricted: set[str] = set()
 
     # -- the request path ------------------------------------------------------------------
 
@@ -171,10 +222,16 @@ class Accounts:
                 model: str | None = None) -> Held:
         """Hold ``amount_msat`` of the key's available balance for one request, or raise."""
         now = time.time()
-        available = self._reserve_step(key_hash, amount_msat, request_id, model,
-                                       self._instances.instance_id, now)
-        if available is None:
-            raise self._why_not(key_hash, amount_msat, now)
+        if key_hash not in self._restricted:
+            available = self._reserve_step(key_hash, amount_msat, request_id, model,
+                                           self._instances.instance_id, now)
+            if available is not None:
+                return Held(request_id, key_hash, amount_msat, available)
+            state = self.key(key_hash)
+            if state is None or not state.restricted:
+                raise self._why_not(key_hash, amount_msat, now, state)
+            self._restricted.add(key_hash)
+        available = self._reserve_limited(key_hash, amount_msat, request_id, model, now)
         return Held(request_id, key_hash, amount_msat, available)
 
     def settle(self, request_id: str, cost_msat: int, *, model: str | None = None,
@@ -212,21 +269,28 @@ class Accounts:
         kind, note = (("overrun", "cost above its reservation") if overrun
                       else ("charge", "after its reservation was swept"))
         with self._db.transaction() as tx:
+            # A child key's requests are paid by its parent (and counted on the child).
+            found = tx.row("SELECT COALESCE(parent_key_hash, key_hash), restricted "
+                           "FROM api_keys WHERE key_hash = ?", (key_hash,))
+            payer, restricted = (found[0], bool(found[1])) if found else (key_hash, False)
             available = tx.value("SELECT balance_msat - reserved_msat FROM api_keys "
-                                 "WHERE key_hash = ?", (key_hash,))
+                                 "WHERE key_hash = ?", (payer,))
             charged = max(0, min(cost_msat, int(available or 0)))
             if charged:
+                count = 0 if overrun else 1
                 tx.execute("UPDATE api_keys SET balance_msat = balance_msat - ?, "
                            "total_spent_msat = total_spent_msat + ?, total_requests = "
                            "total_requests + ? WHERE key_hash = ? AND "
                            "balance_msat - reserved_msat >= ?",
-                           (charged, charged, 0 if overrun else 1, key_hash, charged))
-                self._entry(tx.cur, time.time(), key_hash, kind, -charged, 0, request_id,
+                           (charged, charged, count, payer, charged))
+                self._entry(tx.cur, time.time(), payer, kind, -charged, 0, request_id,
                             model, note=note)
+                if restricted:
+                    self._close_limit(tx.cur, payer, key_hash, charged, count)
         return charged
 
-    def _why_not(self, key_hash: str, amount_msat: int, now: float) -> ReserveError:
-        state = self.key(key_hash)
+    def _why_not(self, key_hash: str, amount_msat: int, now: float,
+                 state: KeyState | None) -> ReserveError:
         if state is None:
             return ReserveError("unknown_key")
         if state.disabled:
@@ -243,8 +307,94 @@ class Accounts:
                                 model, prompt_tokens, completion_tokens, note, time.time())
         if done is None:
             return None
-        key_hash, charged, reserved, available = done
+        key_hash, charged, reserved, available, limit_key = done
+        if limit_key is not None:
+            # PostgreSQL closed the money in one statement; the limit's count follows.
+            with self._db.cursor_transaction() as cur:
+                self._close_limit(cur, key_hash, limit_key, charged, 1 if kind == "charge" else 0)
         return Settlement(request_id, key_hash, charged, reserved, available)
+
+    def _reserve_limited(self, key_hash: str, amount_msat: int, request_id: str,
+                         model: str | None, now: float) -> int:
+        """Admit a restricted key's request: in one transaction that locks the key's row
+        (so concurrent admissions on any process wait their turn), check its limits, hold
+        the amount on the key that pays (its parent, for a child) and count the request.
+        Returns what the payer may still spend; raises ReserveError."""
+        sql = self._sql
+        with self._db.cursor_transaction() as cur:
+            cur.execute(sql["lock_key"], (key_hash,))
+            rows = cur.fetchall()
+            if not rows:
+                raise ReserveError("unknown_key")
+            state = key_state(rows[0])
+            if state.disabled:
+                raise ReserveError("disabled")
+            if state.expires_at is not None and state.expires_at <= now:
+                raise ReserveError("expired")
+            limits = state.limits
+            if limits.models and model not in limits.models:
+                raise ReserveError("limited", refused=LimitRefused(
+                    "model", f"This key may use only: {', '.join(limits.models)}."))
+            if limits.rpm is not None:
+                cur.execute(sql["hits_forget"], (key_hash, now - RPM_WINDOW))
+                count, oldest = self._hits(cur, key_hash)
+                if count >= limits.rpm:
+                    wait = max(1.0, (oldest or now) + RPM_WINDOW - now)
+                    raise ReserveError("limited", refused=LimitRefused(
+                        "rate", f"This key is limited to {limits.rpm} requests a minute.",
+                        wait))
+            if limits.concurrent is not None or limits.budget_msat is not None:
+                cur.execute(sql["in_flight"], (key_hash,))
+                flying, flying_msat = cur.fetchall()[0]
+                if limits.concurrent is not None and int(flying) >= limits.concurrent:
+                    raise ReserveError("limited", refused=LimitRefused(
+                        "concurrency", f"This key is limited to {limits.concurrent} "
+                        "requests at once.", 1.0))
+                left = budget_left(limits, state.limit_spent_msat, state.limit_window_start,
+                                   int(flying_msat), now)
+                if left is not None and left < amount_msat:
+                    comes_back = next_window(limits.period, now)
+                    raise ReserveError("limited", refused=LimitRefused(
+                        "budget", f"This key's budget of {limits.budget_msat} msat"
+                        f"{' per period' if limits.period else ''} is spent: this request "
+                        f"needs up to {amount_msat} msat and {max(left, 0)} msat remain.",
+                        None if comes_back is None else max(1.0, comes_back - now)))
+            payer = state.parent_key_hash or key_hash
+            cur.execute(sql["reserve_payer"], (amount_msat, payer, amount_msat, now))
+            reserved = cur.fetchall()
+            if not reserved:
+                payer_state = self.key(payer) if payer != key_hash else state
+                if payer_state is None or payer_state.disabled:
+                    raise ReserveError("disabled")
+                if payer_state.expires_at is not None and payer_state.expires_at <= now:
+                    raise ReserveError("expired")
+                raise ReserveError("insufficient", payer_state.available_msat, amount_msat)
+            cur.execute(sql["hold"], (request_id, payer, amount_msat, model, now, now,
+                                      self._instances.instance_id, key_hash))
+            self._entry(cur, now, payer, "reserve", 0, amount_msat, request_id, model)
+            if limits.rpm is not None:
+                cur.execute(sql["hit"], (key_hash, now))
+            if limits.budget_msat is not None and limits.period is not None:
+                start = window_start(limits.period, now)
+                if state.limit_window_start is None or (
+                        start is not None and state.limit_window_start < start):
+                    cur.execute(sql["new_window"], (start, key_hash))
+            return int(reserved[0][0])
+
+    def _hits(self, cur: Cursor, key_hash: str) -> tuple[int, float | None]:
+        cur.execute(self._sql["hits"], (key_hash,))
+        count, oldest = cur.fetchall()[0]
+        return int(count), None if oldest is None else float(oldest)
+
+    def _close_limit(self, cur: Cursor, payer: str, limit_key: str, charged: int,
+                     count: int) -> None:
+        """Count a restricted key's charge against its budget (and, for a child, its own
+        totals: the money is on its parent's row)."""
+        if limit_key == payer:
+            if charged:
+                cur.execute(self._sql["limit_spent"], (charged, limit_key))
+        else:
+            cur.execute(self._sql["child_spent"], (charged, charged, count, limit_key))
 
     # The portable form of the two steps: a short transaction of a few statements.
 
@@ -256,20 +406,23 @@ class Accounts:
     def _close_in_transaction(self, request_id: str, kind: str, cost_msat: int, count: int,
                               model: str | None, prompt_tokens: int | None,
                               completion_tokens: int | None, note: str | None,
-                              now: float) -> tuple[str, int, int, int] | None:
+                              now: float) -> tuple[str, int, int, int, str | None] | None:
         sql = self._sql
         with self._db.cursor_transaction() as cur:
             cur.execute(sql["unhold"], (request_id,))
             held = cur.fetchall()
             if not held:
                 return None
-            key_hash, reserved, held_model = held[0]
+            key_hash, reserved, held_model, limit_key = held[0]
             charged = max(0, min(cost_msat, reserved))
             cur.execute(sql["close"], (charged, reserved, charged, count, key_hash))
             available = cur.fetchall()[0][0]
             self._entry(cur, now, key_hash, kind, -charged, -reserved, request_id,
                         model or held_model, prompt_tokens, completion_tokens, note)
-        return key_hash, charged, int(reserved), int(available)
+            if limit_key is not None:
+                self._close_limit(cur, key_hash, limit_key, charged, count)
+        # The limit's count is done: the caller must not do it again.
+        return key_hash, charged, int(reserved), int(available), None
 
     def _reserve(self, cur: Cursor, key_hash: str, amount_msat: int, request_id: str,
                  model: str | None, owner: str | None, now: float) -> int | None:
@@ -278,7 +431,7 @@ class Accounts:
         if not rows:
             return None
         cur.execute(self._sql["hold"], (request_id, key_hash, amount_msat, model, now, now,
-                                        owner))
+                                        owner, None))
         self._entry(cur, now, key_hash, "reserve", 0, amount_msat, request_id, model)
         return int(rows[0][0])
 
@@ -377,6 +530,58 @@ class Accounts:
             tx.execute("UPDATE api_keys SET disabled = ? WHERE key_hash = ?",
                        (disabled, key_hash))
             return True
+
+    # -- limits and child keys ---------------------------------------------------------------
+
+    def set_limits(self, key_hash: str, limits: Limits) -> KeyState | None:
+        """Replace a key's limits (all of them: None lifts one); its state after, or None if
+        there is no such key. A new budget starts a new period now."""
+        models = ",".join(limits.models) if limits.models else None
+        now = time.time()
+        with self._db.transaction() as tx:
+            found = tx.execute(
+                "UPDATE api_keys SET limit_rpm = ?, limit_concurrent = ?, limit_models = ?, "
+                "limit_budget_msat = ?, limit_period = ?, limit_spent_msat = CASE WHEN "
+                "limit_budget_msat IS NULL THEN 0 ELSE limit_spent_msat END, "
+                "limit_window_start = COALESCE(limit_window_start, ?), "
+                "restricted = (parent_key_hash IS NOT NULL OR ?) WHERE key_hash = ?",
+                (limits.rpm, limits.concurrent, models, limits.budget_msat, limits.period, now,
+                 limits.any, key_hash))
+        if not found:
+            return None
+        return self.key(key_hash)
+
+    def create_children(self, parent_hash: str, count: int, limits: Limits,
+                        expires_at: float | None) -> list[str]:
+        """``count`` child keys of a key: each spends the parent's balance (its own stays 0)
+        within its own limits. Returns the new keys (shown once)."""
+        keys = [new_api_key() for _ in range(count)]
+        models = ",".join(limits.models) if limits.models else None
+        now = time.time()
+        with self._db.transaction(durable=True) as tx:
+            for key in keys:
+                key_hash = hash_key(key)
+                self.create_key_in(tx, key_hash, 0, note="child key", expires_at=expires_at)
+                tx.execute(
+                    "UPDATE api_keys SET parent_key_hash = ?, restricted = ?, limit_rpm = ?, "
+                    "limit_concurrent = ?, limit_models = ?, limit_budget_msat = ?, "
+                    "limit_period = ?, limit_window_start = ? WHERE key_hash = ?",
+                    (parent_hash, True, limits.rpm, limits.concurrent, models,
+                     limits.budget_msat, limits.period, now, key_hash))
+        return keys
+
+    def reset_child(self, parent_hash: str, child_hash: str) -> bool:
+        """Give a child key its whole budget again (its parent asks); False if it is not a
+        child of this parent."""
+        with self._db.transaction() as tx:
+            return tx.execute("UPDATE api_keys SET limit_spent_msat = 0, limit_window_start = ? "
+                              "WHERE key_hash = ? AND parent_key_hash = ?",
+                              (time.time(), child_hash, parent_hash)) == 1
+
+    def children(self, parent_hash: str) -> list[KeyState]:
+        return [key_state(r) for r in self._db.reader().rows(
+            f"SELECT {', '.join(KEY_COLUMNS)} FROM api_keys WHERE parent_key_hash = ? "
+            "ORDER BY created_at", (parent_hash,))]
 
     # -- reads -----------------------------------------------------------------------------
 

@@ -5,7 +5,9 @@ One definition, read by ``routstr wallet balance``, ``routstr ledger check``, th
 
     margin = proofs held − (backed key balances + refunds owed) − payouts under way
 
-Proofs held are the ``unspent``, ``held`` and ``reserved`` ones. Proofs claimed by a payment
+Proofs held are the ``unspent``, ``held`` and ``reserved`` ones, and the ``locked`` ones:
+received locked to the payment key and not yet swapped at their mint (counted at their face
+value; the swap's input fee comes off when they are redeemed). Proofs claimed by a payment
 under way stay counted until it is settled, so what it may take (amount and fee reserve) is
 subtracted: it is not the operator's to withdraw. Keys the operator funded by hand are credit,
 spendable but never withdrawn as ecash: shown apart, not owed.
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["Books", "CountedProof", "Holding", "read_books"]
 
 _IN_POOL = ", ".join(f"'{s}'" for s in POOL_STATES)
+_LOCKED = "'received', 'redeeming'"  # locked proofs not swapped yet: still the proxy's
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +52,7 @@ class Holding:
     def as_json(self) -> dict[str, Any]:
         return {"mint": self.mint, "unit": self.unit, "trusted": self.trusted,
                 "proofs": self.count, "amount": self.amount, "msat": self.msat,
-                **{state: self.by_state.get(state, 0) for state in POOL_STATES}}
+                **{state: self.by_state.get(state, 0) for state in (*POOL_STATES, "locked")}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +121,8 @@ def read_books(database: Database, trusted: Sequence[str] = (),
     with database.snapshot() as tx:
         grouped = tx.rows(f"SELECT mint, unit, state, COUNT(*), SUM(amount) FROM proofs "
                           f"WHERE state IN ({_IN_POOL}) GROUP BY mint, unit, state")
+        grouped += tx.rows(f"SELECT mint, unit, 'locked', COUNT(*), SUM(amount) FROM "
+                           f"locked_proofs WHERE state IN ({_LOCKED}) GROUP BY mint, unit")
         keys_msat, keys, credit_msat, credit_keys = (int(v) for v in tx.row(
             "SELECT COALESCE(SUM(CASE WHEN backed THEN balance_msat ELSE 0 END), 0), "
             "COALESCE(SUM(CASE WHEN backed AND balance_msat > 0 THEN 1 ELSE 0 END), 0), "
@@ -129,8 +134,9 @@ def read_books(database: Database, trusted: Sequence[str] = (),
         outgoing = tx.rows("SELECT unit, COALESCE(SUM(amount + fee_reserve), 0), COUNT(*) "
                            "FROM payouts WHERE state = 'pending' GROUP BY unit")
         proofs = tuple(CountedProof(s, m, u, int(a)) for s, m, u, a in tx.rows(
-            f"SELECT secret, mint, unit, amount FROM proofs WHERE state IN ({_IN_POOL})")
-        ) if with_proofs else ()
+            f"SELECT secret, mint, unit, amount FROM proofs WHERE state IN ({_IN_POOL}) "
+            f"UNION ALL SELECT secret, mint, unit, amount FROM locked_proofs "
+            f"WHERE state IN ({_LOCKED})")) if with_proofs else ()
     counts: dict[tuple[str, str], int] = {}
     states: dict[tuple[str, str], dict[str, int]] = {}
     for mint, unit, state, count, total in grouped:

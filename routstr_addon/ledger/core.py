@@ -5,6 +5,7 @@
 ``accounts``     keys, balances, the request path's reserve and settle, the journal
 ``registry``     the proxy processes and the reservations nobody will close (``instances``)
 ``proofs``       the wallet's Cashu proofs and its lost swaps
+``locked``       proofs received locked to the payment key, and the change pool's picks
 ``counters``     the wallet's NUT-13 derivation counters
 ``payments``     incoming tokens, each credited once
 ``refunds``      balances withdrawn as tokens
@@ -33,8 +34,11 @@ from routstr_addon.ledger.books import Books, read_books
 from routstr_addon.ledger.counters import KeysetCounters
 from routstr_addon.ledger.db import Database, Tx
 from routstr_addon.ledger.gauges import read_gauges
+from routstr_addon.ledger.history import key_history
 from routstr_addon.ledger.instances import Instances
 from routstr_addon.ledger.invoices import InvoiceStore
+from routstr_addon.ledger.limits import Limits
+from routstr_addon.ledger.locked import LockedStore
 from routstr_addon.ledger.payments import PaymentStore
 from routstr_addon.ledger.payouts import PayoutStore
 from routstr_addon.ledger.proofs import ProofStore
@@ -58,6 +62,9 @@ class Ledger:
         self.registry = Instances(self.database)
         self.accounts = Accounts(self.database, self.registry)
         self.proofs = ProofStore(self.database)
+        self.locked = LockedStore(self.database)
+        if create:
+            self.locked.create_index()
         self.counters = KeysetCounters(self.database)
         self.payments = PaymentStore(self.database)
         self.refunds = RefundStore(self.database)
@@ -176,6 +183,23 @@ class Ledger:
 
     def key(self, key_hash: str) -> KeyState | None:
         return self.accounts.key(key_hash)
+
+    def set_limits(self, key_hash: str, limits: Limits) -> KeyState | None:
+        return self.accounts.set_limits(key_hash, limits)
+
+    def create_children(self, parent_hash: str, count: int, limits: Limits,
+                        expires_at: float | None) -> list[str]:
+        return self.accounts.create_children(parent_hash, count, limits, expires_at)
+
+    def reset_child(self, parent_hash: str, child_hash: str) -> bool:
+        return self.accounts.reset_child(parent_hash, child_hash)
+
+    def children(self, parent_hash: str) -> list[KeyState]:
+        return self.accounts.children(parent_hash)
+
+    def history(self, key_hash: str) -> list[dict[str, Any]]:
+        """The key's money in (tokens, invoices) and out (refunds), newest first."""
+        return key_history(self.database, key_hash)
 
     def find_keys(self, prefix: str) -> list[KeyState]:
         return self.accounts.find_keys(prefix)

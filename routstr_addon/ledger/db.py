@@ -193,6 +193,11 @@ class Database:
                 logger.info("ledger: adding %s to %s", ", ".join(f.column_name for f in missing),
                             table)
                 migrate(*(migrator.add_column(table, f.column_name, f) for f in missing))
+        from routstr_addon.ledger.schema import EXTRA_INDEXES
+
+        cur = self.cursor()
+        for statement in EXTRA_INDEXES:
+            cur.execute(statement)
 
     def defer_checkpoints(self) -> None:
         self.dialect.defer_checkpoints(self.peewee)

@@ -236,7 +236,7 @@ _ENTRY_COLUMNS = ("(created_at, key_hash, kind, amount_msat, reserved_msat, requ
 _RESERVE = (
     "WITH k AS (UPDATE api_keys SET reserved_msat = reserved_msat + %(amount)s "
     "  WHERE key_hash = %(key)s AND balance_msat - reserved_msat >= %(amount)s "
-    "  AND NOT disabled AND (expires_at IS NULL OR expires_at > %(now)s) "
+    "  AND NOT disabled AND (expires_at IS NULL OR expires_at > %(now)s) AND NOT restricted "
     "  RETURNING key_hash, balance_msat - reserved_msat AS available), "
     "h AS (INSERT INTO reservations (request_id, key_hash, amount_msat, model, created_at, "
     "  touched_at, owner, delivered, prompt_tokens) "
@@ -248,8 +248,8 @@ _RESERVE = (
 )
 _SETTLE = (
     "WITH r AS (DELETE FROM reservations WHERE request_id = %(rid)s "
-    "  RETURNING key_hash, amount_msat, model), "
-    "c AS (SELECT key_hash, amount_msat AS reserved, model, "
+    "  RETURNING key_hash, amount_msat, model, limit_key), "
+    "c AS (SELECT key_hash, amount_msat AS reserved, model, limit_key, "
     "  LEAST(GREATEST(%(cost)s, 0), amount_msat) AS charged FROM r), "
     "k AS (UPDATE api_keys SET balance_msat = balance_msat - c.charged, "
     "  reserved_msat = reserved_msat - c.reserved, "
@@ -260,7 +260,7 @@ _SETTLE = (
     f"e AS (INSERT INTO ledger_entries {_ENTRY_COLUMNS} SELECT %(now)s, key_hash, %(kind)s, "
     "  -charged, -reserved, %(rid)s, COALESCE(%(model)s, model), %(pt)s, %(ct)s, %(note)s "
     "  FROM c) "
-    "SELECT c.key_hash, c.charged, c.reserved, k.available FROM c, k"
+    "SELECT c.key_hash, c.charged, c.reserved, k.available, c.limit_key FROM c, k"
 )
 _TYPES = {"amount": "bigint", "key": "text", "now": "double precision", "rid": "text",
           "model": "text", "owner": "text", "cost": "bigint", "kind": "text",
@@ -303,14 +303,15 @@ class PreparedSteps:
 
     def close(self, request_id: str, kind: str, cost_msat: int, count: int, model: str | None,
               prompt_tokens: int | None, completion_tokens: int | None, note: str | None,
-              now: float) -> tuple[str, int, int, int] | None:
-        """(key, charged, reserved, available) of the reservation ended; None if none was."""
+              now: float) -> tuple[str, int, int, int, str | None] | None:
+        """(key, charged, reserved, available, limited key) of the reservation ended; None
+        if none was. A limited key's count is left to the caller."""
         rows = self._run(_EXECUTE_SETTLE, (request_id, cost_msat, count, now, kind, model,
                                            prompt_tokens, completion_tokens, note))
         if not rows:
             return None
-        key_hash, charged, reserved, available = rows[0]
-        return key_hash, int(charged), int(reserved), int(available)
+        key_hash, charged, reserved, available, limit_key = rows[0]
+        return key_hash, int(charged), int(reserved), int(available), limit_key
 
     def _run(self, execute: str, values: tuple[Any, ...]) -> list[Any]:
         cur = live_cursor(self._database)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 __all__ = ["InvoiceRecord", "InvoiceStore"]
 
 _COLUMNS = ("id_hash", "quote", "mint", "unit", "amount", "purpose", "key_hash", "state",
-            "outputs", "expires_at")
+            "outputs", "expires_at", "bolt11", "created_at", "paid_at")
 
 
 @dataclass(slots=True)
@@ -30,6 +30,9 @@ class InvoiceRecord:
     state: str  # unpaid | minting | credited | expired
     outputs: str | None  # the blinded messages sent while minting, as JSON (NUT-09 recovery)
     expires_at: float | None
+    bolt11: str = ""
+    created_at: float = 0.0
+    paid_at: float | None = None  # when it was credited
 
 
 class InvoiceStore:
@@ -47,13 +50,35 @@ class InvoiceStore:
                        (id_hash, quote, mint, amount, bolt11, purpose, key_hash, expires_at,
                         now, now))
 
+    def add_in(self, tx: Tx, id_hash: str, quote: str, mint: str, amount: int, bolt11: str,
+               purpose: str, key_hash: str, expires_at: float | None,
+               created_at: float) -> bool:
+        """An unpaid invoice brought from elsewhere (``routstr import-core``), inside the
+        caller's transaction; False if it is here already."""
+        if tx.value("SELECT 1 FROM invoices WHERE id_hash = ?", (id_hash,)) is not None:
+            return False
+        tx.execute("INSERT INTO invoices (id_hash, quote, mint, unit, amount, bolt11, purpose, "
+                   "key_hash, state, outputs, expires_at, created_at, updated_at) "
+                   "VALUES (?, ?, ?, 'sat', ?, ?, ?, ?, 'unpaid', NULL, ?, ?, ?)",
+                   (id_hash, quote, mint, amount, bolt11, purpose, key_hash, expires_at,
+                    created_at, time.time()))
+        return True
+
     def get(self, id_hash: str) -> InvoiceRecord | None:
+        return self._one("id_hash", id_hash)
+
+    def by_bolt11(self, bolt11: str) -> InvoiceRecord | None:
+        """The invoice of a bolt11 request (whoever holds it may ask how it stands)."""
+        return self._one("bolt11", bolt11)
+
+    def _one(self, column: str, value: str) -> InvoiceRecord | None:
         row = self._db.reader().row(f"SELECT {', '.join(_COLUMNS)} FROM invoices "
-                                    "WHERE id_hash = ?", (id_hash,))
+                                    f"WHERE {column} = ?", (value,))
         if row is None:
             return None
         return InvoiceRecord(row[0], row[1], row[2], row[3], int(row[4]), row[5], row[6], row[7],
-                             row[8], None if row[9] is None else float(row[9]))
+                             row[8], None if row[9] is None else float(row[9]), row[10],
+                             float(row[11]), None if row[12] is None else float(row[12]))
 
     def start_minting(self, id_hash: str, outputs: str) -> bool:
         """Claim an unpaid invoice for minting, with the outputs about to be sent (written to
@@ -66,9 +91,10 @@ class InvoiceStore:
     def credited_in(self, tx: Tx, id_hash: str) -> bool:
         """Mark a minting invoice credited, in the transaction that credits its key; False if
         another process did first (the caller rolls back)."""
+        now = time.time()
         return tx.execute("UPDATE invoices SET state = 'credited', outputs = NULL, "
-                          "updated_at = ? WHERE id_hash = ? AND state = 'minting'",
-                          (time.time(), id_hash)) == 1
+                          "updated_at = ?, paid_at = ? WHERE id_hash = ? AND state = 'minting'",
+                          (now, now, id_hash)) == 1
 
     def move(self, id_hash: str, old: str, new: str) -> None:
         """From state ``old`` (only) to ``new``."""

@@ -25,6 +25,8 @@ class XCashuRecord:
     request_id: str
     change: str | None
     change_msat: int
+    early_change: str | None = None
+    early_change_msat: int = 0
 
 
 class PaymentStore:
@@ -36,8 +38,8 @@ class PaymentStore:
         """A token redeemed: ``amount`` and ``fee`` in the unit, ``msat`` credited. Fails (and
         rolls the caller's transaction back) if the token was recorded before."""
         tx.execute("INSERT INTO payments (token_hash, kind, key_hash, mint, unit, amount, fee, "
-                   "msat, request_id, change, change_msat, created_at) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, 0, ?)",
+                   "msat, request_id, change, change_msat, early_change, early_change_msat, "
+                   "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, 0, NULL, 0, ?)",
                    (token_hash, kind, key_hash, mint, unit, amount, fee, msat, request_id,
                     time.time()))
 
@@ -47,14 +49,20 @@ class PaymentStore:
 
     def xcashu(self, token_hash: str) -> XCashuRecord | None:
         row = self._db.reader().row(
-            "SELECT key_hash, mint, unit, msat, request_id, change, change_msat FROM payments "
-            "WHERE token_hash = ? AND kind = 'xcashu'", (token_hash,))
+            "SELECT key_hash, mint, unit, msat, request_id, change, change_msat, early_change, "
+            "early_change_msat FROM payments WHERE token_hash = ? AND kind = 'xcashu'",
+            (token_hash,))
         if row is None:
             return None
-        key_hash, mint, unit, msat, request_id, change, change_msat = row
+        key_hash, mint, unit, msat, request_id, change, change_msat, early, early_msat = row
         return XCashuRecord(key_hash, mint, unit, int(msat), request_id, change,
-                            int(change_msat))
+                            int(change_msat), early, int(early_msat or 0))
 
     def set_change(self, tx: Tx, token_hash: str, change: str | None, change_msat: int) -> None:
         tx.execute("UPDATE payments SET change = ?, change_msat = ? WHERE token_hash = ?",
                    (change, change_msat, token_hash))
+
+    def set_early_change(self, tx: Tx, token_hash: str, change: str | None,
+                         change_msat: int) -> None:
+        tx.execute("UPDATE payments SET early_change = ?, early_change_msat = ? "
+                   "WHERE token_hash = ?", (change, change_msat, token_hash))

@@ -147,8 +147,9 @@ class ProofStore:
             batch = list(secrets[start:start + _BATCH])
             marks = ", ".join("?" * len(batch))
             held.update(row[0] for row in reader.rows(
-                f"SELECT secret FROM proofs WHERE secret IN ({marks}) AND state IN ({_IN_POOL})",
-                batch))
+                f"SELECT secret FROM proofs WHERE secret IN ({marks}) AND state IN ({_IN_POOL}) "
+                f"UNION ALL SELECT secret FROM locked_proofs WHERE secret IN ({marks}) "
+                "AND state IN ('received', 'redeeming')", [*batch, *batch]))
         return held
 
     # -- swaps whose answer was lost ---------------------------------------------------------

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 
 import peewee
 
-__all__ = ["MODELS", "UNIT_MSAT", "AdminAction", "AdminLoginFailure", "AdminSession", "ApiKey",
-           "Instance", "Invoice", "KeysetCounter",
-           "LedgerEntry", "Payment", "Payout", "PendingSwap", "Refund", "Reservation",
-           "StoredProof"]
+__all__ = ["EXTRA_INDEXES", "MODELS", "UNIT_MSAT", "AdminAction", "AdminLoginFailure",
+           "AdminSession", "ApiKey", "Instance", "Invoice", "KeysetCounter", "LedgerEntry",
+           "LockedProof", "Payment", "Payout", "PendingSwap", "RateHit", "Refund",
+           "Reservation", "StoredProof"]
 
 UNIT_MSAT = {"sat": 1000, "msat": 1}  # the ecash units the proxy takes and stores, in msat
 
@@ -37,6 +37,19 @@ class ApiKey(_Base):
     # Funded with ecash (tokens, Lightning): withdrawable, and backed by the wallet's proofs.
     # Keys the operator funds by hand are prepaid credit: spendable, not withdrawable.
     backed = peewee.BooleanField(default=False)
+    # A child key spends its parent's balance (its own stays 0); see ``ledger.limits``.
+    parent_key_hash = peewee.CharField(max_length=64, null=True)
+    # Limited or a child: the request path's one-statement reservation refuses it, and the
+    # reservation takes the limits' transaction instead (keys without limits pay nothing).
+    restricted = peewee.BooleanField(default=False, constraints=[peewee.SQL("DEFAULT FALSE")])
+    limit_rpm = peewee.IntegerField(null=True)  # requests per minute
+    limit_concurrent = peewee.IntegerField(null=True)  # requests in flight at once
+    limit_models = peewee.TextField(null=True)  # allowed models, comma-separated
+    limit_budget_msat = peewee.BigIntegerField(null=True)  # spendable per period (a ceiling)
+    limit_period = peewee.TextField(null=True)  # daily | weekly | monthly | <seconds>; none: manual
+    limit_spent_msat = peewee.BigIntegerField(  # charged in the current period
+        default=0, constraints=[peewee.SQL("DEFAULT 0")])
+    limit_window_start = peewee.DoubleField(null=True)  # when the current period began
 
     class Meta:
         table_name = "api_keys"
@@ -90,6 +103,9 @@ class Reservation(_Base):
     owner = peewee.CharField(max_length=80, null=True)
     delivered = peewee.BigIntegerField(default=0)
     prompt_tokens = peewee.IntegerField(default=0)
+    # The limited key (or child) the request was made with, when it is not simply the key
+    # that pays: its requests in flight are counted from here (a partial index).
+    limit_key = peewee.CharField(max_length=64, null=True)
 
     class Meta:
         table_name = "reservations"
@@ -148,6 +164,10 @@ class Payment(_Base):
     request_id = peewee.CharField(max_length=64, null=True)
     change = peewee.TextField(null=True)  # the change token (x-cashu)
     change_msat = peewee.BigIntegerField(default=0)
+    # A stream's change known at its start (the token less the reserved maximum), sent in the
+    # X-Cashu response header; ``change`` is then the rest, sent before [DONE].
+    early_change = peewee.TextField(null=True)
+    early_change_msat = peewee.BigIntegerField(default=0)
     created_at = peewee.DoubleField()
 
     class Meta:
@@ -238,6 +258,7 @@ class Invoice(_Base):
     key_hash = peewee.CharField(max_length=64)
     state = peewee.CharField(max_length=10)  # unpaid | minting | credited | expired
     outputs = peewee.TextField(null=True)
+    paid_at = peewee.DoubleField(null=True)  # when it was credited
     expires_at = peewee.DoubleField(null=True)
     created_at = peewee.DoubleField()
     updated_at = peewee.DoubleField()
@@ -245,6 +266,50 @@ class Invoice(_Base):
     class Meta:
         table_name = "invoices"
         indexes = ((("state",), False),)
+
+
+class RateHit(_Base):
+    """A request admitted on a key with a requests-per-minute limit, kept one minute: the
+    sliding window every process counts in the same transaction that admits the next."""
+
+    id = peewee.BigAutoField()
+    key_hash = peewee.CharField(max_length=64)
+    at = peewee.DoubleField()
+
+    class Meta:
+        table_name = "rate_hits"
+        indexes = ((("key_hash", "at"), False),)
+
+
+class LockedProof(_Base):
+    """A proof received locked to the proxy's payment key (NUT-11), accepted offline from its
+    DLEQ proof (NUT-12) and not yet swapped at its mint.
+
+    ``y`` (hash_to_curve of the secret, as the mint knows the proof) is the primary key: the
+    same proof can be accepted once, whatever token carries it and however many processes
+    race. ``state``: ``received`` → ``redeeming`` (in a batch swap, ``batch`` = its id, outputs
+    saved in ``pending_swaps`` under that id) → ``redeemed``; or ``lost`` when the mint says it
+    was spent by someone else. ``locktime``: the swap must happen before it (None: never
+    expires)."""
+
+    y = peewee.CharField(max_length=66, primary_key=True)
+    secret = peewee.TextField()
+    mint = peewee.TextField()
+    unit = peewee.CharField(max_length=8)
+    keyset_id = peewee.CharField(max_length=80)
+    amount = peewee.BigIntegerField()
+    c = peewee.TextField()
+    dleq = peewee.TextField(null=True)
+    locktime = peewee.BigIntegerField(null=True)
+    token_hash = peewee.CharField(max_length=64)
+    state = peewee.CharField(max_length=10)
+    batch = peewee.CharField(max_length=64, null=True, index=True)
+    created_at = peewee.DoubleField()
+    updated_at = peewee.DoubleField()
+
+    class Meta:
+        table_name = "locked_proofs"
+        indexes = ((("state", "locktime"), False),)
 
 
 class KeysetCounter(_Base):
@@ -300,5 +365,14 @@ class AdminAction(_Base):
 
 MODELS: Sequence[type[peewee.Model]] = (ApiKey, LedgerEntry, Reservation, Instance, StoredProof,
                                         Payment, Refund, Invoice, KeysetCounter, Payout,
-                                        PendingSwap, AdminSession, AdminLoginFailure,
-                                        AdminAction)
+                                        PendingSwap, RateHit, LockedProof, AdminSession,
+                                        AdminLoginFailure, AdminAction)
+
+# Indexes made (if missing) on tables old and new, partial where only a few rows need one:
+# a plain key's reservation never touches the limit_key index.
+EXTRA_INDEXES: Sequence[str] = (
+    "CREATE INDEX IF NOT EXISTS api_keys_parent ON api_keys (parent_key_hash) "
+    "WHERE parent_key_hash IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS reservations_limit_key ON reservations (limit_key) "
+    "WHERE limit_key IS NOT NULL",
+)

@@ -18,13 +18,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from routstr_addon.amounts import sats
-from routstr_addon.errors import ApiError, invalid_api_key
+from routstr_addon.errors import ApiError, invalid_api_key, key_limit
 from routstr_addon.ledger import Ledger, ReserveError, Settlement, hash_key
+from routstr_addon.metering.costs import CostReport
 from routstr_addon.metering.pricing import ModelPrice, Pricing
 from routstr_addon.metering.surface import (
     ENDPOINTS,
     Shape,
     canonical_endpoint,
+    check_raw,
     decode_body,
     parse_json,
     read_shape,
@@ -86,6 +88,11 @@ class Payer(Protocol):
         """The change, as a token for the client (None: nothing to give back)."""
         ...
 
+    def early_change(self, reserved_msat: int) -> str | None:
+        """The part of the change known before the answer ends (the payment less the
+        reserved maximum), cut now for a stream's headers; None: nothing to give yet."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Quote:
@@ -98,6 +105,7 @@ class Quote:
     path: str = ""  # the endpoint's name below /v1, from which the upstream path is built
     bounds: tuple[int, int] | None = None  # the most prompt and completion tokens possible
     fallbacks: tuple[ModelPrice, ...] = ()  # other models that may run (OpenRouter's models)
+    offers: tuple[ModelPrice, ...] = ()  # the providers that may serve it, in order
 
     @property
     def model_name(self) -> str | None:
@@ -127,12 +135,19 @@ class Paid:
     closed: Settlement | None = None
     usage: Usage | None = None
     change: str | None = None  # the payer's change, once closed
+    report: CostReport | None = None  # the cost as clients read it, once known
+    answer: Any = None  # a buffered answer's parsed JSON, read once to settle it
     retrying: bool = False  # the ledger could not take its settlement: retried in the background
     prompt_estimate: int | None = None
     timer: Any = None  # asyncio.TimerHandle of the upstream timeout
     path: str = ""  # the endpoint's name below /v1 (the upstream path is built from it)
     bounds: tuple[int, int] | None = None  # the most prompt and completion tokens possible
     fallbacks: tuple[ModelPrice, ...] = ()  # other models that may run: charged the dearest
+    # The providers that may serve it, in the order they are tried; ``model`` becomes the
+    # offer of the one that answered, whose price is charged.
+    offers: tuple[ModelPrice, ...] = ()
+    provider: str | None = None  # the provider that answered, once known
+    attempts: int = 1  # providers tried for it (more than one: failover happened)
     first_byte_at: float | None = None  # a stream's first chunk from the upstream (metrics)
 
     @property
@@ -192,16 +207,20 @@ class Meter:
             body = decode_body(body, content_encoding, self.config.max_request_size)
         parsed = parse_json(body)
         shape = read_shape(kind, parsed)
+        check_raw(kind, body)
         if not self.config.model_based_pricing:
             return Quote(kind, parsed, None, self.config.cost_per_request_msat, name)
         models = self._models(shape)
+        offers = self.pricing.candidates(models[0])
         amount, bounds = 0, (0, 0)
-        for model in models:  # any of them may run (OpenRouter fallbacks): the dearest counts
+        # Any of them may run: another provider of the model (failover before the first byte),
+        # or one of OpenRouter's fallback models. The dearest counts.
+        for model in (*offers, *models[1:]):
             cost, most = self._max_cost(model, kind, shape, body if body_bound else None)
             if cost > amount:
                 amount = cost
             bounds = (max(bounds[0], most[0]), max(bounds[1], most[1]))
-        return Quote(kind, parsed, models[0], amount, name, bounds, tuple(models[1:]))
+        return Quote(kind, parsed, offers[0], amount, name, bounds, tuple(models[1:]), offers)
 
     def admit(self, request_id: str, authorization: str | None, path: str,
               body: bytes, content_encoding: str = "") -> Paid:
@@ -222,12 +241,18 @@ class Meter:
             held = self.ledger.reserve(key_hash, q.amount_msat, request_id, q.model_name)
         except ReserveError as e:
             raise _reserve_error(e) from None
+        return self.reserved(q, request_id, key_hash, held.available_msat, payer)
+
+    def reserved(self, q: Quote, request_id: str, key_hash: str, available_msat: int,
+                 payer: Payer | None = None) -> Paid:
+        """The money state of a quote already reserved on a key (by ``reserve``, or in the
+        transaction that also recorded its payment)."""
         forwarded, drop_usage = (upstream_body(q.endpoint, q.body)
                                  if q.endpoint is not None and q.body is not None
                                  else (None, False))
-        return Paid(request_id, key_hash, q.amount_msat, held.available_msat, q.endpoint,
+        return Paid(request_id, key_hash, q.amount_msat, available_msat, q.endpoint,
                     q.model, q.body, forwarded, drop_usage, payer, path=q.path, bounds=q.bounds,
-                    fallbacks=q.fallbacks)
+                    fallbacks=q.fallbacks, offers=q.offers)
 
     def _known_key(self, key_hash: str) -> None:
         if self.ledger.key(key_hash) is None:
@@ -326,11 +351,13 @@ class Meter:
         return cost, note
 
     def settle(self, paid: Paid, usage: Usage, note: str | None = None,
-               delivered_chars: int = 0) -> Settlement | None:
+               delivered_chars: int = 0, late: bool = True) -> Settlement | None:
         """Charge a request's usage, once; None if it was already settled or released.
 
         A cost above the reservation (an under-reservation: a pricing rule missed something)
-        is charged on top, as far as the key can pay, and recorded as an 'overrun' row."""
+        is charged on top, as far as the key can pay, and recorded as an 'overrun' row.
+        ``late``: if the sweeper closed the reservation meanwhile, charge anyway (reported
+        usage is work done; an estimate for a request the upstream left silent is not)."""
         if paid.closed is not None:
             return None
         paid.usage = usage
@@ -338,12 +365,18 @@ class Meter:
         if usage.estimated:
             note = note or "usage estimated"
         note = note or why
+        if len(paid.offers) > 1 and paid.provider:  # which provider was paid for, and why
+            served = f"provider {paid.provider}" + (
+                f" (attempt {paid.attempts})" if paid.attempts > 1 else "")
+            note = f"{served}; {note}" if note else served
         model = paid.model.id if paid.model else None
         paid.closed = closed = self.ledger.settle(
             paid.request_id, cost, model=model,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             note=note)
-        if closed is None:  # swept while it ran (no activity for RESERVATION_TIMEOUT)
+        if closed is None and not late:
+            paid.closed = Settlement(paid.request_id, paid.key_hash, 0, 0, paid.available_msat)
+        elif closed is None:  # swept while it ran (no activity for RESERVATION_TIMEOUT)
             charged = self.ledger.late_charge(paid.key_hash, paid.request_id, cost, model)
             logger.warning("request %s outlived its reservation; charged %d of %d msat late",
                            paid.request_id, charged, cost)
@@ -358,7 +391,20 @@ class Meter:
             paid.closed = Settlement(paid.request_id, paid.key_hash,
                                      closed.charged_msat + extra, closed.reserved_msat,
                                      closed.available_msat - extra)
+        assert paid.closed is not None
+        paid.report = self._report(paid, usage, cost, paid.closed.charged_msat)
         return paid.closed
+
+    def _report(self, paid: Paid, usage: Usage, cost: int, charged: int) -> CostReport:
+        return CostReport.of(self.pricing, paid.model, usage, cost, charged)
+
+    def report_usage(self, paid: Paid, usage: Usage) -> CostReport:
+        """The cost of a usage as it will be charged (capped at the reservation), before the
+        request is settled: for a stream's usage chunk, which the client reads before the
+        stream ends."""
+        cost, _ = self.bounded_cost(paid, usage, paid.tap.text_chars if paid.tap else 0)
+        # Above the reservation, the overrun is charged as far as the key can pay.
+        return self._report(paid, usage, cost, paid.reserved_msat + paid.available_msat)
 
     def touch(self, paid: Paid) -> None:
         """Record that a stream is flowing, with what it delivered so far."""
@@ -381,6 +427,7 @@ class Meter:
             parsed = json.loads(body) if body else None
         except (ValueError, UnicodeDecodeError):
             parsed = None
+        paid.answer = parsed
         usage = usage_from_json(parsed)
         if usage is None:
             if paid.endpoint is None:  # a fixed-price endpoint has no usage to report
@@ -418,7 +465,7 @@ class Meter:
         if reached:
             delivered = paid.tap.text_chars if paid.tap is not None else 0
             return self.settle(paid, self.estimate(paid, delivered),
-                               note=f"client gone: {reason[:150]}")
+                               note=f"client gone: {reason[:150]}", late=False)
         return self.release(paid, reason[:200])
 
     # -- after forwarding: the one way a reservation ends ----------------------------------
@@ -490,6 +537,8 @@ def _model_name(body: dict[str, Any] | None) -> str | None:
 
 
 def _reserve_error(e: ReserveError) -> ApiError:
+    if e.refused is not None:
+        return key_limit(e.refused.reason, e.refused.message, e.refused.retry_after)
     if e.reason == "unknown_key":
         return invalid_api_key()
     if e.reason == "expired":

@@ -63,7 +63,9 @@ def _usd(value: Any) -> Fraction:
 
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
-    """One model's USD prices (per token, per request) and its token limits."""
+    """One model's USD prices (per token, per request) and its token limits, as one provider
+    offers it: ``id`` is the name clients send, ``upstream_id`` the provider's ("": whatever
+    name the client used), ``fee`` its own multiplier (None: UPSTREAM_PROVIDER_FEE)."""
 
     id: str
     prompt: Fraction
@@ -74,9 +76,18 @@ class ModelPrice:
     max_completion_tokens: int | None
     info: Mapping[str, Any] = field(compare=False, repr=False)
     cache_write: Fraction | None = None  # Anthropic-style prompt cache writes
+    provider: str = ""
+    upstream_id: str = ""
+    fee: Fraction | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Which price table is this offer's: one per model and provider."""
+        return (self.provider, self.id)
 
     @classmethod
-    def from_entry(cls, entry: Mapping[str, Any]) -> ModelPrice:
+    def from_entry(cls, entry: Mapping[str, Any], provider: str = "", upstream_id: str = "",
+                   fee: Fraction | None = None) -> ModelPrice:
         pricing = entry.get("pricing") or {}
         top = entry.get("top_provider") or {}
         context = int(entry.get("context_length") or top.get("context_length") or 0)
@@ -95,6 +106,9 @@ class ModelPrice:
             max_completion_tokens=int(max_completion) if max_completion else None,
             info=entry,
             cache_write=None if cache_write in (None, "") else _usd(cache_write),
+            provider=provider,
+            upstream_id=upstream_id or str(entry.get("upstream_id") or ""),
+            fee=fee,
         )
 
     @property
@@ -153,38 +167,91 @@ class _Rational:
                  + self.request)
         return -(-total // self.denominator)
 
+    def parts(self, prompt_tokens: int, completion_tokens: int,
+              cached_tokens: int = 0) -> tuple[int, int, int, int]:
+        """(input, output, base, cache_read) msat of a usage, adding up to ``cost``: each part
+        rounded down, and the rounding of the whole given to the output part."""
+        cached = min(max(cached_tokens, 0), prompt_tokens)
+        den = self.denominator
+        cache_read = cached * self.cache_read // den
+        prompt = ((prompt_tokens - cached) * self.prompt + cached * self.cache_read) // den
+        base = self.request // den
+        output = self.cost(prompt_tokens, completion_tokens, cached_tokens) - prompt - base
+        return prompt, output, base, cache_read
+
 
 class Pricing:
-    """Converts usage into msat for every model at the current BTC/USD rate."""
+    """Converts usage into msat for every model at the current BTC/USD rate.
+
+    ``offers`` holds every provider's offer of each model, in the order a request would try
+    them now (the router keeps that order); ``models`` is the first of each, the offer that
+    would serve it now: what /v1/models shows and what names resolve to.
+    """
 
     def __init__(self, models: Mapping[str, ModelPrice], exchange_fee: Decimal,
                  provider_fee: Decimal) -> None:
-        self.models = dict(models)
-        self.fee = Fraction(exchange_fee) * Fraction(provider_fee)
+        self.exchange_fee = Fraction(exchange_fee)
+        self.provider_fee = Fraction(provider_fee)
+        self.fee = self.exchange_fee * self.provider_fee
         self.rate: Fraction | None = None
         self.rate_updated: float | None = None
-        self._tables: dict[str, _Rational] = {}
-        self._aliases = _aliases(self.models)
+        self._tables: dict[tuple[str, str], _Rational] = {}
+        self.models: dict[str, ModelPrice] = {}
+        self.offers: dict[str, tuple[ModelPrice, ...]] = {}
+        self._aliases: dict[str, str] = {}
+        self.set_offers({model_id: (m,) for model_id, m in models.items()})
+
+    def set_offers(self, offers: Mapping[str, tuple[ModelPrice, ...]],
+                   aliases: Mapping[str, str] | None = None) -> None:
+        """Replace the catalog (every offer of every model, best first), pricing it at once
+        at the current rate."""
+        offers = {model_id: tuple(o) for model_id, o in offers.items() if o}
+        tables = self._price(offers, self.rate) if self.rate is not None else {}
+        self.offers = offers
+        self.models = {model_id: o[0] for model_id, o in offers.items()}
+        self._aliases = {**_aliases(self.models),
+                         **{a: t for a, t in (aliases or {}).items() if t in offers}}
+        self._tables = tables
+
+    def reorder(self, offers: Mapping[str, tuple[ModelPrice, ...]]) -> None:
+        """The same offers in a new order (a provider's health changed): no repricing."""
+        self.offers = dict(offers)
+        self.models = {model_id: o[0] for model_id, o in self.offers.items()}
+
+    def candidates(self, model: ModelPrice) -> tuple[ModelPrice, ...]:
+        """Every offer of a model, in the order a request tries them now."""
+        return self.offers.get(model.id) or (model,)
 
     def set_rate(self, btc_usd: Fraction | Decimal | str) -> None:
         rate = Fraction(Decimal(btc_usd)) if isinstance(btc_usd, str) else Fraction(btc_usd)
         if rate <= 0:
             raise ValueError("the BTC/USD rate must be positive")
-        factor = self.fee * MSAT_PER_BTC / rate
-        tables: dict[str, _Rational] = {}
-        for model_id, m in self.models.items():
-            parts = [p * factor for p in
-                     (m.prompt, m.completion, m.request, m.cache_read if m.cache_read is not None
-                      else m.prompt, m.cache_write if m.cache_write is not None else m.prompt)]
-            den = math.lcm(*(p.denominator for p in parts))
-            nums = [p.numerator * (den // p.denominator) for p in parts]
-            tables[model_id] = _Rational(nums[0], nums[1], nums[2], nums[3], nums[4], den)
-        self._tables = tables
+        self._tables = self._price(self.offers, rate)
         self.rate = rate
         self.rate_updated = time.time()
 
+    def fee_of(self, model: ModelPrice) -> Fraction:
+        """The multiplier on a model's USD prices: the exchange fee and its provider's fee."""
+        return self.exchange_fee * (model.fee if model.fee is not None else self.provider_fee)
+
+    def _price(self, offers: Mapping[str, tuple[ModelPrice, ...]],
+               rate: Fraction) -> dict[tuple[str, str], _Rational]:
+        tables: dict[tuple[str, str], _Rational] = {}
+        for models in offers.values():
+            for m in models:
+                factor = self.fee_of(m) * MSAT_PER_BTC / rate
+                parts = [p * factor for p in
+                         (m.prompt, m.completion, m.request,
+                          m.cache_read if m.cache_read is not None else m.prompt,
+                          m.cache_write if m.cache_write is not None else m.prompt)]
+                den = math.lcm(*(p.denominator for p in parts))
+                nums = [p.numerator * (den // p.denominator) for p in parts]
+                tables[m.key] = _Rational(nums[0], nums[1], nums[2], nums[3], nums[4], den)
+        return tables
+
     def resolve(self, model: str) -> ModelPrice | None:
-        """The priced model for a name a client sent (exact id, or an unambiguous short name)."""
+        """The priced model for a name a client sent (exact id, an alias, or an unambiguous
+        short name): the offer that would serve it now."""
         found = self.models.get(model)
         if found is None:
             alias = self._aliases.get(model)
@@ -194,10 +261,26 @@ class Pricing:
     def cost(self, model: ModelPrice, prompt_tokens: int, completion_tokens: int,
              cached_tokens: int = 0, written_tokens: int = 0) -> int:
         """The msat cost of a request's usage. Raises LookupError when no rate is known."""
-        table = self._tables.get(model.id)
+        table = self._tables.get(model.key)
         if table is None:
             raise LookupError("no BTC/USD rate yet")
         return table.cost(prompt_tokens, completion_tokens, cached_tokens, written_tokens)
+
+    def parts(self, model: ModelPrice, prompt_tokens: int, completion_tokens: int,
+              cached_tokens: int = 0) -> tuple[int, int, int, int]:
+        """The cost split as routstr-core's clients read it: (input, output, base,
+        cache_read) msat, the first three adding up to ``cost``."""
+        table = self._tables.get(model.key)
+        if table is None:
+            raise LookupError("no BTC/USD rate yet")
+        return table.parts(prompt_tokens, completion_tokens, cached_tokens)
+
+    def usd(self, msat: int) -> float | None:
+        """An msat amount in USD at the current rate (None without one)."""
+        rate = self.rate
+        if rate is None:
+            return None
+        return msat * (rate.numerator / rate.denominator) / MSAT_PER_BTC  # display: float
 
     def max_cost(self, model: ModelPrice, max_tokens: int | None = None,
                  prompt_bound: int | None = None, choices: int = 1, prompts: int = 1) -> int:
@@ -247,7 +330,7 @@ class Pricing:
         """Per-token and maximum prices in sats, as published in /v1/models."""
         if self.rate is None:
             return None
-        factor = self.fee * MSAT_PER_BTC / self.rate / 1000
+        factor = self.fee_of(model) * MSAT_PER_BTC / self.rate / 1000
         max_prompt = self.cost(model, model.context_length, 0) - self.cost(model, 0, 0)
         max_completion = self.cost(model, 0, model.completion_limit) - self.cost(model, 0, 0)
         return {

@@ -37,6 +37,7 @@ __all__ = [
     "ResponseDecoder",
     "Shape",
     "canonical_endpoint",
+    "check_raw",
     "decode_body",
     "parse_fixed_prices",
     "parse_json",
@@ -234,11 +235,12 @@ _READ = frozenset({
     "max_completion_tokens", "max_output_tokens", "stream", "stream_options", "service_tier",
     "background", "tools", "audio", "modalities", "thinking", "route", "provider", "plugins",
     "web_search_options", "instructions", "system", "reasoning", "reasoning_effort",
+    "prediction",
 })
 _READ_FOLDED = {name.lower(): name for name in _READ}
 _CAPS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 # Service tiers billed at the standard price or below; others (priority, scale) cost more.
-_TIERS = frozenset({"auto", "default", "flex"})
+_TIERS = frozenset({"auto", "default", "flex", "standard_only"})
 # Tool types that cost tokens only (the client runs them); others are billed per call.
 _TOKEN_ONLY_TOOLS = frozenset({"function", "custom"})
 _CLIENT_TOOL_PREFIXES = ("bash_", "text_editor_", "computer_")  # Anthropic tools the client runs
@@ -291,6 +293,14 @@ def _check_prompt(name: str, value: Any) -> int:
         if all(isinstance(v, list) and all(type(t) is int for t in v) for v in value):
             return max(len(value), 1)
     raise _bad(name, "a string, a list of strings, or token ids")
+
+
+def check_raw(kind: str, raw: bytes) -> None:
+    """What the raw body alone shows: Anthropic's one-hour prompt cache (``"ttl": "1h"`` in a
+    ``cache_control``) writes at twice the prompt price, above the cache-write price known."""
+    if kind == "messages" and b'"ttl"' in raw:
+        raise _refused("cache_control", "a cache 'ttl' other than the default 5 minutes is "
+                       "not priced here.")
 
 
 def read_shape(kind: str, body: Mapping[str, Any]) -> Shape:
@@ -361,6 +371,9 @@ def _billing_fields(kind: str, body: Mapping[str, Any]) -> None:
             raise _refused(name, "web search is billed per call, which is not priced here.")
     if body.get("audio") is not None:
         raise _refused("audio", "audio output is not priced here.")
+    if body.get("prediction") is not None:
+        raise _refused("prediction", "rejected predicted tokens are billed beyond the "
+                       "completion cap, which is not priced here.")
     modalities = body.get("modalities")
     if modalities is not None and (not isinstance(modalities, list)
                                    or any(m != "text" for m in modalities)):

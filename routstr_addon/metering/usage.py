@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,16 +154,29 @@ class SSETap:
     __slots__ = (
         "_buffer",
         "_drop_usage_chunk",
+        "_hold_done",
+        "_rewritten",
         "delivered",
         "done",
         "events",
+        "held_done",
+        "on_usage",
         "text_chars",
         "usage",
     )
 
-    def __init__(self, drop_usage_chunk: bool = False) -> None:
+    def __init__(self, drop_usage_chunk: bool = False, hold_done: bool = False,
+                 on_usage: Callable[[Usage, dict[str, Any]], None] | None = None) -> None:
         self._buffer = b""
         self._drop_usage_chunk = drop_usage_chunk
+        # ``data: [DONE]`` kept back (in ``held_done``) so that what follows the answer (its
+        # cost, a payer's change) can still go before it: OpenAI clients stop reading there.
+        self._hold_done = hold_done
+        self.held_done: bytes | None = None
+        # Called with the usage read and the ``usage`` object of the event that carried it, which
+        # it may change in place (to add the cost); the event is then sent re-serialised.
+        self.on_usage = on_usage
+        self._rewritten: bytes | None = None
         self.usage: Usage | None = None
         self.text_chars = 0
         self.events = 0
@@ -192,7 +206,10 @@ class SSETap:
         if rest.endswith(b"\r"):  # a line ending held back in case an LF followed
             rest = rest[:-1] + b"\n"
         if rest.strip():
-            self._events(rest + b"\n\n")
+            before = self.held_done
+            out = self._events(rest + b"\n\n")
+            if self.held_done is not before:  # the last event was [DONE]: held back
+                rest = out
         self.delivered += len(rest)
         return rest
 
@@ -204,6 +221,10 @@ class SSETap:
                 continue
             self.events += 1
             if self._read(event):
+                dropped = True
+            elif self._rewritten is not None:
+                kept.append(self._rewritten)
+                self._rewritten = None
                 dropped = True
             else:
                 kept.append(event)
@@ -219,6 +240,9 @@ class SSETap:
             return False
         if data == b"[DONE]":
             self.done = True
+            if self._hold_done:
+                self.held_done = event + b"\n\n"
+                return True
             return False
         # Most events are a few words of text: measure that text from the raw bytes, and
         # parse JSON only for the events that carry usage or end the answer.
@@ -244,6 +268,10 @@ class SSETap:
             elif kind in ("response.completed", "response.incomplete", "response.failed"):
                 self.done = True
                 self.usage = usage_from_json(obj) or self.usage
+                response = obj.get("response")
+                if self.on_usage is not None and self.usage is not None and \
+                        isinstance(response, dict) and isinstance(response.get("usage"), dict):
+                    self._rewrite(obj, response["usage"])
             return False
         choices = obj.get("choices")
         if choices:
@@ -252,8 +280,18 @@ class SSETap:
         if usage is not None:
             self.usage = usage
             # The usage-only chunk the proxy asked for on the client's behalf.
-            return self._drop_usage_chunk and not choices
+            if self._drop_usage_chunk and not choices:
+                return True
+            if self.on_usage is not None:
+                self._rewrite(obj, obj["usage"])
         return False
+
+    def _rewrite(self, obj: dict[str, Any], usage: dict[str, Any]) -> None:
+        """Let ``on_usage`` add to the event's usage, and keep the event re-serialised."""
+        assert self.on_usage is not None and self.usage is not None
+        self.on_usage(self.usage, usage)
+        self._rewritten = b"data: " + json.dumps(obj, ensure_ascii=False,
+                                                  separators=(",", ":")).encode()
 
     def _anthropic(self, obj: dict[str, Any], kind: str) -> None:
         """``message_start`` carries the prompt's usage; each ``message_delta`` the output

@@ -183,20 +183,37 @@ class Readiness:
         last = self._upstream_answered()
         return now - last if last is not None and now - last <= self.max_age else None
 
+    def _targets(self) -> list[tuple[str, Upstream | None, str]]:
+        """(name, where, key) of every provider; no UPSTREAM_BASE_URL: the reverse target."""
+        providers = getattr(self.config, "providers", ())
+        if providers:
+            return [(p.name, p.upstream or _reverse_target(), p.api_key) for p in providers]
+        return [("upstream", self.upstream or _reverse_target(), self.config.upstream_api_key)]
+
     async def _ask_upstream(self) -> bool:
-        """Any answer below 500 to ``GET {base}/models`` means the upstream is there."""
-        upstream = self.upstream or _reverse_target()
-        if upstream is None:
-            raise RuntimeError("no upstream configured")
+        """Any answer below 500 to ``GET {base}/models`` from any provider means requests can
+        be served (the failover takes them to one that answers)."""
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=PROBE_TIMEOUT)
-        headers = ({"authorization": f"Bearer {self.config.upstream_api_key}"}
-                   if self.config.upstream_api_key else {})
-        resp = await self._client.get(f"{upstream.origin}{upstream.base_path}/models",
-                                      headers=headers)
-        if resp.status_code >= 500:
-            raise RuntimeError(f"the upstream answered {resp.status_code}")
-        return True
+        client = self._client
+
+        async def ask(name: str, upstream: Upstream | None, key: str) -> None:
+            if upstream is None:
+                raise RuntimeError(f"{name}: no address")
+            headers = {"authorization": f"Bearer {key}"} if key else {}
+            try:
+                resp = await client.get(f"{upstream.origin}{upstream.base_path}/models",
+                                        headers=headers)
+            except httpx.HTTPError as e:
+                raise RuntimeError(f"{name}: {type(e).__name__}: {e}") from None
+            if resp.status_code >= 500:
+                raise RuntimeError(f"{name} answered {resp.status_code}")
+
+        results = await asyncio.gather(*(ask(*t) for t in self._targets()),
+                                       return_exceptions=True)
+        if any(r is None for r in results):
+            return True
+        raise RuntimeError("; ".join(str(r) for r in results)[:300])
 
     def _check_upstream(self, then: float, now: float) -> Check:
         last = self._upstream_answered()

@@ -29,10 +29,20 @@ from routstr_addon.ecash.tokens import (
     token_hash,
 )
 from routstr_addon.ecash.wallet import Redeemed, Wallet, WalletError
-from routstr_addon.errors import ApiError, invalid_api_key
-from routstr_addon.ledger import KEY_PREFIX, KeyState, Ledger, RefundRecord, Tx, hash_key
+from routstr_addon.errors import ApiError, PaymentRequired, invalid_api_key
+from routstr_addon.ledger import (
+    DATABASE_ERRORS,
+    KEY_PREFIX,
+    KeyState,
+    Ledger,
+    RefundRecord,
+    Tx,
+    hash_key,
+)
+from routstr_addon.netguard import refused
 from routstr_addon.payments.lightning import Invoices
 from routstr_addon.payments.lnurl import LnAddressError, check_refund_address
+from routstr_addon.payments.locked import LockedPayments
 
 __all__ = ["KeyTerms", "Payments", "XCashu", "XCashuPayer", "derived_key", "token_error"]
 
@@ -115,6 +125,7 @@ class XCashu:
     change: str | None = None
     change_msat: int = 0
     closed: bool = False
+    offline: bool = False  # a locked token, accepted offline: change comes from the pool
 
 
 @dataclass(slots=True)
@@ -125,6 +136,7 @@ class XCashuPayer:
     payments: Payments
     payment: XCashu
     request_id: str
+    available_msat: int | None = None  # already reserved with the payment (locked tokens)
 
     @property
     def key_hash(self) -> str:
@@ -133,12 +145,16 @@ class XCashuPayer:
     def change(self) -> str | None:
         return self.payments.close_xcashu(self.payment, self.request_id).change
 
+    def early_change(self, reserved_msat: int) -> str | None:
+        return self.payments.early_change(self.payment, self.request_id, reserved_msat)
+
 
 class Payments:
     def __init__(self, ledger: Ledger, wallet: Wallet, invoices: Invoices | None = None,
-                 swap_untrusted: bool = False) -> None:
+                 swap_untrusted: bool = False, locked: LockedPayments | None = None) -> None:
         self.ledger = ledger
         self.wallet = wallet
+        self.locked = locked  # None: every x-cashu token is swapped on the request path
         self.invoices = invoices
         self.swap_untrusted = swap_untrusted and invoices is not None
         self._first_use: dict[str, asyncio.Future[None]] = {}
@@ -153,8 +169,9 @@ class Payments:
         except MintUnreachable as e:
             raise mint_down(e) from None
         except (MintError, WalletError) as e:
-            raise ApiError(502, f"The mint could not redeem the token: {e}",
-                           type="upstream_error", code="mint_error") from None
+            raise ApiError(502, f"The mint could not redeem the token ({e}); it was not spent "
+                           "and is still yours.", type="upstream_error", code="mint_error",
+                           headers={"retry-after": RETRY_AFTER}) from None
 
     def _stored_or_returned(self, redeemed: Redeemed, write: Any) -> None:
         """Run ``write`` (the ledger transaction recording a redeem); if it fails, the new proofs
@@ -289,6 +306,10 @@ class Payments:
         try:
             await stranger.ensure_loaded()
         except MintUnreachable as e:
+            if refused(e):  # the token names a mint on a private network, or plain http
+                raise ApiError(400, f"Tokens of {token.mint} cannot be taken: this proxy only "
+                               "reaches other mints over https at public addresses (or .onion).",
+                               code="untrusted_mint", param="token") from None
             raise mint_down(e) from None
         for p in token.proofs:
             keyset = stranger.resolve(p.id)
@@ -466,6 +487,23 @@ class Payments:
                 change, change_msat = made["token"], made["msats"]
                 with self.ledger.transaction() as tx:
                     self.ledger.payments.set_change(tx, hashed, change, change_msat)
+        # A locked payment whose change the pool could not wholly cover: the rest is on its
+        # key, paid out now as a refund (and the same refund when asked again).
+        rest = None
+        state = self.ledger.key(key_hash)
+        if state is not None and not state.reserved_msat:
+            if state.available_msat >= UNIT_MSAT[unit] and change is not None:
+                rest = await self.refund(key_hash)
+            elif (last := self._last_refund(key_hash)) is not None and change is not None:
+                rest = await self._finish_refund(last)
+        if rest is not None and rest["token"] == change:  # the change itself was a refund
+            rest = None
+        parts = [t for t in (row.early_change, change, rest and rest["token"]) if t]
+        if len(parts) > 1:  # a stream's change in two parts, or a rest: all, as one token
+            merged = serialize_token(mint, unit, [p for t in parts for p in parse_token(t).proofs])
+            return {"token": merged, "msats": int(change_msat) + row.early_change_msat
+                    + (rest["msats"] if rest else 0), "unit": unit, "mint": mint,
+                    "rest": change, "early": row.early_change}
         return {"token": change, "msats": int(change_msat), "unit": unit, "mint": mint}
 
     # -- x-cashu -------------------------------------------------------------------------------
@@ -482,7 +520,8 @@ class Payments:
             amount += -(-(ppk * max(1, amount.bit_length())) // 1000)
         return amount, unit
 
-    async def open_xcashu(self, text: str, request_id: str, required_msat: int) -> XCashuPayer:
+    async def open_xcashu(self, text: str, request_id: str, required_msat: int,
+                          model: str | None = None) -> XCashuPayer:
         """Redeem an x-cashu token, worth at least ``required_msat``, into a key of its own
         (the meter then reserves the request on it, as on any key). Returns the payer that
         gives the change back once the request is settled."""
@@ -490,11 +529,13 @@ class Payments:
         if self.seen(token):
             raise ApiError(400, "This token has already been spent.", code="token_already_spent",
                            param="x-cashu")
+        if self.locked is not None and self.locked.takes(token):
+            return self._open_locked(token, request_id, required_msat, model)
         try:
             mint = await self.wallet.prepare(token)
         except TokenError as e:
             if e.code in ("untrusted_mint", "unsupported_unit"):
-                raise self.payment_required(required_msat, str(e)) from None
+                raise self.payment_required(required_msat, str(e), model) from None
             raise token_error(e) from None
         except MintUnreachable as e:
             raise mint_down(e) from None
@@ -503,7 +544,7 @@ class Payments:
         if net_msat < required_msat:
             raise self.payment_required(
                 required_msat, f"The token is worth {sats(net_msat)} sats after the mint's "
-                f"fee; this request needs up to {sats(required_msat)} sats.")
+                f"fee; this request needs up to {sats(required_msat)} sats.", model)
         redeemed = await self._redeem(token, keep_variable=-(-required_msat // per_unit))
         key_hash = hash_key(f"xcashu:{request_id}:{token.hash}")
         payment = XCashu(token.hash, key_hash, redeemed.mint, redeemed.unit, redeemed.msat)
@@ -520,18 +561,91 @@ class Payments:
         self._stored_or_returned(redeemed, write)
         return XCashuPayer(self, payment, request_id)
 
-    def payment_required(self, required_msat: int, message: str) -> ApiError:
+    def _open_locked(self, token: IncomingToken, request_id: str, required_msat: int,
+                     model: str | None) -> XCashuPayer:
+        """A token locked to the payment key: checked offline, stored with the request's
+        reservation in one transaction. No mint call."""
+        assert self.locked is not None
+        try:
+            verified = self.locked.verify(token)
+        except TokenError as e:
+            if e.code in ("untrusted_mint", "wrong_unit", "unknown_keyset"):
+                raise self.payment_required(required_msat, str(e), model) from None
+            raise ApiError(400, str(e), code=e.code, param="x-cashu") from None
+        try:
+            accepted = self.locked.accept(token, verified, request_id, required_msat, model)
+        except DATABASE_ERRORS as e:
+            if self.locked.replayed(verified):
+                raise ApiError(400, "This token has already been spent.",
+                               code="token_already_spent", param="x-cashu") from None
+            logger.error("request %s: recording a locked payment failed: %s", request_id, e)
+            raise ApiError(503, "The payment could not be recorded; your token was not taken "
+                           "and is still yours. Try again shortly.", type="service_unavailable",
+                           code="ledger_unavailable", headers={"retry-after": RETRY_AFTER}) \
+                from None
+        if accepted is None:
+            net = verified.net * UNIT_MSAT[verified.unit]
+            raise self.payment_required(
+                required_msat, f"The token is worth {sats(net)} sats after the mint's fee; "
+                f"this request needs up to {sats(required_msat)} sats.", model)
+        payment = XCashu(token.hash, accepted.key_hash, verified.mint, verified.unit,
+                         accepted.msat, offline=True)
+        return XCashuPayer(self, payment, request_id, accepted.available_msat)
+
+    def payment_required(self, required_msat: int, message: str,
+                         model: str | None = None) -> ApiError:
         """402 with a NUT-18 payment request for what this request needs."""
-        from cashu.core.base import PaymentRequest
+        from cashu.core.base import NUT10Option, PaymentRequest
         from cashu.core.nuts.nut18 import serialize
 
         amount, unit = self.requirement(required_msat)
+        lock = None
+        if self.locked is not None and self.locked.offered:  # pay offline: lock it to us
+            lock = NUT10Option(k="P2PK", d=self.locked.key.public_hex)
         request = PaymentRequest(a=amount, u=unit, m=list(self.wallet.mints), s=True,
-                                 d="Routstr request payment")
-        return ApiError(402, f"{message} Pay at least {amount} {unit} from "
-                        f"{', '.join(self.wallet.mints)} in an X-Cashu header.",
-                        type="insufficient_quota", code="payment_required",
-                        headers={"x-cashu": serialize(request)})
+                                 d="Routstr request payment", nut10=lock)
+        return PaymentRequired(f"{message} Pay at least {amount} {unit} from "
+                               f"{', '.join(self.wallet.mints)} in an X-Cashu header.",
+                               serialize(request), required_msat, model)
+
+    def early_change(self, payment: XCashu, request_id: str, reserved_msat: int) -> str | None:
+        """A stream's change known at its start: the payment less the reserved maximum
+        (floored to the unit), cut now from the proofs the swap shaped, for the ``X-Cashu``
+        response header; the rest follows when the stream is settled. No mint call."""
+        per_unit = UNIT_MSAT[payment.unit]
+        with self.ledger.transaction() as tx:
+            state = self.ledger.key(payment.key_hash)
+            if state is None or payment.closed:
+                return None
+            units = (state.balance_msat - reserved_msat) // per_unit
+            if units <= 0:
+                return None
+            if payment.offline:
+                token, units = self._from_pool(tx, request_id, payment, units)
+                if token is None:
+                    return None
+            else:
+                token = self.wallet.cut_part_in(tx, request_id, payment.mint, payment.unit,
+                                                units)
+            if self.ledger.debit_in(tx, payment.key_hash, units * per_unit,
+                                    "x-cashu change at the stream's start", request_id,
+                                    kind="change") is None:
+                raise WalletError("the payment's key cannot pay the change")
+            self.ledger.payments.set_early_change(tx, payment.token_hash, token,
+                                                  units * per_unit)
+        return token
+
+    def _from_pool(self, tx: Tx, request_id: str, payment: XCashu,
+                   units: int) -> tuple[str | None, int]:
+        """Change for a locked payment, cut from the change pool inside ``tx``."""
+        assert self.locked is not None
+        token, cut = self.locked.cut_change_in(tx, request_id, payment.mint, payment.unit,
+                                               units)
+        if cut < units:
+            logger.warning("request %s: the change pool lacked %d of %d %s; the rest stays "
+                           "claimable (POST /v1/balance/refund with the same X-Cashu)",
+                           request_id, units - cut, units, payment.unit)
+        return token, cut
 
     def close_xcashu(self, payment: XCashu, request_id: str) -> XCashu:
         """After the request is settled or released: what is left on its key goes back as
@@ -546,12 +660,15 @@ class Payments:
             if state.reserved_msat:
                 raise RuntimeError("close_xcashu before the request was settled")
             change_units = state.available_msat // per_unit
-            change = self.wallet.cut_in(tx, request_id, payment.mint, payment.unit,
-                                        change_units)
+            if payment.offline:  # from the pool; what it cannot cover stays on the key
+                change, change_units = self._from_pool(tx, request_id, payment, change_units)
+            else:
+                change = self.wallet.cut_in(tx, request_id, payment.mint, payment.unit,
+                                            change_units)
             if change_units:
                 self.ledger.debit_in(tx, payment.key_hash, change_units * per_unit,
                                      "x-cashu change", request_id, kind="change")
-            rounding = state.available_msat - change_units * per_unit
+            rounding = state.available_msat % per_unit
             if rounding:
                 self.ledger.debit_in(tx, payment.key_hash, rounding, "rounding to the unit",
                                      request_id, kind="charge")

@@ -23,6 +23,7 @@ from routstr_addon.ecash.tokens import UNIT_MSAT, amounts_for, nutshell
 from routstr_addon.ecash.wallet import MintWallet, Wallet
 from routstr_addon.errors import ApiError
 from routstr_addon.ledger import KEY_PREFIX, InvoiceRecord, Ledger, hash_key
+from routstr_addon.ledger.coreimport import core_invoice_key
 
 __all__ = ["Invoices"]
 
@@ -34,6 +35,20 @@ MAX_INVOICE_SATS = 10_000_000
 def invoice_key(invoice_id: str) -> str:
     """The key a ``create`` invoice funds, derived from the invoice id its creator holds."""
     return KEY_PREFIX + hashlib.sha256(f"lightning-invoice:{invoice_id}".encode()).hexdigest()
+
+
+# Our states as routstr-core's clients poll them (``status == "paid"``).
+_STATUS = {"unpaid": "pending", "minting": "pending", "credited": "paid", "expired": "expired"}
+
+
+def payment_hash(bolt11_text: str) -> str | None:
+    """The payment hash a bolt11 invoice carries (what wallets show), or None if unreadable."""
+    import bolt11
+
+    try:
+        return str(bolt11.decode(bolt11_text).payment_hash)
+    except Exception:
+        return None
 
 
 def _id_hash(invoice_id: str) -> str:
@@ -74,7 +89,9 @@ class Invoices:
         self.ledger.invoices.add(_id_hash(invoice_id), quote["quote"], mint.url, amount_sats,
                                  quote["request"], purpose, key_hash, expires_at)
         return {"invoice_id": invoice_id, "bolt11": quote["request"], "amount_sats": amount_sats,
-                "purpose": purpose, "expires_at": expires_at, "state": "unpaid"}
+                "purpose": purpose, "expires_at": None if expires_at is None else int(expires_at),
+                "state": "unpaid", "status": "pending",
+                "payment_hash": payment_hash(quote["request"]) or quote["quote"]}
 
     async def _quote(self, amount_sats: int) -> tuple[MintWallet, dict[str, Any]]:
         """A mint quote from the primary mint or, while it is down, busy or rate-limited,
@@ -107,21 +124,55 @@ class Invoices:
         row = self._row(_id_hash(invoice_id))
         if row is None:
             raise ApiError(404, "No such invoice.", code="invoice_not_found")
+        row = await self._checked(row)
+        answer = self._describe(row)
+        if row.state == "credited" and row.purpose == "create":
+            key = self._created_key(invoice_id, row)
+            state = self.ledger.key(row.key_hash)
+            answer["api_key"] = key
+            answer["balance"] = state.balance_msat if state else 0
+        return answer
+
+    async def recover(self, bolt11_text: str) -> dict[str, Any]:
+        """routstr-core's ``lightning/recover``: how the invoice of this bolt11 stands, settling
+        it if it was paid and nobody noticed. The new key of a ``create`` invoice is shown only
+        to the holder of its invoice id (the status URL): a bolt11 is known to whoever pays."""
+        row = self.ledger.invoices.by_bolt11(bolt11_text.strip())
+        if row is None:
+            raise ApiError(404, "No such invoice.", code="invoice_not_found")
+        return self._describe(await self._checked(row))
+
+    async def _checked(self, row: InvoiceRecord) -> InvoiceRecord:
         if row.state in ("unpaid", "minting"):
             try:
-                row = await self.settle(row) or row
+                return await self.settle(row) or row
             except (MintUnreachable, MintError) as e:
                 logger.warning("invoice check: %s", e)
-        answer: dict[str, Any] = {"state": row.state, "amount_sats": row.amount,
-                                  "purpose": row.purpose}
+        return row
+
+    @staticmethod
+    def _describe(row: InvoiceRecord) -> dict[str, Any]:
+        """Both vocabularies: ours (``state``) and routstr-core's (``status``, ``paid_at``,
+        ``payment_hash``, whole seconds)."""
+        answer: dict[str, Any] = {
+            "state": row.state, "status": _STATUS.get(row.state, row.state),
+            "amount_sats": row.amount, "purpose": row.purpose,
+            "payment_hash": payment_hash(row.bolt11) or row.quote,
+            "created_at": int(row.created_at),
+            "expires_at": None if row.expires_at is None else int(row.expires_at),
+            "paid_at": None if row.paid_at is None else int(row.paid_at),
+        }
         if row.state == "credited":
             answer["msats"] = row.amount * UNIT_MSAT[row.unit]
-            if row.purpose == "create":
-                key = invoice_key(invoice_id)
-                state = self.ledger.key(hash_key(key))
-                answer["api_key"] = key
-                answer["balance"] = state.balance_msat if state else 0
         return answer
+
+    @staticmethod
+    def _created_key(invoice_id: str, row: InvoiceRecord) -> str | None:
+        """The key a paid ``create`` invoice made: ours, or routstr-core's for one it made."""
+        for key in (invoice_key(invoice_id), core_invoice_key(invoice_id, row.quote)):
+            if hash_key(key) == row.key_hash:
+                return key
+        return None
 
     async def settle(self, row: InvoiceRecord) -> InvoiceRecord | None:
         """Mint and credit a paid invoice (once); the updated row, or None if not paid yet."""

@@ -25,14 +25,17 @@ class LnAddressError(Exception):
 
 
 def _plain_http_allowed(host: str) -> bool:
-    """LUD-16 says https; loopback and .onion hosts are reached over plain http."""
+    """LUD-16 says https; .onion hosts, and loopback or private-network addresses, are reached
+    over plain http (for users' addresses, only with ALLOW_PRIVATE_LN_ADDRESSES: the client's
+    guard refuses both plain http and those addresses otherwise)."""
     name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
     if name.endswith(".onion") or name == "localhost":
         return True
     try:
-        return ipaddress.ip_address(name.strip("[]")).is_loopback
+        address = ipaddress.ip_address(name.strip("[]"))
     except ValueError:
         return False
+    return address.is_loopback or address.is_private
 
 
 def well_known_url(address: str) -> str:

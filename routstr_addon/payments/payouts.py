@@ -25,9 +25,9 @@ from routstr_addon.ecash.mint import MintError, MintUnreachable
 from routstr_addon.ecash.tokens import UNIT_MSAT
 from routstr_addon.ecash.wallet import Melted, Wallet, WalletError
 from routstr_addon.ledger import Books, Ledger, PayoutRecord
+from routstr_addon.netguard import NetPolicy
 from routstr_addon.payments.cashu import Payments
 from routstr_addon.payments.lnurl import LnAddressError, invoice_for
-from routstr_addon.payments.netguard import NetPolicy
 from routstr_addon.settings import Config
 
 __all__ = ["Payouts"]

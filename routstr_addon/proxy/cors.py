@@ -22,6 +22,12 @@ EXPOSED = ("x-cashu", "retry-after", "x-routstr-request-id", "x-routstr-cost-msa
 MAX_AGE = "600"
 
 
+_KEY = "routstr.cors"  # flow.metadata: the Allow-Origin value this request earned
+_EXPOSED = ", ".join(EXPOSED).encode()
+_ALLOW_ORIGIN = b"access-control-allow-origin"
+_EXPOSE = b"access-control-expose-headers"
+
+
 class Cors:
     def __init__(self, origins: tuple[str, ...]) -> None:
         self.any = "*" in origins
@@ -36,13 +42,24 @@ class Cors:
         return origin if origin.rstrip("/").lower() in self.origins else None
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        """Answer a preflight at once, before any other addon's request hook asks for a key:
-        it carries none and must never be forwarded."""
+        """Note whether the request's origin is allowed (one pass over the raw header fields:
+        most requests have none, and that must cost next to nothing), and answer a preflight
+        at once, before any other addon's request hook asks for a key: it carries none and
+        must never be forwarded."""
         req = flow.request
-        if req.method != "OPTIONS" or flow.response is not None or "origin" not in req.headers:
+        origin = None
+        for name, value in req.headers.fields:
+            if len(name) == 6 and name.lower() == b"origin":
+                origin = value.decode("latin-1")
+                break
+        if origin is None:
+            return
+        allowed = self.allowed_origin(origin, req.path)
+        if allowed is not None:
+            flow.metadata[_KEY] = allowed
+        if req.method != "OPTIONS" or flow.response is not None:
             return
         response = http.Response.make(204)
-        allowed = self.allowed_origin(req.headers.get("origin"), req.path)
         if allowed is not None:
             response.headers["access-control-allow-origin"] = allowed
             response.headers["access-control-allow-methods"] = ALLOWED_METHODS
@@ -62,16 +79,20 @@ class Cors:
         self._mark(flow)
 
     def _mark(self, flow: http.HTTPFlow) -> None:
+        allowed = flow.metadata.get(_KEY)
         response = flow.response
-        if response is None or "origin" not in flow.request.headers:
+        if allowed is None or response is None:
             return
-        allowed = self.allowed_origin(flow.request.headers.get("origin"), flow.request.path)
-        if allowed is None:
-            return
-        headers = response.headers
-        headers["access-control-allow-origin"] = allowed
+        fields = response.headers.fields
+        if any(name.lower() == _ALLOW_ORIGIN for name, _ in fields):
+            return  # marked already (or a preflight's own answer)
+        extra = sorted({name.lower() for name, _ in fields
+                        if name.lower().startswith(b"x-routstr-")} - _EXPOSED_SET)
+        added = [(_ALLOW_ORIGIN, allowed.encode()),
+                 (_EXPOSE, b", ".join((_EXPOSED, *extra)) if extra else _EXPOSED)]
         if allowed != "*":
-            headers["vary"] = "Origin"
-        extra = sorted({name.lower() for name in headers
-                        if name.lower().startswith("x-routstr-")} - set(EXPOSED))
-        headers["access-control-expose-headers"] = ", ".join((*EXPOSED, *extra))
+            added.append((b"vary", b"Origin"))
+        response.headers.fields = (*fields, *added)
+
+
+_EXPOSED_SET = frozenset(name.encode() for name in EXPOSED)

@@ -17,12 +17,14 @@ from mitmproxy import ctx, http
 
 from routstr_addon.errors import ApiError, no_ecash
 from routstr_addon.ledger import DATABASE_ERRORS
+from routstr_addon.metering.costs import add_cost_to_answer
 from routstr_addon.metering.meter import Meter, Paid, bearer_token
 from routstr_addon.metering.stream import MeteredStream
 from routstr_addon.metering.surface import ResponseDecoder
 from routstr_addon.payments.cashu import Payments
 from routstr_addon.proxy import webview
 from routstr_addon.proxy.failclosed import answer_error, decide_later
+from routstr_addon.proxy.route import Route
 from routstr_addon.runtime import Runtime
 
 __all__ = ["STATE", "PaidForward"]
@@ -47,13 +49,9 @@ class PaidForward:
         config = runtime.config
         self.meter: Meter = runtime.meter
         self.payments: Payments | None = runtime.payments  # None: no mints, no ecash
-        self.upstream = config.upstream
         self.upstream_timeout = config.upstream_timeout
+        self.route: Route = runtime.route  # which provider(s), its key, the model's name there
         self.seen = runtime.seen
-        # Off go the client's key or token; on goes the operator's upstream key.
-        self.upstream_auth: tuple[tuple[bytes, bytes], ...] = (
-            ((b"authorization", f"Bearer {config.upstream_api_key}".encode()),)
-            if config.upstream_api_key else ())
 
     # -- the request -----------------------------------------------------------------------
 
@@ -122,7 +120,12 @@ class PaidForward:
             raise no_ecash()
         quote = self.meter.quote(endpoint, flow.request.raw_content or b"", body_bound=False,
                                  content_encoding=coding)
-        payer = await self.payments.open_xcashu(token, flow.id, quote.amount_msat)
+        payer = await self.payments.open_xcashu(token, flow.id, quote.amount_msat,
+                                                quote.model_name)
+        if payer.available_msat is not None:  # reserved with its payment (a locked token)
+            self._forward(flow, self.meter.reserved(quote, flow.id, payer.key_hash,
+                                                    payer.available_msat, payer))
+            return
         try:
             paid = self.meter.reserve(quote, flow.id, payer.key_hash, payer)
         except DATABASE_ERRORS as e:
@@ -138,24 +141,17 @@ class PaidForward:
         query), the re-serialised body, the operator's key, identity encoding."""
         flow.metadata[STATE] = paid
         req = flow.request
-        body = paid.upstream_body
+        body = self.route.body(paid)  # the model named as its (first) provider names it
         if body is not None:
             req.headers.fields = (*(field for field in req.headers.fields
                                     if field[0].lower() not in _NOT_FORWARDED_JSON),
-                                  *self.upstream_auth, *_IDENTITY, _JSON,
-                                  (b"content-length", b"%d" % len(body)))
+                                  *_IDENTITY, _JSON, (b"content-length", b"%d" % len(body)))
             req.raw_content = body
         else:  # a fixed-price endpoint: its body as the client sent it
             req.headers.fields = (*(field for field in req.headers.fields
                                     if field[0].lower() not in _NOT_FORWARDED),
-                                  *self.upstream_auth, *_IDENTITY)
-        upstream = self.upstream
-        if upstream is not None:
-            if req.host != upstream.host or req.port != upstream.port:
-                req.scheme, req.host, req.port = upstream.scheme, upstream.host, upstream.port
-            req.path = f"{upstream.base_path}/{paid.path}"
-        else:
-            req.path = f"/v1/{paid.path}"
+                                  *_IDENTITY)
+        self.route.aim(flow, paid)  # its provider: address, path, key (or the failover hop)
         if self.upstream_timeout:
             paid.timer = asyncio.get_running_loop().call_later(
                 self.upstream_timeout, _upstream_silent, flow)
@@ -175,6 +171,7 @@ class PaidForward:
             return
         if paid.timer is not None:
             paid.timer.cancel()
+        self.route.answered(flow, paid)
         if resp.status_code < 500:
             self.seen.upstream_at = resp.timestamp_start
         fields = resp.headers.fields
@@ -185,6 +182,8 @@ class PaidForward:
             return  # buffered: settled in `response`
         resp.headers["x-routstr-reserved-msats"] = str(paid.reserved_msat)
         resp.headers.pop("content-length", None)  # we may drop the usage chunk
+        if paid.payer is not None:
+            _early_change(resp, paid)
         decoder = _decoder(resp)
         resp.stream = stream_adapter(MeteredStream(self.meter, paid), decoder)
 
@@ -199,9 +198,7 @@ class PaidForward:
             done = self.meter.finish(paid, resp.status_code, _content(resp))
             if paid.tap is None:
                 if done is not None:
-                    resp.headers.fields += (
-                        (b"x-routstr-cost-msats", b"%d" % done.charged_msat),
-                        (b"x-routstr-balance-msats", b"%d" % done.available_msat))
+                    _add_cost(resp, paid, done.charged_msat, done.available_msat)
                 if paid.change:
                     resp.headers["x-cashu"] = paid.change
                     if resp.status_code >= 400:
@@ -214,6 +211,7 @@ class PaidForward:
             return
         if paid.timer is not None:
             paid.timer.cancel()
+        self.route.failed(flow, paid)
         reason = flow.error.msg if flow.error else "flow failed"
         # The client hung up on a request the upstream has (it is working, and billing):
         # not free. The upstream failing, or never reached, is.
@@ -280,6 +278,38 @@ def _content(resp: http.Response) -> bytes:
     """A buffered answer's body as plain bytes (b"" for a stream, whose body went by)."""
     encoded = any(name.lower() == b"content-encoding" for name, _ in resp.headers.fields)
     return (resp.get_content(strict=False) if encoded else resp.raw_content) or b""
+
+
+def _early_change(resp: http.Response, paid: Paid) -> None:
+    """An x-cashu stream: the change known already (the token less the reserved maximum) in
+    the ``X-Cashu`` header at once, for clients that read only headers; the rest follows in
+    the stream's closing comment."""
+    assert paid.payer is not None
+    try:
+        early = paid.payer.early_change(paid.reserved_msat)
+    except Exception:
+        logger.exception("request %s: cutting the early change failed; it comes with the rest",
+                         paid.request_id)
+        return
+    if early:
+        resp.headers["x-cashu"] = early
+
+
+def _add_cost(resp: http.Response, paid: Paid, charged_msat: int, available_msat: int) -> None:
+    """A buffered answer's cost where Routstr clients read it: the cost headers and, in a
+    JSON answer with usage, ``usage.cost`` and ``cost_sats``."""
+    report = paid.report
+    if report is None:  # released: nothing charged
+        resp.headers.fields += ((b"x-routstr-cost-msats", b"%d" % charged_msat),
+                                (b"x-routstr-balance-msats", b"%d" % available_msat))
+        return
+    resp.headers.fields += (*report.headers(),
+                            (b"x-routstr-balance-msats", b"%d" % available_msat))
+    if resp.status_code < 400 and paid.answer is not None:
+        body = add_cost_to_answer(paid.answer, report)
+        if body is not None:
+            resp.set_content(body)
+    paid.answer = None
 
 
 def _add_to_error(resp: http.Response, name: str, value: str) -> None:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from routstr_addon.observe.metrics import Metrics
     from routstr_addon.observe.readiness import Readiness
     from routstr_addon.payments.payouts import Payouts
+    from routstr_addon.upstreams.health import Health
     from routstr_addon.web.adminshared import SharedLoginLimiter, SharedSessions
 
 __all__ = ["AdminState", "Handler", "Peer", "Services"]
@@ -65,6 +66,7 @@ class Services:
     metrics: Metrics | None = None  # /metrics (None: metrics are off)
     invoice_limit: RateLimit = field(default_factory=RateLimit)  # invoices per client address
     payouts: Payouts | None = None  # refunds to a key's refund address
+    health: Health | None = None  # the upstream providers' breakers (set by the runtime)
 
 
 @dataclass(frozen=True, slots=True)

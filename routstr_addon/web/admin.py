@@ -31,7 +31,7 @@ from routstr_addon.amounts import sats
 from routstr_addon.ecash.mint import MintError, MintUnreachable
 from routstr_addon.ecash.tokens import UNIT_MSAT
 from routstr_addon.ecash.wallet import WalletError
-from routstr_addon.ledger import KINDS, is_hex_prefix
+from routstr_addon.ledger import KINDS, Limits, is_hex_prefix, parse_period
 from routstr_addon.web import Handler, Peer, Services
 from routstr_addon.web.auth import Session, password_matches, password_tag
 from routstr_addon.web.chart import Bar, bar_chart
@@ -73,6 +73,7 @@ _env = Environment(loader=FileSystemLoader(_PACKAGE / "templates" / "admin"),
                    trim_blocks=True, lstrip_blocks=True)
 _env.filters["sats"] = sats
 _env.filters["when"] = when
+_env.filters["limits"] = lambda limits: describe_limits(limits)
 
 
 def _response(status: int, body: bytes, content_type: str = "text/html; charset=utf-8",
@@ -240,6 +241,24 @@ def _payouts(services: Services, query: dict[str, str], session: Session) -> htt
                    link=lambda n: f"/admin/payouts?page={n}")
 
 
+def _providers(services: Services, query: dict[str, str], session: Session) -> http.Response:
+    """The upstream providers: where each is, its breaker, latency, error rate, models."""
+    health = {f["name"]: f for f in services.health.facts()} if services.health else {}
+    offered: dict[str, int] = {}
+    serving: dict[str, int] = {}
+    for offers in services.pricing.offers.values():
+        for o in offers:
+            offered[o.provider] = offered.get(o.provider, 0) + 1
+        serving[offers[0].provider] = serving.get(offers[0].provider, 0) + 1
+    rows = [{"name": p.name, "url": p.base_url or "(the reverse mode's target)",
+             "fee": p.fee if p.fee is not None else services.config.upstream_provider_fee,
+             "priority": p.priority, "models": offered.get(p.name, 0),
+             "serving": serving.get(p.name, 0), **health.get(p.name, {})}
+            for p in services.config.providers]
+    return _render(services, "providers.html", session=session, title="Providers",
+                   active="providers", rows=rows)
+
+
 View = Callable[[Services, dict[str, str], Session], http.Response]
 _VIEWS: dict[str, View] = {
     "/admin": _overview,
@@ -247,6 +266,7 @@ _VIEWS: dict[str, View] = {
     "/admin/keys": _keys,
     "/admin/ledger": _journal,
     "/admin/payouts": _payouts,
+    "/admin/providers": _providers,
 }
 
 
@@ -357,6 +377,63 @@ def _set_disabled(disabled: bool) -> Action:
     return action
 
 
+def _limits(form: dict[str, str]) -> Limits:
+    """Limits as the form states them (an empty field: no such limit); ValueError if not."""
+    def whole(name: str, scale: int = 1) -> int | None:
+        text = form.get(name, "").strip()
+        if not text:
+            return None
+        value = int(text)
+        if value < 1:
+            raise ValueError(name)
+        return value * scale
+
+    models = tuple(m.strip() for m in form.get("models", "").split(",") if m.strip())
+    return Limits(rpm=whole("rpm"), concurrent=whole("concurrent"), models=models or None,
+                  budget_msat=whole("budget_sats", 1000),
+                  period=parse_period(form.get("period", "").strip() or None))
+
+
+def _set_limits(services: Services, form: dict[str, str], session: Session,
+                session_id: str) -> http.Response:
+    """Replace a key's limits (named by its id or the start of it)."""
+    ref = form.get("key_id", "").strip().lower()
+    found = services.ledger.find_keys(ref) if is_hex_prefix(ref) and len(ref) >= 8 else []
+    try:
+        limits = _limits(form)
+    except ValueError:
+        session.flash.append(("error", "Give limits as whole numbers (1 or more) and the "
+                                       "period as daily, weekly, monthly, or 1d, 12h, 3600."))
+        return _redirect("/admin/keys")
+    if len(found) != 1:
+        session.flash.append(("error", "Name one key by its id (at least 8 hex digits)."))
+        return _redirect("/admin/keys")
+    state = services.ledger.set_limits(found[0].key_hash, limits)
+    if state is None:
+        session.flash.append(("error", "No such key."))
+        return _redirect("/admin/keys")
+    logger.info("admin: key %s… limits set: %s", state.key_hash[:12], limits.describe())
+    session.flash.append(("ok", f"Key {state.key_hash[:16]}: "
+                                f"{describe_limits(limits) or 'no limits'}."))
+    return _redirect("/admin/keys?" + urlencode({"q": state.key_hash[:16]}))
+
+
+def describe_limits(limits: Limits) -> str:
+    """One line for people: ``30 rpm, 2 at once, models a b, 500 sats per 86400``."""
+    parts = []
+    if limits.rpm:
+        parts.append(f"{limits.rpm} rpm")
+    if limits.concurrent:
+        parts.append(f"{limits.concurrent} at once")
+    if limits.models:
+        parts.append("models " + " ".join(limits.models))
+    if limits.budget_msat is not None:
+        period = {"daily": "day", "weekly": "week", "monthly": "month"}.get(
+            limits.period or "", f"{limits.period} s" if limits.period else "reset by hand")
+        parts.append(f"{sats(limits.budget_msat)} sats per {period}")
+    return ", ".join(parts)
+
+
 def _withdraw(services: Services, form: dict[str, str], session: Session,
               session_id: str) -> http.Response | Awaitable[http.Response]:
     wallet = services.wallet
@@ -424,6 +501,7 @@ _ACTIONS: dict[str, Action] = {
     "/admin/keys/create": _create_key,
     "/admin/keys/disable": _set_disabled(True),
     "/admin/keys/enable": _set_disabled(False),
+    "/admin/keys/limits": _set_limits,
     "/admin/withdraw": _withdraw,
 }
 

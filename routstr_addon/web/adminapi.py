@@ -207,14 +207,17 @@ def _balances(services: Services, request: http.Request, parts: list[str]) -> ht
 
 
 def _upstreams(services: Services, request: http.Request, parts: list[str]) -> http.Response:
-    config = services.config
-    upstream = config.upstream
+    """The providers as configured (PROVIDERS_PATH or UPSTREAM_BASE_URL), keys redacted, with
+    each one's breaker (``upstreams.health``)."""
+    health = ({f["name"]: f for f in services.health.facts()}
+              if services.health is not None else {})
     return json_response(200, {"upstreams": [{
-        "id": "default", "enabled": True,
-        "base_url": upstream.origin + upstream.base_path if upstream else None,
-        "api_key": "<redacted>" if config.upstream_api_key else "",
-        "timeout_s": config.upstream_timeout,
-    }]})
+        "id": p.name, "enabled": True, "type": p.type, "priority": p.priority,
+        "base_url": p.upstream.origin + p.upstream.base_path if p.upstream else None,
+        "api_key": "<redacted>" if p.api_key else "",
+        "models": [m.id for m in p.models] if p.models else None,
+        "health": health.get(p.name),
+    } for p in services.config.providers]})
 
 
 def _models(services: Services, request: http.Request, parts: list[str]) -> http.Response:

@@ -41,18 +41,58 @@ async def _key(services: Services, request: http.Request) -> tuple[str, KeyState
     return key, state
 
 
-def _describe(key: str, state: KeyState) -> dict[str, Any]:
+def payer_of(services: Services, state: KeyState) -> KeyState:
+    """The key whose balance ``state`` spends: its parent for a child key, else itself."""
+    if state.parent_key_hash is None:
+        return state
+    parent = services.ledger.key(state.parent_key_hash)
+    return parent if parent is not None else state
+
+
+def _describe(key: str, state: KeyState, payer: KeyState | None = None) -> dict[str, Any]:
+    """Ours and routstr-core's fields: a child shows its parent's balance (what it spends)
+    and its own totals and limits."""
+    payer = payer or state
+    expiry = int(state.expires_at) if state.expires_at is not None else None
+    limits = state.limits
     return {
         "api_key": key,
-        "balance": state.balance_msat,
-        "reserved": state.reserved_msat,
-        "available": state.available_msat,
+        "balance": payer.balance_msat,
+        "reserved": payer.reserved_msat,
+        "available": payer.available_msat,
         "total_spent": state.total_spent_msat,
         "total_requests": state.total_requests,
-        "expiry_time": int(state.expires_at) if state.expires_at is not None else None,
+        "expiry_time": expiry,
         "refund_address": state.refund_address,
         "disabled": state.disabled,
+        "is_child": state.parent_key_hash is not None,
+        "balance_limit": limits.budget_msat,
+        "balance_limit_reset": limits.period,
+        "balance_limit_spent": state.limit_spent_msat,
+        "validity_date": expiry,
+        "limits": limits.describe() if limits.any else None,
     }
+
+
+def _child(state: KeyState) -> dict[str, Any]:
+    limits = state.limits
+    expiry = int(state.expires_at) if state.expires_at is not None else None
+    return {"key_id": state.key_hash[:16], "total_requests": state.total_requests,
+            "total_spent": state.total_spent_msat, "balance_limit": limits.budget_msat,
+            "balance_limit_reset": limits.period, "balance_limit_spent": state.limit_spent_msat,
+            "validity_date": expiry, "disabled": state.disabled,
+            "limits": limits.describe() if limits.any else None}
+
+
+def _info(services: Services, key: str, state: KeyState) -> http.Response:
+    answer = _describe(key, state, payer_of(services, state))
+    if state.parent_key_hash is not None:
+        answer["parent_key_preview"] = state.parent_key_hash[:8] + "..."
+    else:
+        children = services.ledger.children(state.key_hash)
+        if children:  # the keys themselves are shown once, at creation: ids here
+            answer["child_keys"] = [_child(c) for c in children]
+    return json_response(200, answer)
 
 
 def info(services: Services, request: http.Request,
@@ -63,12 +103,12 @@ def info(services: Services, request: http.Request,
     state = services.ledger.key(hash_key(key))
     if state is None:
         raise invalid_api_key()
-    return json_response(200, _describe(key, state))
+    return _info(services, key, state)
 
 
 async def _info_later(services: Services, request: http.Request) -> http.Response:
     key, state = await _key(services, request)
-    return json_response(200, _describe(key, state))
+    return _info(services, key, state)
 
 
 def _field(request: http.Request, *names: str) -> str:
@@ -103,7 +143,7 @@ async def topup(services: Services, request: http.Request, peer: Peer) -> http.R
     payments = _payments(services)
     token = _field(request, "cashu_token", "token")
     _, state = await _key(services, request)
-    credited = await payments.topup(state.key_hash, token)
+    credited = await payments.topup(payer_of(services, state).key_hash, token)
     return json_response(200, {"msats": credited})
 
 
@@ -117,6 +157,9 @@ async def refund(services: Services, request: http.Request, peer: Peer) -> http.
                            code="payment_not_found")
         return json_response(200, change)
     _, state = await _key(services, request)
+    if state.parent_key_hash is not None:
+        raise ApiError(400, "A child key cannot be refunded: refund its parent key instead.",
+                       code="child_key")
     if state.refund_address and services.payouts is not None:  # paid there, as routstr-core
         return json_response(200, await services.payouts.refund_to_address(state.key_hash))
     return json_response(200, await payments.refund(state.key_hash))
@@ -151,11 +194,26 @@ async def lightning_invoice(services: Services, request: http.Request,
     key_hash = None
     if purpose == "topup":
         _, state = await _key(services, request)
-        key_hash = state.key_hash
+        key_hash = payer_of(services, state).key_hash
     answer = await invoices.create(amount, str(purpose), key_hash)
     base = request.path.split("/lightning/", 1)[0]
     answer["status_url"] = f"{base}/lightning/invoice/{answer['invoice_id']}/status"
     return json_response(200, answer)
+
+
+async def lightning_recover(services: Services, request: http.Request,
+                            peer: Peer) -> http.Response:
+    """``POST …/lightning/recover {"bolt11"}`` (routstr-core's): how an invoice stands, settled
+    if it was paid unnoticed."""
+    try:
+        body = json.loads(request.get_content(strict=False) or b"{}")
+    except ValueError:
+        raise invalid_json() from None
+    bolt11 = body.get("bolt11") if isinstance(body, dict) else None
+    if not isinstance(bolt11, str) or not bolt11.strip():
+        raise ApiError(400, "Send the invoice as 'bolt11'.", param="bolt11",
+                       code="missing_bolt11")
+    return json_response(200, await _invoices(services).recover(bolt11))
 
 
 async def lightning_status(services: Services, request: http.Request,

@@ -16,6 +16,8 @@ def info(services: Services, request: http.Request, peer: Peer) -> http.Response
         "description": config.description,
         "version": __version__,
         "mints": list(config.cashu_mints),
+        # The key x-cashu payments are locked to (NUT-11), when locked payments are on.
+        "payment_key": _payment_key(services),
         "pricing": "model_based" if config.model_based_pricing else "fixed",
         "cost_per_request_sats": config.cost_per_request_msat / 1000,
         "btc_usd": {
@@ -58,3 +60,8 @@ async def ready(services: Services, request: http.Request, peer: Peer) -> http.R
         "status": "ready" if ok else "not_ready",
         "checks": {c.name: c.as_json() for c in checks},
     }, {"cache-control": "no-store"})
+def _payment_key(services: Services) -> str | None:
+    payments = services.payments
+    if payments is None or payments.locked is None:
+        return None
+    return payments.locked.key.public_hex

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from routstr_addon.web import Handler, admin, adminapi, balance, info, models, providers
+from routstr_addon.web import Handler, admin, adminapi, balance, children, info, models, providers
 
 __all__ = ["ROUTES", "lookup"]
 
@@ -30,8 +30,14 @@ def _table() -> dict[str, dict[str, Handler]]:
         table[f"{base}/topup"] = {"POST": balance.topup}
         table[f"{base}/refund"] = {"POST": balance.refund}
         table[f"{base}/lightning/invoice"] = {"POST": balance.lightning_invoice}
+        table[f"{base}/lightning/recover"] = {"POST": balance.lightning_recover}
+        table[f"{base}/child-key"] = {"POST": children.create_children}
+        table[f"{base}/child-key/reset"] = {"POST": children.reset_child}
+        table[f"{base}/child-key/limits"] = {"POST": children.limit_child}
+        table[f"{base}/history"] = {"GET": children.history}
     # The Routstr protocol's Lightning paths (RIP-08) at the root, as its clients call them.
     table["/lightning/invoice"] = {"POST": balance.lightning_invoice}
+    table["/lightning/recover"] = {"POST": balance.lightning_recover}
     return table
 
 

@@ -1,6 +1,7 @@
 """HTTP on a user's behalf without SSRF: the addresses users give (refund Lightning addresses,
-LNURLs, and the callbacks those name) are fetched over https, or over Tor for ``.onion``, and
-never reach loopback, private, link-local, multicast or reserved addresses.
+LNURLs, the callbacks those name, the mints of tokens from untrusted mints) are fetched over
+https, or over Tor for ``.onion``, and never reach loopback, private, link-local, multicast or
+reserved addresses.
 
 The check is made on the address each connection actually goes to: the host is resolved once
 here, every address it resolves to is checked, and the socket is opened to a checked address
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import httpcore
 import httpx
 
-__all__ = ["AddressRefused", "GuardedTransport", "NetPolicy", "public_address"]
+__all__ = ["AddressRefused", "GuardedTransport", "NetPolicy", "public_address", "refused"]
 
 
 class AddressRefused(httpcore.ConnectError):
@@ -100,9 +101,22 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if request.url.scheme != "https":
-            raise httpx.ConnectError(f"refused {request.url.scheme}://{request.url.host}: "
-                                     "user-given addresses must use https", request=request)
+            message = (f"refused {request.url.scheme}://{request.url.host}: user-given "
+                       "addresses must use https")
+            raise httpx.ConnectError(message, request=request) from AddressRefused(message)
         return await super().handle_async_request(request)
+
+
+def refused(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is the guard refusing an address."""
+    seen: BaseException | None = error
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, AddressRefused):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,17 +126,22 @@ class NetPolicy:
     allow_private: bool = False  # ALLOW_PRIVATE_LN_ADDRESSES: no rule at all
     tor_proxy_url: str = ""  # SOCKS proxy for .onion hosts; "": they cannot be reached
 
-    def client(self, timeout: float = 15.0) -> httpx.AsyncClient:
-        """A client for user-given URLs: public https hosts, ``.onion`` through Tor, nothing
-        else; redirects are not followed (each hop would need its own check)."""
+    def mounts(self) -> dict[str, httpx.AsyncBaseTransport] | None:
+        """The transports an ``httpx.AsyncClient`` for user-given URLs mounts (None: no rule,
+        a plain client): public https hosts, ``.onion`` through Tor, nothing else."""
         if self.allow_private:
-            return httpx.AsyncClient(timeout=timeout, trust_env=False)
+            return None
         mounts: dict[str, httpx.AsyncBaseTransport] = {"all://": GuardedTransport()}
         if self.tor_proxy_url:
             # httpx sends the host name to the SOCKS proxy, which resolves it (socks5h).
             proxy = httpx.Proxy(self.tor_proxy_url.replace("socks5h://", "socks5://", 1))
             mounts["all://*.onion"] = httpx.AsyncHTTPTransport(proxy=proxy, trust_env=False)
-        return httpx.AsyncClient(mounts=mounts, timeout=timeout, trust_env=False)
+        return mounts
+
+    def client(self, timeout: float = 15.0) -> httpx.AsyncClient:
+        """A client for user-given URLs (see ``mounts``); redirects are not followed (each hop
+        would need its own check)."""
+        return httpx.AsyncClient(mounts=self.mounts(), timeout=timeout, trust_env=False)
 
     @staticmethod
     def trusted(timeout: float = 15.0) -> httpx.AsyncClient:

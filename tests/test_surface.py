@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the fixtures imported from surface_kit are parameters here)
 """Issue 11's hostile corpus: a real ``mitmdump`` with the addon, in front of an upstream that
 reads requests as production servers do (``tests/real_upstream.py``, nginx-like path
 normalisation on), with model-based pricing.
@@ -8,8 +9,8 @@ reached the upstream.** Where issue 11 names the answer (404 ``unsupported_endpo
 naming the field, 431), the case asserts it too. The charge is the key's balance before minus
 after; the bill is what the upstream recorded from its own reading of the request.
 
-Pending: written against the behaviour issue 11 asks for, so most cases fail until it is fixed.
-Run: ``.venv/bin/pytest tests/pending -q``.
+Written ahead of the fix (in ``tests/pending`` until it landed), against the behaviour issue 11
+asks for.
 """
 
 from __future__ import annotations
@@ -28,10 +29,17 @@ import zstandard
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
-from ..conftest import expected_msat
-from ..ecash_user import UserWallet
-from ..real_upstream import REASONING, RealUpstream
-from .conftest import Outcome, Surface, count_generated_words, surface_proxy
+from .conftest import expected_msat
+from .ecash_user import UserWallet
+from .real_upstream import REASONING, RealUpstream
+from .surface_kit import (  # noqa: F401 (the fixtures real_upstream, surface)
+    Outcome,
+    Surface,
+    count_generated_words,
+    real_upstream,
+    surface,
+    surface_proxy,
+)
 
 # Prompts of words of four letters or more: a chars/4 estimate never counts fewer tokens than
 # the upstream's one token per word, so the floors below are fair to an estimating proxy.

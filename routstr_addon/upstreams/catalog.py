@@ -1,0 +1,289 @@
+"""The live catalog: every provider's priced models, and the order a request tries them in.
+
+A provider's models come from its models file, its inline list, or its own ``GET /models``
+(``models: fetch``); models without their own prices take OpenRouter's, from its public model
+list. That list and the fetched ones are refreshed every ``MODELS_REFRESH_INTERVAL`` seconds
+and kept in a snapshot on disk (``$DATA_DIR/catalog.json``), so a restart with no network
+serves the last good catalog; a refresh that fails, or answers nonsense, changes nothing.
+
+``Router`` orders each model's offers: usable providers first, cheapest first (ties: higher
+``priority``, then the least recently failed), open ones last; it writes that order into the
+``Pricing`` the meter reads, once per change rather than once per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from routstr_addon.metering.pricing import ModelPrice, Pricing
+from routstr_addon.upstreams.health import Health
+from routstr_addon.upstreams.providers import ModelSpec, ProviderSpec
+
+__all__ = ["Catalog", "Router", "probe_forever", "provider_headers"]
+
+logger = logging.getLogger("routstr")
+
+SNAPSHOT = "catalog.json"
+
+
+def provider_headers(provider: ProviderSpec) -> list[tuple[str, str]]:
+    """What a provider gets on every request: its key and its own headers."""
+    headers = list(provider.headers)
+    if provider.api_key:
+        headers.append(("authorization", f"Bearer {provider.api_key}"))
+    return headers
+
+
+class Router:
+    """Orders each model's offers and keeps ``pricing`` in that order."""
+
+    def __init__(self, pricing: Pricing, providers: Iterable[ProviderSpec]) -> None:
+        self.pricing = pricing
+        self.priority = {p.name: p.priority for p in providers}
+        self.health = Health(self.priority, self.reorder)
+
+    def set_offers(self, offers: Mapping[str, list[ModelPrice]],
+                   aliases: Mapping[str, str]) -> None:
+        self.pricing.set_offers({m: self._order(o) for m, o in offers.items()}, aliases)
+
+    def reorder(self) -> None:
+        self.pricing.reorder({m: self._order(o) for m, o in self.pricing.offers.items()})
+
+    def _order(self, offers: Iterable[ModelPrice]) -> tuple[ModelPrice, ...]:
+        breakers = self.health.breakers
+        pricing = self.pricing
+
+        def rank(o: ModelPrice) -> tuple[bool, Fraction, int, float]:
+            b = breakers.get(o.provider)
+            reference = (o.prompt * 1000 + o.completion * 1000 + o.request) * pricing.fee_of(o)
+            return (b is not None and not b.usable, reference, -self.priority.get(o.provider, 0),
+                    b.last_failure if b is not None else 0.0)
+
+        return tuple(sorted(offers, key=rank))
+
+
+class Catalog:
+    """Every provider's models, priced; refreshed in the background."""
+
+    def __init__(self, providers: Iterable[ProviderSpec], router: Router, data_dir: Path,
+                 openrouter_url: str, static: Mapping[str, Mapping[str, ModelPrice]]) -> None:
+        """``static``: models already priced, by provider (the shorthand's MODELS_PATH)."""
+        self.providers = tuple(providers)
+        self.router = router
+        self.snapshot_path = data_dir / SNAPSHOT
+        self.openrouter_url = openrouter_url
+        self.static = static
+        self.openrouter: dict[str, Mapping[str, Any]] = {}
+        self.fetched: dict[str, list[str]] = {}
+        self.refreshed: float | None = None  # wall time of the last good refresh
+        self._unpriced: set[tuple[str, str]] = set()  # already logged
+
+    @property
+    def needs_refresh(self) -> bool:
+        """Whether any provider takes its prices from OpenRouter or its models from itself."""
+        return any(p.fetch or any(m.entry is None for m in p.models) for p in self.providers)
+
+    # -- building ---------------------------------------------------------------------------
+
+    def load_snapshot(self) -> bool:
+        try:
+            data = json.loads(self.snapshot_path.read_text())
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError) as e:
+            logger.warning("catalog snapshot %s unreadable (%s); waiting for a refresh",
+                           self.snapshot_path, e)
+            return False
+        if not isinstance(data, dict):
+            return False
+        self.openrouter = _openrouter_entries(data.get("openrouter"))
+        fetched = data.get("fetched")
+        if isinstance(fetched, dict):
+            self.fetched = {str(k): [str(i) for i in v if isinstance(i, str)]
+                            for k, v in fetched.items() if isinstance(v, list)}
+        saved = data.get("saved_at")
+        self.refreshed = float(saved) if isinstance(saved, int | float) else None
+        return True
+
+    def publish(self) -> int:
+        """Build the offers from what is known now and hand them to the router; returns how
+        many models are offered."""
+        offers: dict[str, list[ModelPrice]] = {}
+        aliases: dict[str, str] = {}
+        for provider in self.providers:
+            fee = Fraction(provider.fee) if provider.fee is not None else None
+            for public_id, spec, entry in self._models(provider):
+                try:
+                    price = ModelPrice.from_entry({**entry, "id": public_id}, provider.name,
+                                                  spec.upstream_id, fee)
+                except (ValueError, KeyError, TypeError, ArithmeticError) as e:
+                    logger.warning("provider %s: model %s left out: %s", provider.name,
+                                   public_id, e)
+                    continue
+                offers.setdefault(public_id, []).append(price)
+                for alias in spec.aliases:
+                    aliases.setdefault(alias, public_id)
+        self.router.set_offers(offers, aliases)
+        return len(offers)
+
+    def _models(self, provider: ProviderSpec) -> Iterable[tuple[str, ModelSpec, Mapping[str,
+                                                                                         Any]]]:
+        """(public id, its spec, its priced entry) for each model the provider offers now."""
+        static = self.static.get(provider.name)
+        if static is not None:
+            for model in static.values():
+                yield model.id, ModelSpec(model.id, model.upstream_id), model.info
+            return
+        if provider.fetch:
+            for upstream_id in self.fetched.get(provider.name, ()):
+                entry = self._match(provider, upstream_id)
+                if entry is None:
+                    self._log_unpriced(provider, upstream_id)
+                    continue
+                yield str(entry["id"]), ModelSpec(str(entry["id"]), upstream_id), entry
+            return
+        for spec in provider.models:
+            entry = spec.entry
+            if entry is None:
+                entry = self._match(provider, spec.id) or self._match(provider, spec.upstream_id)
+                if entry is None:
+                    self._log_unpriced(provider, spec.id)
+                    continue
+            yield spec.id, spec, entry
+
+    def _match(self, provider: ProviderSpec, model_id: str) -> Mapping[str, Any] | None:
+        """OpenRouter's entry for a provider's model: its id as is, with the provider's
+        prefix, or the one OpenRouter model whose name after the slash it is."""
+        known = self.openrouter
+        found = known.get(model_id) or known.get(provider.openrouter_prefix + model_id)
+        if found is None and "/" not in model_id:
+            matches = [e for i, e in known.items() if i.split("/", 1)[-1] == model_id]
+            found = matches[0] if len(matches) == 1 else None
+        return found
+
+    def _log_unpriced(self, provider: ProviderSpec, model_id: str) -> None:
+        if (provider.name, model_id) not in self._unpriced:
+            self._unpriced.add((provider.name, model_id))
+            logger.info("provider %s: model %s has no known price (not in OpenRouter's list); "
+                        "not offered", provider.name, model_id)
+
+    # -- refreshing -------------------------------------------------------------------------
+
+    async def refresh(self, client: httpx.AsyncClient) -> bool:
+        """Fetch OpenRouter's list and the fetching providers' lists; what fails keeps its
+        last good value. True if anything new was taken."""
+        taken = False
+        try:
+            resp = await client.get(self.openrouter_url)
+            resp.raise_for_status()
+            entries = _openrouter_entries(resp.json().get("data"))
+            if not entries:
+                raise ValueError("no priced model in the answer")
+            self.openrouter = entries
+            taken = True
+        except Exception as e:
+            logger.warning("OpenRouter's model list not refreshed (%s); keeping the last "
+                           "(%d models)", _reason(e), len(self.openrouter))
+        for provider in self.providers:
+            if not provider.fetch:
+                continue
+            try:
+                resp = await client.get(f"{provider.base_url}/models",
+                                        headers=provider_headers(provider))
+                resp.raise_for_status()
+                data = resp.json().get("data")
+                ids = [str(m["id"]) for m in data if isinstance(m, dict) and m.get("id")]
+                if not ids:
+                    raise ValueError("no model in the answer")
+                self.fetched[provider.name] = ids
+                taken = True
+            except Exception as e:
+                logger.warning("provider %s: model list not refreshed (%s); keeping the last "
+                               "(%d models)", provider.name, _reason(e),
+                               len(self.fetched.get(provider.name, ())))
+        if taken:
+            self.refreshed = time.time()
+            self._save()
+            self.publish()
+        return taken
+
+    def _save(self) -> None:
+        data = {"saved_at": self.refreshed, "openrouter": list(self.openrouter.values()),
+                "fetched": self.fetched}
+        tmp = self.snapshot_path.with_suffix(".tmp")
+        try:
+            self.snapshot_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, self.snapshot_path)
+        except OSError as e:
+            logger.warning("catalog snapshot not written (%s)", e)
+
+    async def run(self, interval: float, wait: float = 20.0, retry: float = 15.0) -> None:
+        """Refresh now and every ``interval`` seconds (sooner while nothing is known yet);
+        ``wait``: seconds one source may take."""
+        async with httpx.AsyncClient(timeout=wait) as client:
+            while True:
+                try:
+                    await self.refresh(client)
+                except Exception:  # never let the refresher die
+                    logger.exception("catalog refresh failed")
+                await asyncio.sleep(interval if self.refreshed is not None
+                                    else min(interval, retry))
+
+
+async def probe_forever(catalog: Catalog, wait: float, every: float = 2.0) -> None:
+    """Ask each provider whose cool-down is over for its ``/models``; any answer but 429 or
+    5xx takes it back, anything else opens it for another cool-down."""
+    health = catalog.router.health
+    providers = {p.name: p for p in catalog.providers}
+    async with httpx.AsyncClient(timeout=wait, trust_env=False) as client:
+        while True:
+            await asyncio.sleep(every)
+            for name in health.due():
+                provider = providers.get(name)
+                if provider is None or provider.upstream is None:
+                    continue
+                started = time.monotonic()
+                try:
+                    resp = await client.get(f"{provider.base_url}/models",
+                                            headers=provider_headers(provider))
+                except httpx.HTTPError as e:
+                    health.failure(name, f"probe: {_reason(e)}")
+                    continue
+                if resp.status_code == 429 or resp.status_code >= 500:
+                    health.failure(name, f"probe: HTTP {resp.status_code}")
+                else:
+                    logger.info("provider %s answers again; back in use", name)
+                    health.success(name, time.monotonic() - started)
+
+
+def _openrouter_entries(data: Any) -> dict[str, Mapping[str, Any]]:
+    """OpenRouter's list, keeping only entries the proxy can price."""
+    entries: dict[str, Mapping[str, Any]] = {}
+    if not isinstance(data, list):
+        return entries
+    for entry in data:
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+            continue
+        try:
+            ModelPrice.from_entry(entry)
+        except (ValueError, KeyError, TypeError, ArithmeticError):
+            continue
+        entries[entry["id"]] = entry
+    return entries
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, httpx.HTTPStatusError):
+        return f"HTTP {e.response.status_code}"
+    return f"{type(e).__name__}: {e}"[:200]
