@@ -14,7 +14,7 @@ from mitmproxy import http
 
 from routstr_addon.metering.meter import Meter, Paid
 from routstr_addon.metering.surface import ENDPOINTS
-from routstr_addon.observe.requestlog import PATH, LineWriter, fields, format_line
+from routstr_addon.observe.requestlog import PATH, LineWriter, fields, format_line, safe_path
 
 if TYPE_CHECKING:
     from routstr_addon.observe.metrics import Metrics
@@ -61,7 +61,8 @@ class FlowObserver:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         path = flow.request.path
         cut = path.find("?")
-        flow.metadata[PATH] = (path if cut < 0 else path[:cut])[:300]
+        # Kept without what may be a secret: mitmweb shows a flow's metadata.
+        flow.metadata[PATH] = safe_path((path if cut < 0 else path[:cut])[:300])
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._ended(flow)
