@@ -281,6 +281,12 @@ def test_a_flow_is_observed_once_and_text_values_are_quoted_when_they_must_be() 
     observer.error(failed)
     assert out.getvalue().splitlines()[1].endswith(" error=error")
     assert metrics.requests.labels("other", "", "failed")._value.get() == 1
+    from routstr_addon.ledger import Settlement
+
+    metrics.swept([Settlement("a", "k", 120, 500, 0), Settlement("b", "k", 0, 500, 0),
+                   Settlement("c", "k", 0, 700, 0)])
+    assert metrics.sweeps.labels("charged")._value.get() == 1
+    assert metrics.sweeps.labels("released")._value.get() == 2
 
 
 def test_paths_are_logged_without_what_may_be_a_secret() -> None:
