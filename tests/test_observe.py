@@ -254,7 +254,11 @@ def test_a_flow_is_observed_once_and_text_values_are_quoted_when_they_must_be() 
 
     from mitmproxy.test import tflow
 
+    from routstr_addon.observe import flows
     from routstr_addon.observe.flows import FlowObserver, endpoint_label, known_endpoints
+    from routstr_addon.proxy import forward
+
+    assert flows.STATE == forward.STATE  # the observer reads the paid forward's state
     from routstr_addon.observe.metrics import Metrics
     from routstr_addon.observe.requestlog import format_line
 
