@@ -238,11 +238,17 @@ def surface_proxy(workdir: Path, upstream: RealUpstream, **env: str) -> Proxy:
 @pytest.fixture(scope="session")
 def surface(real_upstream: RealUpstream,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Surface]:
-    """mitmdump with the addon, model-based pricing, in front of the real upstream."""
+    """mitmdump with the addon, model-based pricing, in front of the real upstream. After the
+    corpus: the books balance, and no request it accepted cost more than was reserved."""
     proxy = surface_proxy(tmp_path_factory.mktemp("surface"), real_upstream)
     try:
         yield Surface(proxy, real_upstream)
         assert proxy.check() == []
+        ledger = proxy.ledger()
+        try:
+            assert ledger.reports.overruns_since(0) == (0, 0)  # no under-reservation
+        finally:
+            ledger.close()
     finally:
         proxy.stop()
 

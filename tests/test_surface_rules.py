@@ -440,3 +440,7 @@ def test_unsupported_endpoints_are_404_naming_what_is_supported(meter: Meter) ->
         assert (raised.value.status, raised.value.code) == (404, "unsupported_endpoint")
         assert "/v1/chat/completions" in raised.value.message
     assert meter.endpoint("/v1/Messages/") == "messages"
+
+
+def test_a_swept_fixed_price_request_is_charged_its_price(meter: Meter) -> None:
+    assert meter.cost_by_name(None, Usage(1, 50, estimated=True), ceiling=7000) == 7000

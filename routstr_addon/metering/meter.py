@@ -307,8 +307,10 @@ class Meter:
     def cost_by_name(self, model_name: str | None, usage: Usage, ceiling: int) -> int:
         """The same rule for a request known only by what the ledger kept of it (its model's
         name): ``ceiling``, what the client agreed to at most, when no price is known now."""
-        if not self.config.model_based_pricing or not model_name:
+        if not self.config.model_based_pricing:
             return self.cost(None, usage)
+        if not model_name:  # a FIXED_PRICE_ENDPOINTS request: its price is what was reserved
+            return ceiling
         model = self.pricing.resolve(model_name)
         if model is None or self.pricing.rate is None:
             return ceiling
