@@ -45,6 +45,10 @@ def test_the_admin_api_reads_and_changes_with_every_change_journaled(make_proxy:
     assert [e["kind"] for e in trail["entries"]] == ["reserve", "charge"]
     assert -trail["entries"][1]["amount_msat"] == int(paid.headers["x-routstr-cost-msats"])
     assert api(proxy, "GET", "logs/no-such-request").status_code == 404
+    recent = api(proxy, "GET", "logs/recent?kind=charge").json()["entries"]
+    assert [(e["kind"], e["key_hash"]) for e in recent] == [("charge", key_id)]
+    assert api(proxy, "GET", "temporary-balances").json() == {"reservations": [],
+                                                              "total_msat": 0}
     one = api(proxy, "GET", f"keys/{key_id}").json()
     assert one["total_requests"] == 1 and one["reservations"] == []
     assert [k["id"] for k in api(proxy, "GET", "keys?q=script").json()["keys"]] == [key_id]

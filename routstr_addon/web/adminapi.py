@@ -12,6 +12,8 @@ JSON with ``Authorization: Bearer <ADMIN_TOKEN>``.
 ``GET  /admin/api/models``                 the models offered, with their prices
 ``POST /admin/api/withdraw``               ``{"amount_sats", "mint"}`` → a token of the margin
 ``GET  /admin/api/logs/{request_id}``      what the ledger knows of one request
+``GET  /admin/api/logs/recent?kind=&key=`` the newest journal rows (``before``: older ones)
+``GET  /admin/api/temporary-balances``     what requests in flight hold (open reservations)
 ``GET  /admin/api/journal``                the operator's changes (dashboard and API)
 =========================================  =========================================================
 
@@ -36,7 +38,7 @@ from routstr_addon import settings
 from routstr_addon.ecash.mint import MintError, MintUnreachable
 from routstr_addon.ecash.wallet import WalletError
 from routstr_addon.errors import ApiError, json_response
-from routstr_addon.ledger import KeyState
+from routstr_addon.ledger import KINDS, KeyState
 from routstr_addon.observe.exposition import token_matches
 from routstr_addon.web import Peer, Services
 
@@ -109,6 +111,10 @@ def _route(method: str, parts: list[str]) -> Route | None:
             return _models
         case "POST", ["withdraw"]:
             return _withdraw
+        case "GET", ["logs", "recent"]:
+            return _recent
+        case "GET", ["temporary-balances"]:
+            return _held
         case "GET", ["logs", _]:
             return _request_log
         case "GET", ["journal"]:
@@ -244,6 +250,25 @@ def _request_log(services: Services, request: http.Request, parts: list[str]) ->
     if not trail["entries"] and not trail["reservation"] and not trail["payment"]:
         raise ApiError(404, "The ledger knows no request of this id.", code="request_not_found")
     return json_response(200, trail)
+
+
+def _recent(services: Services, request: http.Request, parts: list[str]) -> http.Response:
+    query = _query(request)
+    kind = query.get("kind", "")
+    try:
+        before = int(query["before"]) if "before" in query else None
+    except ValueError:
+        before = None
+    page = services.ledger.reports.journal_page(query.get("key", "").strip().lower()[:64],
+                                                kind if kind in KINDS else "", before)
+    return json_response(200, {"entries": page.rows, "before": page.next if page.has_more
+                               else None, "note": page.note})
+
+
+def _held(services: Services, request: http.Request, parts: list[str]) -> http.Response:
+    held = services.ledger.open_reservations()
+    return json_response(200, {"reservations": held,
+                               "total_msat": sum(int(r["amount_msat"]) for r in held)})
 
 
 def _journal(services: Services, request: http.Request, parts: list[str]) -> http.Response:
