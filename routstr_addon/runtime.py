@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from routstr_addon.datadir import exposed, private_dir, sqlite_files
 from routstr_addon.ecash.seed import MNEMONIC_FILE
 from routstr_addon.ecash.wallet import Wallet
-from routstr_addon.ledger import Ledger
+from routstr_addon.ledger import DATABASE_ERRORS, Ledger
 from routstr_addon.metering.meter import Meter
 from routstr_addon.metering.pricing import Pricing, load_models
 from routstr_addon.observe.readiness import Readiness, Seen
@@ -91,6 +92,8 @@ class Runtime:
             ledger.close()
             raise
         ledger.defer_checkpoints()
+        catalog.overrides = _overrides(ledger)  # the operator's word on models
+        catalog.publish()
         invoices = payments = payouts = None
         if wallet is not None:
             invoices = Invoices(ledger, wallet)
@@ -105,6 +108,7 @@ class Runtime:
                             payouts=payouts, health=router.health)
         services.readiness = Readiness(config, ledger, pricing, wallet, seen)
         services.metrics = metrics
+        services.catalog = catalog
         if metrics is not None:
             _measure(metrics, config, ledger, pricing, wallet)
         return cls(config, ledger, pricing, Meter(config, ledger, pricing), services, wallet,
@@ -125,6 +129,22 @@ class Runtime:
             self.ledger.checkpoint()
         finally:
             self.ledger.close()
+
+
+def _overrides(ledger: Ledger) -> Callable[[], dict[str, Any]]:
+    """The operator's model overrides as the catalog reads them: the last ones read when the
+    ledger cannot answer (a catalog refresh must not fail for it)."""
+    last: dict[str, Any] = {}
+
+    def read() -> dict[str, Any]:
+        nonlocal last
+        try:
+            last = dict(ledger.admin.model_overrides())
+        except DATABASE_ERRORS as e:
+            logger.warning("model overrides not read: %s", e)
+        return last
+
+    return read
 
 
 def _measure(metrics: Metrics, config: Config, ledger: Ledger, pricing: Pricing,

@@ -108,3 +108,42 @@ def test_withdrawing_the_margin_through_the_api(make_proxy: Any, mint: Any, user
     [action] = api(proxy, "GET", "journal").json()["actions"]
     assert (action["actor"], action["action"], action["target"]) == ("api", "withdraw", mint.url)
     assert taken.json()["token"] not in proxy.output.text
+
+
+def test_a_model_is_withdrawn_and_repriced_through_the_api(make_proxy: Any) -> None:
+    from fractions import Fraction
+    from math import ceil
+
+    from .conftest import EXCHANGE_FEE, PROVIDER_FEE, RATE
+
+    proxy = make_proxy({"ADMIN_TOKEN": TOKEN})
+    key = proxy.new_key(sats=100)
+
+    def chat() -> Any:
+        return raw(proxy, "POST", "/v1/chat/completions",
+                   headers={"authorization": f"Bearer {key}"},
+                   json={"model": "test/model", "messages": [{"role": "user", "content": "hi"}]})
+
+    usual = int(chat().headers["x-routstr-cost-msats"])
+    off = api(proxy, "PATCH", "models/test/model", json={"enabled": False})
+    assert off.status_code == 200 and off.json()["override"]["enabled"] is False
+    refused = chat()
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "model_not_found"
+    listed = [m["id"] for m in raw(proxy, "GET", "/v1/models").json()["data"]]
+    assert "test/model" not in listed and "test/embed" in listed
+    assert {"id": "test/model", "enabled": False, "override": {"enabled": False,
+                                                               "pricing": None}} in \
+        api(proxy, "GET", "models").json()["models"]
+    price = {"prompt": "0", "completion": "0", "request": "0.0001"}
+    back = api(proxy, "PATCH", "models/test/model", json={"enabled": True, "pricing": price})
+    assert back.status_code == 200
+    flat = ceil(Fraction("0.0001") * Fraction(EXCHANGE_FEE) * Fraction(PROVIDER_FEE) * 10**11
+                / Fraction(RATE))
+    assert int(chat().headers["x-routstr-cost-msats"]) == flat
+    assert api(proxy, "PATCH", "models/test/model", json={"pricing": None}).status_code == 200
+    assert int(chat().headers["x-routstr-cost-msats"]) == usual
+    bad = api(proxy, "PATCH", "models/test/model", json={"pricing": {"prompt": "-1"}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "pricing.prompt"
+    assert api(proxy, "PATCH", "models/no/such", json={"enabled": False}).status_code == 404
+    actions = [a["action"] for a in api(proxy, "GET", "journal").json()["actions"]]
+    assert actions == ["model.override"] * 3

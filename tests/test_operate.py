@@ -6,6 +6,7 @@ turns 503 when the mint or the database is stopped and 200 when they are back.""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from .conftest import PG_ADMIN_URL, Proxy, start_proxy
 from .test_observe import METRICS_TOKEN, scrape, value, wait_ready
 
 PASSWORD = "operator's password"
+ADMIN_TOKEN = "operator-admin-token-0123456789"
 COOKIE = "routstr_admin"
 
 
@@ -28,6 +30,10 @@ def login(proxy: Proxy, password: str = PASSWORD) -> httpx.Response:
 
 def overview(proxy: Proxy, session: str) -> httpx.Response:
     return httpx.get(f"{proxy.url}/admin", cookies={COOKIE: session}, timeout=10)
+
+
+def offered(proxy: Proxy) -> list[str]:
+    return [m["id"] for m in httpx.get(f"{proxy.url}/v1/models", timeout=10).json()["data"]]
 
 
 def set_connections(database_url: str, allowed: bool) -> None:
@@ -51,7 +57,7 @@ def test_two_processes_share_the_admin_the_metrics_add_up_and_ready_follows_the_
     mint = LocalMint(tmp_path / "mint").start()
     env = {"UPSTREAM_BASE_URL": f"{upstream.url}/v1", "DATABASE_URL": pg_database,
            "CASHU_MINTS": mint.url, "WALLET_MNEMONIC": _mnemonic(), "ADMIN_PASSWORD": PASSWORD,
-           "METRICS_TOKEN": METRICS_TOKEN, "READY_MAX_AGE": "1"}
+           "METRICS_TOKEN": METRICS_TOKEN, "READY_MAX_AGE": "1", "ADMIN_TOKEN": ADMIN_TOKEN}
     first = start_proxy(tmp_path / "a", upstream.url, env)
     second = start_proxy(tmp_path / "b", upstream.url, env)
     proxies = (first, second)
@@ -118,6 +124,17 @@ def test_two_processes_share_the_admin_the_metrics_add_up_and_ready_follows_the_
             assert value(s, "routstr_ledger_charged_msat") == spent
             assert value(s, "routstr_operator_credit_msat") == 4 * 1_000_000 - spent
             assert value(s, "routstr_mint_calls_total", operation="keysets", outcome="ok") >= 1
+
+        # A model withdrawn through the admin API of one process goes from the other too.
+        withdrawn = httpx.patch(f"{first.url}/admin/api/models/test/model",
+                                headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
+                                json={"enabled": False}, timeout=10)
+        assert withdrawn.status_code == 200
+        deadline = time.monotonic() + 15
+        while "test/model" in offered(second):
+            assert time.monotonic() < deadline, "the other process still offers the model"
+            time.sleep(0.3)
+        assert "test/model" not in offered(first)
 
         # Ready follows the mint and the database, on both processes.
         for proxy in proxies:

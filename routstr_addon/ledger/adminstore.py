@@ -104,6 +104,27 @@ class AdminStore:
         return [dict(zip(("id", "at", "actor", "action", "target", "detail"), r, strict=True))
                 for r in rows]
 
+    # -- the operator's word on models ----------------------------------------------------------
+
+    def model_overrides(self) -> dict[str, tuple[bool, dict[str, str] | None]]:
+        """model id → (offered, prices replacing the catalog's or None)."""
+        return {str(m): (bool(e), json.loads(p) if p else None) for m, e, p in
+                self._db.reader().rows("SELECT model_id, enabled, pricing FROM model_overrides")}
+
+    def overrides_version(self) -> float:
+        """Changes when any override does: processes poll it to publish their models again."""
+        return float(self._db.reader().value(
+            "SELECT COALESCE(MAX(updated_at), 0) FROM model_overrides") or 0)
+
+    def set_model_override(self, model_id: str, enabled: bool,
+                           pricing: dict[str, str] | None, at: float) -> None:
+        with self._db.transaction(durable=True) as tx:
+            tx.execute("INSERT INTO model_overrides (model_id, enabled, pricing, updated_at) "
+                       "VALUES (?, ?, ?, ?) ON CONFLICT (model_id) DO UPDATE SET "
+                       "enabled = excluded.enabled, pricing = excluded.pricing, "
+                       "updated_at = excluded.updated_at",
+                       (model_id, enabled, json.dumps(pricing) if pricing else None, at))
+
     # -- one request, by id ------------------------------------------------------------------
 
     def request_trail(self, request_id: str) -> dict[str, object]:

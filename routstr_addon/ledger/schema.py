@@ -12,7 +12,7 @@ import peewee
 
 __all__ = ["EXTRA_INDEXES", "MODELS", "UNIT_MSAT", "AdminAction", "AdminLoginFailure",
            "AdminSession", "ApiKey", "Instance", "Invoice", "KeysetCounter", "LedgerEntry",
-           "LockedProof", "Payment", "Payout", "PendingSwap", "RateHit", "Refund",
+           "LockedProof", "ModelOverride", "Payment", "Payout", "PendingSwap", "RateHit", "Refund",
            "Reservation", "StoredProof"]
 
 UNIT_MSAT = {"sat": 1000, "msat": 1}  # the ecash units the proxy takes and stores, in msat
@@ -349,6 +349,19 @@ class AdminLoginFailure(_Base):
         indexes = ((("address", "at"), False),)
 
 
+class ModelOverride(_Base):
+    """The operator's word on one model (admin API): offered or not, and prices (USD, as in
+    models.json) replacing the catalog's. Read by every process when it publishes its models."""
+
+    model_id = peewee.TextField(primary_key=True)
+    enabled = peewee.BooleanField(default=True)
+    pricing = peewee.TextField(null=True)  # JSON: {"prompt", "completion", "request"}
+    updated_at = peewee.DoubleField()
+
+    class Meta:
+        table_name = "model_overrides"
+
+
 class AdminAction(_Base):
     """A change the operator made (dashboard or admin API): append-only."""
 
@@ -366,7 +379,8 @@ class AdminAction(_Base):
 MODELS: Sequence[type[peewee.Model]] = (ApiKey, LedgerEntry, Reservation, Instance, StoredProof,
                                         Payment, Refund, Invoice, KeysetCounter, Payout,
                                         PendingSwap, RateHit, LockedProof, AdminSession,
-                                        AdminLoginFailure, AdminAction)
+                                        AdminLoginFailure, AdminAction,
+                                        ModelOverride)
 
 # Indexes made (if missing) on tables old and new, partial where only a few rows need one:
 # a plain key's reservation never touches the limit_key index.

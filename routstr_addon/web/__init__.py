@@ -64,6 +64,7 @@ class Services:
     directory: Directory | None = None  # made on the first /v1/providers
     readiness: Readiness | None = None  # /ready's checks
     metrics: Metrics | None = None  # /metrics (None: metrics are off)
+    catalog: Any = None  # the providers' models (the admin API publishes them again)
     invoice_limit: RateLimit = field(default_factory=RateLimit)  # invoices per client address
     payouts: Payouts | None = None  # refunds to a key's refund address
     health: Health | None = None  # the upstream providers' breakers (set by the runtime)

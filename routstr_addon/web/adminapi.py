@@ -10,6 +10,7 @@ JSON with ``Authorization: Bearer <ADMIN_TOKEN>``.
 ``GET  /admin/api/balances``               the books and the figures over all keys
 ``GET  /admin/api/upstreams``              the upstream (one, from the settings)
 ``GET  /admin/api/models``                 the models offered, with their prices
+``PATCH /admin/api/models/{id}``           ``{"enabled", "pricing"}``: offer it or not, prices
 ``POST /admin/api/withdraw``               ``{"amount_sats", "mint"}`` → a token of the margin
 ``GET  /admin/api/logs/{request_id}``      what the ledger knows of one request
 ``GET  /admin/api/logs/recent?kind=&key=`` the newest journal rows (``before``: older ones)
@@ -30,6 +31,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from mitmproxy import http
@@ -109,6 +111,8 @@ def _route(method: str, parts: list[str]) -> Route | None:
             return _upstreams
         case "GET", ["models"]:
             return _models
+        case "PATCH", ["models", *name] if name:  # model ids hold slashes
+            return _override_model
         case "POST", ["withdraw"]:
             return _withdraw
         case "GET", ["logs", "recent"]:
@@ -238,8 +242,71 @@ def _models(services: Services, request: http.Request, parts: list[str]) -> http
         if pricing.rate is not None:
             entry["max_cost_msat"] = pricing.max_cost(model, None, None)
         models.append(entry)
+    overrides = services.ledger.admin.model_overrides()
+    for entry in models:
+        entry["override"] = _override_json(overrides.get(entry["id"]))
+    offered = {entry["id"] for entry in models}
+    models += [{"id": model_id, "enabled": False, "override": _override_json(found)}
+               for model_id, found in sorted(overrides.items())
+               if not found[0] and model_id not in offered]
     return json_response(200, {"models": models, "pricing": "model_based"
                                if services.config.model_based_pricing else "fixed"})
+
+
+def _override_json(found: tuple[bool, dict[str, str] | None] | None) -> Any:
+    return None if found is None else {"enabled": found[0], "pricing": found[1]}
+
+
+_PRICE_FIELDS = ("prompt", "completion", "request", "input_cache_read")
+
+
+def _override_model(services: Services, request: http.Request, parts: list[str]) -> Answer:
+    """Offer a model or not, and/or replace its USD prices (models.json's fields, per token
+    and per request) on every process sharing the ledger (each publishes its models again
+    within seconds; this one at once). ``"pricing": null`` goes back to the catalog's."""
+    model_id = "/".join(parts[1:])[:200]
+    overrides = services.ledger.admin.model_overrides()
+    known = services.pricing.resolve(model_id)
+    if known is not None:
+        model_id = known.id
+    elif model_id not in overrides:
+        raise ApiError(404, f"No model {model_id!r} is offered or overridden here.",
+                       code="model_not_found")
+    body = _body(request)
+    enabled, pricing = overrides.get(model_id, (True, None))
+    if "enabled" in body:
+        if not isinstance(body["enabled"], bool):
+            raise ApiError(400, "'enabled' must be true or false.", param="enabled",
+                           code="invalid_value")
+        enabled = body["enabled"]
+    if "pricing" in body:
+        pricing = _prices(body["pricing"])
+    services.ledger.admin.set_model_override(model_id, enabled, pricing, time.time())
+    _journal_change(services, "model.override", model_id,
+                    json.dumps({"enabled": enabled, "pricing": pricing}))
+    if services.catalog is not None:
+        services.catalog.publish()
+    return json_response(200, {"id": model_id,
+                               "override": _override_json((enabled, pricing))})
+
+
+def _prices(value: Any) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not value or set(value) - set(_PRICE_FIELDS):
+        raise ApiError(400, f"'pricing' must be an object of USD prices ({', '.join(_PRICE_FIELDS)}"
+                       ") or null.", param="pricing", code="invalid_value")
+    out = {}
+    for name, price in value.items():
+        try:
+            number = Decimal(str(price))
+        except InvalidOperation:
+            number = Decimal(-1)
+        if isinstance(price, bool) or not number.is_finite() or number < 0 or number > 1000:
+            raise ApiError(400, f"'pricing.{name}' must be a USD amount from 0 to 1000.",
+                           param=f"pricing.{name}", code="invalid_value")
+        out[name] = str(number)
+    return out
 
 
 def _request_log(services: Services, request: http.Request, parts: list[str]) -> http.Response:
