@@ -27,6 +27,7 @@ from routstr_addon import settings
 from routstr_addon.background import Background
 from routstr_addon.errors import ApiError, install_error_pages
 from routstr_addon.observe.flows import FlowObserver
+from routstr_addon.observe.jsonlog import use_json_logs
 from routstr_addon.observe.quiet import close_connections, quiet_shutdown
 from routstr_addon.proxy.cors import Cors
 from routstr_addon.proxy.forward import PaidForward
@@ -153,6 +154,7 @@ class Routstr:
         self.serving = Serving(runtime)
         self.addons = [self.view, self.serving]
         self._config = config
+        use_json_logs(config.log_format == "json")
         if previous is not None:
             previous.retire(runtime)
         # Requests we answer ourselves must not open an upstream connection first.

@@ -199,7 +199,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds an answer of the primary mint or the upstream counts for /ready; older, "
             "/ready asks them itself."),
     Setting("LOG_FORMAT", str, "text",
-            "The line per request on stdout: text (key=value) or json; off: no such lines."),
+            "The line per request on stdout: text (key=value) or json (the proxy's own log "
+            "lines then JSON on stderr too); off: no such lines."),
     Setting("METRICS_TOKEN", str, "",
             "Bearer token that opens GET /metrics (Prometheus) on the proxy's port. Empty "
             "(and no METRICS_PORT): no metrics.", secret=True),

@@ -72,6 +72,9 @@ def request_lines(proxy: Proxy, request_id: str, timeout: float = 10.0) -> dict[
 def test_one_json_line_per_request_with_money_and_times_and_never_the_key(
         make_proxy: Any) -> None:
     proxy = make_proxy({"LOG_FORMAT": "json"})
+    own = proxy.output.wait_for(r'^\{"time":"[^"]+Z","level":"info","logger":"routstr",'
+                                r'"message":"routstr: model-based pricing')
+    assert json.loads(own.string)["message"].startswith("routstr: ")  # our own lines too
     key = proxy.new_key(sats=100)
     paid = raw(proxy, "POST", "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
                json={"model": "test/model", "messages": [{"role": "user", "content": "hi"}]})
