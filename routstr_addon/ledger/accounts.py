@@ -323,8 +323,7 @@ class Accounts:
         the amount on the key that pays (its parent, for a child) and count the request.
         Returns what the payer may still spend; raises ReserveError."""
         sql = self._sql
-        with self._db.cursor_transaction() as cur:
-            cur.execute(sql["lock_key"], (key_hash,))
+        with self._db.cursor_transaction(first=(sql["lock_key"], (key_hash,))) as cur:
             rows = cur.fetchall()
             if not rows:
                 raise ReserveError("unknown_key")

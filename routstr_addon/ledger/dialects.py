@@ -67,6 +67,8 @@ class Dialect:
     # The open reservations as their primary key's b-tree alone (SQLite's WITHOUT ROWID): one
     # page less written per commit on the request path.
     compact_reservations: ClassVar[bool] = False
+    # BEGIN and a first statement in one call (one round trip to a server).
+    begins_with_statement: ClassVar[bool] = False
 
     def open(self, url: str) -> peewee.Database:
         raise NotImplementedError
@@ -175,6 +177,7 @@ class SQLite(Dialect):
 class PostgreSQL(Dialect):
     name = "postgresql"
     begin_sql = "BEGIN"
+    begins_with_statement = True
     snapshot_sql = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
     _DURABLE = "SET LOCAL synchronous_commit = on"
 
