@@ -210,8 +210,11 @@ class Database:
         from routstr_addon.ledger.schema import EXTRA_INDEXES
 
         cur = self.cursor()
-        for statement in EXTRA_INDEXES:
-            cur.execute(statement)
+        for table, name, statement in EXTRA_INDEXES:
+            # Asked first: making one (even "IF NOT EXISTS") locks the table against writes
+            # for a moment, and every process and CLI command opens the ledger.
+            if name not in {i.name for i in self.peewee.get_indexes(table)}:
+                cur.execute(statement)
 
     def defer_checkpoints(self) -> None:
         self.dialect.defer_checkpoints(self.peewee)
