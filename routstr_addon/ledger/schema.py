@@ -384,9 +384,9 @@ MODELS: Sequence[type[peewee.Model]] = (ApiKey, LedgerEntry, Reservation, Instan
 
 # Indexes made (if missing) on tables old and new, partial where only a few rows need one:
 # a plain key's reservation never touches the limit_key index.
-EXTRA_INDEXES: Sequence[str] = (
-    "CREATE INDEX IF NOT EXISTS api_keys_parent ON api_keys (parent_key_hash) "
-    "WHERE parent_key_hash IS NOT NULL",
-    "CREATE INDEX IF NOT EXISTS reservations_limit_key ON reservations (limit_key) "
-    "WHERE limit_key IS NOT NULL",
+EXTRA_INDEXES: Sequence[tuple[str, str, str]] = (  # (table, name, statement)
+    ("api_keys", "api_keys_parent", "CREATE INDEX IF NOT EXISTS api_keys_parent ON api_keys "
+     "(parent_key_hash) WHERE parent_key_hash IS NOT NULL"),
+    ("reservations", "reservations_limit_key", "CREATE INDEX IF NOT EXISTS "
+     "reservations_limit_key ON reservations (limit_key) WHERE limit_key IS NOT NULL"),
 )
