@@ -343,7 +343,7 @@ def test_overrides_are_shared_through_the_ledger(database_url: str, tmp_path: Pa
                  spec("b", models=(ModelSpec(m, m, (), entry(m, "0.000002")),)))
         cat, pricing = catalog(tmp_path, specs)
         assert [o.provider for o in pricing.offers[m]] == ["a", "b"]
-        cat.overrides = got
+        cat.provider_overrides = got
         cat.publish()
         (only,) = pricing.offers[m]  # a is off; b re-priced
         assert only.provider == "b" and only.prompt == Fraction(5, 10**6)
@@ -365,7 +365,7 @@ def test_an_offer_gone_from_the_catalog_still_prices_its_requests_in_flight(
     cat, pricing = catalog(tmp_path, specs)
     in_flight = pricing.offers[m][0]  # a request reserved on provider a
     before = pricing.cost(in_flight, 1000, 1000)
-    cat.overrides = {("a", ""): Override("a", "", True, None, None, 0.0)}
+    cat.provider_overrides = {("a", ""): Override("a", "", True, None, None, 0.0)}
     cat.publish()  # a turned off while the request runs
     assert [o.provider for o in pricing.offers[m]] == ["b"]
     assert pricing.cost(in_flight, 1000, 1000) == before  # settles at a's price, no error

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -96,9 +96,12 @@ class Catalog:
         self.fetched: dict[str, list[str]] = {}
         self.refreshed: float | None = None  # wall time of the last good refresh
         self._unpriced: set[tuple[str, str]] = set()  # already logged
-        # Operators' live changes (routstr upstreams …, shared through the ledger): what is
-        # off and what is re-priced, by (provider, model id); model "": the whole provider.
-        self.overrides: dict[tuple[str, str], Override] = {}
+        # The operator's overrides (admin API, kept in the ledger): model id → (offered,
+        # prices replacing the catalog's); read at each publish.
+        self.overrides: Callable[[], Mapping[str, tuple[bool, Mapping[str, str] | None]]] = dict
+        # Operators' live changes per provider (routstr upstreams …, /admin/providers, shared
+        # through the ledger): off or re-priced, by (provider, model id); model "": all of it.
+        self.provider_overrides: dict[tuple[str, str], Override] = {}
 
     @property
     def needs_refresh(self) -> bool:
@@ -132,18 +135,24 @@ class Catalog:
         many models are offered."""
         offers: dict[str, list[ModelPrice]] = {}
         aliases: dict[str, str] = {}
-        overrides = self.overrides
+        overrides = self.overrides()
+        by_provider = self.provider_overrides
         for provider in self.providers:
-            whole = overrides.get((provider.name, ""))
+            whole = by_provider.get((provider.name, ""))
             if whole is not None and whole.disabled:
                 continue
             fee = Fraction(provider.fee) if provider.fee is not None else None
             for public_id, spec, entry in self._models(provider):
-                override = overrides.get((provider.name, public_id))
+                override = by_provider.get((provider.name, public_id))
                 if override is not None:
                     if override.disabled:
                         continue
                     entry = _repriced(entry, override)
+                enabled, prices = overrides.get(public_id, (True, None))
+                if not enabled:
+                    continue
+                if prices:
+                    entry = {**entry, "pricing": {**(entry.get("pricing") or {}), **prices}}
                 try:
                     price = ModelPrice.from_entry({**entry, "id": public_id}, provider.name,
                                                   spec.upstream_id, fee)
@@ -306,7 +315,7 @@ async def follow_overrides(catalog: Catalog, ledger: Ledger, every: float = 3.0)
             if version != seen:
                 overrides = {(o.provider, o.model): o for o in ledger.upstreams.all()}
                 if seen is not None or overrides:
-                    catalog.overrides = overrides
+                    catalog.provider_overrides = overrides
                     catalog.publish()
                     logger.info("routstr: provider changes applied (%d in force)",
                                 len(overrides))
