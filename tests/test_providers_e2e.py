@@ -211,6 +211,11 @@ def test_failing_providers_are_skipped_before_the_first_byte(
         assert "skipped" in rows["refusing"] and "in use" in rows["healthy"]
         assert "HTTP 500" in rows["err500"]
         assert "sk-" not in page
+        # /ready shows each provider's breaker (names and figures, no URL or key).
+        ready = httpx.get(f"{proxy.url}/ready", timeout=30).json()
+        states = {p["name"]: p["state"] for p in ready["providers"]}
+        assert states["refusing"] == "open" and states["healthy"] == "closed"
+        assert "127.0.0.1" not in json.dumps(ready["providers"])
         # `routstr upstreams health` asks each provider now.
         out = subprocess.run([str(BIN / "routstr"), "upstreams", "health", "--json",
                               "--wait", "2"], env=proxy.env, cwd=proxy.workdir,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from mitmproxy import http
 
 from routstr_addon import __version__
@@ -56,10 +58,13 @@ async def ready(services: Services, request: http.Request, peer: Peer) -> http.R
     readiness = services.readiness
     checks = await readiness.checks() if readiness is not None else []
     ok = bool(checks) and all(c.ok for c in checks)
-    return json_response(200 if ok else 503, {
-        "status": "ready" if ok else "not_ready",
-        "checks": {c.name: c.as_json() for c in checks},
-    }, {"cache-control": "no-store"})
+    body: dict[str, Any] = {"status": "ready" if ok else "not_ready",
+                            "checks": {c.name: c.as_json() for c in checks}}
+    if services.health is not None and len(services.health.breakers) > 1:
+        # Each provider's breaker as this process sees it (names only, never URLs or keys).
+        body["providers"] = [{k: v for k, v in f.items() if k != "last_error"}
+                             for f in services.health.facts()]
+    return json_response(200 if ok else 503, body, {"cache-control": "no-store"})
 def _payment_key(services: Services) -> str | None:
     payments = services.payments
     if payments is None or payments.locked is None:
