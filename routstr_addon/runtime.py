@@ -27,6 +27,7 @@ from routstr_addon.proxy.route import Route
 from routstr_addon.settings import Config, SettingError
 from routstr_addon.upstreams.catalog import Catalog, Router
 from routstr_addon.upstreams.failover import Failover
+from routstr_addon.upstreams.nodes import NodePayer
 from routstr_addon.web import AdminState, Services
 
 __all__ = ["Runtime"]
@@ -64,8 +65,13 @@ class Runtime:
         if catalog.needs_refresh:
             catalog.load_snapshot()
         catalog.publish()
+        nodes = any(p.is_node for p in config.providers)
+        if nodes and not config.cashu_mints:
+            raise SettingError("PROVIDERS_PATH: a provider of type routstr is paid with ecash: "
+                               "set CASHU_MINTS (and fund the wallet)")
         failover = (Failover(router.health, config.upstream_connect_timeout,
-                             config.upstream_timeout) if len(config.providers) > 1 else None)
+                             config.upstream_timeout)
+                    if len(config.providers) > 1 or nodes else None)
         route = Route(config.providers, router.health, failover)
         private_dir(config.data_dir)
         for line in exposed([config.data_dir, *sqlite_files(config.database_url),
@@ -85,6 +91,9 @@ class Runtime:
                       if config.locked_payments and wallet.payment_key is not None else None)
             payments = Payments(ledger, wallet, invoices, config.swap_untrusted_mints, locked)
             payouts = Payouts(ledger, wallet, config, payments)
+            if failover is not None and nodes:
+                failover.payer = NodePayer(ledger, wallet, router.health,
+                                           catalog.node_info.get)
         services = Services(config, ledger, pricing, wallet, payments, invoices,
                             admin or AdminState(), payouts=payouts, health=router.health)
         return cls(config, ledger, pricing, Meter(config, ledger, pricing), services, wallet,

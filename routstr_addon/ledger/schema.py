@@ -11,9 +11,8 @@ from collections.abc import Sequence
 import peewee
 
 __all__ = ["EXTRA_INDEXES", "MODELS", "UNIT_MSAT", "ApiKey", "Instance", "Invoice",
-           "KeysetCounter", "LedgerEntry", "LockedProof", "Payment", "Payout", "PendingSwap",
-           "RateHit", "Refund",
-           "Reservation", "StoredProof"]
+           "KeysetCounter", "LedgerEntry", "LockedProof", "NodePayment", "Payment", "Payout",
+           "PendingSwap", "RateHit", "Refund", "Reservation", "StoredProof"]
 
 UNIT_MSAT = {"sat": 1000, "msat": 1}  # the ecash units the proxy takes and stores, in msat
 
@@ -323,9 +322,35 @@ class KeysetCounter(_Base):
         table_name = "keyset_counters"
 
 
+class NodePayment(_Base):
+    """A token sent to another Routstr node with one request (``X-Cashu``), and what came
+    back: the cost of that request to this proxy is ``sent - change``. ``loss``: change the
+    node kept beyond the cost it reported. ``state``: sent (in flight) | settled | recovered
+    (the node never took the token: received back into the wallet) | lost."""
+
+    id = peewee.BigAutoField()
+    request_id = peewee.CharField(max_length=64)  # the user's request (one per node tried)
+    provider = peewee.TextField()
+    mint = peewee.TextField()
+    unit = peewee.CharField(max_length=8)
+    token = peewee.TextField()  # the token sent: to take it back if the node never used it
+    sent_msat = peewee.BigIntegerField()
+    change_msat = peewee.BigIntegerField(default=0)
+    reported_msat = peewee.BigIntegerField(null=True)  # the node's cost header, if any
+    cost_msat = peewee.BigIntegerField(default=0)
+    loss_msat = peewee.BigIntegerField(default=0)
+    state = peewee.CharField(max_length=16)
+    created_at = peewee.DoubleField()
+    settled_at = peewee.DoubleField(null=True)
+
+    class Meta:
+        table_name = "node_payments"
+        indexes = ((("request_id",), False), (("state",), False))
+
+
 MODELS: Sequence[type[peewee.Model]] = (ApiKey, LedgerEntry, Reservation, Instance, StoredProof,
                                         Payment, Refund, Invoice, KeysetCounter, Payout,
-                                        PendingSwap, RateHit, LockedProof)
+                                        PendingSwap, RateHit, LockedProof, NodePayment)
 
 # Indexes made (if missing) on tables old and new, partial where only a few rows need one:
 # a plain key's reservation never touches the limit_key index.

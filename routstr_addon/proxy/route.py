@@ -15,6 +15,7 @@ from typing import Any
 
 from mitmproxy import http
 
+from routstr_addon.errors import ApiError
 from routstr_addon.metering.meter import Paid
 from routstr_addon.metering.pricing import ModelPrice
 from routstr_addon.metering.surface import upstream_body
@@ -48,6 +49,8 @@ class Route:
         self.failover = failover
         self.auth = {p.name: tuple((k.encode(), v.encode()) for k, v in provider_headers(p))
                      for p in providers}
+        # Routstr nodes: paid per request by the hop, so their requests always go through it.
+        self.nodes = frozenset(p.name for p in providers if p.is_node)
 
     def body(self, paid: Paid) -> bytes | None:
         """The body the first provider gets: the one built from what was priced, with the
@@ -63,7 +66,8 @@ class Route:
         target = f"/{paid.path}"
         offers = paid.offers
         failover = self.failover
-        if len(offers) > 1 and failover is not None and failover.port:
+        via_hop = len(offers) > 1 or bool(offers and offers[0].provider in self.nodes)
+        if via_hop and failover is not None and failover.port:
             # A client's own plan header would pick another request's plan: never passed on.
             fields = tuple(f for f in req.headers.fields if f[0].lower() != _PLAN)
             attempts = tuple(self._attempt(o, target, paid, req) for o in offers)
@@ -75,6 +79,10 @@ class Route:
         offer = offers[0] if offers else None
         provider = self.providers.get(offer.provider) if offer else None
         provider = provider or self.default
+        if provider.is_node:  # unpaid, it would answer 402: never sent there directly
+            raise ApiError(503, "The provider of this model cannot be paid right now; nothing "
+                           "was charged.", type="service_unavailable",
+                           code="upstream_unreachable", headers={"retry-after": "5"})
         paid.provider = provider.name
         req.headers.fields += self.auth[provider.name]
         upstream = provider.upstream
@@ -129,10 +137,12 @@ class Route:
         provider = self.providers[offer.provider]
         up = provider.upstream
         assert up is not None  # several providers: each has its URL
+        node = offer.info.get("sats_pricing") if provider.is_node else None
         return Attempt(offer.provider, up.scheme, up.host, up.port, up.base_path + target,
                        tuple(provider_headers(provider)),
                        body_for(paid.endpoint, paid.body, paid.upstream_body, offer)
-                       or req.raw_content or b"")
+                       or req.raw_content or b"", node if isinstance(node, dict) else
+                       ({} if provider.is_node else None))
 
 
 def body_for(kind: str | None, body: dict[str, Any] | None, built: bytes | None,

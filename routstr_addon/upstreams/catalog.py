@@ -65,7 +65,7 @@ class Router:
 
         def rank(o: ModelPrice) -> tuple[bool, Fraction, int, float]:
             b = breakers.get(o.provider)
-            reference = (o.prompt * 1000 + o.completion * 1000 + o.request) * pricing.fee_of(o)
+            reference = pricing.reference(o)
             return (b is not None and not b.usable, reference, -self.priority.get(o.provider, 0),
                     b.last_failure if b is not None else 0.0)
 
@@ -85,13 +85,17 @@ class Catalog:
         self.static = static
         self.openrouter: dict[str, Mapping[str, Any]] = {}
         self.fetched: dict[str, list[str]] = {}
+        # Routstr nodes: their /v1/models entries (with sats_pricing) and their /v1/info.
+        self.nodes: dict[str, list[Mapping[str, Any]]] = {}
+        self.node_info: dict[str, Mapping[str, Any]] = {}
         self.refreshed: float | None = None  # wall time of the last good refresh
         self._unpriced: set[tuple[str, str]] = set()  # already logged
 
     @property
     def needs_refresh(self) -> bool:
         """Whether any provider takes its prices from OpenRouter or its models from itself."""
-        return any(p.fetch or any(m.entry is None for m in p.models) for p in self.providers)
+        return any(p.fetch or p.is_node or any(m.entry is None for m in p.models)
+                   for p in self.providers)
 
     # -- building ---------------------------------------------------------------------------
 
@@ -111,6 +115,13 @@ class Catalog:
         if isinstance(fetched, dict):
             self.fetched = {str(k): [str(i) for i in v if isinstance(i, str)]
                             for k, v in fetched.items() if isinstance(v, list)}
+        nodes = data.get("nodes")
+        if isinstance(nodes, dict):
+            self.nodes = {str(k): [e for e in v if isinstance(e, dict)]
+                          for k, v in nodes.items() if isinstance(v, list)}
+        info = data.get("node_info")
+        if isinstance(info, dict):
+            self.node_info = {str(k): v for k, v in info.items() if isinstance(v, dict)}
         saved = data.get("saved_at")
         self.refreshed = float(saved) if isinstance(saved, int | float) else None
         return True
@@ -122,6 +133,16 @@ class Catalog:
         aliases: dict[str, str] = {}
         for provider in self.providers:
             fee = Fraction(provider.fee) if provider.fee is not None else None
+            if provider.is_node:
+                for entry in self.nodes.get(provider.name, ()):
+                    try:
+                        price = ModelPrice.from_node_entry(entry, provider.name, fee)
+                    except (ValueError, KeyError, TypeError, ArithmeticError) as e:
+                        logger.warning("node %s: model %s left out: %s", provider.name,
+                                       entry.get("id"), e)
+                        continue
+                    offers.setdefault(price.id, []).append(price)
+                continue
             for public_id, spec, entry in self._models(provider):
                 try:
                     price = ModelPrice.from_entry({**entry, "id": public_id}, provider.name,
@@ -195,6 +216,9 @@ class Catalog:
             logger.warning("OpenRouter's model list not refreshed (%s); keeping the last "
                            "(%d models)", _reason(e), len(self.openrouter))
         for provider in self.providers:
+            if provider.is_node:
+                taken = await self._refresh_node(client, provider) or taken
+                continue
             if not provider.fetch:
                 continue
             try:
@@ -217,9 +241,36 @@ class Catalog:
             self.publish()
         return taken
 
+    async def _refresh_node(self, client: httpx.AsyncClient, provider: ProviderSpec) -> bool:
+        """A Routstr node's models with their sats prices, and its /v1/info (its mints)."""
+        try:
+            resp = await client.get(f"{provider.base_url}/models")
+            resp.raise_for_status()
+            data = resp.json().get("data")
+            entries: list[Mapping[str, Any]] = [
+                m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)
+                and isinstance(m.get("sats_pricing"), dict)]
+            if not entries:
+                raise ValueError("no model with sats_pricing in the answer")
+            self.nodes[provider.name] = entries
+        except Exception as e:
+            logger.warning("node %s: model list not refreshed (%s); keeping the last "
+                           "(%d models)", provider.name, _reason(e),
+                           len(self.nodes.get(provider.name, ())))
+            return False
+        try:
+            resp = await client.get(f"{provider.base_url}/info")
+            resp.raise_for_status()
+            info = resp.json()
+            if isinstance(info, dict):
+                self.node_info[provider.name] = info
+        except Exception as e:
+            logger.info("node %s: /v1/info not read (%s)", provider.name, _reason(e))
+        return True
+
     def _save(self) -> None:
         data = {"saved_at": self.refreshed, "openrouter": list(self.openrouter.values()),
-                "fetched": self.fetched}
+                "fetched": self.fetched, "nodes": self.nodes, "node_info": self.node_info}
         tmp = self.snapshot_path.with_suffix(".tmp")
         try:
             self.snapshot_path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,12 +22,15 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import h11
 
 from routstr_addon.errors import error_body
 from routstr_addon.upstreams.health import Health
+from routstr_addon.upstreams.nodes import NodePayer, Returned, Scrubber, Ticket
 
 __all__ = ["ATTEMPTS_HEADER", "PLAN_HEADER", "PROVIDER_HEADER", "Attempt", "Failover"]
 
@@ -59,6 +62,8 @@ class Attempt:
     target: str  # path and query on that provider
     headers: tuple[tuple[str, str], ...]  # its key and its own headers
     body: bytes
+    # A Routstr node: the model's sats_pricing there (the attempt is paid with X-Cashu).
+    node: Mapping[str, Any] | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True)
@@ -77,6 +82,7 @@ class Failover:
         self.plans: dict[str, Plan] = {}
         self.port = 0  # 0: not listening (yet); requests then go to their first provider
         self.pool = Pool()
+        self.payer: NodePayer | None = None  # pays Routstr nodes (set with a wallet)
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -137,10 +143,18 @@ class Failover:
         tried: list[str] = []
         for number, attempt in enumerate(plan.attempts, 1):
             last = number == len(plan.attempts)
+            ticket: Ticket | None = None
+            headers = passed
+            if attempt.node is not None:
+                ticket = await self._pay(plan_id, attempt)
+                if ticket is None:
+                    tried.append(attempt.provider)
+                    continue
+                headers = [*passed, (b"x-cashu", ticket.token.encode())]
             started = time.monotonic()
             try:
                 upstream = await asyncio.wait_for(
-                    self.pool.request(attempt, request.method, passed, self.connect_timeout),
+                    self.pool.request(attempt, request.method, headers, self.connect_timeout),
                     self.answer_timeout if last else self.connect_timeout)
             except (TimeoutError, OSError, h11.ProtocolError, ConnectionError) as e:
                 reason = _reason(e)
@@ -148,12 +162,15 @@ class Failover:
                 logger.warning("request %s: provider %s failed before answering (%s)%s",
                                plan_id, attempt.provider, reason,
                                "" if last else "; trying the next")
+                self._take_back(ticket, reason)
                 tried.append(attempt.provider)
                 continue
             status = upstream.response.status_code
-            if status == 429 or status >= 500:
+            refused_payment = ticket is not None and status == 402
+            if status == 429 or status >= 500 or refused_payment:
                 self.health.failure(attempt.provider, f"HTTP {status}")
-                if not last:
+                self._take_back(ticket, f"HTTP {status}")
+                if not last or refused_payment:
                     upstream.close()
                     logger.warning("request %s: provider %s answered %d; trying the next",
                                    plan_id, attempt.provider, status)
@@ -162,10 +179,36 @@ class Failover:
             else:
                 self.health.success(attempt.provider, time.monotonic() - started)
             tried.append(attempt.provider)
-            await upstream.relay(conn, writer, attempt.provider, len(tried), self.pool)
+            if ticket is None:
+                await upstream.relay(conn, writer, attempt.provider, len(tried), self.pool)
+                return
+            returned = Returned()
+            await upstream.relay(conn, writer, attempt.provider, len(tried), self.pool,
+                                 returned)
+            assert self.payer is not None
+            self.payer.later(self.payer.settle(ticket, returned))
             return
         await _send_error(conn, writer, 502, "No provider of this model could be reached "
                           f"({', '.join(tried)}); nothing was charged.")
+
+    async def _pay(self, plan_id: str, attempt: Attempt) -> Ticket | None:
+        """A token for a node, or None (logged) when the wallet cannot pay it."""
+        payer = self.payer
+        if payer is None or attempt.node is None:
+            logger.warning("request %s: node %s skipped: no wallet to pay it", plan_id,
+                           attempt.provider)
+            return None
+        base = f"{attempt.scheme}://{attempt.host}:{attempt.port}"
+        try:
+            return await payer.pay(plan_id, attempt.provider, base, attempt.node)
+        except Exception as e:
+            logger.warning("request %s: node %s skipped: cannot pay it (%s)", plan_id,
+                           attempt.provider, _reason(e))
+            return None
+
+    def _take_back(self, ticket: Ticket | None, why: str) -> None:
+        if ticket is not None and self.payer is not None:
+            self.payer.later(self.payer.take_back(ticket, why))
 
 
 class _Refused(ConnectionError):
@@ -186,10 +229,19 @@ class Upstream:
         self.writer.close()
 
     async def relay(self, conn: h11.Connection, writer: asyncio.StreamWriter, provider: str,
-                    attempts: int, pool: Pool) -> None:
-        """Pass the answer on as it arrives. Cut short upstream: cut short here."""
+                    attempts: int, pool: Pool, returned: Returned | None = None) -> None:
+        """Pass the answer on as it arrives. Cut short upstream: cut short here.
+        ``returned``: a Routstr node's answer, whose change and cost are taken out into it."""
         resp = self.response
         headers = [(k, v) for k, v in resp.headers if k not in _SKIP or k == b"content-length"]
+        scrub = None
+        if returned is not None:
+            for k, v in headers:
+                returned.header(k, v)
+            sse = any(k == b"content-type" and b"text/event-stream" in v for k, v in headers)
+            headers = [(k, v) for k, v in headers if k != b"x-cashu"
+                       and not k.startswith(b"x-routstr-") and k != b"content-length"]
+            scrub = Scrubber(returned, sse)
         headers += [(_PROVIDER, provider.encode()), (_ATTEMPTS, b"%d" % attempts)]
         try:
             writer.write(conn.send(h11.Response(status_code=resp.status_code, headers=headers,
@@ -197,9 +249,17 @@ class Upstream:
             while True:
                 event = await _next(self.conn, self.reader)
                 if isinstance(event, h11.Data):
-                    writer.write(conn.send(h11.Data(data=event.data)) or b"")
-                    await writer.drain()
+                    data = event.data if scrub is None else scrub.feed(event.data)
+                    if data:
+                        writer.write(conn.send(h11.Data(data=data)) or b"")
+                        await writer.drain()
                 elif isinstance(event, h11.EndOfMessage):
+                    if scrub is not None:
+                        assert returned is not None
+                        returned.complete = True
+                        tail = scrub.finish()
+                        if tail:
+                            writer.write(conn.send(h11.Data(data=tail)) or b"")
                     writer.write(conn.send(h11.EndOfMessage()) or b"")
                     await writer.drain()
                     pool.release(self)

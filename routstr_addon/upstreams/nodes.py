@@ -1,0 +1,246 @@
+"""Other Routstr nodes as providers, paid per request with ``X-Cashu`` from this proxy's wallet.
+
+For each attempt at a node the failover hop asks ``NodePayer.pay`` for a token covering the
+node's published maximum for a request (its ``sats_pricing.max_cost``), sends it with the
+request, and hands back what the node returned: its change (the ``X-Cashu`` header, the
+stream's ``: x-cashu`` comment, an error body's ``x_cashu``) and the cost it reported. The
+change is received into the wallet; the cost to this proxy is what was sent less what came
+back, journaled in ``node_payments`` beside the user's charge. A node that did not take the
+request (refused, 402, 429, 5xx) has its token taken back: redeemed into the wallet again.
+Change a node kept beyond the cost it reported is a loss against it, and a failure of its
+health.
+
+What a node returns never reaches the user: the hop strips its ``X-Cashu`` and
+``x-routstr-*`` headers, its cost and change comments, and the change in its error bodies
+(``Scrubber``); the user gets this proxy's own cost and change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from routstr_addon.ecash.mint import MintUnreachable
+from routstr_addon.ecash.tokens import UNIT_MSAT, TokenError, parse_token
+from routstr_addon.ecash.wallet import Wallet, WalletError
+from routstr_addon.ledger import Ledger
+from routstr_addon.upstreams.health import Health
+
+__all__ = ["NodePayer", "Scrubber", "Ticket", "node_loss", "token_amount"]
+
+logger = logging.getLogger("routstr")
+
+_MARGIN_SATS = 1  # over the node's published maximum: its own rounding to the sat
+
+
+@dataclass(slots=True)
+class Ticket:
+    """One token sent to a node with one attempt of a request."""
+
+    row_id: int
+    request_id: str
+    provider: str
+    base_url: str
+    token: str
+    mint: str
+    unit: str
+    sent_msat: int
+
+
+def token_amount(sats_pricing: Mapping[str, Any], ppk: int = 0) -> int:
+    """Sats a token must carry to pay a node for any request of a model: its published
+    maximum rounded up, a sat for its rounding, and the mint's input fee on that many proofs
+    (as nodes add it to what they ask for)."""
+    max_cost = float(sats_pricing.get("max_cost") or 0)
+    if not math.isfinite(max_cost) or max_cost <= 0:
+        raise ValueError("the node publishes no max_cost for this model")
+    amount = math.ceil(max_cost) + _MARGIN_SATS
+    if ppk:
+        amount += -(-(ppk * max(1, amount.bit_length())) // 1000)
+    return amount
+
+
+def node_loss(sent_msat: int, change_msat: int, reported_msat: int | None) -> int:
+    """What a node kept beyond the cost it reported (msat, at least 0). Its change comes in
+    whole sats, so a charge is rounded up to the sat before comparing. No cost reported and
+    no change at all: everything sent is unaccounted for."""
+    kept = sent_msat - change_msat
+    if reported_msat is None:
+        return kept if change_msat == 0 else 0
+    return max(0, kept - -(-reported_msat // 1000) * 1000)
+
+
+@dataclass(slots=True)
+class Returned:
+    """What a node handed back with its answer (change tokens, the cost it reported)."""
+
+    changes: list[str] = field(default_factory=list)
+    reported_msat: int | None = None
+    complete: bool = False  # the answer arrived whole
+
+    def header(self, name: bytes, value: bytes) -> None:
+        if name == b"x-cashu" and value:
+            self.changes.append(value.decode("latin-1").strip())
+        elif name == b"x-routstr-cost-msats" and value.strip().isdigit():
+            self.reported_msat = int(value)
+
+
+class Scrubber:
+    """Takes a node's change and cost out of its answer's body as it passes.
+
+    SSE: events are passed on whole; the ``: x-cashu …`` and ``: x-routstr-cost-msats …``
+    comments are kept back and read. Anything else (JSON, errors): buffered and passed on at
+    the end with ``x_cashu`` taken out of an error body.
+    """
+
+    def __init__(self, returned: Returned, sse: bool) -> None:
+        self.returned = returned
+        self.sse = sse
+        self._pending = b""
+
+    def feed(self, data: bytes) -> bytes:
+        if not self.sse:
+            self._pending += data
+            return b""
+        self._pending += data
+        cut = self._pending.rfind(b"\n\n")
+        if cut < 0:
+            return b""
+        ready, self._pending = self._pending[:cut + 2], self._pending[cut + 2:]
+        out = []
+        for block in ready.split(b"\n\n")[:-1]:
+            if block.startswith(b": x-cashu "):
+                self.returned.changes.append(block[10:].decode("latin-1").strip())
+            elif block.startswith(b": x-routstr-cost-msats "):
+                words = block.split()
+                if len(words) > 2 and words[2].isdigit():
+                    self.returned.reported_msat = int(words[2])
+            else:
+                out.append(block + b"\n\n")
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        if self.sse or not rest:
+            return rest
+        try:
+            body = json.loads(rest)
+        except ValueError:
+            return rest
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):
+            change = body["error"].pop("x_cashu", None)
+            if isinstance(change, str) and change:
+                self.returned.changes.append(change)
+                return json.dumps(body).encode()
+        usage = body.get("usage") if isinstance(body, dict) else None
+        cost = usage.get("cost") if isinstance(usage, dict) else None
+        if self.returned.reported_msat is None and isinstance(cost, dict):
+            total = cost.get("total_msats")
+            if isinstance(total, int):
+                self.returned.reported_msat = total
+        return rest
+
+
+class NodePayer:
+    """Pays nodes from the wallet and takes their change back into it."""
+
+    def __init__(self, ledger: Ledger, wallet: Wallet, health: Health,
+                 node_info: Callable[[str], Mapping[str, Any] | None]) -> None:
+        """``node_info``: a node's /v1/info by provider name (its mints), if known."""
+        self.ledger = ledger
+        self.wallet = wallet
+        self.health = health
+        self.node_info = node_info
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def mint_for(self, provider: str) -> str:
+        """The first of this proxy's mints the node takes (the primary if it does not say)."""
+        info = self.node_info(provider) or {}
+        theirs = info.get("mints")
+        if isinstance(theirs, list) and theirs:
+            wanted = {str(m).rstrip("/") for m in theirs}
+            for url in self.wallet.mints:
+                if url.rstrip("/") in wanted:
+                    return url
+            raise WalletError(f"node {provider} takes none of this proxy's mints")
+        return self.wallet.primary.url
+
+    async def pay(self, request_id: str, provider: str, base_url: str,
+                  sats_pricing: Mapping[str, Any]) -> Ticket:
+        """A token for one attempt at a node, recorded as in flight."""
+        mint_url = self.mint_for(provider)
+        mint = self.wallet.mints[mint_url]
+        await mint.ensure_loaded()
+        ppk = max((k.input_fee_ppk for k in mint.keysets.values()
+                   if k.active and k.unit == "sat"), default=0)
+        amount = token_amount(sats_pricing, ppk)
+        token, fee = await self.wallet.send(mint_url, "sat", amount, f"node:{request_id}")
+        sent_msat = (amount - fee) * UNIT_MSAT["sat"]
+        with self.ledger.transaction(durable=True) as tx:
+            row_id = self.ledger.nodes.sent_in(tx, request_id, provider, mint_url, "sat", token,
+                                               sent_msat)
+        return Ticket(row_id, request_id, provider, base_url, token, mint_url, "sat", sent_msat)
+
+    def later(self, work: Any) -> None:
+        """Run settling work in the background (the answer has gone on already)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait for settling under way (shutdown, tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def settle(self, ticket: Ticket, returned: Returned) -> int:
+        """The node answered: receive its change, journal the cost; returns the loss."""
+        change_msat = 0
+        for text in returned.changes:
+            change_msat += await self._receive(ticket, text)
+        loss = node_loss(ticket.sent_msat, change_msat, returned.reported_msat)
+        state = "lost" if loss else "settled"
+        with self.ledger.transaction() as tx:
+            self.ledger.nodes.settle_in(tx, ticket.row_id, state, change_msat,
+                                        returned.reported_msat, loss)
+        if loss:
+            logger.warning("node %s kept %d msat beyond the cost it reported for request %s",
+                           ticket.provider, loss, ticket.request_id)
+            self.health.failure(ticket.provider, f"kept {loss} msat of change")
+        return loss
+
+    async def take_back(self, ticket: Ticket, why: str) -> None:
+        """The node did not serve the request: redeem its token into the wallet again. If
+        the node spent it, that is a loss against it."""
+        try:
+            got = await self._receive(ticket, ticket.token, own=True)
+        except MintUnreachable as e:
+            logger.warning("request %s: token sent to node %s not taken back yet (%s); it "
+                           "stays in flight", ticket.request_id, ticket.provider, e)
+            return
+        with self.ledger.transaction() as tx:  # recovered: the cost is the mint's fee
+            self.ledger.nodes.settle_in(tx, ticket.row_id, "recovered" if got else "lost", got,
+                                        None, 0 if got else ticket.sent_msat)
+        if not got:
+            logger.warning("request %s: node %s (%s) spent the token and served nothing",
+                           ticket.request_id, ticket.provider, why)
+            self.health.failure(ticket.provider, "spent a token for a failed request")
+
+    async def _receive(self, ticket: Ticket, text: str, own: bool = False) -> int:
+        """Redeem a token from the node (or our own, unused) into the pool; its msat, or 0
+        if it was bad or spent already."""
+        try:
+            token = parse_token(text)
+            redeemed = await self.wallet.redeem(token)
+        except (TokenError, WalletError) as e:
+            if not own:
+                logger.warning("request %s: change from node %s refused: %s",
+                               ticket.request_id, ticket.provider, e)
+            return 0
+        with self.ledger.transaction(durable=True) as tx:
+            self.wallet.store_in(tx, redeemed.mint, redeemed.unit, redeemed.proofs, "unspent")
+        return redeemed.msat
