@@ -53,6 +53,7 @@ _READERS = {"kraken": _read_kraken, "coinbase": _read_coinbase, "binance": _read
 # --- models ---------------------------------------------------------------------------------
 
 
+NODE_ROUNDING_SATS = 1  # per request paid to another node: its charge rounded up to the sat
 _NOMINAL_RATE = Fraction(100_000)  # USD per BTC, only to rank offers before a rate is known
 
 
@@ -119,14 +120,17 @@ class ModelPrice:
     def from_node_entry(cls, entry: Mapping[str, Any], provider: str,
                         fee: Fraction | None = None) -> ModelPrice:
         """A model as another Routstr node lists it in its ``/v1/models``: priced by its
-        ``sats_pricing`` (what that node charges, in sats per token and per request)."""
+        ``sats_pricing`` (what that node charges, in sats per token and per request), plus
+        ``NODE_ROUNDING_SATS`` per request: a node paid with ecash per request keeps its
+        charge rounded up to the whole sat (its change is in sats)."""
         sats_pricing = entry.get("sats_pricing")
         if not isinstance(sats_pricing, Mapping):
             raise ValueError(f"model {entry.get('id')!r} has no sats_pricing")
         price = cls.from_entry({**entry, "pricing": {
             k: sats_pricing.get(k) for k in ("prompt", "completion", "request")}},
             provider, str(entry["id"]), fee)
-        return replace(price, cache_read=None, cache_write=None, sats=True)
+        return replace(price, cache_read=None, cache_write=None, sats=True,
+                       request=price.request + NODE_ROUNDING_SATS)
 
     @property
     def completion_limit(self) -> int:

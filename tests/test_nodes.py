@@ -1,0 +1,312 @@
+"""A routing node: this proxy buying from other Routstr nodes, paid per request in ecash.
+
+Real processes: node B is this proxy in front of the test upstream, taking ecash from the test
+mint; router A is this proxy with B as a ``type: routstr`` provider, its wallet funded from the
+same mint. Users pay A (a funded key, x-cashu); A pays B per request with ``X-Cashu`` and takes
+its change back. Checked to the msat: the user's charge at A's price, B's change back in A's
+wallet, both books, A's journal of what each request cost at B. A node that is stopped, or
+answers 402 (a small server speaking the protocol), is failed over and its token taken back.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from fractions import Fraction
+from math import ceil
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+
+from routstr_addon.dev.demo import MiniServer, Request, Responder, run_in_thread
+from routstr_addon.dev.localmint import LocalMint
+from routstr_addon.ledger.nodes import NodePaymentRecord
+from routstr_addon.upstreams.nodes import Returned, Scrubber, node_loss, token_amount
+
+from .conftest import BIN, Proxy, books_balance, start_proxy
+from .ecash_user import UserWallet
+from .test_providers_e2e import closed_port
+from .upstream import TestUpstream
+
+MODEL = "test/model"
+MSG: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello node"}]
+ROUTER_FEE = "1.1"
+FUNDING_SATS = 3000
+
+
+def node(tmp_path: Path, name: str, upstream: TestUpstream, mint: LocalMint,
+         **env: str) -> Proxy:
+    return start_proxy(tmp_path / name, upstream.url, {
+        "UPSTREAM_BASE_URL": f"{upstream.url}/v1", "CASHU_MINTS": mint.url,
+        "CHANGE_POOL_PER_AMOUNT": "0", **env})
+
+
+def router(tmp_path: Path, nodes: list[dict[str, Any]], mint: LocalMint, user: UserWallet,
+           **env: str) -> Proxy:
+    path = tmp_path / "providers.json"
+    path.write_text(json.dumps({"providers": nodes}))
+    a = start_proxy(tmp_path / "a", nodes[0]["base_url"], {
+        "PROVIDERS_PATH": str(path), "CASHU_MINTS": mint.url, "CHANGE_POOL_PER_AMOUNT": "0",
+        "OPENROUTER_MODELS_URL": f"http://127.0.0.1:{closed_port()}/models", **env})
+    funded = subprocess.run([str(BIN / "routstr"), "wallet", "receive",
+                             user.token(FUNDING_SATS)], cwd=a.workdir, env=a.env,
+                            capture_output=True, text=True, timeout=60)
+    assert funded.returncode == 0, funded.stderr
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the catalog read the nodes' /v1/models
+        listed = httpx.get(f"{a.v1}/models", timeout=10).json()["data"]
+        if any(m["id"] == MODEL for m in listed):
+            return a
+        time.sleep(0.2)
+    raise AssertionError(f"A never listed {MODEL}: {a.output.text[-2000:]}")
+
+
+def node_price(b: Proxy) -> dict[str, Fraction]:
+    """B's published sats prices of the model, as A reads them."""
+    (entry,) = [m for m in httpx.get(f"{b.v1}/models", timeout=10).json()["data"]
+                if m["id"] == MODEL]
+    return {k: Fraction(Decimal(str(v))) for k, v in entry["sats_pricing"].items()}
+
+
+def a_price(prices: dict[str, Fraction], prompt: int, completion: int) -> int:
+    """A's charge in msat: B's sats prices, and a sat per request for B's rounding to the
+    sat, times A's fee, rounded up."""
+    sats = (prompt * prices["prompt"] + completion * prices["completion"] + prices["request"]
+            + 1)
+    return ceil(sats * Fraction(ROUTER_FEE) * 1000)
+
+
+def payments(proxy: Proxy, request_id: str | None = None) -> list[NodePaymentRecord]:
+    ledger = proxy.ledger()
+    try:
+        if request_id is not None:
+            return ledger.nodes.of_request(request_id)
+        return [r for rid, in ledger.db.execute_sql(
+            "SELECT DISTINCT request_id FROM node_payments").fetchall()
+            for r in ledger.nodes.of_request(rid)]
+    finally:
+        ledger.close()
+
+
+def wait_closed(proxy: Proxy, timeout: float = 20) -> list[NodePaymentRecord]:
+    """Every node payment settled (change received, or the token taken back)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = payments(proxy)
+        if rows and all(r.state != "sent" for r in rows):
+            return rows
+        if time.monotonic() > deadline:
+            raise AssertionError(f"node payments still open: {rows}")
+        time.sleep(0.1)
+
+
+def proofs_msat(proxy: Proxy) -> int:
+    ledger = proxy.ledger()
+    try:
+        return ledger.books().proofs_msat
+    finally:
+        ledger.close()
+
+
+def charged_at(proxy: Proxy) -> int:
+    """Everything the proxy charged its users (msat)."""
+    ledger = proxy.ledger()
+    try:
+        (total,) = ledger.db.execute_sql(
+            "SELECT COALESCE(SUM(-amount_msat), 0) FROM ledger_entries "
+            "WHERE kind IN ('charge', 'overrun')").fetchone()
+        return int(total)
+    finally:
+        ledger.close()
+
+
+@pytest.fixture
+def b_node(tmp_path: Path, upstream: TestUpstream, mint: LocalMint) -> Iterator[Proxy]:
+    b = node(tmp_path, "b", upstream, mint)
+    yield b
+    b.stop()
+
+
+def test_router_pays_a_node_per_request_and_keeps_the_margin(
+        tmp_path: Path, b_node: Proxy, mint: LocalMint, user: UserWallet) -> None:
+    b = b_node
+    a = router(tmp_path, [{"name": "b", "type": "routstr", "base_url": b.url,
+                           "fee": ROUTER_FEE}], mint, user)
+    try:
+        prices = node_price(b)
+        funded = proofs_msat(a)
+        assert funded == FUNDING_SATS * 1000
+        # /v1/models at A: the node's model at A's price.
+        (listed,) = [m for m in httpx.get(f"{a.v1}/models", timeout=10).json()["data"]
+                     if m["id"] == MODEL]
+        assert Fraction(Decimal(str(listed["sats_pricing"]["prompt"]))) == pytest.approx(
+            prices["prompt"] * Fraction(ROUTER_FEE))
+        # A user with a funded key, JSON.
+        key = a.new_key(sats=500)
+        raw = a.client(key).chat.completions.with_raw_response.create(model=MODEL,
+                                                                    messages=MSG)
+        assert raw.headers["x-routstr-provider"] == "b"
+        assert "x-cashu" not in raw.headers  # B's change is A's, never the user's
+        usage = raw.parse().usage
+        assert usage is not None
+        charge = a_price(prices, usage.prompt_tokens, usage.completion_tokens)
+        assert int(raw.headers["x-routstr-cost-msats"]) == charge
+        assert a.key_state(key).total_spent_msat == charge
+        request_id = raw.headers["x-routstr-request-id"]
+        wait_closed(a)
+        (paid,) = payments(a, request_id)
+        assert paid.provider == "b" and paid.state == "settled" and paid.loss_msat == 0
+        # What A sent covers B's published maximum; B's charge, rounded up to the sat (its
+        # change is whole sats), is what the request cost A.
+        assert paid.sent_msat == token_amount({"max_cost": float(prices["max_cost"])}) * 1000
+        assert paid.reported_msat is not None and 0 < paid.reported_msat <= charged_at(b)
+        assert paid.cost_msat == ceil(paid.reported_msat / 1000) * 1000
+        assert proofs_msat(b) == paid.cost_msat  # what B kept is what A paid
+        assert paid.change_msat == paid.sent_msat - paid.cost_msat
+        assert charge > paid.cost_msat  # the margin
+
+        # A stream: B's cost and change comments never reach the user; A's trailer does.
+        with httpx.stream("POST", f"{a.v1}/chat/completions", timeout=30,
+                          headers={"authorization": f"Bearer {key}"},
+                          json={"model": MODEL, "messages": MSG, "stream": True,
+                                "stream_options": {"include_usage": True}}) as resp:
+            assert resp.status_code == 200 and "x-cashu" not in resp.headers
+            body = resp.read().decode()
+        assert "cashu" not in body and body.rstrip().endswith("data: [DONE]")
+        (trailer,) = [line for line in body.splitlines()
+                      if line.startswith(": x-routstr-cost-msats")]
+        usage_event = [json.loads(line[6:]) for line in body.splitlines()
+                       if line.startswith("data: {") and '"usage"' in line
+                       and json.loads(line[6:]).get("usage")][-1]["usage"]
+        stream_charge = a_price(prices, usage_event["prompt_tokens"],
+                                usage_event["completion_tokens"])
+        assert int(trailer.split()[2]) == stream_charge
+
+        # A user paying with x-cashu at A: A's change, at A's price.
+        token = user.token(300)
+        resp = httpx.post(f"{a.v1}/chat/completions", timeout=30, headers={"x-cashu": token},
+                          json={"model": MODEL, "messages": MSG})
+        assert resp.status_code == 200, resp.text
+        cost = int(resp.headers["x-routstr-cost-msats"])
+        used = resp.json()["usage"]
+        assert cost == a_price(prices, used["prompt_tokens"], used["completion_tokens"])
+        assert user.amount(resp.headers["x-cashu"]) == (300_000 - cost) // 1000
+        assert user.receive(resp.headers["x-cashu"]) == (300_000 - cost) // 1000
+
+        rows = wait_closed(a)
+        assert len(rows) == 3 and all(r.state == "settled" and r.loss_msat == 0 for r in rows)
+        # A's wallet: the funding, plus what the x-cashu user left, less what B was paid.
+        xcashu_kept = 300_000 - (300_000 - cost) // 1000 * 1000
+        assert proofs_msat(a) == funded + xcashu_kept - sum(r.cost_msat for r in rows)
+        books_balance(a, mint.url)
+        books_balance(b, mint.url)
+        # The books of both: B holds what A paid it; A's margin is its charges less that.
+        assert proofs_msat(b) == sum(r.cost_msat for r in rows)
+        stats = subprocess.run([str(BIN / "routstr"), "ledger", "check"], cwd=a.workdir,
+                               env=a.env, capture_output=True, text=True, timeout=60)
+        assert stats.returncode == 0, stats.stdout + stats.stderr
+    finally:
+        a.stop()
+
+
+class RefusingNode(MiniServer):
+    """A node that lists the model cheaply and answers every request 402 without taking the
+    token (as a node whose minimum the token does not meet)."""
+
+    def __init__(self, mint_url: str) -> None:
+        super().__init__()
+        self.mint_url = mint_url
+        self.tokens: list[str] = []
+
+    async def handle(self, request: Request, responder: Responder) -> None:
+        if request.path == "/v1/models":
+            await responder.send(200, {"data": [{
+                "id": MODEL, "context_length": 4096, "pricing": {},
+                "top_provider": {"max_completion_tokens": 512},
+                "sats_pricing": {"prompt": 0.000001, "completion": 0.000001, "request": 0.0,
+                                 "max_cost": 3.5}}]})
+        elif request.path == "/v1/info":
+            await responder.send(200, {"name": "refusing", "mints": [self.mint_url]})
+        else:
+            self.tokens.append(request.headers.get("x-cashu", ""))
+            await responder.send(402, {"detail": {
+                "reason": "Insufficient balance", "amount_required_msat": 10**9,
+                "model": MODEL, "type": "minimum_balance_required"}})
+
+
+@pytest.mark.parametrize("failure", ["stopped", "402"])
+def test_a_failing_node_is_failed_over_and_its_token_taken_back(
+        tmp_path: Path, b_node: Proxy, upstream: TestUpstream, mint: LocalMint,
+        user: UserWallet, failure: str) -> None:
+    b = b_node
+    with run_in_thread(RefusingNode(mint.url)) as refusing:
+        assert isinstance(refusing, RefusingNode)
+        c = (node(tmp_path, "c", upstream, mint, UPSTREAM_PROVIDER_FEE="1.0")
+             if failure == "stopped" else None)
+        c_url = c.url if c is not None else refusing.url
+        a = router(tmp_path, [{"name": "b", "type": "routstr", "base_url": b.url,
+                               "fee": ROUTER_FEE},
+                              {"name": "c", "type": "routstr", "base_url": c_url,
+                               "fee": ROUTER_FEE}], mint, user)
+        try:
+            # C is the cheaper: A goes there first.
+            (listed,) = [m for m in httpx.get(f"{a.v1}/models", timeout=10).json()["data"]
+                         if m["id"] == MODEL]
+            assert Fraction(Decimal(str(listed["sats_pricing"]["prompt"]))) < \
+                node_price(b)["prompt"] * Fraction(ROUTER_FEE)
+            if c is not None:
+                c.stop()
+            key = a.new_key(sats=500)
+            raw = a.client(key).chat.completions.with_raw_response.create(model=MODEL,
+                                                                        messages=MSG)
+            assert raw.headers["x-routstr-provider"] == "b"
+            assert raw.headers["x-routstr-attempts"] == "2"
+            usage = raw.parse().usage
+            assert usage is not None
+            assert a.key_state(key).total_spent_msat == a_price(
+                node_price(b), usage.prompt_tokens, usage.completion_tokens)
+            rows = wait_closed(a)
+            first, second = payments(a, raw.headers["x-routstr-request-id"])
+            assert (first.provider, first.state) == ("c", "recovered")
+            assert first.change_msat == first.sent_msat and first.cost_msat == 0
+            assert (second.provider, second.state) == ("b", "settled")
+            if failure == "402":
+                assert refusing.tokens == [first.token]
+            # Nothing lost to C: A's wallet holds its funding less what B was paid.
+            assert proofs_msat(a) == FUNDING_SATS * 1000 - sum(r.cost_msat for r in rows)
+            books_balance(a, mint.url)
+            books_balance(b, mint.url)
+        finally:
+            a.stop()
+            if c is not None:
+                c.stop()
+
+
+def test_scrubber_takes_change_and_cost_out_of_a_stream() -> None:
+    returned = Returned()
+    scrub = Scrubber(returned, sse=True)
+    out = scrub.feed(b'data: {"a": 1}\n\n: x-routstr-cost-msats 1234 x-routstr-bal')
+    out += scrub.feed(b"ance-msats 5\n\n: x-cashu cashuBxyz\n\ndata: [DONE]\n\n")
+    out += scrub.finish()
+    assert out == b'data: {"a": 1}\n\ndata: [DONE]\n\n'
+    assert returned.changes == ["cashuBxyz"] and returned.reported_msat == 1234
+    errors = Returned()
+    scrub = Scrubber(errors, sse=False)
+    assert scrub.feed(b'{"error": {"message": "bad", "x_cashu": "cashuBabc"}}') == b""
+    assert json.loads(scrub.finish()) == {"error": {"message": "bad"}}
+    assert errors.changes == ["cashuBabc"]
+
+
+def test_node_loss_is_change_kept_beyond_the_reported_cost() -> None:
+    assert node_loss(10_000, 7_000, 2_500) == 0  # 2.5 sats charged: 3 sats kept
+    assert node_loss(10_000, 5_000, 2_500) == 2_000
+    assert node_loss(10_000, 0, None) == 10_000  # nothing back, nothing said
+    assert node_loss(10_000, 4_000, None) == 0
+    assert token_amount({"max_cost": 3.2}) == 5
+    assert token_amount({"max_cost": 3.2}, ppk=100) == 6
