@@ -216,27 +216,43 @@ def test_router_pays_a_node_per_request_and_keeps_the_margin(
 
 
 class RefusingNode(MiniServer):
-    """A node that lists the model cheaply and answers every request 402 without taking the
-    token (as a node whose minimum the token does not meet)."""
+    """A node speaking the protocol with fixed answers. ``refuse``: it answers every request
+    402 without taking the token (asking far more than any reservation). ``honour``: it
+    publishes too low a maximum, answers the first token 402 asking 4 sats, and the second
+    with a completion, handing that whole token back as change."""
 
-    def __init__(self, mint_url: str) -> None:
+    def __init__(self, mint_url: str, mode: str = "refuse") -> None:
         super().__init__()
         self.mint_url = mint_url
+        self.mode = mode
         self.tokens: list[str] = []
 
     async def handle(self, request: Request, responder: Responder) -> None:
+        honour = self.mode == "honour"
         if request.path == "/v1/models":
             await responder.send(200, {"data": [{
                 "id": MODEL, "context_length": 4096, "pricing": {},
                 "top_provider": {"max_completion_tokens": 512},
-                "sats_pricing": {"prompt": 0.000001, "completion": 0.000001, "request": 0.0,
-                                 "max_cost": 3.5}}]})
+                "sats_pricing": {"prompt": 0.000001, "completion": 0.000001,
+                                 "request": 5.0 if honour else 0.0,
+                                 "max_cost": 0.5 if honour else 3.5}}]})
         elif request.path == "/v1/info":
             await responder.send(200, {"name": "refusing", "mints": [self.mint_url]})
         else:
-            self.tokens.append(request.headers.get("x-cashu", ""))
+            token = request.headers.get("x-cashu", "")
+            self.tokens.append(token)
+            if honour and len(self.tokens) > 1:
+                await responder.send(200, {
+                    "id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+                    "model": MODEL, "choices": [{"index": 0, "finish_reason": "stop",
+                                                 "message": {"role": "assistant",
+                                                             "content": "hi"}}],
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}},
+                    headers={"x-cashu": token, "x-routstr-cost-msats": "0"})
+                return
             await responder.send(402, {"detail": {
-                "reason": "Insufficient balance", "amount_required_msat": 10**9,
+                "reason": "Insufficient balance",
+                "amount_required_msat": 4000 if honour else 10**9,
                 "model": MODEL, "type": "minimum_balance_required"}})
 
 
@@ -286,6 +302,30 @@ def test_a_failing_node_is_failed_over_and_its_token_taken_back(
             a.stop()
             if c is not None:
                 c.stop()
+
+
+def test_a_nodes_402_is_honoured_once_within_the_reservation(
+        tmp_path: Path, mint: LocalMint, user: UserWallet) -> None:
+    with run_in_thread(RefusingNode(mint.url, "honour")) as honouring:
+        assert isinstance(honouring, RefusingNode)
+        a = router(tmp_path, [{"name": "h", "type": "routstr", "base_url": honouring.url,
+                               "fee": ROUTER_FEE}], mint, user)
+        try:
+            key = a.new_key(sats=500)
+            raw = a.client(key).chat.completions.with_raw_response.create(model=MODEL,
+                                                                        messages=MSG)
+            assert raw.headers["x-routstr-provider"] == "h"
+            assert "x-cashu" not in raw.headers
+            wait_closed(a)
+            first, second = payments(a, raw.headers["x-routstr-request-id"])
+            assert [first.token, second.token] == honouring.tokens
+            assert (first.state, first.sent_msat, first.cost_msat) == ("recovered", 2000, 0)
+            assert (second.state, second.sent_msat) == ("settled", 5000)
+            assert second.change_msat == 5000 and second.cost_msat == 0
+            assert proofs_msat(a) == FUNDING_SATS * 1000
+            books_balance(a, mint.url)
+        finally:
+            a.stop()
 
 
 def test_scrubber_takes_change_and_cost_out_of_a_stream() -> None:

@@ -142,7 +142,7 @@ class Route:
                        tuple(provider_headers(provider)),
                        body_for(paid.endpoint, paid.body, paid.upstream_body, offer)
                        or req.raw_content or b"", node if isinstance(node, dict) else
-                       ({} if provider.is_node else None))
+                       ({} if provider.is_node else None), paid.reserved_msat)
 
 
 def body_for(kind: str | None, body: dict[str, Any] | None, built: bytes | None,

@@ -19,6 +19,7 @@ whatever happens next. A model with one provider never comes here.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import ssl
 import time
@@ -64,6 +65,7 @@ class Attempt:
     body: bytes
     # A Routstr node: the model's sats_pricing there (the attempt is paid with X-Cashu).
     node: Mapping[str, Any] | None = field(default=None, compare=False)
+    limit_msat: int = 0  # the most a node may ask for it (its 402): the user's reservation
 
 
 @dataclass(slots=True)
@@ -142,43 +144,12 @@ class Failover:
         passed = [(k, v) for k, v in request.headers if k not in _SKIP]
         tried: list[str] = []
         for number, attempt in enumerate(plan.attempts, 1):
-            last = number == len(plan.attempts)
-            ticket: Ticket | None = None
-            headers = passed
-            if attempt.node is not None:
-                ticket = await self._pay(plan_id, attempt)
-                if ticket is None:
-                    tried.append(attempt.provider)
-                    continue
-                headers = [*passed, (b"x-cashu", ticket.token.encode())]
-            started = time.monotonic()
-            try:
-                upstream = await asyncio.wait_for(
-                    self.pool.request(attempt, request.method, headers, self.connect_timeout),
-                    self.answer_timeout if last else self.connect_timeout)
-            except (TimeoutError, OSError, h11.ProtocolError, ConnectionError) as e:
-                reason = _reason(e)
-                self.health.failure(attempt.provider, reason, refused=isinstance(e, _Refused))
-                logger.warning("request %s: provider %s failed before answering (%s)%s",
-                               plan_id, attempt.provider, reason,
-                               "" if last else "; trying the next")
-                self._take_back(ticket, reason)
-                tried.append(attempt.provider)
-                continue
-            status = upstream.response.status_code
-            refused_payment = ticket is not None and status == 402
-            if status == 429 or status >= 500 or refused_payment:
-                self.health.failure(attempt.provider, f"HTTP {status}")
-                self._take_back(ticket, f"HTTP {status}")
-                if not last or refused_payment:
-                    upstream.close()
-                    logger.warning("request %s: provider %s answered %d; trying the next",
-                                   plan_id, attempt.provider, status)
-                    tried.append(attempt.provider)
-                    continue
-            else:
-                self.health.success(attempt.provider, time.monotonic() - started)
             tried.append(attempt.provider)
+            got = await self._attempt(plan_id, attempt, request.method, passed,
+                                      number == len(plan.attempts))
+            if got is None:
+                continue
+            upstream, ticket = got
             if ticket is None:
                 await upstream.relay(conn, writer, attempt.provider, len(tried), self.pool)
                 return
@@ -191,7 +162,83 @@ class Failover:
         await _send_error(conn, writer, 502, "No provider of this model could be reached "
                           f"({', '.join(tried)}); nothing was charged.")
 
-    async def _pay(self, plan_id: str, attempt: Attempt) -> Ticket | None:
+    async def _attempt(self, plan_id: str, attempt: Attempt, method: bytes,
+                       passed: list[tuple[bytes, bytes]], last: bool
+                       ) -> tuple[Upstream, Ticket | None] | None:
+        """Send one provider its version of the request: its answer to pass on, or None to
+        try the next. A node is paid first; its 402 (asking more than was sent, within what
+        the user's reservation covers) is honoured once with a new token."""
+        amount_msat: int | None = None
+        for payment in (1, 2):
+            ticket: Ticket | None = None
+            headers = passed
+            if attempt.node is not None:
+                ticket = await self._pay(plan_id, attempt, amount_msat)
+                if ticket is None:
+                    return None
+                headers = [*passed, (b"x-cashu", ticket.token.encode())]
+            started = time.monotonic()
+            try:
+                upstream = await asyncio.wait_for(
+                    self.pool.request(attempt, method, headers, self.connect_timeout),
+                    self.answer_timeout if last else self.connect_timeout)
+            except (TimeoutError, OSError, h11.ProtocolError, ConnectionError) as e:
+                reason = _reason(e)
+                self.health.failure(attempt.provider, reason, refused=isinstance(e, _Refused))
+                logger.warning("request %s: provider %s failed before answering (%s)%s",
+                               plan_id, attempt.provider, reason,
+                               "" if last else "; trying the next")
+                self._take_back(ticket, reason)
+                return None
+            status = upstream.response.status_code
+            if ticket is not None and (status == 402 or status == 429 or status >= 500):
+                required = await self._node_refused(ticket, upstream, status)
+                if (status == 402 and payment == 1 and required is not None
+                        and ticket.sent_msat < required <= attempt.limit_msat):
+                    logger.info("request %s: node %s asks %d msat; paying it once",
+                                plan_id, attempt.provider, required)
+                    amount_msat = required
+                    continue
+                self.health.failure(attempt.provider, f"HTTP {status}")
+                logger.warning("request %s: node %s answered %d; trying the next", plan_id,
+                               attempt.provider, status)
+                return None
+            if status == 429 or status >= 500:
+                self.health.failure(attempt.provider, f"HTTP {status}")
+                if not last:
+                    upstream.close()
+                    logger.warning("request %s: provider %s answered %d; trying the next",
+                                   plan_id, attempt.provider, status)
+                    return None
+            else:
+                self.health.success(attempt.provider, time.monotonic() - started)
+            return upstream, ticket
+        return None
+
+    async def _node_refused(self, ticket: Ticket, upstream: Upstream,
+                            status: int) -> int | None:
+        """A node's refusal: its change (if it took the token) is received, else the token
+        taken back; returns what a 402 says is required (msat), if it says."""
+        returned = Returned()
+        for k, v in upstream.response.headers:
+            returned.header(k, v)
+        try:
+            body = await asyncio.wait_for(upstream.read_body(), self.connect_timeout)
+        except (TimeoutError, OSError, h11.ProtocolError, ConnectionError):
+            body = b""
+        scrub = Scrubber(returned, sse=False)
+        scrub.feed(body)
+        scrub.finish()
+        upstream.close()
+        assert self.payer is not None
+        if returned.changes:
+            self.payer.later(self.payer.settle(ticket, returned))
+        else:
+            self._take_back(ticket, f"HTTP {status}")
+        return required_msat(body) if status == 402 else None
+
+    async def _pay(self, plan_id: str, attempt: Attempt,
+                   amount_msat: int | None = None) -> Ticket | None:
         """A token for a node, or None (logged) when the wallet cannot pay it."""
         payer = self.payer
         if payer is None or attempt.node is None:
@@ -200,7 +247,7 @@ class Failover:
             return None
         base = f"{attempt.scheme}://{attempt.host}:{attempt.port}"
         try:
-            return await payer.pay(plan_id, attempt.provider, base, attempt.node)
+            return await payer.pay(plan_id, attempt.provider, base, attempt.node, amount_msat)
         except Exception as e:
             logger.warning("request %s: node %s skipped: cannot pay it (%s)", plan_id,
                            attempt.provider, _reason(e))
@@ -227,6 +274,19 @@ class Upstream:
 
     def close(self) -> None:
         self.writer.close()
+
+    async def read_body(self, limit: int = 1 << 16) -> bytes:
+        """A short answer's whole body (a node's error), up to ``limit`` bytes."""
+        body = b""
+        while len(body) <= limit:
+            event = await _next(self.conn, self.reader)
+            if isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                raise ConnectionError("closed before the end of the answer")
+        return body
 
     async def relay(self, conn: h11.Connection, writer: asyncio.StreamWriter, provider: str,
                     attempts: int, pool: Pool, returned: Returned | None = None) -> None:
@@ -374,6 +434,23 @@ async def _send_error(conn: h11.Connection, writer: asyncio.StreamWriter, status
     writer.write(conn.send(h11.Data(data=body)) or b"")
     writer.write(conn.send(h11.EndOfMessage()) or b"")
     await writer.drain()
+
+
+def required_msat(body: bytes) -> int | None:
+    """What a Routstr node's 402 asks for: ``detail.amount_required_msat`` (routstr-core's
+    shape) or ``error.amount_required_msat``."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(parsed, dict):
+        return None
+    for part in ("detail", "error"):
+        inner = parsed.get(part)
+        value = inner.get("amount_required_msat") if isinstance(inner, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def _reason(e: BaseException) -> str:

@@ -171,14 +171,16 @@ class NodePayer:
         return self.wallet.primary.url
 
     async def pay(self, request_id: str, provider: str, base_url: str,
-                  sats_pricing: Mapping[str, Any]) -> Ticket:
-        """A token for one attempt at a node, recorded as in flight."""
+                  sats_pricing: Mapping[str, Any], amount_msat: int | None = None) -> Ticket:
+        """A token for one attempt at a node, recorded as in flight: its published maximum,
+        or ``amount_msat`` (what its 402 asked for)."""
         mint_url = self.mint_for(provider)
         mint = self.wallet.mints[mint_url]
         await mint.ensure_loaded()
         ppk = max((k.input_fee_ppk for k in mint.keysets.values()
                    if k.active and k.unit == "sat"), default=0)
-        amount = token_amount(sats_pricing, ppk)
+        amount = (token_amount(sats_pricing, ppk) if amount_msat is None
+                  else token_amount({"max_cost": amount_msat / 1000}, ppk))
         token, fee = await self.wallet.send(mint_url, "sat", amount, f"node:{request_id}")
         sent_msat = (amount - fee) * UNIT_MSAT["sat"]
         with self.ledger.transaction(durable=True) as tx:
