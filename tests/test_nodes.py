@@ -208,9 +208,17 @@ def test_router_pays_a_node_per_request_and_keeps_the_margin(
         books_balance(b, mint.url)
         # The books of both: B holds what A paid it; A's margin is its charges less that.
         assert proofs_msat(b) == sum(r.cost_msat for r in rows)
-        stats = subprocess.run([str(BIN / "routstr"), "ledger", "check"], cwd=a.workdir,
+        check = subprocess.run([str(BIN / "routstr"), "ledger", "check"], cwd=a.workdir,
                                env=a.env, capture_output=True, text=True, timeout=60)
-        assert stats.returncode == 0, stats.stdout + stats.stderr
+        assert check.returncode == 0, check.stdout + check.stderr
+        # routstr stats: per node, what users paid for its answers, what it cost, the margin.
+        stats = subprocess.run([str(BIN / "routstr"), "stats", "--json"], cwd=a.workdir,
+                               env=a.env, capture_output=True, text=True, timeout=60)
+        assert stats.returncode == 0, stats.stderr
+        (b_stats,) = json.loads(stats.stdout)["nodes"]
+        assert b_stats == {"provider": "b", "requests": 3, "revenue_msat": charged_at(a),
+                           "cost_msat": sum(r.cost_msat for r in rows), "loss_msat": 0,
+                           "margin_msat": charged_at(a) - sum(r.cost_msat for r in rows)}
     finally:
         a.stop()
 
