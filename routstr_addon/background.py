@@ -58,6 +58,8 @@ class Background:
         if rt.failover is not None:
             work["failover"] = rt.failover.start()
             work["probes"] = probe_forever(rt.catalog, config.upstream_connect_timeout)
+            if rt.failover.payer is not None:  # tokens a stop left in flight to nodes
+                work["node_tokens"] = rt.failover.payer.sweep_forever()
         work["sweeper"] = Sweeper(rt.meter).run()
         work["settlements"] = retry_settlements(rt.meter)
         if config.nostr.secret_key:  # NSEC: list this proxy on the Nostr relays, daily

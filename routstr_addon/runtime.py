@@ -92,8 +92,10 @@ class Runtime:
             payments = Payments(ledger, wallet, invoices, config.swap_untrusted_mints, locked)
             payouts = Payouts(ledger, wallet, config, payments)
             if failover is not None and nodes:
-                failover.payer = NodePayer(ledger, wallet, router.health,
-                                           catalog.node_info.get)
+                failover.payer = NodePayer(
+                    ledger, wallet, router.health, catalog.node_info.get,
+                    {p.name: p.base_url for p in config.providers if p.is_node},
+                    float(config.mint_timeout))
         services = Services(config, ledger, pricing, wallet, payments, invoices,
                             admin or AdminState(), payouts=payouts, health=router.health)
         return cls(config, ledger, pricing, Meter(config, ledger, pricing), services, wallet,

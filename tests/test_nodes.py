@@ -223,6 +223,34 @@ def test_router_pays_a_node_per_request_and_keeps_the_margin(
         a.stop()
 
 
+def test_a_stream_cut_at_the_node_has_its_change_asked_for(
+        tmp_path: Path, b_node: Proxy, mint: LocalMint, user: UserWallet) -> None:
+    """The node's upstream drops the stream: no trailer reaches A, so A asks B for the change
+    it kept for the token; nothing is lost and both books balance."""
+    b = b_node
+    a = router(tmp_path, [{"name": "b", "type": "routstr", "base_url": b.url,
+                           "fee": ROUTER_FEE}], mint, user)
+    try:
+        key = a.new_key(sats=500)
+        with httpx.stream("POST", f"{a.v1}/chat/completions", timeout=30,
+                          headers={"authorization": f"Bearer {key}", "x-scenario": "cut"},
+                          json={"model": MODEL, "messages": MSG, "stream": True}) as resp:
+            assert resp.status_code == 200
+            with pytest.raises(httpx.HTTPError):
+                resp.read()
+        a.wait_settled()
+        (paid,) = wait_closed(a)
+        assert paid.state == "settled" and paid.loss_msat == 0, paid
+        assert paid.change_msat > 0 and paid.cost_msat == proofs_msat(b)
+        # B charged what it delivered; the rest of the token came back (its stored change).
+        assert paid.cost_msat == ceil(charged_at(b) / 1000) * 1000
+        assert proofs_msat(a) == FUNDING_SATS * 1000 - paid.cost_msat
+        books_balance(a, mint.url)
+        books_balance(b, mint.url)
+    finally:
+        a.stop()
+
+
 class RefusingNode(MiniServer):
     """A node speaking the protocol with fixed answers. ``refuse``: it answers every request
     402 without taking the token (asking far more than any reservation). ``honour``: it

@@ -142,7 +142,8 @@ class Route:
                        tuple(provider_headers(provider)),
                        body_for(paid.endpoint, paid.body, paid.upstream_body, offer)
                        or req.raw_content or b"", node if isinstance(node, dict) else
-                       ({} if provider.is_node else None), paid.reserved_msat)
+                       ({} if provider.is_node else None), paid.reserved_msat,
+                       provider.base_url if provider.is_node else "")
 
 
 def body_for(kind: str | None, body: dict[str, Any] | None, built: bytes | None,

@@ -66,6 +66,7 @@ class Attempt:
     # A Routstr node: the model's sats_pricing there (the attempt is paid with X-Cashu).
     node: Mapping[str, Any] | None = field(default=None, compare=False)
     limit_msat: int = 0  # the most a node may ask for it (its 402): the user's reservation
+    base: str = ""  # a node's API base URL (…/v1): where its stored change is asked for
 
 
 @dataclass(slots=True)
@@ -245,9 +246,9 @@ class Failover:
             logger.warning("request %s: node %s skipped: no wallet to pay it", plan_id,
                            attempt.provider)
             return None
-        base = f"{attempt.scheme}://{attempt.host}:{attempt.port}"
         try:
-            return await payer.pay(plan_id, attempt.provider, base, attempt.node, amount_msat)
+            return await payer.pay(plan_id, attempt.provider, attempt.base, attempt.node,
+                                   amount_msat)
         except Exception as e:
             logger.warning("request %s: node %s skipped: cannot pay it (%s)", plan_id,
                            attempt.provider, _reason(e))

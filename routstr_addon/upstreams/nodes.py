@@ -21,9 +21,12 @@ import asyncio
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import httpx
 
 from routstr_addon.ecash.mint import MintUnreachable
 from routstr_addon.ecash.tokens import UNIT_MSAT, TokenError, parse_token
@@ -36,6 +39,7 @@ __all__ = ["NodePayer", "Scrubber", "Ticket", "node_loss", "token_amount"]
 logger = logging.getLogger("routstr")
 
 _MARGIN_SATS = 1  # over the node's published maximum: its own rounding to the sat
+STALE_AFTER = 600.0  # seconds a token may stay in flight before it is looked after
 
 
 @dataclass(slots=True)
@@ -150,13 +154,17 @@ class NodePayer:
     """Pays nodes from the wallet and takes their change back into it."""
 
     def __init__(self, ledger: Ledger, wallet: Wallet, health: Health,
-                 node_info: Callable[[str], Mapping[str, Any] | None]) -> None:
-        """``node_info``: a node's /v1/info by provider name (its mints), if known."""
+                 node_info: Callable[[str], Mapping[str, Any] | None],
+                 bases: Mapping[str, str] | None = None, timeout: float = 15.0) -> None:
+        """``node_info``: a node's /v1/info by provider name (its mints), if known;
+        ``bases``: each node's API base URL (…/v1), to ask it for change it kept."""
         self.ledger = ledger
         self.wallet = wallet
         self.health = health
         self.node_info = node_info
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.bases = dict(bases or {})
+        self.timeout = timeout
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     def mint_for(self, provider: str) -> str:
         """The first of this proxy's mints the node takes (the primary if it does not say)."""
@@ -200,10 +208,14 @@ class NodePayer:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def settle(self, ticket: Ticket, returned: Returned) -> int:
-        """The node answered: receive its change, journal the cost; returns the loss."""
+        """The node answered: receive its change, journal the cost; returns the loss. An
+        answer cut short (no cost reported) has its change asked for at the node, which
+        keeps it for the token (``POST /v1/balance/refund`` with the same ``X-Cashu``)."""
         change_msat = 0
         for text in returned.changes:
             change_msat += await self._receive(ticket, text)
+        if returned.reported_msat is None:
+            change_msat += await self._stored_change(ticket, bool(returned.changes))
         loss = node_loss(ticket.sent_msat, change_msat, returned.reported_msat)
         state = "lost" if loss else "settled"
         with self.ledger.transaction() as tx:
@@ -216,10 +228,12 @@ class NodePayer:
         return loss
 
     async def take_back(self, ticket: Ticket, why: str) -> None:
-        """The node did not serve the request: redeem its token into the wallet again. If
-        the node spent it, that is a loss against it."""
+        """The node did not serve the request: redeem its token into the wallet again (or,
+        if the node spent it, ask it for its change). Nothing back: a loss against it."""
         try:
             got = await self._receive(ticket, ticket.token, own=True)
+            if not got:
+                got = await self._stored_change(ticket, False)
         except MintUnreachable as e:
             logger.warning("request %s: token sent to node %s not taken back yet (%s); it "
                            "stays in flight", ticket.request_id, ticket.provider, e)
@@ -231,6 +245,44 @@ class NodePayer:
             logger.warning("request %s: node %s (%s) spent the token and served nothing",
                            ticket.request_id, ticket.provider, why)
             self.health.failure(ticket.provider, "spent a token for a failed request")
+
+    async def sweep(self, older_than: float = STALE_AFTER) -> int:
+        """Tokens left in flight (the process stopped before their change came back): each
+        taken back or its change asked for. Returns how many were looked after."""
+        rows = self.ledger.nodes.in_flight(time.time() - older_than)
+        for r in rows:
+            ticket = Ticket(r.id, r.request_id, r.provider, self.bases.get(r.provider, ""),
+                            r.token, r.mint, r.unit, r.sent_msat)
+            await self.take_back(ticket, "left in flight")
+        return len(rows)
+
+    async def sweep_forever(self, every: float = 300.0) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except Exception:  # never let the sweeper die
+                logger.exception("sweeping tokens in flight to nodes failed")
+            await asyncio.sleep(every)
+
+    async def _stored_change(self, ticket: Ticket, have_early: bool) -> int:
+        """The change a node kept for a token (its answer was cut, or never read): received
+        into the wallet; 0 if it has none. ``have_early``: a stream's first part of the
+        change arrived already, so only the rest is taken."""
+        if not ticket.base_url:
+            return 0
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout, trust_env=False) as client:
+                resp = await client.post(f"{ticket.base_url}/balance/refund",
+                                         headers={"x-cashu": ticket.token})
+            data = resp.json() if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError) as e:
+            logger.info("request %s: node %s not asked for its change (%s)",
+                        ticket.request_id, ticket.provider, e)
+            return 0
+        if not isinstance(data, dict):
+            return 0
+        text = data.get("rest") if have_early and data.get("early") else data.get("token")
+        return await self._receive(ticket, text) if isinstance(text, str) and text else 0
 
     async def _receive(self, ticket: Ticket, text: str, own: bool = False) -> int:
         """Redeem a token from the node (or our own, unused) into the pool; its msat, or 0
