@@ -72,7 +72,7 @@ class Runtime:
         failover = (Failover(router.health, config.upstream_connect_timeout,
                              config.upstream_timeout)
                     if len(config.providers) > 1 or nodes else None)
-        route = Route(config.providers, router.health, failover)
+        route = Route(config.providers, router.health, failover, pricing)
         private_dir(config.data_dir)
         for line in exposed([config.data_dir, *sqlite_files(config.database_url),
                              config.data_dir / MNEMONIC_FILE]):

@@ -128,7 +128,7 @@ def charged_at(proxy: Proxy) -> int:
 
 @pytest.fixture
 def b_node(tmp_path: Path, upstream: TestUpstream, mint: LocalMint) -> Iterator[Proxy]:
-    b = node(tmp_path, "b", upstream, mint)
+    b = node(tmp_path, "b", upstream, mint, UPSTREAM_PROVIDER_FEE="1.5")  # C is far cheaper
     yield b
     b.stop()
 
@@ -386,3 +386,34 @@ def test_node_loss_is_change_kept_beyond_the_reported_cost() -> None:
     assert node_loss(10_000, 4_000, None) == 0
     assert token_amount({"max_cost": 3.2}) == 5
     assert token_amount({"max_cost": 3.2}, ppk=100) == 6
+
+
+def test_score_weighs_price_latency_and_failures_and_spreads_among_the_best() -> None:
+    from collections import Counter
+    from random import Random
+
+    from routstr_addon.upstreams.health import Breaker
+    from routstr_addon.upstreams.score import score, spread
+
+    fast, slow, flaky = Breaker("fast"), Breaker("slow"), Breaker("flaky")
+    slow.latency_ms = 2000.0  # two seconds to the first byte: as dear as twice the price
+    flaky.outcomes.extend([True, False])  # half its requests failed: twice as dear
+    assert score(Fraction(10), fast) == 10.0
+    assert score(Fraction(10), slow) == 20.0
+    assert score(Fraction(10), flaky) == 20.0
+    breakers = {b.name: b for b in (fast, slow, flaky)}
+    prices = {"a": Fraction(100), "b": Fraction(105), "c": Fraction(200), "fast": Fraction(10),
+              "slow": Fraction(8), "flaky": Fraction(9)}
+    rng = Random(7)
+    # Close prices (within 15 %) share the load, weighted by 1/score; a dearer one never leads.
+    first = Counter(spread(["a", "b", "c"], str, prices.__getitem__, {}, rng)[0]
+                    for _ in range(2000))
+    assert set(first) == {"a", "b"} and 0.45 < first["a"] / 2000 < 0.6
+    # The slow and the flaky lose to the fast one although cheaper.
+    assert {spread(["slow", "flaky", "fast"], str, prices.__getitem__, breakers, rng)[0]
+            for _ in range(200)} == {"fast"}
+    # The order behind the first is kept for failover; an open breaker never leads.
+    assert spread(["slow", "flaky", "fast"], str, prices.__getitem__, breakers, rng) == (
+        "fast", "slow", "flaky")
+    fast.state = "open"
+    assert spread(["slow", "fast"], str, prices.__getitem__, breakers, rng)[0] == "slow"

@@ -17,7 +17,7 @@ from mitmproxy import http
 
 from routstr_addon.errors import ApiError
 from routstr_addon.metering.meter import Paid
-from routstr_addon.metering.pricing import ModelPrice
+from routstr_addon.metering.pricing import ModelPrice, Pricing
 from routstr_addon.metering.surface import upstream_body
 from routstr_addon.upstreams.catalog import provider_headers
 from routstr_addon.upstreams.failover import (
@@ -29,6 +29,7 @@ from routstr_addon.upstreams.failover import (
 )
 from routstr_addon.upstreams.health import Health
 from routstr_addon.upstreams.providers import ProviderSpec
+from routstr_addon.upstreams.score import spread
 
 __all__ = ["Route", "body_for"]
 
@@ -41,7 +42,9 @@ _ATTEMPTS = ATTEMPTS_HEADER.encode()
 
 class Route:
     def __init__(self, providers: tuple[ProviderSpec, ...], health: Health,
-                 failover: Failover | None) -> None:
+                 failover: Failover | None, pricing: Pricing | None = None) -> None:
+        """``pricing``: to choose among a model's offers by score (None: in price order)."""
+        self.pricing = pricing
         self.providers = {p.name: p for p in providers}
         # Requests no model prices (fixed pricing, other endpoints): the preferred provider.
         self.default = max(providers, key=lambda p: p.priority)
@@ -54,7 +57,11 @@ class Route:
 
     def body(self, paid: Paid) -> bytes | None:
         """The body the first provider gets: the one built from what was priced, with the
-        model named as that provider names it (None: a body the proxy does not rebuild)."""
+        model named as that provider names it (None: a body the proxy does not rebuild).
+        Which provider is first is chosen here: by score, at random among the best few."""
+        if len(paid.offers) > 1 and self.pricing is not None:
+            paid.offers = tuple(spread(paid.offers, _provider_of, self.pricing.reference,
+                                       self.health.breakers))
         offer = paid.offers[0] if paid.offers else None
         if offer is None:
             return paid.upstream_body
@@ -144,6 +151,10 @@ class Route:
                        or req.raw_content or b"", node if isinstance(node, dict) else
                        ({} if provider.is_node else None), paid.reserved_msat,
                        provider.base_url if provider.is_node else "")
+
+
+def _provider_of(offer: ModelPrice) -> str:
+    return offer.provider
 
 
 def body_for(kind: str | None, body: dict[str, Any] | None, built: bytes | None,
