@@ -53,13 +53,19 @@ class Background:
             work["refunds"] = rt.payouts.loop(config.refund_processing_interval, "refunds")
         if rt.ledger.instance_id is None:
             rt.ledger.register_instance()
-        if rt.catalog.needs_refresh:  # OpenRouter's prices, providers' own model lists
+        if rt.catalog.needs_refresh or config.nodes.enabled:  # prices, providers' lists
             work["catalog"] = rt.catalog.run(config.models_refresh_interval)
         if rt.failover is not None:
             work["failover"] = rt.failover.start()
             work["probes"] = probe_forever(rt.catalog, config.upstream_connect_timeout)
             if rt.failover.payer is not None:  # tokens a stop left in flight to nodes
                 work["node_tokens"] = rt.failover.payer.sweep_forever()
+        if config.nodes.enabled:  # AUTO_DISCOVER_NODES: nodes listed on the relays join
+            from routstr_addon.upstreams.discover import NodeFinder
+
+            finder = NodeFinder(config, rt.catalog, rt.route,
+                                rt.failover.payer if rt.failover is not None else None)
+            work["nodes"] = finder.run(config.models_refresh_interval)
         work["sweeper"] = Sweeper(rt.meter).run()
         work["settlements"] = retry_settlements(rt.meter)
         if config.nostr.secret_key:  # NSEC: list this proxy on the Nostr relays, daily

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +66,13 @@ class Runtime:
         if catalog.needs_refresh:
             catalog.load_snapshot()
         catalog.publish()
-        nodes = any(p.is_node for p in config.providers)
+        if config.nodes.enabled:
+            catalog.node_markup = Fraction(config.nodes.max_markup)
+        nodes = any(p.is_node for p in config.providers) or config.nodes.enabled
         if nodes and not config.cashu_mints:
-            raise SettingError("PROVIDERS_PATH: a provider of type routstr is paid with ecash: "
-                               "set CASHU_MINTS (and fund the wallet)")
+            raise SettingError("other Routstr nodes (a provider of type routstr, or "
+                               "AUTO_DISCOVER_NODES) are paid with ecash: set CASHU_MINTS "
+                               "(and fund the wallet)")
         failover = (Failover(router.health, config.upstream_connect_timeout,
                              config.upstream_timeout)
                     if len(config.providers) > 1 or nodes else None)

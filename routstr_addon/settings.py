@@ -179,6 +179,18 @@ SETTINGS: tuple[Setting, ...] = (
             "SOCKS proxy used to reach .onion providers for /v1/providers."),
     Setting("PROVIDERS_REFRESH_INTERVAL", int, 300,
             "Seconds /v1/providers keeps what it found on the relays; 0 turns it off."),
+    # -- other Routstr nodes found on Nostr, as providers (issue 16) --
+    Setting("AUTO_DISCOVER_NODES", bool, False,
+            "Nodes listed on RELAYS (kind 38421) that answer /v1/info and take one of "
+            "CASHU_MINTS join as providers of type routstr, paid per request with ecash."),
+    Setting("NODE_MAX_PRICE_MARKUP", str, "1.5",
+            "A discovered node's model is offered only if its price is at most this multiple "
+            "of the cheapest offer of that model."),
+    Setting("NODE_ALLOWED_PUBKEYS", str, "",
+            "Only nodes listed by these Nostr keys (npub or hex, comma-separated) are used. "
+            "Empty: any."),
+    Setting("NODE_BLOCKED_PUBKEYS", str, "",
+            "Nodes listed by these Nostr keys (npub or hex, comma-separated) are never used."),
     Setting("ADMIN_PASSWORD", str, "",
             "Password of the /admin dashboard (at least 8 characters). Empty: the dashboard "
             "is off and only says how to turn it on.", secret=True),
@@ -479,6 +491,39 @@ def _public_url(name: str, raw: str) -> str:
     return url
 
 
+@dataclass(frozen=True, slots=True)
+class NodeDiscovery:
+    """Which nodes announced on Nostr may join as providers (AUTO_DISCOVER_NODES…)."""
+
+    enabled: bool = False
+    max_markup: Decimal = Decimal("1.5")
+    allowed: frozenset[str] = frozenset()  # hex pubkeys; empty: any
+    blocked: frozenset[str] = frozenset()
+
+
+def _pubkeys(name: str, raw: str) -> frozenset[str]:
+    found: set[str] = set()
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        try:
+            import nostr_sdk
+
+            found.add(nostr_sdk.PublicKey.parse(item).to_hex())
+        except Exception:
+            raise SettingError(f"{name}: expected Nostr public keys (npub1… or 64 hex "
+                               f"digits), got {item!r}") from None
+    return frozenset(found)
+
+
+def parse_node_discovery(options: Any) -> NodeDiscovery:
+    return NodeDiscovery(
+        options.auto_discover_nodes,
+        _decimal("NODE_MAX_PRICE_MARKUP", options.node_max_price_markup, minimum=Decimal(1)),
+        _pubkeys("NODE_ALLOWED_PUBKEYS", options.node_allowed_pubkeys),
+        _pubkeys("NODE_BLOCKED_PUBKEYS", options.node_blocked_pubkeys))
+
+
 def parse_nostr(options: Any) -> Nostr:
     secret = pubkey = npub = ""
     if options.nsec.strip():
@@ -603,6 +648,7 @@ class Config:
     upstream_connect_timeout: int = 10
     models_refresh_interval: int = 360
     openrouter_models_url: str = "https://openrouter.ai/api/v1/models"
+    nodes: NodeDiscovery = field(default_factory=lambda: NodeDiscovery())
 
     @classmethod
     def from_options(cls, options: Any) -> Config:
@@ -682,6 +728,7 @@ class Config:
             models_refresh_interval=_at_least("MODELS_REFRESH_INTERVAL",
                                               options.models_refresh_interval, 10),
             openrouter_models_url=openrouter,
+            nodes=parse_node_discovery(options),
         )
 
 

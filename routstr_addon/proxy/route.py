@@ -55,6 +55,14 @@ class Route:
         # Routstr nodes: paid per request by the hop, so their requests always go through it.
         self.nodes = frozenset(p.name for p in providers if p.is_node)
 
+    def add(self, provider: ProviderSpec) -> None:
+        """A provider that joined while running (a node found on Nostr)."""
+        self.providers[provider.name] = provider
+        self.auth[provider.name] = tuple((k.encode(), v.encode())
+                                         for k, v in provider_headers(provider))
+        if provider.is_node:
+            self.nodes = self.nodes | {provider.name}
+
     def body(self, paid: Paid) -> bytes | None:
         """The body the first provider gets: the one built from what was priced, with the
         model named as that provider names it (None: a body the proxy does not rebuild).

@@ -90,6 +90,7 @@ class Catalog:
         self.node_info: dict[str, Mapping[str, Any]] = {}
         self.refreshed: float | None = None  # wall time of the last good refresh
         self._unpriced: set[tuple[str, str]] = set()  # already logged
+        self.node_markup: Fraction | None = None  # NODE_MAX_PRICE_MARKUP: discovered nodes
 
     @property
     def needs_refresh(self) -> bool:
@@ -154,8 +155,24 @@ class Catalog:
                 offers.setdefault(public_id, []).append(price)
                 for alias in spec.aliases:
                     aliases.setdefault(alias, public_id)
+        if self.node_markup is not None:
+            offers = self._within_markup(offers, self.node_markup)
         self.router.set_offers(offers, aliases)
         return len(offers)
+
+    def _within_markup(self, offers: dict[str, list[ModelPrice]],
+                       markup: Fraction) -> dict[str, list[ModelPrice]]:
+        """Discovered nodes' offers only within ``markup`` of the cheapest of each model."""
+        discovered = {p.name for p in self.providers if p.discovered}
+        if not discovered:
+            return offers
+        reference = self.router.pricing.reference
+        kept: dict[str, list[ModelPrice]] = {}
+        for model, listed in offers.items():
+            cheapest = min(reference(o) for o in listed)
+            kept[model] = [o for o in listed if o.provider not in discovered
+                           or reference(o) <= cheapest * markup]
+        return kept
 
     def _models(self, provider: ProviderSpec) -> Iterable[tuple[str, ModelSpec, Mapping[str,
                                                                                          Any]]]:
@@ -217,7 +234,7 @@ class Catalog:
                            "(%d models)", _reason(e), len(self.openrouter))
         for provider in self.providers:
             if provider.is_node:
-                taken = await self._refresh_node(client, provider) or taken
+                taken = await self.refresh_node(client, provider) or taken
                 continue
             if not provider.fetch:
                 continue
@@ -241,7 +258,7 @@ class Catalog:
             self.publish()
         return taken
 
-    async def _refresh_node(self, client: httpx.AsyncClient, provider: ProviderSpec) -> bool:
+    async def refresh_node(self, client: httpx.AsyncClient, provider: ProviderSpec) -> bool:
         """A Routstr node's models with their sats prices, and its /v1/info (its mints)."""
         try:
             resp = await client.get(f"{provider.base_url}/models")
@@ -296,10 +313,10 @@ async def probe_forever(catalog: Catalog, wait: float, every: float = 2.0) -> No
     """Ask each provider whose cool-down is over for its ``/models``; any answer but 429 or
     5xx takes it back, anything else opens it for another cool-down."""
     health = catalog.router.health
-    providers = {p.name: p for p in catalog.providers}
     async with httpx.AsyncClient(timeout=wait, trust_env=False) as client:
         while True:
             await asyncio.sleep(every)
+            providers = {p.name: p for p in catalog.providers}  # nodes may have joined
             for name in health.due():
                 provider = providers.get(name)
                 if provider is None or provider.upstream is None:

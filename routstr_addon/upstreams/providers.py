@@ -74,6 +74,7 @@ class ProviderSpec:
     openrouter_prefix: str = ""
     type: str = "openai"
     shorthand: bool = False  # UPSTREAM_BASE_URL: priced by MODELS_PATH, as before providers
+    discovered: bool = False  # a node found on Nostr (AUTO_DISCOVER_NODES)
 
     @property
     def is_node(self) -> bool:
