@@ -31,6 +31,7 @@ from routstr_addon.upstreams.nodes import Returned, Scrubber, node_loss, token_a
 
 from .conftest import BIN, Proxy, books_balance, start_proxy
 from .ecash_user import UserWallet
+from .test_nostr import relay  # noqa: F401  (the fixture)
 from .test_providers_e2e import closed_port
 from .upstream import TestUpstream
 
@@ -417,3 +418,89 @@ def test_score_weighs_price_latency_and_failures_and_spreads_among_the_best() ->
         "fast", "slow", "flaky")
     fast.state = "open"
     assert spread(["slow", "fast"], str, prices.__getitem__, breakers, rng)[0] == "slow"
+
+
+def test_nodes_found_on_nostr_join_and_serve(
+        tmp_path: Path, relay: str, upstream: TestUpstream,  # noqa: F811  (the fixture)
+        mint: LocalMint, user: UserWallet) -> None:
+    """B announces itself on a local relay; A, with AUTO_DISCOVER_NODES and no provider of
+    that model of its own, finds it, reads its models and pays it per request."""
+    import nostr_sdk as ns
+
+    from .test_nostr import free_port
+
+    b_keys = ns.Keys.generate()
+    b_port = free_port()
+    b = start_proxy(tmp_path / "b", upstream.url, {
+        "UPSTREAM_BASE_URL": f"{upstream.url}/v1", "CASHU_MINTS": mint.url,
+        "CHANGE_POOL_PER_AMOUNT": "0", "NSEC": b_keys.secret_key().to_bech32(),
+        "RELAYS": relay, "HTTP_URL": f"http://127.0.0.1:{b_port}"}, args=("-p", str(b_port)))
+    a_dir = tmp_path / "a"
+    a_dir.mkdir()
+    (a_dir / "models.json").write_text(json.dumps({"data": [{  # A's own: another model
+        "id": "own/model", "context_length": 4096,
+        "pricing": {"prompt": "0.000001", "completion": "0.000001", "request": "0"}}]}))
+    a: Proxy | None = None
+    try:
+        b.output.wait_for(r"nostr: announced .* to 1 of 1 relay")
+        a = start_proxy(a_dir, upstream.url, {
+            "CASHU_MINTS": mint.url, "CHANGE_POOL_PER_AMOUNT": "0", "RELAYS": relay,
+            "AUTO_DISCOVER_NODES": "true", "ALLOW_PRIVATE_LN_ADDRESSES": "true",
+            "NODE_BLOCKED_PUBKEYS": ns.Keys.generate().public_key().to_bech32(),
+            "OPENROUTER_MODELS_URL": f"http://127.0.0.1:{closed_port()}/models"})
+        funded = subprocess.run([str(BIN / "routstr"), "wallet", "receive",
+                                 user.token(FUNDING_SATS)], cwd=a.workdir, env=a.env,
+                                capture_output=True, text=True, timeout=60)
+        assert funded.returncode == 0, funded.stderr
+        name = f"nostr-{b_keys.public_key().to_hex()[:16]}"
+        a.output.wait_for(rf"node {name} joins as a provider", timeout=60)
+        deadline = time.monotonic() + 30
+        while not any(m["id"] == MODEL for m in
+                      httpx.get(f"{a.v1}/models", timeout=10).json()["data"]):
+            assert time.monotonic() < deadline, a.output.text[-2000:]
+            time.sleep(0.2)
+        key = a.new_key(sats=500)
+        raw = a.client(key).chat.completions.with_raw_response.create(model=MODEL,
+                                                                    messages=MSG)
+        assert raw.headers["x-routstr-provider"] == name
+        (paid,) = wait_closed(a)
+        assert paid.provider == name and paid.state == "settled" and paid.loss_msat == 0
+        assert proofs_msat(b) == paid.cost_msat
+        books_balance(a, mint.url)
+        books_balance(b, mint.url)
+    finally:
+        if a is not None:
+            a.stop()
+        b.stop()
+
+
+def test_discovered_nodes_are_filtered_by_key_url_and_mints() -> None:
+    from dataclasses import replace as changed
+
+    from routstr_addon.discovery.nostr import Provider
+    from routstr_addon.settings import NodeDiscovery, load_config
+    from routstr_addon.upstreams.discover import NodeFinder, acceptable
+
+    mint_url = "https://mint.example"
+    config = changed(load_config({"CASHU_MINTS": mint_url}),
+                     nodes=NodeDiscovery(True, Decimal("1.5"), frozenset(),
+                                         frozenset({"bb" * 32})))
+
+    def listing(pubkey: str, url: str = "https://node.example",
+                mints: tuple[str, ...] = (mint_url,)) -> Provider:
+        return Provider(pubkey[:8], pubkey, 1, [url], [], None, "n", None, "", "e",
+                        endpoint_url=url, info={"mints": list(mints)})
+
+    finder = NodeFinder(config, None, None, None)  # type: ignore[arg-type]
+    spec = finder.admit(listing("aa" * 32))
+    assert spec is not None and spec.type == "routstr" and spec.discovered
+    assert spec.base_url == "https://node.example:443/v1" and spec.name == "nostr-" + "a" * 16
+    assert finder.admit(listing("bb" * 32)) is None  # blocked
+    assert finder.admit(listing("aa" * 32, mints=("https://other.example",))) is None
+    assert finder.admit(listing("aa" * 32, url="http://127.0.0.1:9")) is None
+    allowed = NodeFinder(changed(config, nodes=NodeDiscovery(
+        True, Decimal("1.5"), frozenset({"cc" * 32}))), None, None, None)  # type: ignore[arg-type]
+    assert allowed.admit(listing("aa" * 32)) is None and allowed.admit(listing("cc" * 32))
+    assert not acceptable("http://node.example", False)
+    assert not acceptable("https://10.0.0.1", False) and acceptable("https://8.8.8.8", False)
+    assert not acceptable("http://abc.onion", True) and acceptable("http://127.0.0.1:1", True)
