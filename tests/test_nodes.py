@@ -365,6 +365,54 @@ def test_a_nodes_402_is_honoured_once_within_the_reservation(
             a.stop()
 
 
+def test_a_node_killed_mid_burst_moves_traffic_and_the_books_hold(
+        tmp_path: Path, b_node: Proxy, upstream: TestUpstream, mint: LocalMint,
+        user: UserWallet) -> None:
+    """C (the cheaper) is killed in the middle of a burst of JSON and stream requests: every
+    request is answered (by C before, by B after), tokens C never used are taken back, and
+    A's wallet is its funding less exactly what the nodes kept."""
+    import asyncio
+
+    b = b_node
+    c = node(tmp_path, "c", upstream, mint, UPSTREAM_PROVIDER_FEE="1.0")
+    a = router(tmp_path, [{"name": "b", "type": "routstr", "base_url": b.url,
+                           "fee": ROUTER_FEE},
+                          {"name": "c", "type": "routstr", "base_url": c.url,
+                           "fee": ROUTER_FEE}], mint, user)
+    try:
+        key = a.new_key(sats=5000)
+
+        async def burst() -> list[tuple[int, str]]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                async def one(i: int) -> tuple[int, str]:
+                    await asyncio.sleep(i * 0.05)
+                    if i == 12:
+                        c.process.kill()  # in the middle of the burst
+                    resp = await client.post(
+                        f"{a.v1}/chat/completions", headers={"authorization": f"Bearer {key}"},
+                        json={"model": MODEL, "messages": MSG, "stream": i % 2 == 0})
+                    return resp.status_code, resp.headers.get("x-routstr-provider", "")
+
+                return await asyncio.gather(*(one(i) for i in range(30)))
+
+        results = asyncio.run(burst())
+        assert [s for s, _ in results if s != 200] == []
+        served = [p for _, p in results]
+        assert served[0] == "c" and served[-1] == "b"
+        a.wait_settled()
+        rows = wait_closed(a)
+        assert {r.state for r in rows if r.provider == "b"} == {"settled"}
+        assert {r.state for r in rows if r.provider == "c"} <= {"settled", "recovered", "lost"}
+        assert a.key_state(key).total_requests == 30
+        assert proofs_msat(a) == FUNDING_SATS * 1000 - sum(r.cost_msat for r in rows)
+        assert proofs_msat(b) == sum(r.cost_msat for r in rows if r.provider == "b")
+        books_balance(a, mint.url)
+        books_balance(b, mint.url)
+    finally:
+        a.stop()
+        c.stop()
+
+
 def test_scrubber_takes_change_and_cost_out_of_a_stream() -> None:
     returned = Returned()
     scrub = Scrubber(returned, sse=True)
