@@ -34,6 +34,8 @@ ENV PATH="/app/.venv/bin:$PATH" PYTHONUNBUFFERED=1 DATA_DIR=/data \
 USER 10001:10001
 VOLUME ["/data"]
 EXPOSE 8000
+# Liveness: /health answers while the process serves. compose.yml checks readiness (/ready)
+# instead, which also fails while the ledger, the mint, the rate or the upstream is away.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('LISTEN_PORT', '8000') + '/v1/info', timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('LISTEN_PORT', '8000') + '/health', timeout=4)"]
 ENTRYPOINT ["/app/docker/entrypoint.sh"]

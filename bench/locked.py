@@ -91,14 +91,14 @@ def locked_tokens(url: str, pubkey: str, amounts: Sequence[int], count: int) -> 
 
 def stock_pool(url: str, database_url: str, amounts: Sequence[int]) -> int:
     """Put freshly minted proofs of ``amounts`` in the proxy's ledger as its unspent pool."""
-    from routstr_addon.ecash.wallet import _record
+    from routstr_addon.ecash.wallet import record_of
     from routstr_addon.ledger import Ledger
 
     proofs = asyncio.run(_mint(url, [(None, a) for a in amounts]))
     ledger = Ledger(database_url)
     try:
         with ledger.transaction(durable=True) as tx:
-            ledger.proofs.add(tx, url, "sat", [_record(p) for p in proofs], "unspent")
+            ledger.proofs.add(tx, url, "sat", [record_of(p) for p in proofs], "unspent")
     finally:
         ledger.close()
     return sum(amounts)

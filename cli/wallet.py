@@ -185,11 +185,12 @@ def wallet_balance(
 def print_books(books: Books, result: Check | None, covered: bool) -> None:
     table = Table(title="ecash held")
     table.add_column("mint", overflow="fold")
-    for col in ("unit", "proofs", "unspent", "held", "reserved", "total", "sats"):
+    for col in ("unit", "proofs", "unspent", "held", "reserved", "locked", "total", "sats"):
         table.add_column(col, justify="left" if col == "unit" else "right")
-    for h in books.holdings:
+    for h in books.holdings:  # locked: received locked to the payment key, not yet swapped
         table.add_row(h.mint + ("" if h.trusted else " [yellow](not in CASHU_MINTS)[/]"), h.unit,
-                      str(h.count), *(f"{h.by_state.get(s, 0):,}" for s in POOL_STATES),
+                      str(h.count), *(f"{h.by_state.get(s, 0):,}"
+                                      for s in (*POOL_STATES, "locked")),
                       f"{h.amount:,}", sats(h.msat))
     console.print(table)
     summary = Table(show_header=False, box=None)

@@ -26,6 +26,9 @@ except ImportError:  # loaded by path (mitmdump -s) from a checkout that is not 
 from routstr_addon import settings
 from routstr_addon.background import Background
 from routstr_addon.errors import ApiError, install_error_pages
+from routstr_addon.observe.flows import FlowObserver
+from routstr_addon.observe.jsonlog import use_json_logs
+from routstr_addon.observe.quiet import close_connections, quiet_shutdown
 from routstr_addon.proxy.cors import Cors
 from routstr_addon.proxy.forward import PaidForward
 from routstr_addon.proxy.gate import Gate
@@ -43,26 +46,40 @@ _OUR_OPTIONS = frozenset(s.option for s in settings.SETTINGS)
 
 
 class Serving:
-    """One runtime's hooks: the gate (what no endpoint takes), the local endpoints, then the
-    paid forward, and the background work that starts when mitmproxy runs and ends when it
-    stops."""
+    """One runtime's hooks: the gate (what no endpoint takes), the local endpoints, the paid
+    forward, the observer of each request's end (its log line, its metrics) and CORS; and the
+    background work that starts when mitmproxy runs and ends when it stops."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.background = Background(runtime)
         self.backlog = ListenBacklog(runtime.config.listen_backlog)
         # CORS last: its preflight answer comes at requestheaders, after the gate's checks and
-        # before any request hook, and its headers go on whatever answer the others made.
-        self.addons = [Gate(), LocalEndpoints(runtime.services), PaidForward(runtime),
-                       Cors(runtime.config.cors_origins)]
+        # before any request hook, and its headers go on whatever answer the others made. The
+        # observer only reads what the paid forward settled.
+        self.addons: list[Any] = [Gate(), LocalEndpoints(runtime.services), PaidForward(runtime)]
+        config = runtime.config
+        if config.log_format != "off" or runtime.metrics is not None:
+            self.addons.append(FlowObserver(config.log_format, runtime.metrics, runtime.meter))
+        self.addons.append(Cors(config.cors_origins))
+        self.listener: Any = None
+        if runtime.metrics is not None and config.metrics_port:
+            from routstr_addon.observe.exposition import MetricsListener
+
+            self.listener = MetricsListener(runtime.metrics, config.metrics_port)
 
     def running(self) -> None:
         self.background.start()
         self.backlog.start()
+        if self.listener is not None:
+            asyncio.get_running_loop().create_task(self.listener.start())
 
     async def done(self) -> None:
+        await close_connections()  # ended here, they end quietly (see observe.quiet)
         self.background.stop()
         self.backlog.stop()
+        if self.listener is not None:
+            self.listener.stop()
         await self.runtime.close()
 
     def retire(self, successor: Runtime) -> None:
@@ -71,6 +88,8 @@ class Serving:
         them reopens its ledger's connection to settle)."""
         self.background.stop()
         self.backlog.stop()
+        if self.listener is not None:
+            self.listener.stop()
         successor.meter.take_unsettled(self.runtime.meter)
         self.runtime.ledger.close()
         if self.runtime.wallet is not None:
@@ -97,6 +116,7 @@ class Routstr:
         self._config: Config | None = None
         self._env_errors: list[str] = []
         self._running = False
+        self._metrics: Any = None  # the process's metrics, made when first turned on
 
     def load(self, loader: Any) -> None:
         report = settings.startup_report()
@@ -109,6 +129,7 @@ class Routstr:
                 logging.getLogger(name).setLevel(report.log_level)
         self._env_errors = report.errors + settings.register(loader)
         install_error_pages()
+        quiet_shutdown()
 
     def configure(self, updated: set[str]) -> None:
         if not (updated & _OUR_OPTIONS) and self._config is not None:
@@ -120,7 +141,8 @@ class Routstr:
             config = Config.from_options(ctx.options)
             if config == self._config:
                 return  # options set again to the same values
-            runtime = Runtime.build(config, previous.runtime.services.admin if previous else None)
+            runtime = Runtime.build(config, previous.runtime.services.admin if previous else None,
+                                    self._metrics_for(config))
         except Exception as e:
             message = str(e) if isinstance(e, SettingError) else f"cannot start: {e}"
             if self._config is None:
@@ -132,6 +154,7 @@ class Routstr:
         self.serving = Serving(runtime)
         self.addons = [self.view, self.serving]
         self._config = config
+        use_json_logs(config.log_format == "json")
         if previous is not None:
             previous.retire(runtime)
         # Requests we answer ourselves must not open an upstream connection first.
@@ -141,6 +164,17 @@ class Routstr:
         logger.info("routstr: %s pricing, ledger %s, %s",
                     "model-based" if config.model_based_pricing else "fixed",
                     config.database_url.split("://")[0], _providers_line(config))
+
+    def _metrics_for(self, config: Config) -> Any:
+        """The process's metrics if METRICS_TOKEN or METRICS_PORT turns them on (counters
+        carry over when the settings change)."""
+        if not (config.metrics_token or config.metrics_port):
+            return None
+        if self._metrics is None:
+            from routstr_addon.observe.metrics import Metrics
+
+            self._metrics = Metrics()
+        return self._metrics
 
     def running(self) -> None:
         self._running = True

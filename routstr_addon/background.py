@@ -66,7 +66,11 @@ class Background:
             finder = NodeFinder(config, rt.catalog, rt.route,
                                 rt.failover.payer if rt.failover is not None else None)
             work["nodes"] = finder.run(config.models_refresh_interval)
-        work["sweeper"] = Sweeper(rt.meter).run()
+        work["overrides"] = watch_overrides(rt)
+        sweeper = Sweeper(rt.meter)
+        if rt.metrics is not None:
+            sweeper.on_swept = rt.metrics.swept
+        work["sweeper"] = sweeper.run()
         work["settlements"] = retry_settlements(rt.meter)
         if config.nostr.secret_key:  # NSEC: list this proxy on the Nostr relays, daily
             from routstr_addon.discovery.nostr import announce_forever
@@ -94,6 +98,21 @@ async def checkpoints(ledger: Ledger, every: float = 1.0) -> None:
             await asyncio.to_thread(ledger.checkpoint)
         except Exception as e:  # a busy database: try again next time
             logger.warning("ledger checkpoint failed: %s", e)
+
+
+async def watch_overrides(rt: Runtime, every: float = 5.0) -> None:
+    """Publish the models again when the operator's overrides change (the admin API, on any
+    process sharing the ledger)."""
+    seen: float | None = None
+    while True:
+        try:
+            version = rt.ledger.admin.overrides_version()
+            if seen is not None and version != seen:
+                rt.catalog.publish()
+            seen = version
+        except Exception as e:  # the ledger away: try again next time
+            logger.warning("model overrides not read: %s", e)
+        await asyncio.sleep(every)
 
 
 async def retry_settlements(meter: Meter, every: float = 2.0) -> None:

@@ -7,8 +7,9 @@ The check is made on the address each connection actually goes to: the host is r
 here, every address it resolves to is checked, and the socket is opened to a checked address
 (TLS still verifies the host name). A name that resolves to a public address when asked and to
 127.0.0.1 a moment later (DNS rebinding) gains nothing. The operator's own addresses
-(``RECEIVE_LN_ADDRESS``) are trusted and fetched with a plain client;
-``ALLOW_PRIVATE_LN_ADDRESSES=true`` lifts every rule (tests, private deployments).
+(``RECEIVE_LN_ADDRESS``, ``CASHU_MINTS``) are trusted and fetched with a plain client;
+``ALLOW_PRIVATE_LN_ADDRESSES=true`` lifts every rule (tests, private deployments). Nostr
+listings of other providers (anyone's URLs) are checked the same way, plain http allowed.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
     def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
         self.inner = inner
 
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+    # httpcore's interface takes ``timeout`` as an argument (ASYNC109)
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,  # noqa: ASYNC109
                           local_address: str | None = None,
                           socket_options: typing.Iterable[typing.Any] | None = None,
                           ) -> httpcore.AsyncNetworkStream:
@@ -92,15 +94,17 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
 
 
 class GuardedTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport, speaking only https and connecting only to public addresses."""
+    """httpx's transport, connecting only to public addresses and (``https_only``) speaking
+    only https. Every connection is checked, a redirect's too."""
 
-    def __init__(self) -> None:
+    def __init__(self, https_only: bool = True) -> None:
         super().__init__(trust_env=False)
+        self.https_only = https_only
         pool = self._pool  # httpcore's pool: its network backend opens every connection
         pool._network_backend = _CheckedBackend(pool._network_backend)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if request.url.scheme != "https":
+        if self.https_only and request.url.scheme != "https":
             message = (f"refused {request.url.scheme}://{request.url.host}: user-given "
                        "addresses must use https")
             raise httpx.ConnectError(message, request=request) from AddressRefused(message)

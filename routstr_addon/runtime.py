@@ -7,19 +7,25 @@ payments) is None here once, and nowhere is a service missing because it is not 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import os
+import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from routstr_addon.datadir import exposed, private_dir, sqlite_files
 from routstr_addon.ecash.seed import MNEMONIC_FILE
 from routstr_addon.ecash.wallet import Wallet
-from routstr_addon.ledger import Ledger
+from routstr_addon.ledger import DATABASE_ERRORS, Ledger
 from routstr_addon.metering.meter import Meter
 from routstr_addon.metering.pricing import Pricing, load_models
+from routstr_addon.observe.readiness import Readiness, Seen
 from routstr_addon.payments.cashu import Payments
 from routstr_addon.payments.lightning import Invoices
 from routstr_addon.payments.locked import LockedPayments
@@ -30,6 +36,10 @@ from routstr_addon.upstreams.catalog import Catalog, Router
 from routstr_addon.upstreams.failover import Failover
 from routstr_addon.upstreams.nodes import NodePayer
 from routstr_addon.web import AdminState, Services
+from routstr_addon.web.adminshared import SharedLoginLimiter, SharedSessions
+
+if TYPE_CHECKING:
+    from routstr_addon.observe.metrics import Metrics
 
 __all__ = ["Runtime"]
 
@@ -51,11 +61,15 @@ class Runtime:
     router: Router  # their order, and each provider's health
     route: Route  # which provider a request goes to
     failover: Failover | None  # the hop trying the next provider; None with one provider
+    seen: Seen  # when an upstream last answered (stamped on the request path)
+    metrics: Metrics | None = None  # None: METRICS_TOKEN and METRICS_PORT unset
 
     @classmethod
-    def build(cls, config: Config, admin: AdminState | None = None) -> Runtime:
+    def build(cls, config: Config, admin: AdminState | None = None,
+              metrics: Metrics | None = None) -> Runtime:
         """Open the ledger, load prices and make the services; ``admin``: the dashboard's
-        sessions and login limits to keep from the runtime this one replaces."""
+        state to keep from the runtime this one replaces (its sessions and login limits live
+        in the ledger, shared by every process); ``metrics``: the process's, to count in."""
         pricing = Pricing({}, config.exchange_fee, config.upstream_provider_fee)
         if config.btc_usd_price is not None:
             pricing.set_rate(config.btc_usd_price)
@@ -88,6 +102,8 @@ class Runtime:
             ledger.close()
             raise
         ledger.defer_checkpoints()
+        catalog.overrides = _overrides(ledger)  # the operator's word on models
+        catalog.publish()
         invoices = payments = payouts = None
         if wallet is not None:
             invoices = Invoices(ledger, wallet)
@@ -100,10 +116,18 @@ class Runtime:
                     ledger, wallet, router.health, catalog.node_info.get,
                     {p.name: p.base_url for p in config.providers if p.is_node},
                     float(config.mint_timeout))
-        services = Services(config, ledger, pricing, wallet, payments, invoices,
-                            admin or AdminState(), payouts=payouts, health=router.health)
+        seen = Seen()
+        shared = AdminState(SharedSessions(ledger.admin), SharedLoginLimiter(ledger.admin),
+                            admin.withdrawing if admin is not None else asyncio.Lock())
+        services = Services(config, ledger, pricing, wallet, payments, invoices, shared,
+                            payouts=payouts, health=router.health)
+        services.readiness = Readiness(config, ledger, pricing, wallet, seen)
+        services.metrics = metrics
+        services.catalog = catalog
+        if metrics is not None:
+            _measure(metrics, config, ledger, pricing, wallet)
         return cls(config, ledger, pricing, Meter(config, ledger, pricing), services, wallet,
-                   payments, invoices, payouts, catalog, router, route, failover)
+                   payments, invoices, payouts, catalog, router, route, failover, seen, metrics)
 
     async def close(self) -> None:
         """At shutdown: leave the process registry, close the mints' connections, checkpoint
@@ -114,10 +138,51 @@ class Runtime:
             await self.failover.stop()
         if self.wallet is not None:
             await self.wallet.close()
+        if self.services.readiness is not None:
+            await self.services.readiness.close()
         try:
             self.ledger.checkpoint()
         finally:
             self.ledger.close()
+
+
+def _overrides(ledger: Ledger) -> Callable[[], dict[str, Any]]:
+    """The operator's model overrides as the catalog reads them: the last ones read when the
+    ledger cannot answer (a catalog refresh must not fail for it)."""
+    last: dict[str, Any] = {}
+
+    def read() -> dict[str, Any]:
+        nonlocal last
+        try:
+            last = dict(ledger.admin.model_overrides())
+        except DATABASE_ERRORS as e:
+            logger.warning("model overrides not read: %s", e)
+        return last
+
+    return read
+
+
+def _measure(metrics: Metrics, config: Config, ledger: Ledger, pricing: Pricing,
+             wallet: Wallet | None) -> None:
+    """Point the process's metrics at this runtime: the ledger's books, the rate's age, the
+    trusted mints' calls, and what this process is."""
+    from routstr_addon import __version__
+
+    trusted = list(wallet.mints) if wallet is not None else []
+    metrics.watch_books(lambda: ledger.gauges(trusted))
+
+    def rate_age() -> float:
+        if config.btc_usd_price is not None:
+            return 0.0
+        return -1.0 if pricing.rate_updated is None else time.time() - pricing.rate_updated
+
+    metrics.rate_age.set_function(rate_age)
+    if wallet is not None:
+        for mint in wallet.mints.values():
+            mint.client.observe = metrics.mint_call
+    metrics.info.info({"version": __version__, "database": ledger.database.name,
+                       "pricing": "model_based" if config.model_based_pricing else "fixed",
+                       "host": socket.gethostname(), "pid": str(os.getpid())})
 
 
 def _models(config: Config) -> dict[str, Any]:

@@ -206,6 +206,21 @@ SETTINGS: tuple[Setting, ...] = (
             "X-Forwarded-For names the real client, as uvicorn's option. Empty: none."),
     Setting("CORS_ORIGINS", str, "*",
             "Origins browsers may call the proxy from, comma-separated; * for any."),
+    # --- operating it: readiness, logs, metrics, the admin API ---------------------------
+    Setting("READY_MAX_AGE", int, 30,
+            "Seconds an answer of the primary mint or the upstream counts for /ready; older, "
+            "/ready asks them itself."),
+    Setting("LOG_FORMAT", str, "text",
+            "The line per request on stdout: text (key=value) or json (the proxy's own log "
+            "lines then JSON on stderr too); off: no such lines."),
+    Setting("METRICS_TOKEN", str, "",
+            "Bearer token that opens GET /metrics (Prometheus) on the proxy's port. Empty "
+            "(and no METRICS_PORT): no metrics.", secret=True),
+    Setting("METRICS_PORT", int, 0,
+            "Serve /metrics without a token on this port of 127.0.0.1 only; 0: not served."),
+    Setting("ADMIN_TOKEN", str, "",
+            "Bearer token of the admin API under /admin/api/ (at least 24 characters). Empty: "
+            "the API is off.", secret=True),
 )
 
 _BY_ENV = {s.env: s for s in SETTINGS}
@@ -392,6 +407,28 @@ def _fixed_prices(raw: str) -> Mapping[str, int]:
                                  for name, sats in parse_fixed_prices(raw).items()})
     except ValueError as e:
         raise SettingError(f"FIXED_PRICE_ENDPOINTS: {e}") from None
+
+
+def _choice(name: str, raw: str, allowed: tuple[str, ...]) -> str:
+    value = raw.strip().lower()
+    if value not in allowed:
+        raise SettingError(f"{name}: expected one of {', '.join(allowed)}, got {raw!r}")
+    return value
+
+
+def _token(name: str, raw: str) -> str:
+    """A bearer token the proxy checks, or "" for none; never echoed in an error."""
+    token = raw.strip()
+    if token and (len(token) < 24 or any(c.isspace() for c in token)):
+        raise SettingError(f"{name}: use at least 24 characters without spaces (or leave it "
+                           "empty to turn it off)")
+    return token
+
+
+def _port(name: str, value: int) -> int:
+    if not 0 <= value <= 65535:
+        raise SettingError(f"{name}: expected a port number (0 for none), got {value}")
+    return value
 
 
 def _at_least(name: str, value: int, minimum: int) -> int:
@@ -649,6 +686,11 @@ class Config:
     models_refresh_interval: int = 360
     openrouter_models_url: str = "https://openrouter.ai/api/v1/models"
     nodes: NodeDiscovery = field(default_factory=lambda: NodeDiscovery())
+    ready_max_age: int = 30
+    log_format: str = "text"  # text | json | off
+    metrics_token: str = field(default="", repr=False)  # "": /metrics not on the proxy port
+    metrics_port: int = 0  # 0: no loopback metrics listener
+    admin_token: str = field(default="", repr=False)  # "": no /admin/api/
 
     @classmethod
     def from_options(cls, options: Any) -> Config:
@@ -729,6 +771,11 @@ class Config:
                                               options.models_refresh_interval, 10),
             openrouter_models_url=openrouter,
             nodes=parse_node_discovery(options),
+            ready_max_age=_at_least("READY_MAX_AGE", options.ready_max_age, 1),
+            log_format=_choice("LOG_FORMAT", options.log_format, ("text", "json", "off")),
+            metrics_token=_token("METRICS_TOKEN", options.metrics_token),
+            metrics_port=_port("METRICS_PORT", options.metrics_port),
+            admin_token=_token("ADMIN_TOKEN", options.admin_token),
         )
 
 

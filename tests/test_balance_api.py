@@ -16,6 +16,7 @@ from routstr_addon.dev.localmint import LocalMint
 from routstr_addon.ledger import hash_key
 
 from .conftest import Proxy, books_balance, raw
+from .ecash_user import UserWallet
 from .test_lightning import wait_credited
 
 
@@ -166,3 +167,19 @@ def test_admin_sets_a_keys_limits(make_proxy: Callable[..., Proxy]) -> None:
     other = raw(proxy, "POST", "/v1/embeddings", headers=auth,
                 json={"model": "test/embed", "input": "hi"})
     assert other.status_code == 403 and other.json()["error"]["code"] == "model_not_allowed"
+
+
+def test_create_takes_routstr_cores_limit_parameters(ecash_proxy: Proxy, user: UserWallet,
+                                                     mint: LocalMint) -> None:
+    bad = raw(ecash_proxy, "POST", "/v1/balance/create",
+              json={"initial_balance_token": "cashuBnotredeemed", "balance_limit_reset": "x"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_limit"
+    token = user.token(30)
+    made = raw(ecash_proxy, "POST", "/v1/balance/create",
+               json={"initial_balance_token": token, "balance_limit": 4000,
+                     "balance_limit_reset": "daily"})
+    assert made.status_code == 200, made.text
+    info = _info(ecash_proxy, made.json()["api_key"])
+    assert info["balance_limit"] == 4000 and info["balance_limit_reset"] == "daily"
+    assert not info["is_child"] and info["balance"] == 30_000
+    books_balance(ecash_proxy, mint.url)

@@ -181,6 +181,10 @@ def test_the_entrypoint_runs_mitmdump_with_the_addon_and_is_healthy(
                                 env={**image_like, "PATH": f"{BIN}:{os.environ['PATH']}"},
                                 capture_output=True, text=True, timeout=30)
         assert health.returncode == 0, health.stderr
+        ready = subprocess.run(compose_healthcheck(), env=image_like, capture_output=True,
+                               text=True, timeout=30)
+        assert ready.returncode == 0, ready.stderr
+        assert httpx.get(f"{base}/ready", timeout=10).json()["status"] == "ready"
         ledger = Ledger(f"sqlite:///{tmp_path / 'data' / 'routstr.sqlite'}")
         key, _ = ledger.create_key(10_000)
         ledger.close()
@@ -192,6 +196,19 @@ def test_the_entrypoint_runs_mitmdump_with_the_addon_and_is_healthy(
     stopped = subprocess.run(exec_form(ROOT / "Dockerfile", "HEALTHCHECK"), env=image_like,
                              capture_output=True, timeout=30)
     assert stopped.returncode != 0
+
+
+def compose_healthcheck() -> list[str]:
+    """The compose file's health check of the proxy (readiness), as a command to run here."""
+    config = yaml.safe_load((ROOT / "compose.yml").read_text())
+    test = [str(part) for part in config["services"]["routstr"]["healthcheck"]["test"]]
+    assert test[0] == "CMD"
+    return test[1:]
+
+
+def test_the_dockerfile_checks_liveness_and_compose_checks_readiness() -> None:
+    assert "/health'" in " ".join(exec_form(ROOT / "Dockerfile", "HEALTHCHECK"))
+    assert "/ready'" in " ".join(compose_healthcheck())
 
 
 @pytest.mark.skipif(shutil.which("tor") is None, reason="tor is not installed")

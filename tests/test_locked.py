@@ -534,9 +534,11 @@ def test_a_proof_spent_elsewhere_is_marked_lost_and_counted(
 
 
 def test_the_proxy_redeems_in_the_background_and_refills_its_pool(
-        upstream: Any, locked_mint: LocalMint, owner: UserWallet, tmp_path: Path) -> None:
+        upstream: Any, locked_mint: LocalMint, owner: UserWallet, tmp_path: Path,
+        database_url: str) -> None:
     proxy = start_proxy(tmp_path / "p", upstream.url, proxy_env(
-        locked_mint, upstream.url, LOCKED_REDEEM_INTERVAL="1", CHANGE_POOL_PER_AMOUNT="2"))
+        locked_mint, upstream.url, LOCKED_REDEEM_INTERVAL="1", CHANGE_POOL_PER_AMOUNT="2",
+        DATABASE_URL=database_url))
     try:
         fund_pool(proxy, owner, 4096)  # one large proof: the refill splits it
         assert xpost(proxy, locked_token(proxy, locked_mint, [16, 4])).status_code == 200
@@ -583,7 +585,7 @@ def test_a_batch_swap_whose_answer_is_lost_is_recovered(
                                 seed=seed_from_mnemonic(mnemonic))
                 try:
                     await wallet.start()
-                    return await LockedPayments(ledger, wallet, 0).redeem()
+                    return await LockedPayments(ledger, wallet, 0).redeem(recover_all=True)
                 finally:
                     await wallet.close()
                     ledger.close()

@@ -575,3 +575,30 @@ def test_crlf_split_between_cr_and_lf(name):
             out, tap, _ = run(stream, [i])
             assert out == whole, i
             assert state(tap) == state(tap_whole), i
+
+
+def test_the_tap_adds_to_the_usage_it_passes_on_and_holds_done() -> None:
+    """What the proxy's stream owner uses to put the cost in the usage a client reads, and to
+    send its closing comments before [DONE]."""
+    seen: list[Usage] = []
+
+    def add(usage: Usage, event_usage: dict[str, Any]) -> None:
+        seen.append(usage)
+        event_usage["cost"] = {"total_msats": 7}
+
+    tap = SSETap(hold_done=True, on_usage=add)
+    chat = (b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}\n\n'
+            b"data: [DONE]\n\n")
+    out = tap.feed(chat)
+    assert json.loads(out.split(b"\n\n")[0][6:])["usage"]["cost"] == {"total_msats": 7}
+    assert b"[DONE]" not in out and tap.held_done == b"data: [DONE]\n\n"
+    assert seen == [Usage(3, 4)]
+    responses = SSETap(on_usage=add)
+    done = (b'data: {"type":"response.completed","response":{"usage":'
+            b'{"input_tokens":5,"output_tokens":6}}}\n\n')
+    event = json.loads(responses.feed(done)[6:])
+    assert event["response"]["usage"]["cost"] == {"total_msats": 7}
+    # [DONE] as the last bytes with no blank line after it: held back too.
+    tail = SSETap(hold_done=True)
+    assert tail.feed(b'data: {"choices":[]}\n\ndata: [DONE]') == b'data: {"choices":[]}\n\n'
+    assert tail.flush() == b"" and tail.held_done == b"data: [DONE]\n\n"

@@ -239,7 +239,7 @@ def test_bad_key_terms_on_a_tokens_first_use_are_400_and_redeem_nothing(
         ecash_proxy: Proxy, user: UserWallet) -> None:
     token = user.token(60)
     for headers in ({"Key-Expiry-Time": "nan"}, {"Key-Expiry-Time": "1000"},
-                    {"Refund-LNURL": "http://169.254.169.254/latest"}):
+                    {"Refund-LNURL": "http://metadata.google.internal/computeMetadata"}):
         resp = raw(ecash_proxy, "POST", "/v1/chat/completions",
                    json={"model": "test/model", "messages": [{"role": "user", "content": "x"}]},
                    headers={"authorization": f"Bearer {token}", **headers})
@@ -319,3 +319,22 @@ def test_a_token_naming_a_mint_on_loopback_is_never_fetched(
         finally:
             proxy.stop()
             stranger.close()
+
+
+def test_a_nostr_listing_cannot_point_the_proxy_at_its_own_machine(proxy: Proxy) -> None:
+    """/v1/providers asks every listed provider for /v1/info; anyone can publish a listing on
+    a public relay. With public relays, listed URLs on loopback are never fetched; with only
+    local relays (a private setup, the tests) they are."""
+    from routstr_addon.discovery.nostr import Provider, check
+
+    listener = Listener()
+
+    def listing(url: str) -> Provider:
+        return Provider("p", "00" * 32, 0, [url], [], None, "evil", None, "{}", "e")
+
+    guarded = asyncio.run(check(listing(f"http://127.0.0.1:{listener.port}"), "", 5,
+                                guard=True))
+    assert guarded is None and listener.connections == 0
+    listener.sock.close()
+    local = asyncio.run(check(listing(proxy.url), "", 5, guard=False))  # answers /v1/info
+    assert local is not None and local.endpoint_url == proxy.url

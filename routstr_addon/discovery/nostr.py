@@ -30,6 +30,7 @@ import httpx
 import nostr_sdk as nostr
 
 from routstr_addon import __version__
+from routstr_addon.netguard import GuardedTransport
 from routstr_addon.settings import Config, Nostr
 
 __all__ = [
@@ -245,14 +246,22 @@ def _httpx_proxy(tor_proxy_url: str) -> str:
 
 
 async def check(provider: Provider, tor_proxy_url: str,
-                wait: float = INFO_TIMEOUT) -> Provider | None:
-    """The provider with its ``/v1/info``, from the first of its URLs that answers; else None."""
+                wait: float = INFO_TIMEOUT, guard: bool = False) -> Provider | None:
+    """The provider with its ``/v1/info``, from the first of its URLs that answers; else None.
+    ``guard``: the URLs are anyone's (a listing on a public relay), so they are reached only at
+    public addresses, checked on the socket (``netguard``): a listing cannot make the proxy
+    fetch from its own machine or network."""
     for url in provider.endpoint_urls:
         onion = (urlsplit(url).hostname or "").endswith(".onion")
         if onion and not tor_proxy_url:
             continue
-        proxy = httpx.Proxy(_httpx_proxy(tor_proxy_url)) if onion else None
-        transport = httpx.AsyncHTTPTransport(proxy=proxy)
+        transport: httpx.AsyncBaseTransport
+        if onion:
+            transport = httpx.AsyncHTTPTransport(proxy=httpx.Proxy(_httpx_proxy(tor_proxy_url)))
+        elif guard:
+            transport = GuardedTransport(https_only=False)
+        else:
+            transport = httpx.AsyncHTTPTransport()
         try:
             async with httpx.AsyncClient(transport=transport, follow_redirects=True,
                                          timeout=ONION_INFO_TIMEOUT if onion else wait) as c:
@@ -271,7 +280,9 @@ async def discover(n: Nostr, wait: float = RELAY_TIMEOUT,
                    pubkey: str | None = None) -> list[Provider]:
     """The providers listed on the relays that answer on ``/v1/info``."""
     found = latest(await fetch_listings(n.relays, wait, pubkey))
-    checked = await asyncio.gather(*(check(p, n.tor_proxy_url) for p in found))
+    # As for announcements: private addresses are for a setup whose relays are all local.
+    guard = any(not _private(relay) for relay in n.relays)
+    checked = await asyncio.gather(*(check(p, n.tor_proxy_url, guard=guard) for p in found))
     alive = [p for p in checked if p is not None]
     logger.info("nostr: %d provider listing(s) on %d relay(s), %d answering",
                 len(found), len(n.relays), len(alive))

@@ -7,11 +7,14 @@ request a swap is the one mint round trip we allow ourselves, so it should be ju
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 
-__all__ = ["SPENT_CODE", "MintBusy", "MintClient", "MintError", "MintUnreachable", "transient"]
+__all__ = ["SPENT_CODE", "MintBusy", "MintClient", "MintError", "MintUnreachable", "operation",
+           "transient"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,19 @@ class MintError(Exception):
         self.status = status
 
 
+def operation(path: str) -> str:
+    """A mint API path as a bounded name: ``/v1/swap`` → ``swap``, ``/v1/mint/quote/bolt11``
+    → ``mint_quote``, ``/v1/melt/quote/bolt11/{id}`` → ``melt_quote_state``."""
+    parts = [p for p in path.strip("/").split("/")[1:] if p != "bolt11"]
+    if not parts:
+        return "other"
+    if parts[0] == "keys":
+        return "keys"
+    if len(parts) >= 3 and parts[1] == "quote":
+        return f"{parts[0]}_quote_state"
+    return "_".join(parts)[:32]
+
+
 class MintClient:
     def __init__(self, url: str, timeout: float = 15.0,
                  mounts: dict[str, httpx.AsyncBaseTransport] | None = None) -> None:
@@ -71,17 +87,41 @@ class MintClient:
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
             mounts=mounts, trust_env=mounts is None,
         )
+        self.answered_at: float | None = None  # when the mint last answered (/ready reads it)
+        # Told of every call (operation, outcome, seconds) when metrics are on.
+        self.observe: Callable[[str, str, float], None] | None = None
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
     async def _call(self, method: str, path: str, json: Any = None) -> Any:
+        observe = self.observe
+        if observe is None:
+            return await self._exchange(method, path, json)
+        started = time.perf_counter()
+        outcome = "unreachable"
+        try:
+            data = await self._exchange(method, path, json)
+            outcome = "ok"
+            return data
+        except MintBusy:
+            outcome = "busy"
+            raise
+        except MintError:
+            outcome = "refused"
+            raise
+        finally:
+            observe(operation(path), outcome, time.perf_counter() - started)
+
+    async def _exchange(self, method: str, path: str, json: Any = None) -> Any:
         try:
             resp = await self._client.request(method, path, json=json)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
             raise MintUnreachable(f"cannot reach the mint {self.url}: {e!r}", sent=False) from e
         except httpx.TransportError as e:  # the request may have been processed
             raise MintUnreachable(f"no answer from the mint {self.url}: {e!r}", sent=True) from e
+        if resp.status_code < 500:
+            self.answered_at = time.time()
         if resp.status_code >= 500:  # whether it did anything is unknown
             raise MintUnreachable(f"the mint {self.url} answered {resp.status_code}", sent=True)
         try:

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from routstr_addon.ledger.counters import KeysetCounters
     from routstr_addon.settings import Config
 
-__all__ = ["Melted", "MintWallet", "Redeemed", "Wallet", "WalletError"]
+__all__ = ["Melted", "MintWallet", "Redeemed", "Wallet", "WalletError", "proof_of", "record_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -847,3 +847,8 @@ def _proof(record: ProofRecord) -> Proof:
 def _record(proof: Proof) -> ProofRecord:
     dleq = json.dumps(proof.dleq.model_dump()) if proof.dleq is not None else None
     return ProofRecord(proof.secret, proof.id, proof.amount, proof.C, dleq)
+
+
+# Public names for the conversions, for the other payment modules (and the benchmarks).
+proof_of = _proof
+record_of = _record

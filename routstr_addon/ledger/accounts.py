@@ -165,7 +165,7 @@ _SQL = {
     "in_flight": ("SELECT COUNT(*), COALESCE(SUM(amount_msat), 0) FROM reservations "
                   "WHERE limit_key = ?"),
     "hits_forget": "DELETE FROM rate_hits WHERE key_hash = ? AND at <= ?",
-    "hits": "SELECT COUNT(*), MIN(at) FROM rate_hits WHERE key_hash = ?",
+    "hits": "SELECT COUNT(*), MIN(at) FROM rate_hits WHERE key_hash = ? AND at > ?",
     "hit": "INSERT INTO rate_hits (key_hash, at) VALUES (?, ?)",
     "new_window": ("UPDATE api_keys SET limit_spent_msat = 0, limit_window_start = ? "
                    "WHERE key_hash = ?"),
@@ -211,6 +211,7 @@ class Accounts:
                                            else self._reserve_in_transaction)
         self._close_step: CloseStep = (steps.close if steps is not None
                                        else self._close_in_transaction)
+        self._steps = steps
         # Keys this process has seen restricted: their requests skip the plain reservation
         # (which would refuse them anyway). Only ever a shortcut: limits are read in the
         # admitting transaction, so a key whose limits were lifted is still served right.
@@ -309,9 +310,10 @@ class Accounts:
             return None
         key_hash, charged, reserved, available, limit_key = done
         if limit_key is not None:
-            # PostgreSQL closed the money in one statement; the limit's count follows.
-            with self._db.cursor_transaction() as cur:
-                self._close_limit(cur, key_hash, limit_key, charged, 1 if kind == "charge" else 0)
+            # PostgreSQL closed the money in one statement; the limit's count follows, one
+            # statement on its own (atomic by itself: no transaction's round trips around it).
+            self._close_limit(self._db.cursor(), key_hash, limit_key, charged,
+                              1 if kind == "charge" else 0)
         return Settlement(request_id, key_hash, charged, reserved, available)
 
     def _reserve_limited(self, key_hash: str, amount_msat: int, request_id: str,
@@ -321,8 +323,7 @@ class Accounts:
         the amount on the key that pays (its parent, for a child) and count the request.
         Returns what the payer may still spend; raises ReserveError."""
         sql = self._sql
-        with self._db.cursor_transaction() as cur:
-            cur.execute(sql["lock_key"], (key_hash,))
+        with self._db.cursor_transaction(first=(sql["lock_key"], (key_hash,))) as cur:
             rows = cur.fetchall()
             if not rows:
                 raise ReserveError("unknown_key")
@@ -336,8 +337,7 @@ class Accounts:
                 raise ReserveError("limited", refused=LimitRefused(
                     "model", f"This key may use only: {', '.join(limits.models)}."))
             if limits.rpm is not None:
-                cur.execute(sql["hits_forget"], (key_hash, now - RPM_WINDOW))
-                count, oldest = self._hits(cur, key_hash)
+                count, oldest = self._hits(cur, key_hash, now - RPM_WINDOW)
                 if count >= limits.rpm:
                     wait = max(1.0, (oldest or now) + RPM_WINDOW - now)
                     raise ReserveError("limited", refused=LimitRefused(
@@ -360,29 +360,48 @@ class Accounts:
                         f"needs up to {amount_msat} msat and {max(left, 0)} msat remain.",
                         None if comes_back is None else max(1.0, comes_back - now)))
             payer = state.parent_key_hash or key_hash
-            cur.execute(sql["reserve_payer"], (amount_msat, payer, amount_msat, now))
-            reserved = cur.fetchall()
-            if not reserved:
+            hit = key_hash if limits.rpm is not None else None
+            available = self._hold_on_payer(cur, payer, amount_msat, request_id, model,
+                                            key_hash, hit, now)
+            if available is None:
                 payer_state = self.key(payer) if payer != key_hash else state
                 if payer_state is None or payer_state.disabled:
                     raise ReserveError("disabled")
                 if payer_state.expires_at is not None and payer_state.expires_at <= now:
                     raise ReserveError("expired")
                 raise ReserveError("insufficient", payer_state.available_msat, amount_msat)
-            cur.execute(sql["hold"], (request_id, payer, amount_msat, model, now, now,
-                                      self._instances.instance_id, key_hash))
-            self._entry(cur, now, payer, "reserve", 0, amount_msat, request_id, model)
-            if limits.rpm is not None:
-                cur.execute(sql["hit"], (key_hash, now))
             if limits.budget_msat is not None and limits.period is not None:
                 start = window_start(limits.period, now)
                 if state.limit_window_start is None or (
                         start is not None and state.limit_window_start < start):
                     cur.execute(sql["new_window"], (start, key_hash))
-            return int(reserved[0][0])
+            return available
 
-    def _hits(self, cur: Cursor, key_hash: str) -> tuple[int, float | None]:
-        cur.execute(self._sql["hits"], (key_hash,))
+    def _hold_on_payer(self, cur: Cursor, payer: str, amount_msat: int, request_id: str,
+                       model: str | None, limit_key: str, hit: str | None,
+                       now: float) -> int | None:
+        """Reserve on the key that pays, the reservation naming the limited key, and count
+        the request in its minute (``hit``); what the payer may still spend, or None."""
+        owner = self._instances.instance_id
+        if self._steps is not None:  # PostgreSQL: one round trip
+            return self._steps.reserve_payer(cur, payer, amount_msat, request_id, model, owner,
+                                             limit_key, hit, now - RPM_WINDOW, now)
+        sql = self._sql
+        cur.execute(sql["reserve_payer"], (amount_msat, payer, amount_msat, now))
+        reserved = cur.fetchall()
+        if not reserved:
+            return None
+        cur.execute(sql["hold"], (request_id, payer, amount_msat, model, now, now, owner,
+                                  limit_key))
+        self._entry(cur, now, payer, "reserve", 0, amount_msat, request_id, model)
+        if hit is not None:
+            cur.execute(sql["hits_forget"], (hit, now - RPM_WINDOW))
+            cur.execute(sql["hit"], (hit, now))
+        return int(reserved[0][0])
+
+    def _hits(self, cur: Cursor, key_hash: str, cutoff: float) -> tuple[int, float | None]:
+        """Requests admitted on the key since ``cutoff``, and the oldest one's time."""
+        cur.execute(self._sql["hits"], (key_hash, cutoff))
         count, oldest = cur.fetchall()[0]
         return int(count), None if oldest is None else float(oldest)
 

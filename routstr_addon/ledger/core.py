@@ -12,6 +12,7 @@
 ``invoices``     Lightning invoices that fund keys
 ``payouts``      ecash melted to pay Lightning invoices
 ``reports``      what the operator reads: /admin, ``routstr stats``, the TUI
+``admin``        /admin's sessions, login failures and the operator's journal of changes
 ===============  ==============================================================================
 
 The methods callers use most (the request path, keys, the audit, the books) are on the
@@ -28,9 +29,11 @@ import peewee
 
 from routstr_addon.ledger import audit
 from routstr_addon.ledger.accounts import Accounts, Held, KeyState, Settlement
+from routstr_addon.ledger.adminstore import AdminStore
 from routstr_addon.ledger.books import Books, read_books
 from routstr_addon.ledger.counters import KeysetCounters
 from routstr_addon.ledger.db import Database, Tx
+from routstr_addon.ledger.gauges import read_gauges
 from routstr_addon.ledger.history import key_history
 from routstr_addon.ledger.instances import Instances
 from routstr_addon.ledger.invoices import InvoiceStore
@@ -70,6 +73,7 @@ class Ledger:
         self.payouts = PayoutStore(self.database)
         self.nodes = NodePaymentStore(self.database)
         self.reports = Reports(self.database)
+        self.admin = AdminStore(self.database)
 
     @property
     def db(self) -> peewee.Database:
@@ -219,6 +223,10 @@ class Ledger:
     def heartbeat(self) -> None:
         self.registry.heartbeat()
 
+    def probe_write(self) -> None:
+        """One small write (this process's heartbeat); raises if the database cannot take it."""
+        self.registry.probe()
+
     def unregister_instance(self) -> None:
         self.registry.unregister()
 
@@ -240,4 +248,8 @@ class Ledger:
     def books(self, trusted: Sequence[str] = (), with_proofs: bool = False) -> Books:
         """What the wallet holds, what it owes, and the operator's margin, in one snapshot."""
         return read_books(self.database, trusted, with_proofs)
+
+    def gauges(self, trusted: Sequence[str] = ()) -> dict[str, Any]:
+        """The figures the metrics read at scrape time (the books, charges, payouts)."""
+        return read_gauges(self.database, trusted)
 

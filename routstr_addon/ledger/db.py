@@ -92,8 +92,14 @@ class Database:
         return self.dialect.sql(text)
 
     def cursor(self) -> Cursor:
-        """A cursor outside any transaction: each statement commits (or reads) on its own."""
-        cur: Cursor = self.peewee.connection().cursor()
+        """A cursor outside any transaction: each statement commits (or reads) on its own.
+
+        A connection the server ended (PostgreSQL restarted or stopped, psycopg2 marks it
+        closed) is replaced first: it would refuse every statement from now on."""
+        conn = self.peewee.connection()
+        if getattr(conn, "closed", 0):  # psycopg2's flag; sqlite3 connections have none
+            conn = self.reconnect()
+        cur: Cursor = conn.cursor()
         return cur
 
     def reader(self) -> Tx:
@@ -109,25 +115,22 @@ class Database:
         return conn
 
     @contextmanager
-    def cursor_transaction(self, durable: bool = False) -> Iterator[Cursor]:
+    def cursor_transaction(self, durable: bool = False,
+                           first: tuple[str, Sequence[Any]] | None = None) -> Iterator[Cursor]:
         """One short transaction on the raw DB-API connection; rolled back on any error.
 
         ``durable`` waits for the commit to reach the disk: for money coming in, which a power
         cut must not forget. The request path commits without waiting for an fsync.
+        ``first``: a statement (already in this database's parameter style) run first, sent
+        with the ``BEGIN`` where the database takes both at once; its rows are on the cursor.
         """
         cur = self.cursor()
         try:
-            if durable:
-                self.dialect.begin_durable(cur)
-            else:
-                cur.execute(self.dialect.begin_sql)
+            self._begin(cur, durable, first)
         except CONNECTION_ERRORS:
             # The server went away between requests: reconnect once, nothing was sent yet.
             cur = self.reconnect().cursor()
-            if durable:
-                self.dialect.begin_durable(cur)
-            else:
-                cur.execute(self.dialect.begin_sql)
+            self._begin(cur, durable, first)
         try:
             yield cur
         except BaseException:
@@ -138,6 +141,29 @@ class Database:
         finally:
             if durable:
                 self.dialect.end_durable(cur)
+
+    def _begin(self, cur: Cursor, durable: bool, first: tuple[str, Sequence[Any]] | None) -> None:
+        """Begin, and run ``first``; if ``first`` fails, the transaction is rolled back."""
+        if durable:
+            self.dialect.begin_durable(cur)
+        if first is None:
+            if not durable:
+                cur.execute(self.dialect.begin_sql)
+            return
+        try:
+            if durable or not self.dialect.begins_with_statement:
+                if not durable:
+                    cur.execute(self.dialect.begin_sql)
+                cur.execute(first[0], first[1])
+            else:
+                cur.execute(f"{self.dialect.begin_sql}; {first[0]}", first[1])  # one round trip
+        except CONNECTION_ERRORS:
+            raise  # the connection is gone, and its transaction with it
+        except BaseException:
+            cur.execute("ROLLBACK")
+            if durable:
+                self.dialect.end_durable(cur)
+            raise
 
     @contextmanager
     def transaction(self, durable: bool = False) -> Iterator[Tx]:
@@ -190,8 +216,11 @@ class Database:
         from routstr_addon.ledger.schema import EXTRA_INDEXES
 
         cur = self.cursor()
-        for statement in EXTRA_INDEXES:
-            cur.execute(statement)
+        for table, name, statement in EXTRA_INDEXES:
+            # Asked first: making one (even "IF NOT EXISTS") locks the table against writes
+            # for a moment, and every process and CLI command opens the ledger.
+            if name not in {i.name for i in self.peewee.get_indexes(table)}:
+                cur.execute(statement)
 
     def defer_checkpoints(self) -> None:
         self.dialect.defer_checkpoints(self.peewee)

@@ -67,6 +67,8 @@ class Dialect:
     # The open reservations as their primary key's b-tree alone (SQLite's WITHOUT ROWID): one
     # page less written per commit on the request path.
     compact_reservations: ClassVar[bool] = False
+    # BEGIN and a first statement in one call (one round trip to a server).
+    begins_with_statement: ClassVar[bool] = False
 
     def open(self, url: str) -> peewee.Database:
         raise NotImplementedError
@@ -175,6 +177,7 @@ class SQLite(Dialect):
 class PostgreSQL(Dialect):
     name = "postgresql"
     begin_sql = "BEGIN"
+    begins_with_statement = True
     snapshot_sql = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
     _DURABLE = "SET LOCAL synchronous_commit = on"
 
@@ -262,9 +265,30 @@ _SETTLE = (
     "  FROM c) "
     "SELECT c.key_hash, c.charged, c.reserved, k.available, c.limit_key FROM c, k"
 )
+# A restricted key's reservation, once its limits passed (in the transaction that locked its
+# row): held on the key that pays, the reservation naming the limited key, the request counted
+# in its minute (the minute's older requests forgotten).
+_RESERVE_PAYER = (
+    "WITH k AS (UPDATE api_keys SET reserved_msat = reserved_msat + %(amount)s "
+    "  WHERE key_hash = %(payer)s AND balance_msat - reserved_msat >= %(amount)s "
+    "  AND NOT disabled AND (expires_at IS NULL OR expires_at > %(now)s) "
+    "  RETURNING key_hash, balance_msat - reserved_msat AS available), "
+    "h AS (INSERT INTO reservations (request_id, key_hash, amount_msat, model, created_at, "
+    "  touched_at, owner, delivered, prompt_tokens, limit_key) "
+    "  SELECT %(rid)s, key_hash, %(amount)s, %(model)s, %(now)s, %(now)s, %(owner)s, 0, 0, "
+    "  %(limit)s FROM k), "
+    f"e AS (INSERT INTO ledger_entries {_ENTRY_COLUMNS} SELECT %(now)s, key_hash, 'reserve', "
+    "  0, %(amount)s, %(rid)s, %(model)s, NULL, NULL, NULL FROM k), "
+    "f AS (DELETE FROM rate_hits WHERE key_hash = %(hit)s AND at <= %(cutoff)s "
+    "  AND EXISTS (SELECT 1 FROM k)), "
+    "t AS (INSERT INTO rate_hits (key_hash, at) SELECT %(hit)s, %(now)s FROM k "
+    "  WHERE %(hit)s IS NOT NULL) "
+    "SELECT available FROM k"
+)
 _TYPES = {"amount": "bigint", "key": "text", "now": "double precision", "rid": "text",
           "model": "text", "owner": "text", "cost": "bigint", "kind": "text",
-          "count": "bigint", "pt": "integer", "ct": "integer", "note": "text"}
+          "count": "bigint", "pt": "integer", "ct": "integer", "note": "text",
+          "payer": "text", "limit": "text", "hit": "text", "cutoff": "double precision"}
 
 
 def _prepared(name: str, sql: str, order: tuple[str, ...]) -> tuple[str, str]:
@@ -285,6 +309,9 @@ _PREPARE_RESERVE, _EXECUTE_RESERVE = _prepared(
     "reserve", _RESERVE, ("amount", "key", "now", "rid", "model", "owner"))
 _PREPARE_SETTLE, _EXECUTE_SETTLE = _prepared(
     "settle", _SETTLE, ("rid", "cost", "count", "now", "kind", "model", "pt", "ct", "note"))
+_PREPARE_RESERVE_PAYER, _EXECUTE_RESERVE_PAYER = _prepared(
+    "reserve_payer", _RESERVE_PAYER,
+    ("amount", "payer", "now", "rid", "model", "owner", "limit", "hit", "cutoff"))
 
 
 class PreparedSteps:
@@ -313,6 +340,17 @@ class PreparedSteps:
         key_hash, charged, reserved, available, limit_key = rows[0]
         return key_hash, int(charged), int(reserved), int(available), limit_key
 
+    def reserve_payer(self, cur: Cursor, payer: str, amount_msat: int, request_id: str,
+                      model: str | None, owner: str | None, limit_key: str,
+                      hit: str | None, cutoff: float, now: float) -> int | None:
+        """A restricted key's reservation on its payer, inside the caller's transaction (on
+        ``cur``): one statement. What the payer may still spend; None if it cannot."""
+        self._prepare(cur)
+        cur.execute(_EXECUTE_RESERVE_PAYER, (amount_msat, payer, now, request_id, model, owner,
+                                             limit_key, hit, cutoff))
+        rows = cur.fetchall()
+        return int(rows[0][0]) if rows else None
+
     def _run(self, execute: str, values: tuple[Any, ...]) -> list[Any]:
         cur = live_cursor(self._database)
         try:
@@ -332,4 +370,5 @@ class PreparedSteps:
             return
         cur.execute(_PREPARE_RESERVE)
         cur.execute(_PREPARE_SETTLE)
+        cur.execute(_PREPARE_RESERVE_PAYER)
         self._prepared_on = conn

@@ -34,12 +34,19 @@ class Instances:
                        (self.instance_id, socket.gethostname(), os.getpid(), now, now))
         return self.instance_id
 
-    def heartbeat(self) -> None:
+    def heartbeat(self) -> bool:
+        """Stamp this process as alive; False if it is not (or no longer) registered."""
         if self.instance_id is None:
-            return
+            return False
         with self._db.transaction() as tx:
-            tx.execute("UPDATE instances SET seen_at = ? WHERE id = ?",
-                       (time.time(), self.instance_id))
+            return tx.execute("UPDATE instances SET seen_at = ? WHERE id = ?",
+                              (time.time(), self.instance_id)) > 0
+
+    def probe(self) -> None:
+        """A write that shows the database takes one (``/ready``): the heartbeat, or this
+        process registered again if another forgot it. Raises what the database raises."""
+        if not self.heartbeat():
+            self.register()
 
     def unregister(self) -> None:
         if self.instance_id is None:

@@ -98,10 +98,12 @@ class LockedStore:
             f"SELECT {_COLUMNS} FROM locked_proofs WHERE batch = ? AND state = 'redeeming'",
             (batch,))]
 
-    def batches(self) -> list[str]:
-        """Batches swapped (or being swapped) whose outcome is not recorded yet."""
+    def batches(self, started_before: float) -> list[str]:
+        """Batches whose outcome is not recorded yet, claimed before ``started_before`` (so
+        not one another process is swapping right now)."""
         return [str(r[0]) for r in self._db.reader().rows(
-            "SELECT DISTINCT batch FROM locked_proofs WHERE state = 'redeeming'")]
+            "SELECT DISTINCT batch FROM locked_proofs WHERE state = 'redeeming' "
+            "AND updated_at < ?", (started_before,))]
 
     def set_state(self, tx: Tx, ys: Sequence[str], state: str) -> None:
         now = time.time()

@@ -10,9 +10,10 @@ from collections.abc import Sequence
 
 import peewee
 
-__all__ = ["EXTRA_INDEXES", "MODELS", "UNIT_MSAT", "ApiKey", "Instance", "Invoice",
-           "KeysetCounter", "LedgerEntry", "LockedProof", "NodePayment", "Payment", "Payout",
-           "PendingSwap", "RateHit", "Refund", "Reservation", "StoredProof"]
+__all__ = ["EXTRA_INDEXES", "MODELS", "UNIT_MSAT", "AdminAction", "AdminLoginFailure",
+           "AdminSession", "ApiKey", "Instance", "Invoice", "KeysetCounter", "LedgerEntry",
+           "LockedProof", "ModelOverride", "NodePayment", "Payment", "Payout", "PendingSwap",
+           "RateHit", "Refund", "Reservation", "StoredProof"]
 
 UNIT_MSAT = {"sat": 1000, "msat": 1}  # the ecash units the proxy takes and stores, in msat
 
@@ -346,17 +347,70 @@ class NodePayment(_Base):
     class Meta:
         table_name = "node_payments"
         indexes = ((("request_id",), False), (("state",), False))
+class AdminSession(_Base):
+    """An open /admin session, shared by every process on the database (``adminstore``)."""
+
+    id_hash = peewee.CharField(max_length=64, primary_key=True)  # SHA-256 of the cookie's id
+    csrf = peewee.TextField()
+    tag = peewee.CharField(max_length=64)  # keyed digest of the password it was opened with
+    created_at = peewee.DoubleField()
+    expires_at = peewee.DoubleField()
+    flash = peewee.TextField(null=True)  # messages shown once, as JSON
+
+    class Meta:
+        table_name = "admin_sessions"
+
+
+class AdminLoginFailure(_Base):
+    """A failed /admin login (or admin API token) from a client address, for the limiter."""
+
+    id = peewee.BigAutoField()
+    address = peewee.TextField()
+    at = peewee.DoubleField()
+
+    class Meta:
+        table_name = "admin_login_failures"
+        indexes = ((("address", "at"), False),)
+
+
+class ModelOverride(_Base):
+    """The operator's word on one model (admin API): offered or not, and prices (USD, as in
+    models.json) replacing the catalog's. Read by every process when it publishes its models."""
+
+    model_id = peewee.TextField(primary_key=True)
+    enabled = peewee.BooleanField(default=True)
+    pricing = peewee.TextField(null=True)  # JSON: {"prompt", "completion", "request"}
+    updated_at = peewee.DoubleField()
+
+    class Meta:
+        table_name = "model_overrides"
+
+
+class AdminAction(_Base):
+    """A change the operator made (dashboard or admin API): append-only."""
+
+    id = peewee.BigAutoField()
+    at = peewee.DoubleField()
+    actor = peewee.CharField(max_length=16)  # admin (the dashboard) | api
+    action = peewee.CharField(max_length=32)
+    target = peewee.TextField()
+    detail = peewee.TextField()
+
+    class Meta:
+        table_name = "admin_actions"
 
 
 MODELS: Sequence[type[peewee.Model]] = (ApiKey, LedgerEntry, Reservation, Instance, StoredProof,
                                         Payment, Refund, Invoice, KeysetCounter, Payout,
-                                        PendingSwap, RateHit, LockedProof, NodePayment)
+                                        PendingSwap, RateHit, LockedProof, AdminSession,
+                                        AdminLoginFailure, AdminAction,
+                                        ModelOverride, NodePayment)
 
 # Indexes made (if missing) on tables old and new, partial where only a few rows need one:
 # a plain key's reservation never touches the limit_key index.
-EXTRA_INDEXES: Sequence[str] = (
-    "CREATE INDEX IF NOT EXISTS api_keys_parent ON api_keys (parent_key_hash) "
-    "WHERE parent_key_hash IS NOT NULL",
-    "CREATE INDEX IF NOT EXISTS reservations_limit_key ON reservations (limit_key) "
-    "WHERE limit_key IS NOT NULL",
+EXTRA_INDEXES: Sequence[tuple[str, str, str]] = (  # (table, name, statement)
+    ("api_keys", "api_keys_parent", "CREATE INDEX IF NOT EXISTS api_keys_parent ON api_keys "
+     "(parent_key_hash) WHERE parent_key_hash IS NOT NULL"),
+    ("reservations", "reservations_limit_key", "CREATE INDEX IF NOT EXISTS "
+     "reservations_limit_key ON reservations (limit_key) WHERE limit_key IS NOT NULL"),
 )

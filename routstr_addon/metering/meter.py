@@ -148,6 +148,7 @@ class Paid:
     offers: tuple[ModelPrice, ...] = ()
     provider: str | None = None  # the provider that answered, once known
     attempts: int = 1  # providers tried for it (more than one: failover happened)
+    first_byte_at: float | None = None  # a stream's first chunk from the upstream (metrics)
 
     @property
     def settled(self) -> bool:

@@ -50,6 +50,8 @@ class MeteredStream:
         now = time.monotonic()
         if now >= self._next_touch:  # a flowing stream is not swept, and a crash now
             self._next_touch = now + self._touch_every  # leaves what it delivered on record
+            if self._paid.first_byte_at is None:  # the first chunk always passes here
+                self._paid.first_byte_at = time.time()
             try:
                 self._meter.touch(self._paid)
             except Exception:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from routstr_addon.ledger import Settlement
@@ -29,6 +30,7 @@ class Sweeper:
         self.timeout = float(meter.config.reservation_timeout)
         self.heartbeat_every = max(0.5, min(5.0, self.timeout / 4))
         self.stale_after = 6 * self.heartbeat_every
+        self.on_swept: Callable[[list[Settlement]], None] | None = None  # metrics count them
 
     def sweep(self) -> list[Settlement]:
         """Close every orphaned reservation; returns what was done."""
@@ -68,7 +70,9 @@ class Sweeper:
         while True:
             try:
                 self.ledger.heartbeat()
-                self.sweep()
+                closed = self.sweep()
+                if closed and self.on_swept is not None:
+                    self.on_swept(closed)
             except Exception:
                 logger.exception("reservation sweep failed")
             await asyncio.sleep(self.heartbeat_every)

@@ -37,7 +37,7 @@ from routstr_addon.ecash.p2pk import (
     verify_payment,
 )
 from routstr_addon.ecash.tokens import UNIT_MSAT, amounts_for, serialize_token
-from routstr_addon.ecash.wallet import MintWallet, Wallet, WalletError, _proof
+from routstr_addon.ecash.wallet import MintWallet, Wallet, WalletError, proof_of
 from routstr_addon.ledger import DATABASE_ERRORS, LockedRecord, Tx, hash_key
 
 if TYPE_CHECKING:
@@ -192,7 +192,7 @@ class LockedPayments:
                 return None, 0
             secrets = [p.secret for p in picked]
             if self.ledger.locked.hand_out(tx, secrets, owner):
-                return (serialize_token(mint, unit, [_proof(p) for p in picked]),
+                return (serialize_token(mint, unit, [proof_of(p) for p in picked]),
                         sum(p.amount for p in picked))
             self.ledger.locked.take_back(tx, secrets, owner)  # another process was first
         logger.warning("change pool contended; the change of %s stays on its key", owner)
@@ -216,11 +216,15 @@ class LockedPayments:
 
     # -- off the request path ------------------------------------------------------------------
 
-    async def redeem(self, limit: int = REDEEM_BATCH) -> RedeemResult:
+    async def redeem(self, limit: int = REDEEM_BATCH, recover_all: bool = False) -> RedeemResult:
         """Swap received locked proofs at their mints, a batch per mint and unit; first settle
-        the batches whose outcome was not known."""
+        the batches whose outcome was not known (``recover_all``: also those claimed just
+        now, when no other process can be swapping them)."""
         result = RedeemResult()
-        for batch in self.ledger.locked.batches():
+        # A batch another process may still be swapping is left alone: only those claimed
+        # longer ago than a mint call can last are settled here.
+        settled_by = time.time() if recover_all else time.time() - 4 * self.wallet.timeout - 30
+        for batch in self.ledger.locked.batches(settled_by):
             await self._recover(batch, result)
         for mint in self.wallet.mints.values():
             if not mint.loaded:

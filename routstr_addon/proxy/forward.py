@@ -51,6 +51,7 @@ class PaidForward:
         self.payments: Payments | None = runtime.payments  # None: no mints, no ecash
         self.upstream_timeout = config.upstream_timeout
         self.route: Route = runtime.route  # which provider(s), its key, the model's name there
+        self.seen = runtime.seen
 
     # -- the request -----------------------------------------------------------------------
 
@@ -171,6 +172,8 @@ class PaidForward:
         if paid.timer is not None:
             paid.timer.cancel()
         self.route.answered(flow, paid)
+        if resp.status_code < 500:
+            self.seen.upstream_at = resp.timestamp_start
         fields = resp.headers.fields
         is_sse = any(name.lower() == b"content-type" and b"text/event-stream" in value
                      for name, value in fields)

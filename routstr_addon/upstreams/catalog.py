@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,9 @@ class Catalog:
         self.refreshed: float | None = None  # wall time of the last good refresh
         self._unpriced: set[tuple[str, str]] = set()  # already logged
         self.node_markup: Fraction | None = None  # NODE_MAX_PRICE_MARKUP: discovered nodes
+        # The operator's overrides (admin API, kept in the ledger): model id → (offered,
+        # prices replacing the catalog's); read at each publish.
+        self.overrides: Callable[[], Mapping[str, tuple[bool, Mapping[str, str] | None]]] = dict
 
     @property
     def needs_refresh(self) -> bool:
@@ -132,10 +135,13 @@ class Catalog:
         many models are offered."""
         offers: dict[str, list[ModelPrice]] = {}
         aliases: dict[str, str] = {}
+        overrides = self.overrides()
         for provider in self.providers:
             fee = Fraction(provider.fee) if provider.fee is not None else None
             if provider.is_node:
                 for entry in self.nodes.get(provider.name, ()):
+                    if not overrides.get(str(entry.get("id")), (True, None))[0]:
+                        continue  # withdrawn by the operator (its USD prices do not apply)
                     try:
                         price = ModelPrice.from_node_entry(entry, provider.name, fee)
                     except (ValueError, KeyError, TypeError, ArithmeticError) as e:
@@ -145,6 +151,11 @@ class Catalog:
                     offers.setdefault(price.id, []).append(price)
                 continue
             for public_id, spec, entry in self._models(provider):
+                enabled, prices = overrides.get(public_id, (True, None))
+                if not enabled:
+                    continue
+                if prices:
+                    entry = {**entry, "pricing": {**(entry.get("pricing") or {}), **prices}}
                 try:
                     price = ModelPrice.from_entry({**entry, "id": public_id}, provider.name,
                                                   spec.upstream_id, fee)

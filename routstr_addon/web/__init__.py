@@ -27,8 +27,11 @@ from routstr_addon.web.limits import RateLimit
 
 if TYPE_CHECKING:
     from routstr_addon.discovery.nostr import Directory
+    from routstr_addon.observe.metrics import Metrics
+    from routstr_addon.observe.readiness import Readiness
     from routstr_addon.payments.payouts import Payouts
     from routstr_addon.upstreams.health import Health
+    from routstr_addon.web.adminshared import SharedLoginLimiter, SharedSessions
 
 __all__ = ["AdminState", "Handler", "Peer", "Services"]
 
@@ -36,10 +39,13 @@ __all__ = ["AdminState", "Handler", "Peer", "Services"]
 @dataclass(slots=True)
 class AdminState:
     """What ``/admin`` keeps between requests: open sessions, failed logins per address, and
-    the lock that lets one withdrawal run at a time (the margin is read, then spent)."""
+    the lock that lets one withdrawal run at a time (the margin is read, then spent). The
+    proxy keeps sessions and failures in the ledger (``adminshared``), shared by every process
+    on the database; the in-memory ones serve tests of the parts."""
 
-    sessions: Sessions = field(default_factory=Sessions)
-    limiter: LoginLimiter = field(default_factory=lambda: LoginLimiter(attempts=5, window=60.0))
+    sessions: Sessions | SharedSessions = field(default_factory=Sessions)
+    limiter: LoginLimiter | SharedLoginLimiter = field(
+        default_factory=lambda: LoginLimiter(attempts=5, window=60.0))
     withdrawing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -56,6 +62,9 @@ class Services:
     invoices: Invoices | None = None
     admin: AdminState = field(default_factory=AdminState)
     directory: Directory | None = None  # made on the first /v1/providers
+    readiness: Readiness | None = None  # /ready's checks
+    metrics: Metrics | None = None  # /metrics (None: metrics are off)
+    catalog: Any = None  # the providers' models (the admin API publishes them again)
     invoice_limit: RateLimit = field(default_factory=RateLimit)  # invoices per client address
     payouts: Payouts | None = None  # refunds to a key's refund address
     health: Health | None = None  # the upstream providers' breakers (set by the runtime)

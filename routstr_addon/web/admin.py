@@ -90,8 +90,9 @@ def _render(services: Services, template: str, status: int = 200,
             session: Session | None = None, headers: Mapping[str, str] | None = None,
             **context: Any) -> http.Response:
     flash: list[tuple[str, str]] = []
-    if session is not None:
+    if session is not None and session.flash:
         flash, session.flash = session.flash, []
+        services.admin.sessions.save_flash(session)  # shown once, on whichever process
     page = _env.get_template(template).render(
         name=services.config.name, csrf=session.csrf if session else None, flash=flash,
         **context)
@@ -291,7 +292,10 @@ def post(services: Services, request: http.Request,
     action = _ACTIONS.get(path)
     if action is None:
         return _message(services, 404, "Not found", "There is no such action.", session)
-    return action(services, form, session, session_id or "")
+    answer = action(services, form, session, session_id or "")
+    if session.flash:  # a message for the page after the redirect, which any process may serve
+        services.admin.sessions.save_flash(session)
+    return answer
 
 
 def _login(services: Services, request: http.Request, peer: Peer) -> http.Response:
@@ -343,6 +347,8 @@ def _create_key(services: Services, form: dict[str, str], session: Session,
     key, state = services.ledger.create_key(balance * 1000, expires_at=expires_at, label=label,
                                             note="created by operator (admin)")
     logger.info("admin: key %s… created with %d sats", state.key_hash[:12], balance)
+    _record(services, "key.create", state.key_hash,
+             f'{{"balance_sats": {balance}, "expiry_days": {days or "null"}}}')
     return _render(services, "secret.html", session=session, title="New API key",
                    active="keys", heading="New API key", secret=key,
                    what="the API key", field_label="API key",
@@ -361,6 +367,7 @@ def _set_disabled(disabled: bool) -> Action:
         word = "disabled" if disabled else "enabled again"
         if done:
             logger.info("admin: key %s… %s", key_hash[:12], word)
+            _record(services, "key.disable" if disabled else "key.enable", key_hash, "")
             session.flash.append(("ok", f"Key {key_hash[:16]} {word}."))
         else:
             session.flash.append(("error", "No such key."))
@@ -471,6 +478,8 @@ async def _withdraw_later(services: Services, session: Session, amount: int,
                     else f"{e}. Nothing was withdrawn.")
             return _message(services, 502, "Not withdrawn", text, session)
     logger.info("admin: withdrew %d sat from %s (fee %d)", amount, mint_url, fee)
+    _record(services, "withdraw", mint_url,
+             f'{{"amount_sats": {amount}, "fee_sats": {fee}, "owner": "{owner}"}}')
     return _render(services, "secret.html", session=session, title="Withdrawn",
                    active="overview", heading=f"Withdrawn: {amount - fee:,} sats",
                    secret=token, what="the Cashu token (it is the money)",
@@ -478,6 +487,13 @@ async def _withdraw_later(services: Services, session: Session, amount: int,
                    details=[("mint", mint_url), ("amount", f"{amount - fee:,} sats"),
                             ("mint fee", f"{fee:,} sats")],
                    back="/admin")
+
+
+def _record(services: Services, action: str, target: str, detail: str) -> None:
+    """Every change the operator makes is journaled (``admin_actions``), whichever process."""
+    admin = getattr(services.ledger, "admin", None)
+    if admin is not None:
+        admin.journal(time.time(), "admin", action, target, detail)
 
 
 _ACTIONS: dict[str, Action] = {

@@ -1,6 +1,7 @@
 """The /admin dashboard's guard: the password check, sessions, CSRF tokens, login rate limits.
 
-Sessions live in this process's memory: a random id in an HttpOnly cookie, kept here only as
+Sessions here live in one process's memory (the proxy keeps them in the ledger instead, shared
+by its processes: ``adminshared``, same interface): a random id in an HttpOnly cookie, kept only as
 its SHA-256, with an absolute expiry. Each session carries a CSRF token that every form posts
 back; both are compared in constant time. A session is bound to the password it was opened
 with: change ``ADMIN_PASSWORD`` (or empty it) and every open session ends. Nothing here logs
@@ -47,6 +48,7 @@ class Session:
     expires_at: float
     tag: bytes = field(repr=False)
     flash: list[tuple[str, str]] = field(default_factory=list)  # (level, text), shown once
+    key: str = field(default="", repr=False)  # where a shared store keeps it (adminshared)
 
     def csrf_ok(self, given: str | None) -> bool:
         return bool(given) and hmac.compare_digest(_digest(given or ""), _digest(self.csrf))
@@ -93,6 +95,9 @@ class Sessions:
     def drop(self, session_id: str | None) -> None:
         if session_id:
             self._open.pop(_digest(session_id), None)
+
+    def save_flash(self, session: Session) -> None:
+        """Kept in memory, the session object is the stored one: nothing to write."""
 
     def clear(self) -> None:
         self._open.clear()

@@ -16,7 +16,7 @@ from mitmproxy import http
 
 from routstr_addon.ecash.tokens import looks_like_token
 from routstr_addon.errors import ApiError, invalid_api_key, invalid_json, json_response, no_ecash
-from routstr_addon.ledger import KeyState, hash_key
+from routstr_addon.ledger import KeyState, Limits, hash_key
 from routstr_addon.metering.meter import bearer_token
 from routstr_addon.payments.cashu import KeyTerms, Payments
 from routstr_addon.payments.lightning import Invoices
@@ -130,12 +130,35 @@ def _field(request: http.Request, *names: str) -> str:
                    code="missing_token")
 
 
+def _create_limits(request: http.Request) -> Limits | None:
+    """Limits asked for with ``create`` (routstr-core's ``balance_limit`` and
+    ``balance_limit_reset``, and ours), in the body or the query string; checked before the
+    token is redeemed."""
+    from routstr_addon.web.children import limits_from
+
+    asked: dict[str, Any] = {}
+    try:
+        body = json.loads(request.get_content(strict=False) or b"{}")
+    except ValueError:
+        body = {}
+    if isinstance(body, dict):
+        asked.update(body)
+    for name, values in parse_qs(urlsplit(request.path).query).items():
+        value: Any = values[0]
+        asked[name] = int(value) if name != "balance_limit_reset" and value.isdigit() else value
+    limits = limits_from(asked)
+    return limits if limits.any else None
+
+
 async def create(services: Services, request: http.Request, peer: Peer) -> http.Response:
     payments = _payments(services)
     token = _field(request, "initial_balance_token", "cashu_token", "token")
     terms = KeyTerms.parse(request.headers.get("key-expiry-time"),
                            request.headers.get("refund-lnurl"))
+    limits = _create_limits(request)
     api_key, state = await payments.create(token, terms.expires_at, terms.refund_address)
+    if limits is not None:
+        state = services.ledger.set_limits(state.key_hash, limits) or state
     return json_response(200, {**_describe(api_key, state), "balance": state.balance_msat})
 
 

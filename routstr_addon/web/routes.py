@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from routstr_addon.web import Handler, admin, balance, children, info, models, providers
+from routstr_addon.web import Handler, admin, adminapi, balance, children, info, models, providers
 
 __all__ = ["ROUTES", "lookup"]
 
@@ -15,6 +15,8 @@ def _table() -> dict[str, dict[str, Handler]]:
     table: dict[str, dict[str, Handler]] = {
         "/": {"GET": info.info},
         "/health": {"GET": info.health},
+        "/ready": {"GET": info.ready},
+        "/metrics": {"GET": info.metrics},
         "/v1/info": {"GET": info.info},
         "/v1/models": {"GET": models.list_models},
         "/v1/providers": {"GET": providers.providers},
@@ -44,6 +46,8 @@ _MODEL: Mapping[str, Handler] = {"GET": models.get_model}
 _INVOICE_STATUS: Mapping[str, Handler] = {"GET": balance.lightning_status}
 _INVOICE_BASES = ("/v1/balance/lightning/invoice/", "/v1/wallet/lightning/invoice/",
                   "/lightning/invoice/")
+_ADMIN_API: Mapping[str, Handler] = dict.fromkeys(("GET", "POST", "PATCH", "PUT", "DELETE"),
+                                                  adminapi.handle)
 
 
 def lookup(path: str) -> Mapping[str, Handler] | None:
@@ -51,6 +55,8 @@ def lookup(path: str) -> Mapping[str, Handler] | None:
     found = ROUTES.get(path)
     if found is not None:
         return found
+    if path.startswith(adminapi.PREFIX):  # the admin API for scripts
+        return _ADMIN_API
     if path.startswith("/admin"):  # the dashboard; nothing under it goes out
         return admin.HANDLERS
     if path.startswith("/v1/models/"):
