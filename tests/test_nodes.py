@@ -552,3 +552,62 @@ def test_discovered_nodes_are_filtered_by_key_url_and_mints() -> None:
     assert not acceptable("http://node.example", False)
     assert not acceptable("https://10.0.0.1", False) and acceptable("https://8.8.8.8", False)
     assert not acceptable("http://abc.onion", True) and acceptable("http://127.0.0.1:1", True)
+
+
+def test_node_payments_journal_on_sqlite_and_postgresql(database_url: str) -> None:
+    """The journal of tokens paid to nodes: in flight until settled once, per request in
+    order, and per node the revenue of the requests it served beside what it cost."""
+    from routstr_addon.ledger import Ledger
+
+    ledger = Ledger(database_url)
+    try:
+        key, _ = ledger.create_key(10_000)
+        from routstr_addon.ledger import hash_key
+
+        key_hash = hash_key(key)
+        ledger.reserve(key_hash, 3000, "req-1")
+        ledger.settle("req-1", 2500, model=MODEL)
+        with ledger.transaction() as tx:
+            first = ledger.nodes.sent_in(tx, "req-1", "c", "https://m", "sat", "cashuB1", 4000)
+            second = ledger.nodes.sent_in(tx, "req-1", "b", "https://m", "sat", "cashuB2", 4000)
+        assert second > first
+        assert [r.state for r in ledger.nodes.in_flight(time.time() + 1)] == ["sent", "sent"]
+        with ledger.transaction() as tx:
+            assert ledger.nodes.settle_in(tx, first, "recovered", 4000, None, 0)
+            assert ledger.nodes.settle_in(tx, second, "settled", 2000, 1800, 0)
+            assert not ledger.nodes.settle_in(tx, second, "lost", 0, None, 4000)  # once
+        c, b = ledger.nodes.of_request("req-1")
+        assert (c.provider, c.state, c.cost_msat) == ("c", "recovered", 0)
+        assert (b.provider, b.state, b.cost_msat, b.reported_msat) == ("b", "settled", 2000,
+                                                                       1800)
+        assert ledger.nodes.in_flight(time.time() + 1) == []
+        totals = {t.provider: t.as_json() for t in ledger.nodes.totals()}
+        assert totals["b"] == {"provider": "b", "requests": 1, "revenue_msat": 2500,
+                               "cost_msat": 2000, "loss_msat": 0, "margin_msat": 500}
+        assert totals["c"]["revenue_msat"] == 0 and totals["c"]["cost_msat"] == 0
+    finally:
+        ledger.close()
+
+
+def test_discovered_offers_only_within_the_markup_of_the_cheapest() -> None:
+    from routstr_addon.metering.pricing import Pricing
+    from routstr_addon.settings import Upstream
+    from routstr_addon.upstreams.catalog import Catalog, Router
+    from routstr_addon.upstreams.providers import ProviderSpec
+
+    def entry(prompt: float) -> dict[str, Any]:
+        return {"id": MODEL, "context_length": 1000,
+                "sats_pricing": {"prompt": prompt, "completion": prompt, "request": 0,
+                                 "max_cost": 10}}
+
+    up = Upstream("https", "node.example", 443, "/v1")
+    specs = [ProviderSpec("mine", up, type="routstr", fetch=True),
+             ProviderSpec("near", up, type="routstr", fetch=True, discovered=True),
+             ProviderSpec("far", up, type="routstr", fetch=True, discovered=True)]
+    pricing = Pricing({}, Decimal("1.005"), Decimal("1.05"))
+    pricing.set_rate("91234.56")
+    catalog = Catalog(specs, Router(pricing, specs), Path("/nonexistent"), "", {})
+    catalog.node_markup = Fraction("1.5")
+    catalog.nodes = {"mine": [entry(0.001)], "near": [entry(0.0012)], "far": [entry(0.01)]}
+    catalog.publish()
+    assert [o.provider for o in pricing.offers[MODEL]] == ["mine", "near"]
