@@ -421,8 +421,17 @@ def test_scrubber_takes_change_and_cost_out_of_a_stream() -> None:
     out += scrub.finish()
     assert out == b'data: {"a": 1}\n\ndata: [DONE]\n\n'
     assert returned.changes == ["cashuBxyz"] and returned.reported_msat == 1234
+    crlf = Returned()
+    scrub = Scrubber(crlf, sse=True)
+    out = scrub.feed(b'data: {"b": 2}\r\n\r\n: x-cashu cashuBcr\r\ndata: [DONE]\r\n\r\n')
+    assert out == b'data: {"b": 2}\n\ndata: [DONE]\n\n' and crlf.changes == ["cashuBcr"]
+    cut = Returned()
+    scrub = Scrubber(cut, sse=True)
+    assert scrub.feed(b": x-cashu cashuBend") == b""
+    assert scrub.finish() == b"" and cut.changes == ["cashuBend"]
     errors = Returned()
     scrub = Scrubber(errors, sse=False)
+    errors.header(b"x-cashu", b"cashuBabc")  # the header and the body: one change
     assert scrub.feed(b'{"error": {"message": "bad", "x_cashu": "cashuBabc"}}') == b""
     assert json.loads(scrub.finish()) == {"error": {"message": "bad"}}
     assert errors.changes == ["cashuBabc"]

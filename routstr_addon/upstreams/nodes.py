@@ -87,9 +87,13 @@ class Returned:
     reported_msat: int | None = None
     complete: bool = False  # the answer arrived whole
 
+    def add_change(self, token: str) -> None:
+        if token and token not in self.changes:  # a node may say it twice (header and body)
+            self.changes.append(token)
+
     def header(self, name: bytes, value: bytes) -> None:
         if name == b"x-cashu" and value:
-            self.changes.append(value.decode("latin-1").strip())
+            self.add_change(value.decode("latin-1").strip())
         elif name == b"x-routstr-cost-msats" and value.strip().isdigit():
             self.reported_msat = int(value)
 
@@ -108,29 +112,37 @@ class Scrubber:
         self._pending = b""
 
     def feed(self, data: bytes) -> bytes:
-        if not self.sse:
-            self._pending += data
-            return b""
         self._pending += data
+        if not self.sse:
+            return b""
+        if b"\r" in self._pending:  # CRLF or CR line ends: LF, as SSE allows either
+            self._pending = self._pending.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         cut = self._pending.rfind(b"\n\n")
         if cut < 0:
             return b""
         ready, self._pending = self._pending[:cut + 2], self._pending[cut + 2:]
-        out = []
-        for block in ready.split(b"\n\n")[:-1]:
-            if block.startswith(b": x-cashu "):
-                self.returned.changes.append(block[10:].decode("latin-1").strip())
-            elif block.startswith(b": x-routstr-cost-msats "):
-                words = block.split()
-                if len(words) > 2 and words[2].isdigit():
+        return b"".join(self._event(block) for block in ready.split(b"\n\n")[:-1])
+
+    def _event(self, block: bytes) -> bytes:
+        """One event passed on without the node's cost and change comment lines."""
+        kept = []
+        for line in block.split(b"\n"):
+            if line.startswith(b": x-cashu "):
+                self.returned.add_change(line[10:].decode("latin-1").strip())
+            elif line.startswith(b": x-routstr-"):
+                words = line.split()
+                if len(words) > 2 and words[1] == b"x-routstr-cost-msats" \
+                        and words[2].isdigit():
                     self.returned.reported_msat = int(words[2])
             else:
-                out.append(block + b"\n\n")
-        return b"".join(out)
+                kept.append(line)
+        return b"\n".join(kept) + b"\n\n" if kept else b""
 
     def finish(self) -> bytes:
         rest, self._pending = self._pending, b""
-        if self.sse or not rest:
+        if self.sse:  # an unfinished last event: still without the node's comments
+            return self._event(rest).removesuffix(b"\n\n") if rest.strip() else rest
+        if not rest:
             return rest
         try:
             body = json.loads(rest)
@@ -139,7 +151,7 @@ class Scrubber:
         if isinstance(body, dict) and isinstance(body.get("error"), dict):
             change = body["error"].pop("x_cashu", None)
             if isinstance(change, str) and change:
-                self.returned.changes.append(change)
+                self.returned.add_change(change)
                 return json.dumps(body).encode()
         usage = body.get("usage") if isinstance(body, dict) else None
         cost = usage.get("cost") if isinstance(usage, dict) else None
