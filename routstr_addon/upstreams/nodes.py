@@ -31,7 +31,7 @@ import httpx
 from routstr_addon.ecash.mint import MintUnreachable
 from routstr_addon.ecash.tokens import UNIT_MSAT, TokenError, parse_token
 from routstr_addon.ecash.wallet import Wallet, WalletError
-from routstr_addon.ledger import Ledger
+from routstr_addon.ledger import Ledger, Tx
 from routstr_addon.upstreams.health import Health
 
 __all__ = ["NodePayer", "Scrubber", "Ticket", "node_loss", "token_amount"]
@@ -201,11 +201,16 @@ class NodePayer:
                    if k.active and k.unit == "sat"), default=0)
         amount = (token_amount(sats_pricing, ppk) if amount_msat is None
                   else token_amount({"max_cost": amount_msat / 1000}, ppk))
-        token, fee = await self.wallet.send(mint_url, "sat", amount, f"node:{request_id}")
+        rows: list[int] = []
+
+        def record(tx: Tx, token: str, fee: int) -> None:  # with the proofs marked sent
+            rows.append(self.ledger.nodes.sent_in(tx, request_id, provider, mint_url, "sat",
+                                                  token, (amount - fee) * UNIT_MSAT["sat"]))
+
+        token, fee = await self.wallet.send(mint_url, "sat", amount, f"node:{request_id}",
+                                            record)
         sent_msat = (amount - fee) * UNIT_MSAT["sat"]
-        with self.ledger.transaction(durable=True) as tx:
-            row_id = self.ledger.nodes.sent_in(tx, request_id, provider, mint_url, "sat", token,
-                                               sent_msat)
+        row_id = rows[0]
         return Ticket(row_id, request_id, provider, base_url, token, mint_url, "sat", sent_msat)
 
     def later(self, work: Any) -> None:
