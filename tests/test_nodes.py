@@ -27,7 +27,13 @@ from openai.types.chat import ChatCompletionMessageParam
 from routstr_addon.dev.demo import MiniServer, Request, Responder, run_in_thread
 from routstr_addon.dev.localmint import LocalMint
 from routstr_addon.ledger.nodes import NodePaymentRecord
-from routstr_addon.upstreams.nodes import Returned, Scrubber, node_loss, token_amount
+from routstr_addon.upstreams.nodes import (
+    Returned,
+    Scrubber,
+    node_loss,
+    published_cost,
+    token_amount,
+)
 
 from .conftest import BIN, Proxy, books_balance, start_proxy
 from .ecash_user import UserWallet
@@ -278,6 +284,15 @@ class RefusingNode(MiniServer):
         else:
             token = request.headers.get("x-cashu", "")
             self.tokens.append(token)
+            if self.mode == "greedy":  # keeps the whole token, says it cost that much
+                await responder.send(200, {
+                    "id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+                    "model": MODEL, "choices": [{"index": 0, "finish_reason": "stop",
+                                                 "message": {"role": "assistant",
+                                                             "content": "hi"}}],
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}},
+                    headers={"x-routstr-cost-msats": "5000"})
+                return
             if honour and len(self.tokens) > 1:
                 await responder.send(200, {
                     "id": "chatcmpl-1", "object": "chat.completion", "created": 1,
@@ -413,6 +428,30 @@ def test_a_node_killed_mid_burst_moves_traffic_and_the_books_hold(
         c.stop()
 
 
+def test_a_node_keeping_more_than_its_prices_say_is_a_loss_against_it(
+        tmp_path: Path, mint: LocalMint, user: UserWallet) -> None:
+    with run_in_thread(RefusingNode(mint.url, "greedy")) as greedy:
+        assert isinstance(greedy, RefusingNode)
+        a = router(tmp_path, [{"name": "g", "type": "routstr", "base_url": greedy.url,
+                               "fee": ROUTER_FEE}], mint, user)
+        try:
+            key = a.new_key(sats=500)
+            raw = a.client(key).chat.completions.with_raw_response.create(model=MODEL,
+                                                                        messages=MSG)
+            assert raw.headers["x-routstr-provider"] == "g"
+            (paid,) = wait_closed(a)
+            # 5 sats sent, none back; its prices make 6 tokens cost well under a sat.
+            assert (paid.state, paid.sent_msat, paid.change_msat) == ("lost", 5000, 0)
+            assert paid.reported_msat == 5000 and paid.loss_msat == 4000
+            stats = subprocess.run([str(BIN / "routstr"), "stats", "--json"], cwd=a.workdir,
+                                   env=a.env, capture_output=True, text=True, timeout=60)
+            (g_stats,) = json.loads(stats.stdout)["nodes"]
+            assert g_stats["loss_msat"] == 4000 and g_stats["cost_msat"] == 5000
+            books_balance(a, mint.url)
+        finally:
+            a.stop()
+
+
 def test_scrubber_takes_change_and_cost_out_of_a_stream() -> None:
     returned = Returned()
     scrub = Scrubber(returned, sse=True)
@@ -442,6 +481,11 @@ def test_node_loss_is_change_kept_beyond_the_reported_cost() -> None:
     assert node_loss(10_000, 5_000, 2_500) == 2_000
     assert node_loss(10_000, 0, None) == 10_000  # nothing back, nothing said
     assert node_loss(10_000, 4_000, None) == 0
+    # A node that reports more than its own published prices make of the usage: the excess is
+    # a loss (its prices, generously rounded, then up to the sat).
+    assert published_cost({"prompt": 0.5, "completion": 1.0, "request": 2}, 10, 4) == 11012
+    assert node_loss(20_000, 0, 20_000, 11_012) == 8_000
+    assert node_loss(20_000, 8_000, 12_000, 11_012) == 0
     assert token_amount({"max_cost": 3.2}) == 5
     assert token_amount({"max_cost": 3.2}, ppk=100) == 6
 

@@ -18,12 +18,15 @@ What a node returns never reaches the user: the hop strips its ``X-Cashu`` and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import httpx
@@ -34,7 +37,8 @@ from routstr_addon.ecash.wallet import Wallet, WalletError
 from routstr_addon.ledger import Ledger, Tx
 from routstr_addon.upstreams.health import Health
 
-__all__ = ["NodePayer", "Scrubber", "Ticket", "node_loss", "token_amount"]
+__all__ = ["NodePayer", "Returned", "Scrubber", "Ticket", "node_loss", "published_cost",
+           "token_amount"]
 
 logger = logging.getLogger("routstr")
 
@@ -54,6 +58,19 @@ class Ticket:
     mint: str
     unit: str
     sent_msat: int
+    pricing: Mapping[str, Any] = field(default_factory=dict)  # its sats_pricing
+
+
+def published_cost(sats_pricing: Mapping[str, Any], prompt: int, completion: int) -> int | None:
+    """What a node's published prices say a usage costs (msat), generously rounded (its
+    prices are published as floats): the most it may fairly keep for it."""
+    try:
+        sats = (prompt * Fraction(Decimal(str(sats_pricing.get("prompt") or 0)))
+                + completion * Fraction(Decimal(str(sats_pricing.get("completion") or 0)))
+                + Fraction(Decimal(str(sats_pricing.get("request") or 0))))
+    except (ArithmeticError, ValueError):
+        return None
+    return math.ceil(sats * 1000 * Fraction(1001, 1000)) + 1
 
 
 def token_amount(sats_pricing: Mapping[str, Any], ppk: int = 0) -> int:
@@ -69,14 +86,18 @@ def token_amount(sats_pricing: Mapping[str, Any], ppk: int = 0) -> int:
     return amount
 
 
-def node_loss(sent_msat: int, change_msat: int, reported_msat: int | None) -> int:
-    """What a node kept beyond the cost it reported (msat, at least 0). Its change comes in
-    whole sats, so a charge is rounded up to the sat before comparing. No cost reported and
-    no change at all: everything sent is unaccounted for."""
+def node_loss(sent_msat: int, change_msat: int, reported_msat: int | None,
+              expected_msat: int | None = None) -> int:
+    """What a node kept beyond its fair cost (msat, at least 0): the cost it reported, or what
+    its published prices say the usage it reported costs (``expected_msat``), whichever is
+    less. Its change comes in whole sats, so the cost is rounded up to the sat before
+    comparing. Neither known and no change at all: everything sent is unaccounted for."""
     kept = sent_msat - change_msat
-    if reported_msat is None:
+    fair = (reported_msat if expected_msat is None else expected_msat
+            if reported_msat is None else min(reported_msat, expected_msat))
+    if fair is None:
         return kept if change_msat == 0 else 0
-    return max(0, kept - -(-reported_msat // 1000) * 1000)
+    return max(0, kept - -(-fair // 1000) * 1000)
 
 
 @dataclass(slots=True)
@@ -86,6 +107,21 @@ class Returned:
     changes: list[str] = field(default_factory=list)
     reported_msat: int | None = None
     complete: bool = False  # the answer arrived whole
+    usage: tuple[int, int] | None = None  # (prompt, completion) tokens the answer reported
+
+    def read_usage(self, answer: Any) -> None:
+        """Take the usage of a parsed answer or stream event, if it has one."""
+        if not isinstance(answer, dict):
+            return
+        usage = answer.get("usage")
+        if not isinstance(usage, dict) and isinstance(answer.get("response"), dict):
+            usage = answer["response"].get("usage")
+        if not isinstance(usage, dict):
+            return
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+        completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
+        if isinstance(prompt, int) and isinstance(completion, int):
+            self.usage = (prompt, completion)
 
     def add_change(self, token: str) -> None:
         if token and token not in self.changes:  # a node may say it twice (header and body)
@@ -135,6 +171,9 @@ class Scrubber:
                         and words[2].isdigit():
                     self.returned.reported_msat = int(words[2])
             else:
+                if line.startswith(b"data: {") and b'"usage"' in line:
+                    with contextlib.suppress(ValueError):
+                        self.returned.read_usage(json.loads(line[6:]))
                 kept.append(line)
         return b"\n".join(kept) + b"\n\n" if kept else b""
 
@@ -153,6 +192,7 @@ class Scrubber:
             if isinstance(change, str) and change:
                 self.returned.add_change(change)
                 return json.dumps(body).encode()
+        self.returned.read_usage(body)
         usage = body.get("usage") if isinstance(body, dict) else None
         cost = usage.get("cost") if isinstance(usage, dict) else None
         if self.returned.reported_msat is None and isinstance(cost, dict):
@@ -211,7 +251,8 @@ class NodePayer:
                                             record)
         sent_msat = (amount - fee) * UNIT_MSAT["sat"]
         row_id = rows[0]
-        return Ticket(row_id, request_id, provider, base_url, token, mint_url, "sat", sent_msat)
+        return Ticket(row_id, request_id, provider, base_url, token, mint_url, "sat", sent_msat,
+                      sats_pricing)
 
     def later(self, work: Any) -> None:
         """Run settling work in the background (the answer has gone on already)."""
@@ -233,7 +274,9 @@ class NodePayer:
             change_msat += await self._receive(ticket, text)
         if returned.reported_msat is None:
             change_msat += await self._stored_change(ticket, bool(returned.changes))
-        loss = node_loss(ticket.sent_msat, change_msat, returned.reported_msat)
+        expected = (published_cost(ticket.pricing, *returned.usage)
+                    if returned.usage is not None else None)
+        loss = node_loss(ticket.sent_msat, change_msat, returned.reported_msat, expected)
         state = "lost" if loss else "settled"
         with self.ledger.transaction() as tx:
             self.ledger.nodes.settle_in(tx, ticket.row_id, state, change_msat,
