@@ -403,15 +403,22 @@ def test_a_node_killed_mid_burst_moves_traffic_and_the_books_hold(
                     await asyncio.sleep(i * 0.05)
                     if i == 12:
                         c.process.kill()  # in the middle of the burst
-                    resp = await client.post(
-                        f"{a.v1}/chat/completions", headers={"authorization": f"Bearer {key}"},
-                        json={"model": MODEL, "messages": MSG, "stream": i % 2 == 0})
+                    try:
+                        resp = await client.post(
+                            f"{a.v1}/chat/completions",
+                            headers={"authorization": f"Bearer {key}"},
+                            json={"model": MODEL, "messages": MSG, "stream": i % 2 == 0})
+                    except httpx.RemoteProtocolError:  # C died after its first byte
+                        return 0, "c"
                     return resp.status_code, resp.headers.get("x-routstr-provider", "")
 
                 return await asyncio.gather(*(one(i) for i in range(30)))
 
         results = asyncio.run(burst())
-        assert [s for s, _ in results if s != 200] == []
+        # Before its first byte a failure goes to the next node; after it, the answer was
+        # C's (cut): only a request C was answering at the moment it died can be cut.
+        assert [s for s, _ in results if s not in (200, 0)] == []
+        assert sum(1 for s, _ in results if s == 0) <= 2
         served = [p for _, p in results]
         assert served[0] == "c" and served[-1] == "b"
         a.wait_settled()
