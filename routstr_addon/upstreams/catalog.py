@@ -277,7 +277,7 @@ class Catalog:
             data = resp.json().get("data")
             entries: list[Mapping[str, Any]] = [
                 m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)
-                and isinstance(m.get("sats_pricing"), dict)]
+                and isinstance(m.get("sats_pricing"), dict) and _max_cost(m) > 0]
             if not entries:
                 raise ValueError("no model with sats_pricing in the answer")
             self.nodes[provider.name] = entries
@@ -360,6 +360,17 @@ def _openrouter_entries(data: Any) -> dict[str, Mapping[str, Any]]:
             continue
         entries[entry["id"]] = entry
     return entries
+
+
+def _max_cost(entry: Mapping[str, Any]) -> float:
+    """A node's published maximum for a model (what a token must carry), 0 if none: a model
+    without one cannot be paid per request, so it is not offered."""
+    value = entry["sats_pricing"].get("max_cost")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return number if number == number and number != float("inf") else 0.0
 
 
 def _reason(e: Exception) -> str:
