@@ -59,8 +59,10 @@ class Serving:
         # observer only reads what the paid forward settled.
         self.addons: list[Any] = [Gate(), LocalEndpoints(runtime.services), PaidForward(runtime)]
         config = runtime.config
+        self.observer: FlowObserver | None = None
         if config.log_format != "off" or runtime.metrics is not None:
-            self.addons.append(FlowObserver(config.log_format, runtime.metrics, runtime.meter))
+            self.observer = FlowObserver(config.log_format, runtime.metrics, runtime.meter)
+            self.addons.append(self.observer)
         self.addons.append(Cors(config.cors_origins))
         self.listener: Any = None
         if runtime.metrics is not None and config.metrics_port:
@@ -76,6 +78,8 @@ class Serving:
 
     async def done(self) -> None:
         await close_connections()  # ended here, they end quietly (see observe.quiet)
+        if self.observer is not None:
+            self.observer.done()  # their lines too
         self.background.stop()
         self.backlog.stop()
         if self.listener is not None:

@@ -205,3 +205,18 @@ def test_a_mint_refusing_the_proxys_own_outputs_says_the_token_is_still_the_user
     finally:
         proxy.stop()
         owner.close()
+
+
+@pytest.mark.parametrize(("status", "detail", "passing"), [
+    (400, "database is locked", True),
+    # nutshell's answer when its proofs_pending lock times out under a burst of swaps
+    (400, "failed to acquire database locks (LockOptions(table='proofs_pending', "
+          "select_statement=None, parameters={}, timeout=1),) after 1s and 1 trials", True),
+    (429, "slow down", True),
+    (400, "Token already spent.", False),
+    (400, "could not verify proofs.", False),
+])
+def test_which_mint_answers_are_passing_trouble(status: int, detail: str, passing: bool) -> None:
+    from routstr_addon.ecash.mint import transient
+
+    assert transient(status, detail) is passing

@@ -68,8 +68,11 @@ def test_200_concurrent_xcashu_payments_all_get_change_that_redeems(
     outcome = asyncio.run(burst(ecash_proxy.url, headers, seed=11))
 
     assert sum(outcome.statuses.values()) == 200
-    assert set(outcome.statuses) - {"200", "500", "left"} <= {"error:ReadError",
-                                                             "error:ConnectError"}
+    # 503: the mint was too busy to swap (its proofs_pending lock timed out); the token is
+    # untouched and the answer says to retry
+    assert set(outcome.statuses) - {"200", "500", "left", "503"} <= {"error:ReadError",
+                                                                    "error:ConnectError"}
+    assert outcome.statuses["200"] + outcome.statuses["left"] >= 150
     ecash_proxy.wait_settled(timeout=30)
     # Change came back in the answer for those that read to the end, and every payment's
     # change is kept for the refund endpoint; each one redeems at the mint.
@@ -90,7 +93,8 @@ def test_200_concurrent_xcashu_payments_all_get_change_that_redeems(
             changes.append((change, change_msat))
     finally:
         ledger.close()
-    assert len(unpaid) <= 20 and not any(user.spent(t) for t in unpaid)  # still the user's
+    assert len(unpaid) <= 20 + outcome.statuses["503"]
+    assert not any(user.spent(t) for t in unpaid)  # still the user's
     assert set(outcome.changes) <= {c for c, _ in changes}
     received = sum(user.receive(change) for change, _ in changes)
     assert received * 1000 == sum(m for _, m in changes)

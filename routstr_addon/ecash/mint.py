@@ -38,9 +38,11 @@ class MintBusy(MintUnreachable):
 
 
 # What mints answer, with a 4xx, when the trouble is theirs and passing: nutshell turns any
-# exception into a 400 with its text ("database is locked" from SQLite under load).
+# exception into a 400 with its text ("database is locked" from SQLite under load, "failed to
+# acquire database locks" when its proofs_pending lock times out).
 # Only markers that cannot mean the mint did something (a melt's "timeout" might have paid).
-_TRANSIENT = ("database is locked", "database table is locked", "rate limit",
+_TRANSIENT = ("database is locked", "database table is locked",
+              "failed to acquire database lock", "rate limit",
               "too many requests", "try again", "temporarily", "deadlock detected",
               "could not serialize")
 

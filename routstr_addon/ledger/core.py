@@ -64,8 +64,6 @@ class Ledger:
         self.accounts = Accounts(self.database, self.registry)
         self.proofs = ProofStore(self.database)
         self.locked = LockedStore(self.database)
-        if create:
-            self.locked.create_index()
         self.counters = KeysetCounters(self.database)
         self.payments = PaymentStore(self.database)
         self.refunds = RefundStore(self.database)

@@ -46,12 +46,6 @@ class LockedStore:
     def __init__(self, database: Database) -> None:
         self._db = database
 
-    def create_index(self) -> None:
-        """The change pool picks unspent proofs by amount on the request path."""
-        with self._db.transaction() as tx:
-            tx.execute("CREATE INDEX IF NOT EXISTS proofs_by_amount "
-                       "ON proofs (mint, unit, state, amount)")
-
     # -- receiving -----------------------------------------------------------------------------
 
     def seen(self, ys: Sequence[str]) -> set[str]:

@@ -413,4 +413,7 @@ EXTRA_INDEXES: Sequence[tuple[str, str, str]] = (  # (table, name, statement)
      "(parent_key_hash) WHERE parent_key_hash IS NOT NULL"),
     ("reservations", "reservations_limit_key", "CREATE INDEX IF NOT EXISTS "
      "reservations_limit_key ON reservations (limit_key) WHERE limit_key IS NOT NULL"),
+    # The change pool picks unspent proofs by amount on the request path (locked payments).
+    ("proofs", "proofs_by_amount", "CREATE INDEX IF NOT EXISTS proofs_by_amount "
+     "ON proofs (mint, unit, state, amount)"),
 )

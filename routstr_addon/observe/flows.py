@@ -67,6 +67,10 @@ class FlowObserver:
     def response(self, flow: http.HTTPFlow) -> None:
         self._ended(flow)
 
+    def done(self) -> None:
+        if self.log is not None:
+            self.log.flush()  # the last lines, before the process ends
+
     def error(self, flow: http.HTTPFlow) -> None:
         self._ended(flow)
 
