@@ -80,6 +80,7 @@ class Runtime:
         if catalog.needs_refresh:
             catalog.load_snapshot()
         catalog.publish()
+        catalog.tor_proxy_url = config.nostr.tor_proxy_url
         if config.nodes.enabled:
             catalog.node_markup = Fraction(config.nodes.max_markup)
         nodes = any(p.is_node for p in config.providers) or config.nodes.enabled
@@ -88,7 +89,7 @@ class Runtime:
                                "AUTO_DISCOVER_NODES) are paid with ecash: set CASHU_MINTS "
                                "(and fund the wallet)")
         failover = (Failover(router.health, config.upstream_connect_timeout,
-                             config.upstream_timeout)
+                             config.upstream_timeout, config.nostr.tor_proxy_url)
                     if len(config.providers) > 1 or nodes else None)
         route = Route(config.providers, router.health, failover, pricing)
         private_dir(config.data_dir)
@@ -115,7 +116,7 @@ class Runtime:
                 failover.payer = NodePayer(
                     ledger, wallet, router.health, catalog.node_info.get,
                     {p.name: p.base_url for p in config.providers if p.is_node},
-                    float(config.mint_timeout))
+                    float(config.mint_timeout), config.nostr.tor_proxy_url)
         seen = Seen()
         shared = AdminState(SharedSessions(ledger.admin), SharedLoginLimiter(ledger.admin),
                             admin.withdrawing if admin is not None else asyncio.Lock())

@@ -176,7 +176,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ONION_HOSTNAME_FILE", str, "",
             "The hidden service's 'hostname' file, written by tor (see compose.yml)."),
     Setting("TOR_PROXY_URL", str, "socks5h://127.0.0.1:9050",
-            "SOCKS proxy used to reach .onion providers for /v1/providers."),
+            "SOCKS proxy used to reach .onion providers (for /v1/providers, and the "
+            "providers and Routstr nodes requests are forwarded to)."),
     Setting("PROVIDERS_REFRESH_INTERVAL", int, 300,
             "Seconds /v1/providers keeps what it found on the relays; 0 turns it off."),
     # -- other Routstr nodes found on Nostr, as providers (issue 16) --

@@ -459,6 +459,39 @@ def test_a_node_keeping_more_than_its_prices_say_is_a_loss_against_it(
             a.stop()
 
 
+def test_an_onion_node_is_reached_and_paid_through_tor(
+        tmp_path: Path, upstream: TestUpstream, mint: LocalMint, user: UserWallet) -> None:
+    """B is known only by its .onion address: A reads its models, pays it and takes its
+    change back through TOR_PROXY_URL (a SOCKS5 stand-in for Tor leading to B)."""
+    from .test_nostr import ONION_HOST, Socks5, free_port
+
+    b_port = free_port()
+    socks = Socks5(onion_target=b_port)
+    b = start_proxy(tmp_path / "b", upstream.url, {
+        "UPSTREAM_BASE_URL": f"{upstream.url}/v1", "CASHU_MINTS": mint.url,
+        "CHANGE_POOL_PER_AMOUNT": "0"}, args=("-p", str(b_port)))
+    a = None
+    try:
+        a = router(tmp_path, [{"name": "onion", "type": "routstr",
+                               "base_url": f"http://{ONION_HOST}", "fee": ROUTER_FEE}],
+                   mint, user, TOR_PROXY_URL=f"socks5h://127.0.0.1:{socks.port}")
+        key = a.new_key(sats=500)
+        raw = a.client(key).chat.completions.with_raw_response.create(model=MODEL,
+                                                                    messages=MSG)
+        assert raw.headers["x-routstr-provider"] == "onion"
+        (paid,) = wait_closed(a)
+        assert paid.state == "settled" and paid.loss_msat == 0
+        assert paid.cost_msat == proofs_msat(b)
+        assert set(socks.asked) == {ONION_HOST}  # the name went to the proxy, never to DNS
+        books_balance(a, mint.url)
+        books_balance(b, mint.url)
+    finally:
+        if a is not None:
+            a.stop()
+        b.stop()
+        socks.stop()
+
+
 def test_scrubber_takes_change_and_cost_out_of_a_stream() -> None:
     returned = Returned()
     scrub = Scrubber(returned, sse=True)
@@ -612,6 +645,7 @@ def test_discovered_nodes_are_filtered_by_key_url_and_mints() -> None:
     assert not acceptable("http://node.example", False)
     assert not acceptable("https://10.0.0.1", False) and acceptable("https://8.8.8.8", False)
     assert not acceptable("http://abc.onion", True) and acceptable("http://127.0.0.1:1", True)
+    assert acceptable("http://abc.onion", False, tor=True)  # through TOR_PROXY_URL
 
 
 def test_node_payments_journal_on_sqlite_and_postgresql(database_url: str) -> None:

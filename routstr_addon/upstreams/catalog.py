@@ -29,11 +29,21 @@ from routstr_addon.metering.pricing import ModelPrice, Pricing
 from routstr_addon.upstreams.health import Health
 from routstr_addon.upstreams.providers import ModelSpec, ProviderSpec
 
-__all__ = ["Catalog", "Router", "probe_forever", "provider_headers"]
+__all__ = ["Catalog", "Router", "client_for", "probe_forever", "provider_headers"]
 
 logger = logging.getLogger("routstr")
 
 SNAPSHOT = "catalog.json"
+
+
+def client_for(timeout: float, tor_proxy_url: str = "") -> httpx.AsyncClient:
+    """An HTTP client for providers' lists and probes: ``.onion`` hosts through
+    ``TOR_PROXY_URL`` (the proxy resolves their names), others directly."""
+    mounts = None
+    if tor_proxy_url:
+        proxy = tor_proxy_url.replace("socks5h://", "socks5://", 1)  # httpx: the name is sent
+        mounts = {"all://*.onion": httpx.AsyncHTTPTransport(proxy=httpx.Proxy(proxy))}
+    return httpx.AsyncClient(timeout=timeout, trust_env=False, mounts=mounts)
 
 
 def provider_headers(provider: ProviderSpec) -> list[tuple[str, str]]:
@@ -91,6 +101,7 @@ class Catalog:
         self.refreshed: float | None = None  # wall time of the last good refresh
         self._unpriced: set[tuple[str, str]] = set()  # already logged
         self.node_markup: Fraction | None = None  # NODE_MAX_PRICE_MARKUP: discovered nodes
+        self.tor_proxy_url = ""  # TOR_PROXY_URL: how .onion providers are reached
         # The operator's overrides (admin API, kept in the ledger): model id → (offered,
         # prices replacing the catalog's); read at each publish.
         self.overrides: Callable[[], Mapping[str, tuple[bool, Mapping[str, str] | None]]] = dict
@@ -310,7 +321,7 @@ class Catalog:
     async def run(self, interval: float, wait: float = 20.0, retry: float = 15.0) -> None:
         """Refresh now and every ``interval`` seconds (sooner while nothing is known yet);
         ``wait``: seconds one source may take."""
-        async with httpx.AsyncClient(timeout=wait) as client:
+        async with client_for(wait, self.tor_proxy_url) as client:
             while True:
                 try:
                     await self.refresh(client)
@@ -324,7 +335,7 @@ async def probe_forever(catalog: Catalog, wait: float, every: float = 2.0) -> No
     """Ask each provider whose cool-down is over for its ``/models``; any answer but 429 or
     5xx takes it back, anything else opens it for another cool-down."""
     health = catalog.router.health
-    async with httpx.AsyncClient(timeout=wait, trust_env=False) as client:
+    async with client_for(wait, catalog.tor_proxy_url) as client:
         while True:
             await asyncio.sleep(every)
             providers = {p.name: p for p in catalog.providers}  # nodes may have joined

@@ -9,8 +9,8 @@ then read like any node's; the catalog offers a discovered node's model only wit
 ``NODE_MAX_PRICE_MARKUP`` of the cheapest offer of that model.
 
 Discovered URLs are anyone's on Nostr: like users' addresses they must be https to a public
-address (``ALLOW_PRIVATE_LN_ADDRESSES`` lifts that, for tests and private networks). ``.onion``
-nodes are not used yet (the failover hop does not speak SOCKS).
+address (``ALLOW_PRIVATE_LN_ADDRESSES`` lifts that, for tests and private networks); ``.onion``
+nodes are reached through ``TOR_PROXY_URL``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import httpx
 from routstr_addon.discovery.nostr import Provider, discover
 from routstr_addon.proxy.route import Route
 from routstr_addon.settings import Config
-from routstr_addon.upstreams.catalog import Catalog
+from routstr_addon.upstreams.catalog import Catalog, client_for
 from routstr_addon.upstreams.health import Breaker
 from routstr_addon.upstreams.nodes import NodePayer
 from routstr_addon.upstreams.providers import ProviderError, ProviderSpec, _url
@@ -35,12 +35,14 @@ __all__ = ["NodeFinder", "acceptable"]
 logger = logging.getLogger("routstr")
 
 
-def acceptable(url: str, allow_private: bool) -> bool:
-    """Whether a node's announced URL may be connected to."""
+def acceptable(url: str, allow_private: bool, tor: bool = False) -> bool:
+    """Whether a node's announced URL may be connected to (``.onion``: with a Tor proxy)."""
     parts = urlsplit(url)
     host = parts.hostname or ""
-    if not host or host.endswith(".onion") or parts.scheme not in ("http", "https"):
+    if not host or parts.scheme not in ("http", "https"):
         return False
+    if host.endswith(".onion"):
+        return tor
     if allow_private:
         return True
     if parts.scheme != "https" or host == "localhost" or host.endswith(".localhost"):
@@ -76,7 +78,8 @@ class NodeFinder:
             why = "its key is not allowed"
         elif own and node.pubkey == own:
             why = "it is this proxy"
-        elif not acceptable(url, self.config.allow_private_ln_addresses):
+        elif not acceptable(url, self.config.allow_private_ln_addresses,
+                            bool(self.config.nostr.tor_proxy_url)):
             why = f"its URL {url} may not be reached"
         elif not any(m.rstrip("/") in theirs for m in self.config.cashu_mints):
             why = "it takes none of CASHU_MINTS"
@@ -118,7 +121,7 @@ class NodeFinder:
         return added
 
     async def run(self, interval: float) -> None:
-        async with httpx.AsyncClient(timeout=20.0, trust_env=False) as client:
+        async with client_for(20.0, self.config.nostr.tor_proxy_url) as client:
             while True:
                 try:
                     await self.find(client)

@@ -26,6 +26,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import h11
 
@@ -78,13 +79,14 @@ class Plan:
 class Failover:
     """The hop: ``arm`` a plan for a request, send the request to ``port`` with its id."""
 
-    def __init__(self, health: Health, connect_timeout: float, answer_timeout: float) -> None:
+    def __init__(self, health: Health, connect_timeout: float, answer_timeout: float,
+                 tor_proxy: str = "") -> None:
         self.health = health
         self.connect_timeout = connect_timeout
         self.answer_timeout = answer_timeout or None  # 0: no limit
         self.plans: dict[str, Plan] = {}
         self.port = 0  # 0: not listening (yet); requests then go to their first provider
-        self.pool = Pool()
+        self.pool = Pool(tor_proxy)
         self.payer: NodePayer | None = None  # pays Routstr nodes (set with a wallet)
         self._server: asyncio.Server | None = None
 
@@ -341,10 +343,14 @@ class Pool:
 
     MAX_IDLE = 64  # per origin
 
-    def __init__(self) -> None:
+    def __init__(self, tor_proxy: str = "") -> None:
+        """``tor_proxy``: the SOCKS5 proxy (TOR_PROXY_URL) ``.onion`` providers are reached
+        through; empty: they cannot be."""
         self.idle: dict[tuple[str, str, int], list[tuple[asyncio.StreamReader,
                                                           asyncio.StreamWriter]]] = {}
         self._tls: ssl.SSLContext | None = None
+        parts = urlsplit(tor_proxy) if tor_proxy else None
+        self.tor = (parts.hostname or "", parts.port or 9050) if parts else None
 
     async def request(self, attempt: Attempt, method: bytes, passed: list[tuple[bytes, bytes]],
                       connect_timeout: float) -> Upstream:
@@ -393,14 +399,47 @@ class Pool:
                 self._tls = ssl.create_default_context()
             tls = self._tls
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, ssl=tls, server_hostname=host if tls else None,
-                                        limit=1 << 20), connect_timeout)
+            if host.endswith(".onion"):
+                reader, writer = await asyncio.wait_for(
+                    self._through_tor(host, port, tls), connect_timeout)
+            else:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, port, ssl=tls,
+                                            server_hostname=host if tls else None,
+                                            limit=1 << 20), connect_timeout)
         except TimeoutError:
             raise
         except OSError as e:
             raise _Refused(f"cannot connect: {e.strerror or e}") from None
         return False, reader, writer
+
+    async def _through_tor(self, host: str, port: int, tls: ssl.SSLContext | None) -> tuple[
+            asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to an onion service through the SOCKS5 proxy (the name goes to the
+        proxy, which resolves it: never resolved here)."""
+        if self.tor is None:
+            raise OSError("no TOR_PROXY_URL to reach .onion providers")
+        reader, writer = await asyncio.open_connection(*self.tor, limit=1 << 20)
+        try:
+            writer.write(b"\x05\x01\x00")  # SOCKS5, one method: no authentication
+            if await reader.readexactly(2) != b"\x05\x00":
+                raise OSError("the SOCKS proxy wants authentication")
+            name = host.encode("idna")
+            writer.write(b"\x05\x01\x00\x03" + bytes([len(name)]) + name
+                         + port.to_bytes(2, "big"))
+            head = await reader.readexactly(4)
+            if head[1] != 0:
+                raise OSError(f"the SOCKS proxy could not connect (code {head[1]})")
+            skip = {1: 4, 4: 16}.get(head[3])
+            if skip is None:
+                skip = (await reader.readexactly(1))[0]
+            await reader.readexactly(skip + 2)
+            if tls is not None:
+                await writer.start_tls(tls, server_hostname=host)
+        except (asyncio.IncompleteReadError, OSError) as e:
+            writer.close()
+            raise OSError(f"through Tor: {e}") from None
+        return reader, writer
 
     def release(self, upstream: Upstream) -> None:
         conn = upstream.conn

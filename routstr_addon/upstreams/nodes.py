@@ -207,7 +207,8 @@ class NodePayer:
 
     def __init__(self, ledger: Ledger, wallet: Wallet, health: Health,
                  node_info: Callable[[str], Mapping[str, Any] | None],
-                 bases: Mapping[str, str] | None = None, timeout: float = 15.0) -> None:
+                 bases: Mapping[str, str] | None = None, timeout: float = 15.0,
+                 tor_proxy_url: str = "") -> None:
         """``node_info``: a node's /v1/info by provider name (its mints), if known;
         ``bases``: each node's API base URL (…/v1), to ask it for change it kept."""
         self.ledger = ledger
@@ -216,6 +217,7 @@ class NodePayer:
         self.node_info = node_info
         self.bases = dict(bases or {})
         self.timeout = timeout
+        self.tor_proxy_url = tor_proxy_url
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def mint_for(self, provider: str) -> str:
@@ -331,7 +333,9 @@ class NodePayer:
         if not ticket.base_url:
             return 0
         try:
-            async with httpx.AsyncClient(timeout=self.timeout, trust_env=False) as client:
+            from routstr_addon.upstreams.catalog import client_for
+
+            async with client_for(self.timeout, self.tor_proxy_url) as client:
                 resp = await client.post(f"{ticket.base_url}/balance/refund",
                                          headers={"x-cashu": ticket.token})
             data = resp.json() if resp.status_code == 200 else None
