@@ -90,7 +90,9 @@ class Runtime:
                                "(and fund the wallet)")
         failover = (Failover(router.health, config.upstream_connect_timeout,
                              config.upstream_timeout, config.nostr.tor_proxy_url)
-                    if len(config.providers) > 1 or nodes else None)
+                    if len(config.providers) > 1 or nodes or any(
+                        p.upstream is not None and p.upstream.host.endswith(".onion")
+                        for p in config.providers) else None)
         route = Route(config.providers, router.health, failover, pricing)
         private_dir(config.data_dir)
         for line in exposed([config.data_dir, *sqlite_files(config.database_url),

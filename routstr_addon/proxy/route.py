@@ -52,15 +52,16 @@ class Route:
         self.failover = failover
         self.auth = {p.name: tuple((k.encode(), v.encode()) for k, v in provider_headers(p))
                      for p in providers}
-        # Routstr nodes: paid per request by the hop, so their requests always go through it.
-        self.nodes = frozenset(p.name for p in providers if p.is_node)
+        # Routstr nodes (paid per request by the hop) and .onion providers (reached by the
+        # hop through Tor): their requests always go through the hop.
+        self.nodes = frozenset(p.name for p in providers if p.is_node or _onion(p))
 
     def add(self, provider: ProviderSpec) -> None:
         """A provider that joined while running (a node found on Nostr)."""
         self.providers[provider.name] = provider
         self.auth[provider.name] = tuple((k.encode(), v.encode())
                                          for k, v in provider_headers(provider))
-        if provider.is_node:
+        if provider.is_node or _onion(provider):
             self.nodes = self.nodes | {provider.name}
 
     def body(self, paid: Paid) -> bytes | None:
@@ -94,8 +95,8 @@ class Route:
         offer = offers[0] if offers else None
         provider = self.providers.get(offer.provider) if offer else None
         provider = provider or self.default
-        if provider.is_node:  # unpaid, it would answer 402: never sent there directly
-            raise ApiError(503, "The provider of this model cannot be paid right now; nothing "
+        if provider.name in self.nodes:  # unpaid (402), or unreachable without Tor: never direct
+            raise ApiError(503, "The provider of this model cannot be reached right now; nothing "
                            "was charged.", type="service_unavailable",
                            code="upstream_unreachable", headers={"retry-after": "5"})
         paid.provider = provider.name
@@ -159,6 +160,10 @@ class Route:
                        or req.raw_content or b"", node if isinstance(node, dict) else
                        ({} if provider.is_node else None), paid.reserved_msat,
                        provider.base_url if provider.is_node else "")
+
+
+def _onion(provider: ProviderSpec) -> bool:
+    return provider.upstream is not None and provider.upstream.host.endswith(".onion")
 
 
 def _provider_of(offer: ModelPrice) -> str:
