@@ -536,9 +536,11 @@ def test_a_proof_spent_elsewhere_is_marked_lost_and_counted(
 def test_the_proxy_redeems_in_the_background_and_refills_its_pool(
         upstream: Any, locked_mint: LocalMint, owner: UserWallet, tmp_path: Path,
         database_url: str) -> None:
+    from .test_observe import METRICS_TOKEN, scrape, value
+
     proxy = start_proxy(tmp_path / "p", upstream.url, proxy_env(
         locked_mint, upstream.url, LOCKED_REDEEM_INTERVAL="1", CHANGE_POOL_PER_AMOUNT="2",
-        DATABASE_URL=database_url))
+        DATABASE_URL=database_url, METRICS_TOKEN=METRICS_TOKEN))
     try:
         fund_pool(proxy, owner, 4096)  # one large proof: the refill splits it
         assert xpost(proxy, locked_token(proxy, locked_mint, [16, 4])).status_code == 200
@@ -554,6 +556,14 @@ def test_the_proxy_redeems_in_the_background_and_refills_its_pool(
         assert left == [(0,)] and small[0][0] >= 2, (left, small)
         proxy.wait_settled()
         books_balance(proxy, locked_mint.url)
+        # The first scrape reads the ledger now.
+        metrics = raw(proxy, "GET", "/metrics",
+                      headers={"authorization": f"Bearer {METRICS_TOKEN}"})
+        samples = scrape(metrics.text)
+        assert value(samples, "routstr_locked_proofs", state="redeemed", unit="sat") == 2
+        assert value(samples, "routstr_locked_proofs_amount", state="redeemed",
+                     unit="sat") == 20
+        assert value(samples, "routstr_locked_proofs", state="lost", unit="sat") == 0
     finally:
         proxy.stop()
 

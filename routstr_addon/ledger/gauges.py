@@ -25,6 +25,8 @@ def read_gauges(database: Database, trusted: Sequence[str] = ()) -> dict[str, An
                           "GROUP BY kind, state")
         refunds = tx.rows("SELECT state, COUNT(*), COALESCE(SUM(msat), 0) FROM refunds "
                           "GROUP BY state")
+        locked = tx.rows("SELECT state, unit, COUNT(*), COALESCE(SUM(amount), 0) "
+                         "FROM locked_proofs GROUP BY state, unit")
     return {
         "holdings": [(h.mint, h.unit, h.msat) for h in books.holdings],
         "liabilities_msat": books.liabilities_msat,
@@ -36,4 +38,6 @@ def read_gauges(database: Database, trusted: Sequence[str] = ()) -> dict[str, An
         "ledger_requests": int(requests),
         "payouts": [(str(k), str(s), int(n), int(m)) for k, s, n, m in payouts],
         "refunds": [("token", str(s), int(n), int(m)) for s, n, m in refunds],
+        # Proofs received locked to the payment key: received, redeeming, redeemed, lost.
+        "locked": [(str(s), str(u), int(n), int(a)) for s, u, n, a in locked],
     }

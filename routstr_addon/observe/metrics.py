@@ -77,6 +77,16 @@ class _Books(Collector):
                 msat.add_metric([kind, state], total)
             yield count
             yield msat
+        locked = GaugeMetricFamily("routstr_locked_proofs", "Proofs received locked to the "
+                                   "payment key, by state (received, redeeming, redeemed, "
+                                   "lost) and unit.", labels=["state", "unit"])
+        locked_amount = GaugeMetricFamily("routstr_locked_proofs_amount", "Their amount, in "
+                                          "the unit.", labels=["state", "unit"])
+        for state, unit, n, amount in figures.get("locked", ()):
+            locked.add_metric([state, unit], n)
+            locked_amount.add_metric([state, unit], amount)
+        yield locked
+        yield locked_amount
 
 
 class Metrics:
