@@ -71,6 +71,9 @@ def read_stats(ledger: Ledger, days: int, now: float | None = None) -> dict[str,
         # as far as the key could pay): each one is a pricing rule to fix.
         "under_reservations": overruns,
         "under_reserved_msat": overrun_msat,
+        # Other Routstr nodes paid per request: what users were charged for the requests each
+        # served, what it was paid (tokens less change), change it kept, and the margin.
+        "nodes": [t.as_json() for t in ledger.nodes.totals(since)],
     }
 
 
@@ -79,7 +82,8 @@ def stats(
                                       max=MAX_DAYS)] = 7,
     as_json: JsonOpt = False,
 ) -> None:
-    """Requests and revenue in sats per model and per day, from the journal's charges.
+    """Requests and revenue in sats per model and per day, from the journal's charges; with
+    other Routstr nodes as providers, revenue, cost, margin and losses per node.
 
     Revenue is what requests were charged (the journal's 'charge' rows), whoever funded the
     key; amounts in the JSON are msat. The window is whole UTC days, today included.
@@ -113,6 +117,16 @@ def stats(
         daily.add_row(d["day"], f"{d['requests']:,}", sats(d["revenue_msat"]),
                       f"[green]{bar}[/green]")
     console.print(daily)
+    if data["nodes"]:
+        nodes = Table(title="other Routstr nodes paid", title_justify="left")
+        nodes.add_column("provider", overflow="fold")
+        for col in ("requests", "revenue sats", "cost sats", "margin sats", "lost sats"):
+            nodes.add_column(col, justify="right")
+        for n in data["nodes"]:
+            nodes.add_row(escape(n["provider"]), f"{n['requests']:,}", sats(n["revenue_msat"]),
+                          sats(n["cost_msat"]), f"[green]{sats(n['margin_msat'])}[/green]",
+                          sats(n["loss_msat"]) if n["loss_msat"] else "-")
+        console.print(nodes)
     if data["under_reservations"]:
         console.print(f"[red]under-reservations: {data['under_reservations']:,} request(s) cost "
                       f"more than was reserved ({sats(data['under_reserved_msat'])} sats charged "

@@ -54,11 +54,19 @@ class Background:
         if rt.ledger.instance_id is None:
             rt.ledger.register_instance()
         work["provider_overrides"] = follow_overrides(rt.catalog, rt.ledger)  # upstreams …
-        if rt.catalog.needs_refresh:  # OpenRouter's prices, providers' own model lists
+        if rt.catalog.needs_refresh or config.nodes.enabled:  # prices, providers' lists
             work["catalog"] = rt.catalog.run(config.models_refresh_interval)
         if rt.failover is not None:
             work["failover"] = rt.failover.start()
             work["probes"] = probe_forever(rt.catalog, config.upstream_connect_timeout)
+            if rt.failover.payer is not None:  # tokens a stop left in flight to nodes
+                work["node_tokens"] = rt.failover.payer.sweep_forever()
+        if config.nodes.enabled:  # AUTO_DISCOVER_NODES: nodes listed on the relays join
+            from routstr_addon.upstreams.discover import NodeFinder
+
+            finder = NodeFinder(config, rt.catalog, rt.route,
+                                rt.failover.payer if rt.failover is not None else None)
+            work["nodes"] = finder.run(config.models_refresh_interval)
         work["overrides"] = watch_overrides(rt)
         sweeper = Sweeper(rt.meter)
         if rt.metrics is not None:

@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ from routstr_addon.proxy.route import Route
 from routstr_addon.settings import Config, SettingError
 from routstr_addon.upstreams.catalog import Catalog, Router
 from routstr_addon.upstreams.failover import Failover
+from routstr_addon.upstreams.nodes import NodePayer
 from routstr_addon.web import AdminState, Services
 from routstr_addon.web.adminshared import SharedLoginLimiter, SharedSessions
 
@@ -77,9 +79,20 @@ class Runtime:
                           config.openrouter_models_url, static)
         if catalog.needs_refresh:
             catalog.load_snapshot()
+        catalog.tor_proxy_url = config.nostr.tor_proxy_url
+        if config.nodes.enabled:
+            catalog.node_markup = Fraction(config.nodes.max_markup)
+        nodes = any(p.is_node for p in config.providers) or config.nodes.enabled
+        if nodes and not config.cashu_mints:
+            raise SettingError("other Routstr nodes (a provider of type routstr, or "
+                               "AUTO_DISCOVER_NODES) are paid with ecash: set CASHU_MINTS "
+                               "(and fund the wallet)")
         failover = (Failover(router.health, config.upstream_connect_timeout,
-                             config.upstream_timeout) if len(config.providers) > 1 else None)
-        route = Route(config.providers, router.health, failover)
+                             config.upstream_timeout, config.nostr.tor_proxy_url)
+                    if len(config.providers) > 1 or nodes or any(
+                        p.upstream is not None and p.upstream.host.endswith(".onion")
+                        for p in config.providers) else None)
+        route = Route(config.providers, router.health, failover, pricing)
         private_dir(config.data_dir)
         for line in exposed([config.data_dir, *sqlite_files(config.database_url),
                              config.data_dir / MNEMONIC_FILE]):
@@ -103,6 +116,11 @@ class Runtime:
                       if config.locked_payments and wallet.payment_key is not None else None)
             payments = Payments(ledger, wallet, invoices, config.swap_untrusted_mints, locked)
             payouts = Payouts(ledger, wallet, config, payments)
+            if failover is not None and nodes:
+                failover.payer = NodePayer(
+                    ledger, wallet, router.health, catalog.node_info.get,
+                    {p.name: p.base_url for p in config.providers if p.is_node},
+                    float(config.mint_timeout), config.nostr.tor_proxy_url)
         seen = Seen()
         shared = AdminState(SharedSessions(ledger.admin), SharedLoginLimiter(ledger.admin),
                             admin.withdrawing if admin is not None else asyncio.Lock())

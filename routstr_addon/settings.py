@@ -179,9 +179,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ONION_HOSTNAME_FILE", str, "",
             "The hidden service's 'hostname' file, written by tor (see compose.yml)."),
     Setting("TOR_PROXY_URL", str, "socks5h://127.0.0.1:9050",
-            "SOCKS proxy used to reach .onion providers for /v1/providers."),
+            "SOCKS proxy used to reach .onion providers (for /v1/providers, and the "
+            "providers and Routstr nodes requests are forwarded to)."),
     Setting("PROVIDERS_REFRESH_INTERVAL", int, 300,
             "Seconds /v1/providers keeps what it found on the relays; 0 turns it off."),
+    # -- other Routstr nodes found on Nostr, as providers (issue 16) --
+    Setting("AUTO_DISCOVER_NODES", bool, False,
+            "Nodes listed on RELAYS (kind 38421) that answer /v1/info and take one of "
+            "CASHU_MINTS join as providers of type routstr, paid per request with ecash."),
+    Setting("NODE_MAX_PRICE_MARKUP", str, "1.5",
+            "A discovered node's model is offered only if its price is at most this multiple "
+            "of the cheapest offer of that model."),
+    Setting("NODE_ALLOWED_PUBKEYS", str, "",
+            "Only nodes listed by these Nostr keys (npub or hex, comma-separated) are used. "
+            "Empty: any."),
+    Setting("NODE_BLOCKED_PUBKEYS", str, "",
+            "Nodes listed by these Nostr keys (npub or hex, comma-separated) are never used."),
     Setting("ADMIN_PASSWORD", str, "",
             "Password of the /admin dashboard (at least 8 characters). Empty: the dashboard "
             "is off and only says how to turn it on.", secret=True),
@@ -519,6 +532,39 @@ def _public_url(name: str, raw: str) -> str:
     return url
 
 
+@dataclass(frozen=True, slots=True)
+class NodeDiscovery:
+    """Which nodes announced on Nostr may join as providers (AUTO_DISCOVER_NODES…)."""
+
+    enabled: bool = False
+    max_markup: Decimal = Decimal("1.5")
+    allowed: frozenset[str] = frozenset()  # hex pubkeys; empty: any
+    blocked: frozenset[str] = frozenset()
+
+
+def _pubkeys(name: str, raw: str) -> frozenset[str]:
+    found: set[str] = set()
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        try:
+            import nostr_sdk
+
+            found.add(nostr_sdk.PublicKey.parse(item).to_hex())
+        except Exception:
+            raise SettingError(f"{name}: expected Nostr public keys (npub1… or 64 hex "
+                               f"digits), got {item!r}") from None
+    return frozenset(found)
+
+
+def parse_node_discovery(options: Any) -> NodeDiscovery:
+    return NodeDiscovery(
+        options.auto_discover_nodes,
+        _decimal("NODE_MAX_PRICE_MARKUP", options.node_max_price_markup, minimum=Decimal(1)),
+        _pubkeys("NODE_ALLOWED_PUBKEYS", options.node_allowed_pubkeys),
+        _pubkeys("NODE_BLOCKED_PUBKEYS", options.node_blocked_pubkeys))
+
+
 def parse_nostr(options: Any) -> Nostr:
     secret = pubkey = npub = ""
     if options.nsec.strip():
@@ -644,6 +690,7 @@ class Config:
     upstream_cooldown: int = 30
     models_refresh_interval: int = 360
     openrouter_models_url: str = "https://openrouter.ai/api/v1/models"
+    nodes: NodeDiscovery = field(default_factory=lambda: NodeDiscovery())
     ready_max_age: int = 30
     log_format: str = "text"  # text | json | off
     metrics_token: str = field(default="", repr=False)  # "": /metrics not on the proxy port
@@ -729,6 +776,7 @@ class Config:
             models_refresh_interval=_at_least("MODELS_REFRESH_INTERVAL",
                                               options.models_refresh_interval, 10),
             openrouter_models_url=openrouter,
+            nodes=parse_node_discovery(options),
             ready_max_age=_at_least("READY_MAX_AGE", options.ready_max_age, 1),
             log_format=_choice("LOG_FORMAT", options.log_format, ("text", "json", "off")),
             metrics_token=_token("METRICS_TOKEN", options.metrics_token),

@@ -480,23 +480,28 @@ class Wallet:
         """What the proxy holds per (mint, unit), in the unit: proofs not handed out or spent."""
         return self.ledger.proofs.balances()
 
-    async def send(self, mint_url: str, unit: str, amount: int, owner: str) -> tuple[str, int]:
+    async def send(self, mint_url: str, unit: str, amount: int, owner: str,
+                   record: Callable[[Tx, str, int], None] | None = None) -> tuple[str, int]:
         """A token of ``amount`` (in the unit) from the pool: exact proofs if the pool has
         them, else a swap that splits off the amount. The swap's input fee is taken from the
         amount. Returns (token, fee).
 
         Proofs are claimed for ``owner`` with conditional updates, so two processes (or the
         proxy and the CLI) never hand out the same proof; on any failure before the mint may
-        have acted, the claimed proofs go back to the pool."""
+        have acted, the claimed proofs go back to the pool. ``record(tx, token, fee)`` writes
+        what the token is for in the same transaction that marks its proofs sent."""
         mint = self.mints[mint_url]
         await mint.ensure_loaded()
         keyset = mint.active(unit)  # before claiming anything
         async with self._spending:
             inputs, exact = self._claim(mint, unit, amount, owner)
             if exact:
+                token = serialize_token(mint.url, unit, inputs)
                 with self.ledger.transaction() as tx:
                     self.set_state_in(tx, inputs, "sent", owner)
-                return serialize_token(mint.url, unit, inputs), 0
+                    if record is not None:
+                        record(tx, token, 0)
+                return token, 0
             total = sum(p.amount for p in inputs)
             fee = mint.input_fee(inputs)
             send_amount = amount - fee
@@ -514,11 +519,14 @@ class Wallet:
                 raise
             send_part = fresh[: len(amounts_for(send_amount))]
             keep_part = fresh[len(send_part):]
+            token = serialize_token(mint.url, unit, send_part)
             with self.ledger.transaction() as tx:
                 self.set_state_in(tx, inputs, "spent", owner)
                 self.store_in(tx, mint.url, unit, send_part, "sent", owner)
                 self.store_in(tx, mint.url, unit, keep_part, "unspent")
-            return serialize_token(mint.url, unit, send_part), fee
+                if record is not None:
+                    record(tx, token, fee)
+            return token, fee
 
     async def reshape(self, mint_url: str, unit: str, wanted: Sequence[int], above: int,
                       owner: str) -> int:

@@ -40,6 +40,7 @@ from routstr_addon.ledger.instances import Instances
 from routstr_addon.ledger.invoices import InvoiceStore
 from routstr_addon.ledger.limits import Limits
 from routstr_addon.ledger.locked import LockedStore
+from routstr_addon.ledger.nodes import NodePaymentStore
 from routstr_addon.ledger.payments import PaymentStore
 from routstr_addon.ledger.payouts import PayoutStore
 from routstr_addon.ledger.proofs import ProofStore
@@ -71,6 +72,7 @@ class Ledger:
         self.refunds = RefundStore(self.database)
         self.invoices = InvoiceStore(self.database)
         self.payouts = PayoutStore(self.database)
+        self.nodes = NodePaymentStore(self.database)
         self.reports = Reports(self.database)
         self.admin = AdminStore(self.database)
 

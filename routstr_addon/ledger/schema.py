@@ -12,8 +12,8 @@ import peewee
 
 __all__ = ["EXTRA_INDEXES", "MODELS", "UNIT_MSAT", "AdminAction", "AdminLoginFailure",
            "AdminSession", "ApiKey", "Instance", "Invoice", "KeysetCounter", "LedgerEntry",
-           "LockedProof", "ModelOverride", "Payment", "Payout", "PendingSwap", "RateHit", "Refund",
-           "Reservation", "StoredProof", "UpstreamOverride"]
+           "LockedProof", "ModelOverride", "NodePayment", "Payment", "Payout", "PendingSwap",
+           "RateHit", "Refund", "Reservation", "StoredProof", "UpstreamOverride"]
 
 UNIT_MSAT = {"sat": 1000, "msat": 1}  # the ecash units the proxy takes and stores, in msat
 
@@ -338,6 +338,31 @@ class UpstreamOverride(_Base):
         table_name = "upstream_overrides"
         primary_key = peewee.CompositeKey("provider", "model")
 
+
+class NodePayment(_Base):
+    """A token sent to another Routstr node with one request (``X-Cashu``), and what came
+    back: the cost of that request to this proxy is ``sent - change``. ``loss``: change the
+    node kept beyond the cost it reported. ``state``: sent (in flight) | settled | recovered
+    (the node never took the token: received back into the wallet) | lost."""
+
+    id = peewee.BigAutoField()
+    request_id = peewee.CharField(max_length=64)  # the user's request (one per node tried)
+    provider = peewee.TextField()
+    mint = peewee.TextField()
+    unit = peewee.CharField(max_length=8)
+    token = peewee.TextField()  # the token sent: to take it back if the node never used it
+    sent_msat = peewee.BigIntegerField()
+    change_msat = peewee.BigIntegerField(default=0)
+    reported_msat = peewee.BigIntegerField(null=True)  # the node's cost header, if any
+    cost_msat = peewee.BigIntegerField(default=0)
+    loss_msat = peewee.BigIntegerField(default=0)
+    state = peewee.CharField(max_length=16)
+    created_at = peewee.DoubleField()
+    settled_at = peewee.DoubleField(null=True)
+
+    class Meta:
+        table_name = "node_payments"
+        indexes = ((("request_id",), False), (("state",), False))
 class AdminSession(_Base):
     """An open /admin session, shared by every process on the database (``adminstore``)."""
 
@@ -395,7 +420,7 @@ MODELS: Sequence[type[peewee.Model]] = (ApiKey, LedgerEntry, Reservation, Instan
                                         Payment, Refund, Invoice, KeysetCounter, Payout,
                                         PendingSwap, RateHit, LockedProof, AdminSession,
                                         AdminLoginFailure, AdminAction,
-                                        ModelOverride, UpstreamOverride)
+                                        ModelOverride, NodePayment, UpstreamOverride)
 
 # Indexes made (if missing) on tables old and new, partial where only a few rows need one:
 # a plain key's reservation never touches the limit_key index.

@@ -15,7 +15,7 @@ import math
 import statistics
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -53,6 +53,10 @@ _READERS = {"kraken": _read_kraken, "coinbase": _read_coinbase, "binance": _read
 # --- models ---------------------------------------------------------------------------------
 
 
+NODE_ROUNDING_SATS = 1  # per request paid to another node: its charge rounded up to the sat
+_NOMINAL_RATE = Fraction(100_000)  # USD per BTC, only to rank offers before a rate is known
+
+
 def _usd(value: Any) -> Fraction:
     """A price as OpenRouter writes it (a decimal string, sometimes "-1" for "varies")."""
     if value in (None, ""):
@@ -79,6 +83,7 @@ class ModelPrice:
     provider: str = ""
     upstream_id: str = ""
     fee: Fraction | None = None
+    sats: bool = False  # prices in sats, not USD: another Routstr node's ``sats_pricing``
 
     @property
     def key(self) -> tuple[str, str]:
@@ -110,6 +115,22 @@ class ModelPrice:
             upstream_id=upstream_id or str(entry.get("upstream_id") or ""),
             fee=fee,
         )
+
+    @classmethod
+    def from_node_entry(cls, entry: Mapping[str, Any], provider: str,
+                        fee: Fraction | None = None) -> ModelPrice:
+        """A model as another Routstr node lists it in its ``/v1/models``: priced by its
+        ``sats_pricing`` (what that node charges, in sats per token and per request), plus
+        ``NODE_ROUNDING_SATS`` per request: a node paid with ecash per request keeps its
+        charge rounded up to the whole sat (its change is in sats)."""
+        sats_pricing = entry.get("sats_pricing")
+        if not isinstance(sats_pricing, Mapping):
+            raise ValueError(f"model {entry.get('id')!r} has no sats_pricing")
+        price = cls.from_entry({**entry, "pricing": {
+            k: sats_pricing.get(k) for k in ("prompt", "completion", "request")}},
+            provider, str(entry["id"]), fee)
+        return replace(price, cache_read=None, cache_write=None, sats=True,
+                       request=price.request + NODE_ROUNDING_SATS)
 
     @property
     def completion_limit(self) -> int:
@@ -232,14 +253,15 @@ class Pricing:
 
     def fee_of(self, model: ModelPrice) -> Fraction:
         """The multiplier on a model's USD prices: the exchange fee and its provider's fee."""
-        return self.exchange_fee * (model.fee if model.fee is not None else self.provider_fee)
+        own = model.fee if model.fee is not None else self.provider_fee
+        return own if model.sats else self.exchange_fee * own  # sats: nothing to exchange
 
     def _price(self, offers: Mapping[str, tuple[ModelPrice, ...]],
                rate: Fraction) -> dict[tuple[str, str], _Rational]:
         return {m.key: self._table(m, rate) for models in offers.values() for m in models}
 
     def _table(self, m: ModelPrice, rate: Fraction) -> _Rational:
-        factor = self.fee_of(m) * MSAT_PER_BTC / rate
+        factor = self.fee_of(m) * (1000 if m.sats else MSAT_PER_BTC / rate)  # sats: nodes
         parts = [p * factor for p in
                  (m.prompt, m.completion, m.request,
                   m.cache_read if m.cache_read is not None else m.prompt,
@@ -258,6 +280,14 @@ class Pricing:
                 raise LookupError("no BTC/USD rate yet")
             table = self._table(model, self.rate)
         return table
+
+    def reference(self, model: ModelPrice) -> Fraction:
+        """A price to rank offers by (USD and sats alike): msat for a thousand prompt and a
+        thousand completion tokens and one request, at the current rate (or a nominal one
+        before any is known)."""
+        per_unit = Fraction(1000) if model.sats else MSAT_PER_BTC / (self.rate or _NOMINAL_RATE)
+        return ((model.prompt + model.completion) * 1000 + model.request) * self.fee_of(
+            model) * per_unit
 
     def resolve(self, model: str) -> ModelPrice | None:
         """The priced model for a name a client sent (exact id, an alias, or an unambiguous
@@ -335,7 +365,7 @@ class Pricing:
         """Per-token and maximum prices in sats, as published in /v1/models."""
         if self.rate is None:
             return None
-        factor = self.fee_of(model) * MSAT_PER_BTC / self.rate / 1000
+        factor = self.fee_of(model) * (1 if model.sats else MSAT_PER_BTC / self.rate / 1000)
         max_prompt = self.cost(model, model.context_length, 0) - self.cost(model, 0, 0)
         max_completion = self.cost(model, 0, model.completion_limit) - self.cost(model, 0, 0)
         return {

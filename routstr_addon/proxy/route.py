@@ -15,8 +15,9 @@ from typing import Any
 
 from mitmproxy import http
 
+from routstr_addon.errors import ApiError
 from routstr_addon.metering.meter import Paid
-from routstr_addon.metering.pricing import ModelPrice
+from routstr_addon.metering.pricing import ModelPrice, Pricing
 from routstr_addon.metering.surface import upstream_body
 from routstr_addon.upstreams.catalog import provider_headers
 from routstr_addon.upstreams.failover import (
@@ -28,6 +29,7 @@ from routstr_addon.upstreams.failover import (
 )
 from routstr_addon.upstreams.health import Health
 from routstr_addon.upstreams.providers import ProviderSpec
+from routstr_addon.upstreams.score import spread
 
 __all__ = ["Route", "body_for"]
 
@@ -40,7 +42,9 @@ _ATTEMPTS = ATTEMPTS_HEADER.encode()
 
 class Route:
     def __init__(self, providers: tuple[ProviderSpec, ...], health: Health,
-                 failover: Failover | None) -> None:
+                 failover: Failover | None, pricing: Pricing | None = None) -> None:
+        """``pricing``: to choose among a model's offers by score (None: in price order)."""
+        self.pricing = pricing
         self.providers = {p.name: p for p in providers}
         # Requests no model prices (fixed pricing, other endpoints): the preferred provider.
         self.default = max(providers, key=lambda p: p.priority)
@@ -48,10 +52,25 @@ class Route:
         self.failover = failover
         self.auth = {p.name: tuple((k.encode(), v.encode()) for k, v in provider_headers(p))
                      for p in providers}
+        # Routstr nodes (paid per request by the hop) and .onion providers (reached by the
+        # hop through Tor): their requests always go through the hop.
+        self.nodes = frozenset(p.name for p in providers if p.is_node or _onion(p))
+
+    def add(self, provider: ProviderSpec) -> None:
+        """A provider that joined while running (a node found on Nostr)."""
+        self.providers[provider.name] = provider
+        self.auth[provider.name] = tuple((k.encode(), v.encode())
+                                         for k, v in provider_headers(provider))
+        if provider.is_node or _onion(provider):
+            self.nodes = self.nodes | {provider.name}
 
     def body(self, paid: Paid) -> bytes | None:
         """The body the first provider gets: the one built from what was priced, with the
-        model named as that provider names it (None: a body the proxy does not rebuild)."""
+        model named as that provider names it (None: a body the proxy does not rebuild).
+        Which provider is first is chosen here: by score, at random among the best few."""
+        if len(paid.offers) > 1 and self.pricing is not None:
+            paid.offers = tuple(spread(paid.offers, _provider_of, self.pricing.reference,
+                                       self.health.breakers))
         offer = paid.offers[0] if paid.offers else None
         if offer is None:
             return paid.upstream_body
@@ -63,7 +82,8 @@ class Route:
         target = f"/{paid.path}"
         offers = paid.offers
         failover = self.failover
-        if len(offers) > 1 and failover is not None and failover.port:
+        via_hop = len(offers) > 1 or bool(offers and offers[0].provider in self.nodes)
+        if via_hop and failover is not None and failover.port:
             # A client's own plan header would pick another request's plan: never passed on.
             fields = tuple(f for f in req.headers.fields if f[0].lower() != _PLAN)
             attempts = tuple(self._attempt(o, target, paid, req) for o in offers)
@@ -75,6 +95,10 @@ class Route:
         offer = offers[0] if offers else None
         provider = self.providers.get(offer.provider) if offer else None
         provider = provider or self.default
+        if provider.name in self.nodes:  # unpaid (402), or unreachable without Tor: never direct
+            raise ApiError(503, "The provider of this model cannot be reached right now; nothing "
+                           "was charged.", type="service_unavailable",
+                           code="upstream_unreachable", headers={"retry-after": "5"})
         paid.provider = provider.name
         req.headers.fields += self.auth[provider.name]
         upstream = provider.upstream
@@ -129,10 +153,21 @@ class Route:
         provider = self.providers[offer.provider]
         up = provider.upstream
         assert up is not None  # several providers: each has its URL
+        node = offer.info.get("sats_pricing") if provider.is_node else None
         return Attempt(offer.provider, up.scheme, up.host, up.port, up.base_path + target,
                        tuple(provider_headers(provider)),
                        body_for(paid.endpoint, paid.body, paid.upstream_body, offer)
-                       or req.raw_content or b"")
+                       or req.raw_content or b"", node if isinstance(node, dict) else
+                       ({} if provider.is_node else None), paid.reserved_msat,
+                       provider.base_url if provider.is_node else "")
+
+
+def _onion(provider: ProviderSpec) -> bool:
+    return provider.upstream is not None and provider.upstream.host.endswith(".onion")
+
+
+def _provider_of(offer: ModelPrice) -> str:
+    return offer.provider
 
 
 def body_for(kind: str | None, body: dict[str, Any] | None, built: bytes | None,

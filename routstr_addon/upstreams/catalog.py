@@ -31,11 +31,22 @@ from routstr_addon.metering.pricing import ModelPrice, Pricing
 from routstr_addon.upstreams.health import Health
 from routstr_addon.upstreams.providers import ModelSpec, ProviderSpec
 
-__all__ = ["Catalog", "Router", "follow_overrides", "probe_forever", "provider_headers"]
+__all__ = ["Catalog", "Router", "client_for", "follow_overrides", "probe_forever",
+           "provider_headers"]
 
 logger = logging.getLogger("routstr")
 
 SNAPSHOT = "catalog.json"
+
+
+def client_for(timeout: float, tor_proxy_url: str = "") -> httpx.AsyncClient:
+    """An HTTP client for providers' lists and probes: ``.onion`` hosts through
+    ``TOR_PROXY_URL`` (the proxy resolves their names), others directly."""
+    mounts = None
+    if tor_proxy_url:
+        proxy = tor_proxy_url.replace("socks5h://", "socks5://", 1)  # httpx: the name is sent
+        mounts = {"all://*.onion": httpx.AsyncHTTPTransport(proxy=httpx.Proxy(proxy))}
+    return httpx.AsyncClient(timeout=timeout, trust_env=False, mounts=mounts)
 
 
 def provider_headers(provider: ProviderSpec) -> list[tuple[str, str]]:
@@ -59,10 +70,10 @@ class Router:
     def set_offers(self, offers: Mapping[str, list[ModelPrice]],
                    aliases: Mapping[str, str]) -> None:
         pricing = self.pricing
-        # Exact prices compared once here, as floats (a reorder sorts many: health changes).
-        self._reference = {
-            o.key: float((o.prompt * 1000 + o.completion * 1000 + o.request) * pricing.fee_of(o))
-            for group in offers.values() for o in group}
+        # Exact prices compared once here, as floats (a reorder sorts many: health changes);
+        # sats-priced offers (other nodes) at the rate of now.
+        self._reference = {o.key: float(pricing.reference(o))
+                           for group in offers.values() for o in group}
         pricing.set_offers({m: self._order(o) for m, o in offers.items()}, aliases)
 
     def reorder(self) -> None:
@@ -94,8 +105,13 @@ class Catalog:
         self.static = static
         self.openrouter: dict[str, Mapping[str, Any]] = {}
         self.fetched: dict[str, list[str]] = {}
+        # Routstr nodes: their /v1/models entries (with sats_pricing) and their /v1/info.
+        self.nodes: dict[str, list[Mapping[str, Any]]] = {}
+        self.node_info: dict[str, Mapping[str, Any]] = {}
         self.refreshed: float | None = None  # wall time of the last good refresh
         self._unpriced: set[tuple[str, str]] = set()  # already logged
+        self.node_markup: Fraction | None = None  # NODE_MAX_PRICE_MARKUP: discovered nodes
+        self.tor_proxy_url = ""  # TOR_PROXY_URL: how .onion providers are reached
         # The operator's overrides (admin API, kept in the ledger): model id → (offered,
         # prices replacing the catalog's); read at each publish.
         self.overrides: Callable[[], Mapping[str, tuple[bool, Mapping[str, str] | None]]] = dict
@@ -106,7 +122,8 @@ class Catalog:
     @property
     def needs_refresh(self) -> bool:
         """Whether any provider takes its prices from OpenRouter or its models from itself."""
-        return any(p.fetch or any(m.entry is None for m in p.models) for p in self.providers)
+        return any(p.fetch or p.is_node or any(m.entry is None for m in p.models)
+                   for p in self.providers)
 
     # -- building ---------------------------------------------------------------------------
 
@@ -126,6 +143,13 @@ class Catalog:
         if isinstance(fetched, dict):
             self.fetched = {str(k): [str(i) for i in v if isinstance(i, str)]
                             for k, v in fetched.items() if isinstance(v, list)}
+        nodes = data.get("nodes")
+        if isinstance(nodes, dict):
+            self.nodes = {str(k): [e for e in v if isinstance(e, dict)]
+                          for k, v in nodes.items() if isinstance(v, list)}
+        info = data.get("node_info")
+        if isinstance(info, dict):
+            self.node_info = {str(k): v for k, v in info.items() if isinstance(v, dict)}
         saved = data.get("saved_at")
         self.refreshed = float(saved) if isinstance(saved, int | float) else None
         return True
@@ -142,6 +166,18 @@ class Catalog:
             if whole is not None and whole.disabled:
                 continue
             fee = Fraction(provider.fee) if provider.fee is not None else None
+            if provider.is_node:
+                for entry in self.nodes.get(provider.name, ()):
+                    if not overrides.get(str(entry.get("id")), (True, None))[0]:
+                        continue  # withdrawn by the operator (its USD prices do not apply)
+                    try:
+                        price = ModelPrice.from_node_entry(entry, provider.name, fee)
+                    except (ValueError, KeyError, TypeError, ArithmeticError) as e:
+                        logger.warning("node %s: model %s left out: %s", provider.name,
+                                       entry.get("id"), e)
+                        continue
+                    offers.setdefault(price.id, []).append(price)
+                continue
             for public_id, spec, entry in self._models(provider):
                 override = by_provider.get((provider.name, public_id))
                 if override is not None:
@@ -163,8 +199,24 @@ class Catalog:
                 offers.setdefault(public_id, []).append(price)
                 for alias in spec.aliases:
                     aliases.setdefault(alias, public_id)
+        if self.node_markup is not None:
+            offers = self._within_markup(offers, self.node_markup)
         self.router.set_offers(offers, aliases)
         return len(offers)
+
+    def _within_markup(self, offers: dict[str, list[ModelPrice]],
+                       markup: Fraction) -> dict[str, list[ModelPrice]]:
+        """Discovered nodes' offers only within ``markup`` of the cheapest of each model."""
+        discovered = {p.name for p in self.providers if p.discovered}
+        if not discovered:
+            return offers
+        reference = self.router.pricing.reference
+        kept: dict[str, list[ModelPrice]] = {}
+        for model, listed in offers.items():
+            cheapest = min(reference(o) for o in listed)
+            kept[model] = [o for o in listed if o.provider not in discovered
+                           or reference(o) <= cheapest * markup]
+        return kept
 
     def _models(self, provider: ProviderSpec) -> Iterable[tuple[str, ModelSpec, Mapping[str,
                                                                                          Any]]]:
@@ -225,6 +277,9 @@ class Catalog:
             logger.warning("OpenRouter's model list not refreshed (%s); keeping the last "
                            "(%d models)", _reason(e), len(self.openrouter))
         for provider in self.providers:
+            if provider.is_node:
+                taken = await self.refresh_node(client, provider) or taken
+                continue
             if not provider.fetch:
                 continue
             try:
@@ -247,9 +302,36 @@ class Catalog:
             self.publish()
         return taken
 
+    async def refresh_node(self, client: httpx.AsyncClient, provider: ProviderSpec) -> bool:
+        """A Routstr node's models with their sats prices, and its /v1/info (its mints)."""
+        try:
+            resp = await client.get(f"{provider.base_url}/models")
+            resp.raise_for_status()
+            data = resp.json().get("data")
+            entries: list[Mapping[str, Any]] = [
+                m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)
+                and isinstance(m.get("sats_pricing"), dict) and _max_cost(m) > 0]
+            if not entries:
+                raise ValueError("no model with sats_pricing in the answer")
+            self.nodes[provider.name] = entries
+        except Exception as e:
+            logger.warning("node %s: model list not refreshed (%s); keeping the last "
+                           "(%d models)", provider.name, _reason(e),
+                           len(self.nodes.get(provider.name, ())))
+            return False
+        try:
+            resp = await client.get(f"{provider.base_url}/info")
+            resp.raise_for_status()
+            info = resp.json()
+            if isinstance(info, dict):
+                self.node_info[provider.name] = info
+        except Exception as e:
+            logger.info("node %s: /v1/info not read (%s)", provider.name, _reason(e))
+        return True
+
     def _save(self) -> None:
         data = {"saved_at": self.refreshed, "openrouter": list(self.openrouter.values()),
-                "fetched": self.fetched}
+                "fetched": self.fetched, "nodes": self.nodes, "node_info": self.node_info}
         tmp = self.snapshot_path.with_suffix(".tmp")
         try:
             self.snapshot_path.parent.mkdir(parents=True, exist_ok=True)
@@ -261,7 +343,7 @@ class Catalog:
     async def run(self, interval: float, wait: float = 20.0, retry: float = 15.0) -> None:
         """Refresh now and every ``interval`` seconds (sooner while nothing is known yet);
         ``wait``: seconds one source may take."""
-        async with httpx.AsyncClient(timeout=wait) as client:
+        async with client_for(wait, self.tor_proxy_url) as client:
             while True:
                 try:
                     await self.refresh(client)
@@ -275,10 +357,10 @@ async def probe_forever(catalog: Catalog, wait: float, every: float = 2.0) -> No
     """Ask each provider whose cool-down is over for its ``/models``; any answer but 429 or
     5xx takes it back, anything else opens it for another cool-down."""
     health = catalog.router.health
-    providers = {p.name: p for p in catalog.providers}
-    async with httpx.AsyncClient(timeout=wait, trust_env=False) as client:
+    async with client_for(wait, catalog.tor_proxy_url) as client:
         while True:
             await asyncio.sleep(every)
+            providers = {p.name: p for p in catalog.providers}  # nodes may have joined
             for name in health.due():
                 provider = providers.get(name)
                 if provider is None or provider.upstream is None:
@@ -339,6 +421,17 @@ def _openrouter_entries(data: Any) -> dict[str, Mapping[str, Any]]:
             continue
         entries[entry["id"]] = entry
     return entries
+
+
+def _max_cost(entry: Mapping[str, Any]) -> float:
+    """A node's published maximum for a model (what a token must carry), 0 if none: a model
+    without one cannot be paid per request, so it is not offered."""
+    value = entry["sats_pricing"].get("max_cost")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return number if number == number and number != float("inf") else 0.0
 
 
 def _reason(e: Exception) -> str:

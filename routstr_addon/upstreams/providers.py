@@ -29,7 +29,9 @@ __all__ = [
 # Ollama has no key: its variable is its base URL (its OpenAI-compatible API is under /v1).
 OLLAMA_VARIABLE = "OLLAMA_BASE_URL"
 
-_TYPES = ("openai",)  # later: "routstr" (another Routstr node, paid per request)
+# "routstr": another Routstr node, its models and sats prices read from its /v1/models, each
+# request paid with an X-Cashu token from this proxy's wallet (``upstreams.nodes``).
+_TYPES = ("openai", "routstr")
 _PROVIDER_FIELDS = frozenset((
     "name", "type", "base_url", "api_key", "api_key_env", "fee", "priority", "headers",
     "models", "models_path", "openrouter_prefix", "enabled"))
@@ -72,6 +74,12 @@ class ProviderSpec:
     openrouter_prefix: str = ""
     type: str = "openai"
     shorthand: bool = False  # UPSTREAM_BASE_URL: priced by MODELS_PATH, as before providers
+    discovered: bool = False  # a node found on Nostr (AUTO_DISCOVER_NODES)
+
+    @property
+    def is_node(self) -> bool:
+        """Another Routstr node: priced in sats by its /v1/models, paid per request."""
+        return self.type == "routstr"
 
     @property
     def base_url(self) -> str:
@@ -162,7 +170,10 @@ def _provider(raw: Any, index: int, folder: Path,
     base_url = raw.get("base_url")
     if not isinstance(base_url, str):
         raise ProviderError(f"{label}: base_url: required, e.g. https://api.openai.com/v1")
-    upstream = _url(name, "base_url", base_url.strip())
+    base_url = base_url.strip().rstrip("/")
+    if kind == "routstr" and not base_url.endswith("/v1"):
+        base_url += "/v1"  # a node is named by its URL; its API is under /v1
+    upstream = _url(name, "base_url", base_url)
     api_key = _api_key(label, raw, env)
     fee = None
     if raw.get("fee") is not None:
@@ -182,6 +193,14 @@ def _provider(raw: Any, index: int, folder: Path,
         raise ProviderError(f"{label}: openrouter_prefix: expected text such as 'openai/'")
     models = raw.get("models")
     models_path = raw.get("models_path")
+    if kind == "routstr":
+        if models_path is not None or models not in (None, "fetch"):
+            raise ProviderError(f"{label}: models: a routstr node's models and prices are read "
+                                "from its /v1/models (leave models out, or 'fetch')")
+        if api_key:
+            raise ProviderError(f"{label}: api_key: a routstr node is paid per request with "
+                                "ecash from this proxy's wallet, not with a key")
+        models = "fetch"
     if models_path is not None and models is not None:
         raise ProviderError(f"{label}: models_path: give models_path or models, not both")
     spec = ProviderSpec(name, upstream, api_key, fee, priority, headers, fetch=False,
