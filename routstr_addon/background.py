@@ -21,6 +21,7 @@ from routstr_addon.metering.sweeper import Sweeper
 from routstr_addon.payments.locked import LockedPayments
 from routstr_addon.runtime import Runtime
 from routstr_addon.upstreams.catalog import follow_overrides, probe_forever
+from routstr_addon.upstreams.live import LiveProviders
 
 __all__ = ["Background"]
 
@@ -53,7 +54,8 @@ class Background:
             work["refunds"] = rt.payouts.loop(config.refund_processing_interval, "refunds")
         if rt.ledger.instance_id is None:
             rt.ledger.register_instance()
-        work["provider_overrides"] = follow_overrides(rt.catalog, rt.ledger)  # upstreams …
+        live = LiveProviders(rt.catalog, rt.route, rt.ledger, (p.name for p in config.providers))
+        work["provider_overrides"] = follow_overrides(rt.catalog, rt.ledger, live=live)
         if rt.catalog.needs_refresh or config.nodes.enabled:  # prices, providers' lists
             work["catalog"] = rt.catalog.run(config.models_refresh_interval)
         if rt.failover is not None:

@@ -47,7 +47,7 @@ from routstr_addon.ledger.proofs import ProofStore
 from routstr_addon.ledger.refunds import RefundStore
 from routstr_addon.ledger.reports import Reports
 from routstr_addon.ledger.schema import MODELS
-from routstr_addon.ledger.upstreams import UpstreamOverrides
+from routstr_addon.ledger.upstreams import UpstreamOverrides, UpstreamProviders
 
 __all__ = ["WAL_TRUNCATE_BYTES", "Ledger"]
 
@@ -68,6 +68,7 @@ class Ledger:
         self.locked = LockedStore(self.database)
         self.counters = KeysetCounters(self.database)
         self.upstreams = UpstreamOverrides(self.database)
+        self.providers = UpstreamProviders(self.database)
         self.payments = PaymentStore(self.database)
         self.refunds = RefundStore(self.database)
         self.invoices = InvoiceStore(self.database)

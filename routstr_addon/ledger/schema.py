@@ -13,7 +13,8 @@ import peewee
 __all__ = ["EXTRA_INDEXES", "MODELS", "UNIT_MSAT", "AdminAction", "AdminLoginFailure",
            "AdminSession", "ApiKey", "Instance", "Invoice", "KeysetCounter", "LedgerEntry",
            "LockedProof", "ModelOverride", "NodePayment", "Payment", "Payout", "PendingSwap",
-           "RateHit", "Refund", "Reservation", "StoredProof", "UpstreamOverride"]
+           "RateHit", "Refund", "Reservation", "StoredProof", "UpstreamOverride",
+           "UpstreamProvider"]
 
 UNIT_MSAT = {"sat": 1000, "msat": 1}  # the ecash units the proxy takes and stores, in msat
 
@@ -339,6 +340,19 @@ class UpstreamOverride(_Base):
         primary_key = peewee.CompositeKey("provider", "model")
 
 
+class UpstreamProvider(_Base):
+    """A provider an operator added while the proxy runs (``routstr upstreams add``, the admin
+    API): ``entry`` is its providers-file entry as JSON, key included as the operator gave it
+    (``api_key`` in clear, or ``api_key_env``). Every process on the database follows it."""
+
+    name = peewee.CharField(max_length=64, primary_key=True)
+    entry = peewee.TextField()
+    updated_at = peewee.DoubleField()
+
+    class Meta:
+        table_name = "upstream_providers"
+
+
 class NodePayment(_Base):
     """A token sent to another Routstr node with one request (``X-Cashu``), and what came
     back: the cost of that request to this proxy is ``sent - change``. ``loss``: change the
@@ -420,7 +434,8 @@ MODELS: Sequence[type[peewee.Model]] = (ApiKey, LedgerEntry, Reservation, Instan
                                         Payment, Refund, Invoice, KeysetCounter, Payout,
                                         PendingSwap, RateHit, LockedProof, AdminSession,
                                         AdminLoginFailure, AdminAction,
-                                        ModelOverride, NodePayment, UpstreamOverride)
+                                        ModelOverride, NodePayment, UpstreamOverride,
+                                        UpstreamProvider)
 
 # Indexes made (if missing) on tables old and new, partial where only a few rows need one:
 # a plain key's reservation never touches the limit_key index.

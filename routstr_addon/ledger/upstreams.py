@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from routstr_addon.ledger.db import Database
 
-__all__ = ["Override", "UpstreamOverrides"]
+__all__ = ["Override", "UpstreamOverrides", "UpstreamProviders"]
 
 _UPSERT = ("INSERT INTO upstream_overrides (provider, model, disabled, prompt, completion, "
            "updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (provider, model) DO UPDATE SET "
@@ -60,3 +60,35 @@ class UpstreamOverrides:
         with self._db.transaction(durable=True) as tx:
             return tx.execute("DELETE FROM upstream_overrides WHERE provider = ? AND model = ?",
                               (provider, model)) > 0
+
+
+class UpstreamProviders:
+    """Providers added while running (``upstream_providers``): name → its providers-file entry
+    as JSON. Names are unique here; the callers keep them apart from the configured ones."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    def all(self) -> list[tuple[str, str]]:
+        return [(str(n), str(e)) for n, e in self._db.reader().rows(
+            "SELECT name, entry FROM upstream_providers ORDER BY name")]
+
+    def version(self) -> tuple[int, float]:
+        count, latest = self._db.reader().row(
+            "SELECT COUNT(*), MAX(updated_at) FROM upstream_providers")
+        return int(count), float(latest or 0)
+
+    def add(self, name: str, entry: str) -> bool:
+        """False when the name is taken (nothing changed)."""
+        with self._db.transaction(durable=True) as tx:
+            return tx.execute("INSERT INTO upstream_providers (name, entry, updated_at) "
+                              "VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING",
+                              (name, entry, time.time())) > 0
+
+    def remove(self, name: str) -> bool:
+        """The provider and the live changes made to it (off, re-priced) go together."""
+        with self._db.transaction(durable=True) as tx:
+            gone = tx.execute("DELETE FROM upstream_providers WHERE name = ?", (name,)) > 0
+            if gone:
+                tx.execute("DELETE FROM upstream_overrides WHERE provider = ?", (name,))
+            return gone

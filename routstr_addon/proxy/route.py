@@ -55,14 +55,24 @@ class Route:
         # Routstr nodes (paid per request by the hop) and .onion providers (reached by the
         # hop through Tor): their requests always go through the hop.
         self.nodes = frozenset(p.name for p in providers if p.is_node or _onion(p))
+        self.retired: dict[str, ProviderSpec] = {}  # removed while running: for those in flight
 
     def add(self, provider: ProviderSpec) -> None:
-        """A provider that joined while running (a node found on Nostr)."""
+        """A provider that joined while running (a node found on Nostr, one an operator added)."""
         self.providers[provider.name] = provider
+        self.retired.pop(provider.name, None)
         self.auth[provider.name] = tuple((k.encode(), v.encode())
                                          for k, v in provider_headers(provider))
         if provider.is_node or _onion(provider):
             self.nodes = self.nodes | {provider.name}
+
+    def remove(self, name: str) -> None:
+        """A provider an operator removed while running: requests in flight to it finish."""
+        spec = self.providers.pop(name, None)
+        if spec is not None:
+            self.retired[name] = spec
+        if self.default.name == name and self.providers:
+            self.default = max(self.providers.values(), key=lambda p: p.priority)
 
     def body(self, paid: Paid) -> bytes | None:
         """The body the first provider gets: the one built from what was priced, with the
@@ -93,7 +103,8 @@ class Route:
             req.headers.fields = (*fields, (_PLAN, paid.request_id.encode()))
             return
         offer = offers[0] if offers else None
-        provider = self.providers.get(offer.provider) if offer else None
+        provider = (self.providers.get(offer.provider) or self.retired.get(offer.provider)
+                    if offer else None)
         provider = provider or self.default
         if provider.name in self.nodes:  # unpaid (402), or unreachable without Tor: never direct
             raise ApiError(503, "The provider of this model cannot be reached right now; nothing "
@@ -150,7 +161,7 @@ class Route:
 
     def _attempt(self, offer: ModelPrice, target: str, paid: Paid,
                  req: http.Request) -> Attempt:
-        provider = self.providers[offer.provider]
+        provider = self.providers.get(offer.provider) or self.retired[offer.provider]
         up = provider.upstream
         assert up is not None  # several providers: each has its URL
         node = offer.info.get("sats_pricing") if provider.is_node else None

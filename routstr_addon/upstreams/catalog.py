@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -30,6 +30,9 @@ from routstr_addon.ledger.upstreams import Override
 from routstr_addon.metering.pricing import ModelPrice, Pricing
 from routstr_addon.upstreams.health import Health
 from routstr_addon.upstreams.providers import ModelSpec, ProviderSpec
+
+if TYPE_CHECKING:
+    from routstr_addon.upstreams.live import LiveProviders
 
 __all__ = ["Catalog", "Router", "client_for", "follow_overrides", "probe_forever",
            "provider_headers"]
@@ -280,27 +283,31 @@ class Catalog:
             if provider.is_node:
                 taken = await self.refresh_node(client, provider) or taken
                 continue
-            if not provider.fetch:
-                continue
-            try:
-                resp = await client.get(f"{provider.base_url}/models",
-                                        headers=provider_headers(provider))
-                resp.raise_for_status()
-                data = resp.json().get("data")
-                ids = [str(m["id"]) for m in data if isinstance(m, dict) and m.get("id")]
-                if not ids:
-                    raise ValueError("no model in the answer")
-                self.fetched[provider.name] = ids
-                taken = True
-            except Exception as e:
-                logger.warning("provider %s: model list not refreshed (%s); keeping the last "
-                               "(%d models)", provider.name, _reason(e),
-                               len(self.fetched.get(provider.name, ())))
+            if provider.fetch:
+                taken = await self.refresh_list(client, provider) or taken
         if taken:
             self.refreshed = time.time()
             self._save()
             self.publish()
         return taken
+
+    async def refresh_list(self, client: httpx.AsyncClient, provider: ProviderSpec) -> bool:
+        """A provider's own model list (``models: fetch``); a failure keeps the last."""
+        try:
+            resp = await client.get(f"{provider.base_url}/models",
+                                    headers=provider_headers(provider))
+            resp.raise_for_status()
+            data = resp.json().get("data")
+            ids = [str(m["id"]) for m in data if isinstance(m, dict) and m.get("id")]
+            if not ids:
+                raise ValueError("no model in the answer")
+            self.fetched[provider.name] = ids
+            return True
+        except Exception as e:
+            logger.warning("provider %s: model list not refreshed (%s); keeping the last "
+                           "(%d models)", provider.name, _reason(e),
+                           len(self.fetched.get(provider.name, ())))
+            return False
 
     async def refresh_node(self, client: httpx.AsyncClient, provider: ProviderSpec) -> bool:
         """A Routstr node's models with their sats prices, and its /v1/info (its mints)."""
@@ -388,10 +395,14 @@ def _repriced(entry: Mapping[str, Any], override: Override) -> Mapping[str, Any]
     return {**entry, "pricing": pricing}
 
 
-async def follow_overrides(catalog: Catalog, ledger: Ledger, every: float = 3.0) -> None:
-    """Apply operators' live changes made by any process (the CLI, /admin) within seconds."""
+async def follow_overrides(catalog: Catalog, ledger: Ledger, every: float = 3.0,
+                           live: LiveProviders | None = None) -> None:
+    """Apply operators' live changes made by any process (the CLI, /admin) within seconds;
+    ``live`` (``upstreams.live.LiveProviders``): also the providers they added or removed."""
     seen: tuple[int, float] | None = None
     while True:
+        if live is not None:
+            await live.follow()
         try:
             version = ledger.upstreams.version()
             if version != seen:

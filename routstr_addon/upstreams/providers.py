@@ -23,6 +23,7 @@ __all__ = [
     "ModelSpec",
     "ProviderError",
     "ProviderSpec",
+    "live_provider",
     "read_providers",
 ]
 
@@ -111,6 +112,18 @@ def read_providers(path: str, env: Mapping[str, str], *, upstream: Upstream | No
         providers.append(ProviderSpec("upstream", upstream, upstream_api_key,
                                       models_path=models_path, shorthand=True))
     return tuple(providers)
+
+
+def live_provider(raw: Any, env: Mapping[str, str]) -> ProviderSpec | None:
+    """A provider added while running (``routstr upstreams add``, the admin API): read exactly
+    as an entry of the providers file (the same one-line errors), None if it says
+    ``enabled: false``. Other Routstr nodes are paid through the failover hop set up at start:
+    they belong in the file."""
+    spec = _provider(raw, 0, Path.cwd(), env)
+    if spec is not None and spec.is_node:
+        raise ProviderError(f"provider {spec.name!r}: type: a routstr node cannot be added "
+                            "while running; list it in PROVIDERS_PATH")
+    return spec
 
 
 def _read_file(path: Path, env: Mapping[str, str]) -> list[ProviderSpec]:

@@ -1,0 +1,108 @@
+"""Providers operators add or remove while the proxy runs (``routstr upstreams add``/``remove``,
+``POST``/``DELETE /admin/api/providers``), shared through the ledger's ``upstream_providers``.
+
+Each process polls the table's version (one cheap query) and, when it changes, reads every
+entry exactly as the providers file would be read, then puts the new ones in the catalog, the
+router, the breakers and the route, and takes the removed ones out. The configured providers
+(PROVIDERS_PATH, OPENAI_API_KEY…, UPSTREAM_BASE_URL) are never touched here: a ledger entry
+whose name they already use is ignored (logged once).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+
+from routstr_addon.ledger import Ledger
+from routstr_addon.proxy.route import Route
+from routstr_addon.upstreams.catalog import Catalog, client_for
+from routstr_addon.upstreams.health import Breaker
+from routstr_addon.upstreams.providers import ProviderError, ProviderSpec, live_provider
+
+__all__ = ["LiveProviders"]
+
+logger = logging.getLogger("routstr")
+
+
+class LiveProviders:
+    def __init__(self, catalog: Catalog, route: Route, ledger: Ledger,
+                 configured: Iterable[str]) -> None:
+        self.catalog = catalog
+        self.route = route
+        self.ledger = ledger
+        self.configured = frozenset(configured)
+        self.applied: dict[str, str] = {}  # name → the entry in force (its JSON)
+        self._seen: tuple[int, float] | None = None
+        self._refused: set[tuple[str, str]] = set()  # already logged
+
+    async def follow(self) -> None:
+        """One look at the table; the changes applied, new fetching providers' lists read."""
+        try:
+            version = self.ledger.providers.version()
+            if version == self._seen:
+                return
+            rows = self.ledger.providers.all()
+        except Exception as e:  # the database away: keep what is in force, try again
+            logger.warning("added providers not read: %s", e)
+            return
+        self._seen = version
+        fetching = [p for p in self.apply(rows) if p.fetch]
+        self.catalog.publish()  # before any await: no request is aimed at one removed
+        if fetching:
+            async with client_for(15.0, self.catalog.tor_proxy_url) as client:
+                for provider in fetching:
+                    await self.catalog.refresh_list(client, provider)
+            self.catalog.publish()
+
+    def apply(self, rows: Iterable[tuple[str, str]]) -> list[ProviderSpec]:
+        """Make the providers in force those of ``rows``; returns the ones that joined."""
+        wanted: dict[str, str] = {}
+        for name, entry in rows:
+            if name in self.configured:
+                self._refuse(name, "", "the name is a configured provider's")
+            else:
+                wanted[name] = entry
+        for name in [n for n, e in self.applied.items() if wanted.get(n) != e]:
+            self._leave(name)
+        joined = []
+        for name, entry in wanted.items():
+            if name in self.applied:
+                continue
+            try:
+                spec = live_provider(json.loads(entry), os.environ)
+            except (ProviderError, ValueError) as e:
+                self._refuse(name, entry, str(e))
+                continue
+            if spec is None or spec.name != name:
+                self.applied[name] = entry  # enabled: false: in force as nothing
+                continue
+            self._join(spec)
+            self.applied[name] = entry
+            joined.append(spec)
+        return joined
+
+    def _join(self, spec: ProviderSpec) -> None:
+        catalog = self.catalog
+        catalog.providers = (*catalog.providers, spec)
+        router = catalog.router
+        router.priority[spec.name] = spec.priority
+        router.health.breakers.setdefault(spec.name, Breaker(spec.name))
+        self.route.add(spec)
+        logger.info("routstr: provider %s added (%s)", spec.name, spec.base_url)
+
+    def _leave(self, name: str) -> None:
+        catalog = self.catalog
+        catalog.providers = tuple(p for p in catalog.providers if p.name != name)
+        catalog.fetched.pop(name, None)
+        catalog.router.priority.pop(name, None)
+        catalog.router.health.breakers.pop(name, None)
+        self.route.remove(name)
+        self.applied.pop(name, None)
+        logger.info("routstr: provider %s removed", name)
+
+    def _refuse(self, name: str, entry: str, why: str) -> None:
+        if (name, entry) not in self._refused:
+            self._refused.add((name, entry))
+            logger.warning("routstr: added provider %s not used: %s", name, why)
