@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
@@ -21,7 +23,8 @@ from rich.table import Table
 
 from routstr_addon.metering.pricing import Pricing
 from routstr_addon.settings import Config
-from routstr_addon.upstreams.providers import ProviderSpec
+from routstr_addon.upstreams.live import add_provider, added_rows, remove_provider
+from routstr_addon.upstreams.providers import ProviderError, ProviderSpec, model_entries
 
 from .common import JsonOpt, console, fail, load_config, open_ledger
 from .models import provider_models, read_models
@@ -39,8 +42,13 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m",
 
 def _known(config: Config, provider: str, model: str) -> None:
     names = [p.name for p in config.providers]
+    with open_ledger(config) as ledger:
+        added = [str(r["name"]) for r in added_rows(ledger)]
+    if provider in added:
+        return
     if provider not in names:
-        raise fail(f"no provider {provider!r} (configured: {', '.join(names)})", 2)
+        raise fail(f"no provider {provider!r} (configured: {', '.join(names)}"
+                   f"{'; added: ' + ', '.join(added) if added else ''})", 2)
     if model:
         pricing = Pricing({}, config.exchange_fee, config.upstream_provider_fee)
         if not provider_models(config, pricing):
@@ -56,6 +64,7 @@ def upstreams_list(as_json: JsonOpt = False) -> None:
     config = load_config()
     with open_ledger(config) as ledger:
         overrides = ledger.upstreams.all()
+        added = added_rows(ledger)
     rows = []
     for p in config.providers:
         mine = [o for o in overrides if o.provider == p.name]
@@ -65,6 +74,18 @@ def upstreams_list(as_json: JsonOpt = False) -> None:
             "priority": p.priority,
             "models": "fetch" if p.fetch else ("MODELS_PATH" if p.shorthand else len(p.models)),
             "enabled": not any(o.model == "" and o.disabled for o in mine),
+            "source": "configured",
+            "changes": [{"model": o.model, "disabled": o.disabled, "prompt": o.prompt,
+                         "completion": o.completion} for o in mine if o.model]})
+    for a in added:  # never its key
+        mine = [o for o in overrides if o.provider == a["name"]]
+        rows.append({
+            "name": a["name"], "base_url": a["base_url"],
+            "fee": str(a["fee"] if a["fee"] is not None else config.upstream_provider_fee),
+            "priority": a["priority"],
+            "models": a["models"] if isinstance(a["models"], str) else len(a["models"] or ()),
+            "enabled": a["enabled"] and not any(o.model == "" and o.disabled for o in mine),
+            "source": "added",
             "changes": [{"model": o.model, "disabled": o.disabled, "prompt": o.prompt,
                          "completion": o.completion} for o in mine if o.model]})
     if as_json:
@@ -220,3 +241,59 @@ def upstreams_price(
     console.print(f"model {model} of {provider}: "
                   f"{'configured prices' if clear else 're-priced'} (running proxies follow "
                   "within seconds)")
+
+
+@upstreams_app.command("add")
+def upstreams_add(
+    name: Annotated[str, typer.Argument(help="Its name (unique among all providers).")],
+    base_url: Annotated[str, typer.Option("--base-url", help="Its OpenAI-compatible API, "
+                                          "e.g. https://api.openai.com/v1.")],
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", help="Its key: kept in the ledger in clear (see --api-key-env).")] = None,
+    api_key_env: Annotated[str | None, typer.Option(
+        "--api-key-env", help="The variable each proxy process reads its key from.")] = None,
+    fee: Annotated[str | None, typer.Option(help="Multiplier on its prices (1.05 = 5 %); "
+                                            "default UPSTREAM_PROVIDER_FEE.")] = None,
+    priority: Annotated[int, typer.Option(help="Ties between equal prices: higher "
+                                          "first.")] = 0,
+    models: Annotated[str, typer.Option(help="'fetch' (its GET /models, priced by "
+                                        "OpenRouter's list) or ids a,b,….")] = "fetch",
+    models_file: Annotated[Path | None, typer.Option(
+        "--models-file", help="Its models with their own prices (any models.json shape); "
+                              "stored inline, so every host reads the same.")] = None,
+) -> None:
+    """Add a provider while the proxy runs: checked as an entry of the providers file, then
+    every proxy process on this database uses it within seconds. Its key is never shown."""
+    config = load_config()
+    raw: dict[str, Any] = {"name": name, "base_url": base_url, "priority": priority}
+    if api_key is not None:
+        raw["api_key"] = api_key
+    if api_key_env is not None:
+        raw["api_key_env"] = api_key_env
+    if fee is not None:
+        raw["fee"] = fee
+    try:
+        if models_file is not None:
+            raw["models"] = model_entries(f"provider {name!r}", models_file.expanduser())
+        elif models.strip() == "fetch":
+            raw["models"] = "fetch"
+        else:
+            raw["models"] = [m.strip() for m in models.split(",") if m.strip()]
+        with open_ledger(config) as ledger:
+            add_provider(ledger, (p.name for p in config.providers), raw, os.environ)
+    except ProviderError as e:
+        raise fail(str(e), 2) from None
+    console.print(f"provider {escape(name)} added (running proxies use it within seconds)")
+
+
+@upstreams_app.command("remove")
+def upstreams_remove(name: str) -> None:
+    """Remove a provider added with `routstr upstreams add` (configured ones: disable them)."""
+    config = load_config()
+    try:
+        with open_ledger(config) as ledger:
+            remove_provider(ledger, (p.name for p in config.providers), name)
+    except ProviderError as e:
+        raise fail(str(e), 2) from None
+    console.print(f"provider {escape(name)} removed (running proxies stop using it within "
+                  "seconds)")

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from routstr_addon.ledger import Ledger
 from routstr_addon.proxy.route import Route
@@ -21,7 +22,7 @@ from routstr_addon.upstreams.catalog import Catalog, client_for
 from routstr_addon.upstreams.health import Breaker
 from routstr_addon.upstreams.providers import ProviderError, ProviderSpec, live_provider
 
-__all__ = ["LiveProviders"]
+__all__ = ["LiveProviders", "add_provider", "added_rows", "describe", "remove_provider"]
 
 logger = logging.getLogger("routstr")
 
@@ -106,3 +107,56 @@ class LiveProviders:
         if (name, entry) not in self._refused:
             self._refused.add((name, entry))
             logger.warning("routstr: added provider %s not used: %s", name, why)
+
+
+def add_provider(ledger: Ledger, configured: Iterable[str], raw: Mapping[str, Any],
+                 env: Mapping[str, str]) -> ProviderSpec | None:
+    """Check ``raw`` as a providers-file entry and store it for every process; the one-line
+    ``ProviderError`` otherwise. Returns what it reads as here (None: ``enabled: false``)."""
+    spec = live_provider(dict(raw), env)
+    name = str(raw["name"])
+    if name in set(configured):
+        raise ProviderError(f"provider {name!r}: name: already configured (PROVIDERS_PATH or "
+                            "the environment); choose another name")
+    try:
+        entry = json.dumps(dict(raw))
+    except (TypeError, ValueError):
+        raise ProviderError(f"provider {name!r}: expected plain values (text, numbers, "
+                            "lists, mappings)") from None
+    if not ledger.providers.add(name, entry):
+        raise ProviderError(f"provider {name!r}: name: already added (routstr upstreams "
+                            "remove it first)")
+    return spec
+
+
+def remove_provider(ledger: Ledger, configured: Iterable[str], name: str) -> None:
+    """Remove an added provider (and the live changes made to it)."""
+    if name in set(configured):
+        raise ProviderError(f"provider {name!r}: configured (PROVIDERS_PATH or the "
+                            "environment), not added: disable it instead")
+    if not ledger.providers.remove(name):
+        raise ProviderError(f"provider {name!r}: no such added provider")
+
+
+def describe(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """What may be shown of an entry: never its key (``api_key_env``: the variable's name)."""
+    models = raw.get("models")
+    return {"name": raw.get("name"), "base_url": raw.get("base_url"), "fee": raw.get("fee"),
+            "priority": raw.get("priority", 0),
+            "models": models if isinstance(models, str) else
+            [m if isinstance(m, str) else m.get("id") for m in models
+             if isinstance(m, str | dict)] if isinstance(models, list) else None,
+            "api_key_env": raw.get("api_key_env"), "enabled": raw.get("enabled", True) is True}
+
+
+def added_rows(ledger: Ledger) -> list[dict[str, Any]]:
+    """The added providers as ``describe`` shows them (entries that are not JSON skipped)."""
+    rows = []
+    for _, entry in ledger.providers.all():
+        try:
+            raw = json.loads(entry)
+        except ValueError:
+            continue
+        if isinstance(raw, dict):
+            rows.append(describe(raw))
+    return rows

@@ -24,6 +24,7 @@ __all__ = [
     "ProviderError",
     "ProviderSpec",
     "live_provider",
+    "model_entries",
     "read_providers",
 ]
 
@@ -237,6 +238,13 @@ def _models_file(label: str, file: Path) -> tuple[ModelSpec, ...]:
     """A provider's models file in any shape models.json takes (routstr-core's
     ``{"models": [...]}``, OpenRouter's ``{"data": [...]}``, a bare list), JSON or YAML;
     entries without prices take OpenRouter's."""
+    entries = model_entries(label, file)
+    specs = (_model(f"{label}: {file.name}", m, i) for i, m in enumerate(entries))
+    return tuple(m for m in specs if m is not None)
+
+
+def model_entries(label: str, file: Path) -> list[Any]:
+    """The list of model entries in a models file, unchecked (``model_spec`` checks each)."""
     from ruamel.yaml import YAML
     from ruamel.yaml.error import YAMLError
 
@@ -250,8 +258,7 @@ def _models_file(label: str, file: Path) -> tuple[ModelSpec, ...]:
                else data.get("data") if isinstance(data, dict) else data)
     if not isinstance(entries, list) or not entries:
         raise ProviderError(f"{label}: models_path: {file} holds no list of models")
-    specs = (_model(f"{label}: {file.name}", m, i) for i, m in enumerate(entries))
-    return tuple(m for m in specs if m is not None)
+    return entries
 
 
 def _model(label: str, raw: Any, index: int) -> ModelSpec | None:

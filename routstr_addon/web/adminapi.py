@@ -9,6 +9,9 @@ JSON with ``Authorization: Bearer <ADMIN_TOKEN>``.
 ``POST /admin/api/keys/{id}/disable``      (and ``/enable``)
 ``GET  /admin/api/balances``               the books and the figures over all keys
 ``GET  /admin/api/upstreams``              the upstream (one, from the settings)
+``GET  /admin/api/providers``              configured and added providers (never a key)
+``POST /admin/api/providers``              a providers-file entry → added on every process
+``DELETE /admin/api/providers/{name}``     an added provider removed (configured: disable)
 ``GET  /admin/api/models``                 the models offered, with their prices
 ``PATCH /admin/api/models/{id}``           ``{"enabled", "pricing"}``: offer it or not, prices
 ``POST /admin/api/withdraw``               ``{"amount_sats", "mint"}`` → a token of the margin
@@ -109,6 +112,12 @@ def _route(method: str, parts: list[str]) -> Route | None:
             return _balances
         case "GET", ["upstreams"]:
             return _upstreams
+        case "GET", ["providers"]:
+            return _providers
+        case "POST", ["providers"]:
+            return _add_provider
+        case "DELETE", ["providers", _]:
+            return _remove_provider
         case "GET", ["models"]:
             return _models
         case "PATCH", ["models", *name] if name:  # model ids hold slashes
@@ -228,6 +237,66 @@ def _upstreams(services: Services, request: http.Request, parts: list[str]) -> h
         "models": [m.id for m in p.models] if p.models else None,
         "health": health.get(p.name),
     } for p in services.config.providers]})
+
+
+def _providers(services: Services, request: http.Request, parts: list[str]) -> http.Response:
+    """Every provider: the configured ones and those added while running (name, URL, fee,
+    priority, models, enabled; never a key), with the live changes in force."""
+    from routstr_addon.upstreams.live import added_rows
+
+    config = services.config
+    off = {o.provider for o in services.ledger.upstreams.all() if o.model == "" and o.disabled}
+    rows: list[dict[str, Any]] = [{
+        "name": p.name, "source": "configured", "base_url": p.base_url or None,
+        "fee": str(p.fee if p.fee is not None else config.upstream_provider_fee),
+        "priority": p.priority,
+        "models": "fetch" if p.fetch else [m.id for m in p.models] or None,
+        "enabled": p.name not in off} for p in config.providers]
+    for a in added_rows(services.ledger):
+        rows.append({"name": a["name"], "source": "added", "base_url": a["base_url"],
+                     "fee": str(a["fee"] if a["fee"] is not None
+                                else config.upstream_provider_fee),
+                     "priority": a["priority"], "models": a["models"],
+                     "enabled": a["enabled"] and a["name"] not in off})
+    return json_response(200, {"providers": rows})
+
+
+def _add_provider(services: Services, request: http.Request, parts: list[str]) -> http.Response:
+    """A providers-file entry (name, base_url, api_key or api_key_env, fee, priority, models…)
+    checked exactly as the file's, then stored for every process (this one within seconds)."""
+    import os
+
+    from routstr_addon.upstreams.live import add_provider, describe
+    from routstr_addon.upstreams.providers import ProviderError
+
+    body = _body(request)
+    try:
+        add_provider(services.ledger, (p.name for p in services.config.providers), body,
+                     os.environ)
+    except ProviderError as e:
+        taken = ": name: already" in str(e)
+        raise ApiError(409 if taken else 400, str(e), param="provider",
+                       code="provider_exists" if taken else "invalid_provider") from None
+    shown = describe(body)  # never the key
+    _journal_change(services, "provider.add", str(body["name"]), json.dumps(shown))
+    return json_response(201, {**shown, "source": "added"})
+
+
+def _remove_provider(services: Services, request: http.Request,
+                     parts: list[str]) -> http.Response:
+    from routstr_addon.upstreams.live import remove_provider
+    from routstr_addon.upstreams.providers import ProviderError
+
+    name = parts[1][:64]
+    configured = [p.name for p in services.config.providers]
+    try:
+        remove_provider(services.ledger, configured, name)
+    except ProviderError as e:
+        raise ApiError(409 if name in configured else 404, str(e), param="provider",
+                       code="provider_configured" if name in configured
+                       else "provider_not_found") from None
+    _journal_change(services, "provider.remove", name, "")
+    return json_response(200, {"name": name, "removed": True})
 
 
 def _models(services: Services, request: http.Request, parts: list[str]) -> http.Response:
