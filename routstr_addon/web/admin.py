@@ -32,6 +32,7 @@ from routstr_addon.ecash.mint import MintError, MintUnreachable
 from routstr_addon.ecash.tokens import UNIT_MSAT
 from routstr_addon.ecash.wallet import WalletError
 from routstr_addon.ledger import KINDS, Limits, is_hex_prefix, parse_period
+from routstr_addon.upstreams.providers import ProviderSpec
 from routstr_addon.web import Handler, Peer, Services
 from routstr_addon.web.auth import Session, password_matches, password_tag
 from routstr_addon.web.chart import Bar, bar_chart
@@ -256,7 +257,7 @@ def _providers(services: Services, query: dict[str, str], session: Session) -> h
              "fee": p.fee if p.fee is not None else services.config.upstream_provider_fee,
              "priority": p.priority, "models": offered.get(p.name, 0),
              "serving": serving.get(p.name, 0), **health.get(p.name, {})}
-            for p in services.config.providers]
+            for p in _live(services)]
     return _render(services, "providers.html", session=session, title="Providers",
                    active="providers", rows=rows)
 
@@ -491,13 +492,20 @@ async def _withdraw_later(services: Services, session: Session, amount: int,
                    back="/admin")
 
 
+def _live(services: Services) -> tuple[ProviderSpec, ...]:
+    """The providers in use now: the configured ones, and those added or found since."""
+    catalog = services.catalog
+    return catalog.providers if catalog is not None else services.config.providers
+
+
 def _provider_switch(disabled: bool) -> Action:
-    """Turn a configured provider off or on for every process on the ledger (as ``routstr
+    """Turn a provider (configured or added) off or on for every process on the ledger (as ``routstr
     upstreams disable|enable`` does); its model-level changes are kept."""
     def action(services: Services, form: dict[str, str], session: Session,
                session_id: str) -> http.Response:
         name = form.get("provider", "")
-        if name not in {p.name for p in services.config.providers}:
+        if name not in {p.name for p in _live(services)} | {
+                n for n, _ in services.ledger.providers.all()}:
             session.flash.append(("error", "No such provider."))
             return _redirect("/admin/providers")
         if disabled:
