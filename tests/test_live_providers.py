@@ -176,12 +176,75 @@ def test_admin_api_adds_and_removes_a_provider_for_every_process_on_postgresql(
         missing = httpx.delete(f"{second.url}/admin/api/providers/cheap", headers=auth,
                                timeout=10)
         assert missing.status_code == 404
+        # A key given in the entry itself: stored, used, never shown back nor logged.
+        direct = {**entry, "name": "direct", "api_key": "sk-secret-direct"}
+        del direct["api_key_env"]
+        made = httpx.post(f"{first.url}/admin/api/providers", json=direct, headers=auth,
+                          timeout=10)
+        assert made.status_code == 201 and "sk-secret-direct" not in made.text
+        until(first, key, "direct")
+        assert cheap.seen()[-1]["auth"] == "Bearer sk-secret-direct"
+        shown = httpx.get(f"{first.url}/admin/api/providers", headers=auth, timeout=10)
+        assert "direct" in shown.text and "sk-secret-direct" not in shown.text
+        upstreams = httpx.get(f"{first.url}/admin/api/upstreams", headers=auth, timeout=10)
+        assert '"direct"' in upstreams.text and "sk-secret-direct" not in upstreams.text
+        assert httpx.delete(f"{first.url}/admin/api/providers/direct", headers=auth,
+                            timeout=10).status_code == 200
+        until(second, key, "dear")
         # Journaled, with no key in it.
         journal = httpx.get(f"{first.url}/admin/api/journal", headers=auth, timeout=10).json()
         actions = [(a["action"], a["target"]) for a in journal["actions"]]
         assert ("provider.add", "cheap") in actions and ("provider.remove", "cheap") in actions
-        assert "sk-from-env" not in json.dumps(journal)
-        assert "sk-from-env" not in first.output.text + second.output.text
+        for secret in ("sk-from-env", "sk-secret-direct"):
+            assert secret not in json.dumps(journal)
+            assert secret not in first.output.text + second.output.text
     finally:
         first.stop()
         second.stop()
+
+
+def test_each_process_applies_the_table_as_it_is(tmp_path: Path) -> None:
+    """A name the configuration holds is never taken over; a changed entry replaces the old
+    one; a removed one leaves the catalog, the router, the breakers and the route."""
+    from decimal import Decimal
+
+    from routstr_addon.ledger import Ledger
+    from routstr_addon.metering.pricing import Pricing
+    from routstr_addon.proxy.route import Route
+    from routstr_addon.upstreams.catalog import Catalog, Router
+    from routstr_addon.upstreams.live import LiveProviders
+    from routstr_addon.upstreams.providers import ProviderSpec, _url
+
+    configured = ProviderSpec("dear", _url("dear", "base_url", "http://127.0.0.1:9/v1"),
+                              models=())
+    pricing = Pricing({}, Decimal(1), Decimal(1))
+    router = Router(pricing, [configured])
+    catalog = Catalog([configured], router, tmp_path, "http://127.0.0.1:9/", {})
+    route = Route((configured,), router.health, None, pricing)
+    ledger = Ledger(f"sqlite:///{tmp_path / 'l.sqlite'}")
+    try:
+        live = LiveProviders(catalog, route, ledger, ["dear"])
+
+        def entry(name: str, url: str) -> tuple[str, str]:
+            return name, json.dumps({"name": name, "base_url": url, "api_key": "sk-x",
+                                     "models": [{**CHEAP, "upstream_id": "m"}]})
+
+        joined = live.apply([entry("dear", "http://127.0.0.1:1/v1"),
+                             entry("new", "http://127.0.0.1:2/v1")])
+        assert [p.name for p in joined] == ["new"]
+        assert [p.name for p in catalog.providers] == ["dear", "new"]
+        assert route.providers["dear"].base_url == "http://127.0.0.1:9/v1"
+        assert "new" in router.health.breakers and route.auth["new"]
+        catalog.publish()
+        assert {o.provider for o in pricing.offers[MODEL]} == {"new"}
+        joined = live.apply([entry("new", "http://127.0.0.1:3/v1")])  # changed: replaced
+        assert [p.base_url for p in joined] == ["http://127.0.0.1:3/v1"]
+        assert route.providers["new"].base_url == "http://127.0.0.1:3/v1"
+        assert live.apply([]) == []
+        catalog.publish()
+        assert [p.name for p in catalog.providers] == ["dear"]
+        assert "new" not in route.providers and "new" not in router.health.breakers
+        assert MODEL not in pricing.offers
+        assert route.retired["new"].base_url == "http://127.0.0.1:3/v1"  # in flight: finish
+    finally:
+        ledger.close()

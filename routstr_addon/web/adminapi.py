@@ -226,8 +226,8 @@ def _balances(services: Services, request: http.Request, parts: list[str]) -> ht
 
 
 def _upstreams(services: Services, request: http.Request, parts: list[str]) -> http.Response:
-    """The providers as configured (PROVIDERS_PATH or UPSTREAM_BASE_URL), keys redacted, with
-    each one's breaker (``upstreams.health``)."""
+    """The providers in use (configured, added, found on Nostr), keys redacted, with each
+    one's breaker (``upstreams.health``)."""
     health = ({f["name"]: f for f in services.health.facts()}
               if services.health is not None else {})
     return json_response(200, {"upstreams": [{
@@ -236,7 +236,8 @@ def _upstreams(services: Services, request: http.Request, parts: list[str]) -> h
         "api_key": "<redacted>" if p.api_key else "",
         "models": [m.id for m in p.models] if p.models else None,
         "health": health.get(p.name),
-    } for p in services.config.providers]})
+    } for p in (services.catalog.providers if services.catalog is not None
+                else services.config.providers)]})
 
 
 def _providers(services: Services, request: http.Request, parts: list[str]) -> http.Response:
