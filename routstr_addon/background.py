@@ -54,10 +54,12 @@ class Background:
             work["refunds"] = rt.payouts.loop(config.refund_processing_interval, "refunds")
         if rt.ledger.instance_id is None:
             rt.ledger.register_instance()
-        live = LiveProviders(rt.catalog, rt.route, rt.ledger, (p.name for p in config.providers))
+        live = LiveProviders(rt.catalog, rt.route, rt.ledger, (p.name for p in config.providers),
+                             config.models_refresh_interval)
         work["provider_overrides"] = follow_overrides(rt.catalog, rt.ledger, live=live)
         if rt.catalog.needs_refresh or config.nodes.enabled:  # prices, providers' lists
             work["catalog"] = rt.catalog.run(config.models_refresh_interval)
+            rt.catalog.running = True
         if rt.failover is not None:
             work["failover"] = rt.failover.start()
             work["probes"] = probe_forever(rt.catalog, config.upstream_connect_timeout)

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from .conftest import BIN, Proxy, start_proxy
+from .model_lists import ModelLists
 from .test_providers_e2e import (
     CHEAP,
     DEAR,
@@ -248,3 +249,35 @@ def test_each_process_applies_the_table_as_it_is(tmp_path: Path) -> None:
         assert route.retired["new"].base_url == "http://127.0.0.1:3/v1"  # in flight: finish
     finally:
         ledger.close()
+
+
+def test_provider_added_with_models_fetch_is_priced_from_openrouters_list(
+        tmp_path: Path, providers: Any) -> None:  # noqa: F811
+    """The catalog was not refreshed (every configured price inline) until a provider whose
+    models come from its own list, priced by OpenRouter's, joined."""
+    dear = providers()
+    with ModelLists() as lists:
+        lists.openrouter = [{**CHEAP, "id": "vendor/fetched-model"}]
+        lists.provider_ids = ["fetched-model"]
+        proxy = start(tmp_path / "proxy", tmp_path / "providers.json",
+                      [provider("dear", dear.url, DEAR)], MODELS_REFRESH_INTERVAL="30",
+                      OPENROUTER_MODELS_URL=f"{lists.url}/api/v1/models")
+        try:
+            def listed() -> set[str]:
+                data = httpx.get(f"{proxy.v1}/models", timeout=10).json()["data"]
+                return {m["id"] for m in data}
+
+            assert listed() == {MODEL}
+            cli(proxy, "add", "fetcher", "--base-url", f"{lists.url}/v1", "--models", "fetch")
+            deadline = time.monotonic() + 10
+            while "vendor/fetched-model" not in listed():
+                assert time.monotonic() < deadline, listed()
+                time.sleep(0.3)
+            assert "/v1/models" in lists.hits
+            cli(proxy, "remove", "fetcher")
+            deadline = time.monotonic() + 10
+            while "vendor/fetched-model" in listed():
+                assert time.monotonic() < deadline
+                time.sleep(0.3)
+        finally:
+            proxy.stop()

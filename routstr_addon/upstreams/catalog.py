@@ -121,6 +121,7 @@ class Catalog:
         # Operators' live changes per provider (routstr upstreams …, /admin/providers, shared
         # through the ledger): off or re-priced, by (provider, model id); model "": all of it.
         self.provider_overrides: dict[tuple[str, str], Override] = {}
+        self.running = False  # ``run`` refreshes it (a provider added live may start it)
 
     @property
     def needs_refresh(self) -> bool:
@@ -350,6 +351,7 @@ class Catalog:
     async def run(self, interval: float, wait: float = 20.0, retry: float = 15.0) -> None:
         """Refresh now and every ``interval`` seconds (sooner while nothing is known yet);
         ``wait``: seconds one source may take."""
+        self.running = True
         async with client_for(wait, self.tor_proxy_url) as client:
             while True:
                 try:

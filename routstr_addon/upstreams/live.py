@@ -10,6 +10,7 @@ whose name they already use is ignored (logged once).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -29,8 +30,12 @@ logger = logging.getLogger("routstr")
 
 class LiveProviders:
     def __init__(self, catalog: Catalog, route: Route, ledger: Ledger,
-                 configured: Iterable[str]) -> None:
+                 configured: Iterable[str], refresh_interval: float = 300.0) -> None:
+        """``refresh_interval``: MODELS_REFRESH_INTERVAL, for a catalog that was not being
+        refreshed until a provider needing OpenRouter's prices or its own list joined."""
         self.catalog = catalog
+        self.refresh_interval = refresh_interval
+        self._refresher: asyncio.Task[None] | None = None
         self.route = route
         self.ledger = ledger
         self.configured = frozenset(configured)
@@ -49,9 +54,17 @@ class LiveProviders:
             logger.warning("added providers not read: %s", e)
             return
         self._seen = version
-        fetching = [p for p in self.apply(rows) if p.fetch]
-        self.catalog.publish()  # before any await: no request is aimed at one removed
-        if fetching:
+        joined = self.apply(rows)
+        catalog = self.catalog
+        catalog.publish()  # before any await: no request is aimed at one removed
+        fetching = [p for p in joined if p.fetch]
+        if not catalog.running and any(p.fetch or any(m.entry is None for m in p.models)
+                                       for p in joined):
+            # Its prices (or list) come from outside: refreshed from now on, at once.
+            catalog.running = True
+            self._refresher = asyncio.get_running_loop().create_task(
+                catalog.run(self.refresh_interval))
+        elif fetching:
             async with client_for(15.0, self.catalog.tor_proxy_url) as client:
                 for provider in fetching:
                     await self.catalog.refresh_list(client, provider)
