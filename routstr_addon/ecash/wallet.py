@@ -18,10 +18,11 @@ proofs can be found again from the mnemonic alone (``Wallet.restore``, NUT-09).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -506,17 +507,10 @@ class Wallet:
             fee = mint.input_fee(inputs)
             send_amount = amount - fee
             amounts = amounts_for(send_amount) + amounts_for(total - fee - send_amount)
-            try:
+            with self._unclaimed_on_failure(inputs, owner):
                 if send_amount <= 0:
                     raise WalletError(f"{amount} {unit} does not cover the mint's fee of {fee}")
                 fresh = await mint.swap(inputs, amounts, keyset.unit)
-            except MintUnreachable as e:
-                if not e.sent:
-                    self._unclaim(inputs, owner)
-                raise  # if it may have been sent, the inputs stay reserved for recovery
-            except BaseException:
-                self._unclaim(inputs, owner)
-                raise
             send_part = fresh[: len(amounts_for(send_amount))]
             keep_part = fresh[len(send_part):]
             token = serialize_token(mint.url, unit, send_part)
@@ -563,15 +557,8 @@ class Wallet:
             if sum(fitting) + a <= net:
                 fitting.append(a)
         amounts = fitting + amounts_for(net - sum(fitting))
-        try:
+        with self._unclaimed_on_failure(inputs, owner):
             fresh = await mint.swap(inputs, amounts, keyset.unit)
-        except MintUnreachable as e:
-            if not e.sent:
-                self._unclaim(inputs, owner)
-            raise
-        except BaseException:
-            self._unclaim(inputs, owner)
-            raise
         with self.ledger.transaction() as tx:
             self.set_state_in(tx, inputs, "spent", owner)
             self.store_in(tx, mint.url, unit, fresh, "unspent")
@@ -609,16 +596,9 @@ class Wallet:
             on_claimed(json.dumps(blank) if blank else None)
         outputs = (mint.derived_outputs(keyset.id, start, [1] * count)[0]
                    if start is not None else [])
-        try:
+        with self._unclaimed_on_failure(inputs, owner):
             answer = await mint.client.melt(quote["quote"], [proof_to_dict(p) for p in inputs],
                                             outputs or None)
-        except MintUnreachable as e:
-            if not e.sent:
-                self._unclaim(inputs, owner)
-            raise
-        except BaseException:
-            self._unclaim(inputs, owner)
-            raise
         return self._melt_outcome(mint, unit, owner, inputs, answer, blank)
 
     async def finish_melt(self, mint_url: str, unit: str, quote_id: str, owner: str,
@@ -685,6 +665,21 @@ class Wallet:
         if not self.ledger.proofs.claim(tx, [p.secret for p in picked], owner):
             raise _Contended  # rolls the whole claim back
         return picked, exact
+
+    @contextlib.contextmanager
+    def _unclaimed_on_failure(self, inputs: Sequence[Proof], owner: str) -> Iterator[None]:
+        """Around a mint call spending claimed ``inputs``: when it fails before the mint could
+        act, the proofs go back to the pool; when it may have been sent, they stay reserved for
+        ``owner`` so the outcome can be recovered."""
+        try:
+            yield
+        except MintUnreachable as e:
+            if not e.sent:
+                self._unclaim(inputs, owner)
+            raise
+        except BaseException:
+            self._unclaim(inputs, owner)
+            raise
 
     def _unclaim(self, proofs: Sequence[Proof], owner: str) -> None:
         """Give claimed proofs back to the pool, only those still reserved for ``owner``."""
